@@ -1,0 +1,61 @@
+# Runs: the two commands a newcomer needs are `make up` (run) and `make test` (test).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+GEN := shared/gen/runs/v1/run_pb2.py
+PROTOS := $(wildcard protos/runs/v1/*.proto)
+
+.PHONY: up api worker proto migrate test test-features lint bench replay clean help
+
+help:
+	@echo "make up        run the API with one worker (embedded PostgreSQL unless DATABASE_URL is set)"
+	@echo "make test      install what is needed and run every test"
+	@echo "make api | worker | migrate | proto | lint | bench | replay"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(GEN): $(STAMP) $(PROTOS) shared/protogen.py
+	$(PY) -m shared.protogen
+
+proto: $(STAMP)
+	$(PY) -m shared.protogen
+
+install: $(GEN)
+
+up: $(GEN)
+	$(PY) -m services.run_api --with-worker
+
+api: $(GEN)
+	$(PY) -m services.run_api
+
+worker: $(GEN)
+	$(PY) -m services.run_worker
+
+migrate: $(GEN)
+	$(PY) -m services.run_api migrate
+
+replay: $(GEN)
+	$(PY) -m services.run_api replay
+
+test: $(GEN)
+	$(PY) -m pytest -q
+
+test-features: $(GEN)
+	$(PY) -m pytest -q features/
+
+lint: $(GEN)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+	$(VENV)/bin/buf lint protos
+	$(VENV)/bin/mypy shared services
+
+bench: $(GEN)
+	$(PY) -m services.bench
+
+clean:
+	rm -rf $(VENV) shared/gen
