@@ -1,0 +1,122 @@
+"""`python -m services.run_api [serve|migrate|replay]`: the run API process and its admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from services.run_api import db
+from services.run_api.server import ApiServer
+from services.run_api.store import events
+from shared.logs import configure_logging
+from shared.settings import ApiSettings, SettingsError
+from shared.telemetry import configure_tracing
+
+log = logging.getLogger("services.run_api")
+
+
+def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Namespace:
+    """Flags override the environment."""
+    p = argparse.ArgumentParser(
+        prog="python -m services.run_api",
+        description="Run API: serves runs.v1.RunService and runs.v1.WorkerService over gRPC.",
+    )
+    p.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate", "replay"],
+                   help="serve (default); migrate: apply migrations and exit; "
+                        "replay: rebuild runs/run_steps/tool_calls from run_events and exit")
+    p.add_argument("--addr", default=defaults.addr, help="listen address (RUN_API_ADDR) [%(default)s]")
+    p.add_argument("--database-url", default=defaults.database_url,
+                   help="PostgreSQL URL (DATABASE_URL) [embedded PostgreSQL in --data-dir]")
+    p.add_argument("--data-dir", default=defaults.data_dir,
+                   help="where the embedded PostgreSQL keeps its data (RUNS_DATA_DIR) [%(default)s]")
+    p.add_argument("--no-migrate", action="store_true", default=not defaults.migrate_on_start,
+                   help="do not migrate on start (RUN_API_MIGRATE=false)")
+    p.add_argument("--lease-seconds", type=float, default=defaults.lease_seconds,
+                   help="lease of a claim (RUN_LEASE_SECONDS) [%(default)s]")
+    p.add_argument("--embedded-worker", action="store_true", default=defaults.embedded_worker,
+                   help="also run a worker loop in this process (RUN_WORKER_EMBEDDED)")
+    p.add_argument("--with-worker", action="store_true",
+                   help="start one worker process beside the API and stop it with the API (make up)")
+    return p.parse_args(argv)
+
+
+async def _serve(settings: ApiSettings, url: str, with_worker: bool) -> int:
+    if settings.migrate_on_start:
+        await asyncio.to_thread(db.migrate, url)
+    server = ApiServer(settings, url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await server.start()
+    worker: subprocess.Popen[bytes] | None = None
+    if with_worker:
+        host = settings.addr.rsplit(":", 1)[0]
+        env = {**os.environ, "RUN_API_ADDR": f"{host}:{port}"}
+        # Its own session: Ctrl-C reaches the API, which then stops the worker in order.
+        worker = subprocess.Popen([sys.executable, "-m", "services.run_worker"], env=env, start_new_session=True)
+        log.info("started worker process pid %d", worker.pid)
+    try:
+        await server.wait(stop)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(worker.wait)
+        await server.stop()
+    return 1 if server.failed else 0
+
+
+async def _replay(url: str) -> int:
+    engine = db.make_engine(url, 2)
+    try:
+        async with engine.begin() as conn:
+            count = await events.replay(conn)
+    finally:
+        await engine.dispose()
+    print(f"replayed {count} events into runs, run_steps and tool_calls")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    try:
+        env = ApiSettings.from_env()
+        args = parse_args(argv, env)
+        settings = dataclasses.replace(
+            env,
+            addr=args.addr,
+            database_url=args.database_url,
+            data_dir=args.data_dir,
+            migrate_on_start=not args.no_migrate,
+            lease_seconds=args.lease_seconds,
+            embedded_worker=args.embedded_worker,
+        )
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log, actor="api")
+    configure_tracing("runs-api")
+    try:
+        url = db.resolve_database_url(settings.database_url, settings.data_dir)
+        if args.command == "migrate":
+            db.migrate(url)
+            print("database is at the latest migration")
+            return 0
+        if args.command == "replay":
+            if settings.migrate_on_start:
+                db.migrate(url)
+            return asyncio.run(_replay(url))
+        return asyncio.run(_serve(settings, url, args.with_worker))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Rows to proto messages and proto values to plain Python."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shared.gen.runs.v1 import run_pb2
+
+
+def ts(value: datetime | None) -> Timestamp | None:
+    """A Timestamp, or None to leave the field unset."""
+    if value is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def struct(value: Any) -> Struct | None:
+    """A Struct from a dict (non-dicts are wrapped as {"value": ...}); None leaves the field unset."""
+    if value is None:
+        return None
+    out = Struct()
+    out.update(value if isinstance(value, dict) else {"value": value})
+    return out
+
+
+def to_dict(value: Struct) -> dict[str, Any]:
+    """A Struct as a plain dict."""
+    return json_format.MessageToDict(value)
+
+
+def _set(message: Any, **fields: Any) -> Any:
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, Timestamp | Struct):
+            getattr(message, name).CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def run(row: Any) -> run_pb2.Run:
+    """A runs row as a Run."""
+    return _set(
+        run_pb2.Run(),
+        run_id=row.run_id,
+        status=run_pb2.RunStatus.Value(f"RUN_STATUS_{row.status}"),
+        workflow=row.workflow,
+        input=struct(row.input),
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        idempotency_key=row.idempotency_key or "",
+        workspace_id=row.workspace_id,
+        created_at=ts(row.created_at),
+        started_at=ts(row.started_at),
+        finished_at=ts(row.finished_at),
+        cancel_requested_at=ts(row.cancel_requested_at),
+        next_attempt_at=ts(row.next_attempt_at) if row.status == "QUEUED" else None,
+        stop_reason=row.stop_reason or "",
+        error=row.error or "",
+        worker_id=row.worker_id or "",
+        lease_expires_at=ts(row.lease_expires_at),
+        last_sequence=row.last_sequence,
+    )
+
+
+def step(row: Any) -> run_pb2.Step:
+    """A run_steps row as a Step."""
+    return _set(
+        run_pb2.Step(),
+        run_id=row.run_id,
+        step_key=row.step_key,
+        status=run_pb2.StepStatus.Value(f"STEP_STATUS_{row.status}"),
+        attempt=row.attempt,
+        tool=row.tool,
+        created_at=ts(row.created_at),
+        started_at=ts(row.started_at),
+        finished_at=ts(row.finished_at),
+        error=row.error or "",
+    )
+
+
+def tool_call(row: Any) -> run_pb2.ToolCall:
+    """A tool_calls row as a ToolCall."""
+    return _set(
+        run_pb2.ToolCall(),
+        run_id=row.run_id,
+        tool_call_id=row.tool_call_id,
+        step_key=row.step_key,
+        tool=row.tool,
+        status=run_pb2.ToolCallStatus.Value(f"TOOL_CALL_STATUS_{row.status}"),
+        attempt=row.attempt,
+        input=struct(row.input),
+        output=struct(row.output),
+        error=row.error or "",
+        invoked_at=ts(row.invoked_at),
+        finished_at=ts(row.finished_at),
+    )
+
+
+def event(row: Any) -> run_pb2.RunEvent:
+    """A run_events row (or StoredEvent) as a RunEvent."""
+    return _set(
+        run_pb2.RunEvent(),
+        run_id=row.run_id,
+        sequence=row.sequence,
+        type=row.type,
+        attempt=row.attempt,
+        worker_id=row.worker_id or "",
+        event_id=row.event_id,
+        occurred_at=ts(row.occurred_at),
+        recorded_at=ts(row.recorded_at),
+        payload=struct(dict(row.payload or {})),
+    )

@@ -1,0 +1,435 @@
+"""Command handlers: plain functions that do one thing inside a unit of work.
+
+Servicers translate proto to these commands and results back to proto; only the store talks SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ulid import ULID
+
+from services.run_api.errors import (
+    IdempotencyConflict,
+    IllegalTransition,
+    InvalidRequest,
+    RequestTooLarge,
+    RunNotFound,
+)
+from services.run_api.store import events as store
+from services.run_api.store import queries as Q
+from services.run_api.store.uow import UnitOfWork
+from shared.events import EventType, RunStatus
+from shared.workflows import DEFAULT_WORKFLOW, WorkflowInputError, plan, workflow_names
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+MAX_INPUT_BYTES = 256 * 1024
+MAX_ATTEMPTS_LIMIT = 100
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+def utcnow() -> datetime:
+    """The API's clock."""
+    return datetime.now(UTC)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartRun:
+    """Queue a run of `workflow` with `input`."""
+
+    workflow: str
+    input: dict[str, Any]
+    input_size: int
+    idempotency_key: str = ""
+    max_attempts: int = 0
+    workspace_id: str = ""
+    trace_context: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Server defaults for runs that do not set their own."""
+
+    max_attempts: int = 3
+    backoff_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker asks for up to `batch_limit` runs within its free `capacity`."""
+
+    worker_id: str
+    workspace_id: str
+    capacity: int
+    batch_limit: int
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class ReportedEvent:
+    """One event a worker reports about a run it holds."""
+
+    run_id: str
+    attempt: int
+    event_id: str
+    type: str
+    occurred_at: datetime | None
+    payload: dict[str, Any]
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def validate_start(cmd: StartRun, policy: RetryPolicy) -> tuple[str, str, int]:
+    """Check a StartRun command; returns (workflow, workspace_id, max_attempts) with defaults applied."""
+    violations: list[tuple[str, str]] = []
+    workflow = cmd.workflow or DEFAULT_WORKFLOW
+    if cmd.input_size > MAX_INPUT_BYTES:
+        raise RequestTooLarge(
+            [("input", f"input is {cmd.input_size} bytes; at most {MAX_INPUT_BYTES} bytes are accepted")]
+        )
+    if workflow not in workflow_names():
+        violations.append(
+            ("workflow", f"unknown workflow {workflow!r}; known workflows: {', '.join(workflow_names())}")
+        )
+    else:
+        try:
+            plan(workflow, cmd.input)
+        except WorkflowInputError as err:
+            violations.append((err.field, err.message))
+    if len(cmd.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        violations.append(
+            (
+                "idempotency_key",
+                f"idempotency_key is {len(cmd.idempotency_key)} characters; at most {MAX_IDEMPOTENCY_KEY}",
+            )
+        )
+    if cmd.max_attempts < 0 or cmd.max_attempts > MAX_ATTEMPTS_LIMIT:
+        violations.append(("max_attempts", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"))
+    if len(cmd.workspace_id) > 128:
+        violations.append(("workspace_id", "workspace_id is longer than 128 characters"))
+    if violations:
+        raise InvalidRequest(violations)
+    return workflow, cmd.workspace_id or "default", cmd.max_attempts or policy.max_attempts
+
+
+def _request_hash(workflow: str, workspace_id: str, run_input: dict[str, Any], max_attempts: int) -> str:
+    canonical = json.dumps(
+        {"workflow": workflow, "workspace_id": workspace_id, "input": run_input, "max_attempts": max_attempts},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- run API -----------------------------------------------------------------------------------
+
+
+async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tuple[Any, bool]:
+    """Queue a run (run.queued) and return (run row, deduplicated)."""
+    workflow, workspace_id, max_attempts = validate_start(cmd, policy)
+    request_hash = _request_hash(workflow, workspace_id, cmd.input, max_attempts)
+    key = cmd.idempotency_key or None
+    event = store.NewEvent(
+        run_id=str(ULID()),
+        type=EventType.RUN_QUEUED,
+        attempt=0,
+        event_id=store.new_event_id(),
+        occurred_at=utcnow(),
+        payload={
+            "workflow": workflow,
+            "workspace_id": workspace_id,
+            "input": cmd.input,
+            "max_attempts": max_attempts,
+            "retry_backoff_seconds": policy.backoff_seconds,
+            "retry_backoff_max_seconds": policy.backoff_max_seconds,
+            "idempotency_key": key,
+            "request_hash": request_hash,
+            "trace_context": cmd.trace_context,
+        },
+    )
+    created = await store.queue_run(uow.conn, event)
+    if created is None:
+        existing = (
+            await uow.conn.execute(Q.run_get_by_idempotency_key, {"workspace_id": workspace_id, "key": key})
+        ).first()
+        if existing is None:  # pragma: no cover - the conflicting row was committed before we looked
+            raise IdempotencyConflict("idempotency key is being used by a concurrent request; retry")
+        if existing.request_hash != request_hash:
+            raise IdempotencyConflict(
+                "idempotency_key was already used for a different request "
+                f"(run {existing.run_id}); use a new key"
+            )
+        await uow.commit()
+        return existing, True
+    row = (await uow.conn.execute(Q.run_get, {"run_id": event.run_id})).one()
+    await uow.commit()
+    log.info("run queued", extra={"run_id": row.run_id, "status": row.status})
+    return row, False
+
+
+async def get_run(uow: UnitOfWork, run_id: str) -> tuple[Any, list[Any], list[Any]]:
+    """The run with its steps and tool calls."""
+    if not run_id:
+        raise InvalidRequest.field("run_id", "run_id is required")
+    row = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).first()
+    if row is None:
+        raise RunNotFound(run_id)
+    steps = (await uow.conn.execute(Q.run_steps_for_run, {"run_id": run_id})).all()
+    calls = (await uow.conn.execute(Q.tool_calls_for_run, {"run_id": run_id})).all()
+    return row, list(steps), list(calls)
+
+
+async def list_runs(
+    uow: UnitOfWork, status: str | None, workflow: str | None, page_size: int, page_token: str
+) -> tuple[list[Any], str]:
+    """A page of runs, newest first, and the token of the next page ('' on the last one)."""
+    if page_size < 0:
+        raise InvalidRequest.field("page_size", "page_size must not be negative")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    after = None
+    if page_token:
+        try:
+            after = str(ULID.from_str(page_token))
+        except ValueError:
+            raise InvalidRequest.field("page_token", "page_token is not one this API returned") from None
+    rows = (
+        await uow.conn.execute(
+            Q.run_list, {"status": status, "workflow": workflow or None, "after_run_id": after, "limit": size + 1}
+        )
+    ).all()
+    next_token = rows[size - 1].run_id if len(rows) > size else ""
+    return list(rows[:size]), next_token
+
+
+async def cancel_run(uow: UnitOfWork, run_id: str, reason: str) -> Any:
+    """Cancel a queued run at once, or ask a running one to stop; terminal runs are refused."""
+    if not run_id:
+        raise InvalidRequest.field("run_id", "run_id is required")
+    row = (await uow.conn.execute(Q.run_lock_many, {"run_ids": [run_id]})).first()
+    if row is None:
+        raise RunNotFound(run_id)
+    if row.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+        raise IllegalTransition(f"run {run_id} has already ended {row.status}; it cannot be canceled")
+    if row.status == RunStatus.CANCELED or (row.status == RunStatus.RUNNING and row.cancel_requested_at):
+        return row
+    payload = {"reason": reason or "canceled by request"}
+    new = [store.NewEvent(run_id, EventType.RUN_CANCEL_REQUESTED, row.attempt, store.new_event_id(), payload,
+                          occurred_at=utcnow())]
+    if row.status == RunStatus.QUEUED:
+        new.append(store.NewEvent(run_id, EventType.RUN_CANCELED, row.attempt, store.new_event_id(), payload,
+                                  occurred_at=utcnow()))
+    await store.append(uow.conn, new)
+    updated = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).one()
+    await uow.commit()
+    log.info("cancel requested", extra={"run_id": run_id, "status": updated.status})
+    return updated
+
+
+async def events_after(uow: UnitOfWork, run_id: str, after_sequence: int, limit: int = 500) -> list[Any]:
+    """A run's events after a sequence."""
+    rows = await uow.conn.execute(
+        Q.run_events_after, {"run_id": run_id, "after_sequence": after_sequence, "limit": limit}
+    )
+    return list(rows.all())
+
+
+async def run_exists(uow: UnitOfWork, run_id: str) -> Any:
+    """The run row or RunNotFound."""
+    row = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).first()
+    if row is None:
+        raise RunNotFound(run_id)
+    return row
+
+
+# --- worker API --------------------------------------------------------------------------------
+
+
+async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> list[Any]:
+    """Claim due queued runs with FOR UPDATE SKIP LOCKED, within the worker's free capacity."""
+    now = now or utcnow()
+    held = (await uow.conn.execute(Q.run_count_held_by_worker, {"worker_id": claim.worker_id})).scalar_one()
+    limit = min(claim.batch_limit, claim.capacity - held)
+    if limit <= 0:
+        return []
+    rows = (
+        await uow.conn.execute(
+            Q.run_claim_candidates, {"workspace_id": claim.workspace_id, "now": now, "limit": limit}
+        )
+    ).all()
+    if not rows:
+        return []
+    lease = now + timedelta(seconds=claim.lease_seconds)
+    results = await store.append(
+        uow.conn,
+        [
+            store.NewEvent(
+                run_id=row.run_id,
+                type=EventType.RUN_CLAIMED,
+                attempt=row.attempt + 1,
+                event_id=store.new_event_id(),
+                worker_id=claim.worker_id,
+                occurred_at=now,
+                payload={"worker_id": claim.worker_id, "lease_expires_at": lease.isoformat()},
+            )
+            for row in rows
+        ],
+    )
+    claimed_ids = [r.event.run_id for r in results if r.outcome is store.Outcome.RECORDED]
+    claimed = (await uow.conn.execute(Q.run_lock_many, {"run_ids": claimed_ids})).all()
+    await uow.commit()
+    for row in claimed:
+        log.info("run claimed", extra={"run_id": row.run_id, "worker_id": claim.worker_id,
+                                        "attempt": row.attempt, "status": row.status})
+    return list(claimed)
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: a random delay up to min(cap, base * 2**(attempt-1))."""
+    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
+    return (rng or random).uniform(ceiling / 2, ceiling) if ceiling > 0 else 0.0
+
+
+async def report_events(
+    uow: UnitOfWork, worker_id: str, reported: list[ReportedEvent], now: datetime | None = None
+) -> list[store.AppendResult]:
+    """Append a worker's events in one transaction; a failed attempt with attempts left is re-queued."""
+    now = now or utcnow()
+    rows = {
+        r.run_id: r
+        for r in (
+            await uow.conn.execute(Q.run_lock_many, {"run_ids": sorted({e.run_id for e in reported})})
+        ).all()
+    }
+    new_events: list[store.NewEvent] = []
+    for e in reported:
+        event_type, payload = e.type, dict(e.payload)
+        run = rows.get(e.run_id)
+        if (
+            e.type == EventType.RUN_FAILED
+            and run is not None
+            and payload.get("retryable", True) is not False
+            and run.attempt == e.attempt
+            and e.attempt < run.max_attempts
+        ):
+            delay = backoff_seconds(e.attempt, run.retry_backoff_seconds, run.retry_backoff_max_seconds)
+            event_type = EventType.RUN_REQUEUED
+            payload.update(
+                {"reason": "retry", "next_attempt_at": (now + timedelta(seconds=delay)).isoformat()}
+            )
+        new_events.append(
+            store.NewEvent(
+                run_id=e.run_id,
+                type=event_type,
+                attempt=e.attempt,
+                event_id=e.event_id,
+                payload=payload,
+                worker_id=worker_id,
+                occurred_at=e.occurred_at,
+            )
+        )
+    results = await store.append(uow.conn, new_events)
+    await uow.commit()
+    for r in results:
+        if r.outcome is store.Outcome.STALE:
+            log.warning(
+                "stale report refused: %s", r.message,
+                extra={"run_id": r.event.run_id, "worker_id": worker_id, "attempt": r.event.attempt,
+                       "event": r.event.type},
+            )
+        elif r.outcome is store.Outcome.RECORDED and r.event.type in (
+            EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED, EventType.RUN_REQUEUED
+        ):
+            log.info(
+                "run %s", r.event.type,
+                extra={"run_id": r.event.run_id, "worker_id": worker_id, "attempt": r.event.attempt,
+                       "stop_reason": r.event.payload.get("stop_reason"), "error": r.event.payload.get("error")},
+            )
+    return results
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    """What a heartbeat tells the worker."""
+
+    lease_expires_at: datetime
+    cancel_run_ids: list[str]
+    lost_run_ids: list[str]
+    readopted: list[tuple[str, int]]
+
+
+async def heartbeat(
+    uow: UnitOfWork,
+    worker_id: str,
+    held: list[tuple[str, int]],
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> HeartbeatResult:
+    """Extend the worker's lease (one row per worker) and say which held runs to cancel or drop.
+
+    A held run whose lease lapsed and that was re-queued but not yet claimed again is adopted back
+    by the worker that still runs it ("adopt first"), under a new attempt.
+    """
+    if not worker_id:
+        raise InvalidRequest.field("worker_id", "worker_id is required")
+    now = now or utcnow()
+    lease = now + timedelta(seconds=lease_seconds)
+    await uow.conn.execute(Q.workers_heartbeat, {"worker_id": worker_id, "lease_expires_at": lease, "now": now})
+    cancel: list[str] = []
+    lost: list[str] = []
+    adopt: list[store.NewEvent] = []
+    if held:
+        attempts = dict(held)
+        rows = {r.run_id: r for r in (await uow.conn.execute(Q.run_lock_many, {"run_ids": sorted(attempts)})).all()}
+        for run_id, attempt in sorted(attempts.items()):
+            row = rows.get(run_id)
+            if row is None:
+                lost.append(run_id)
+            elif row.status == RunStatus.RUNNING and row.attempt == attempt and row.worker_id == worker_id:
+                if row.cancel_requested_at is not None:
+                    cancel.append(run_id)
+            elif (
+                row.status == RunStatus.QUEUED
+                and row.attempt == attempt
+                and row.cancel_requested_at is None
+                and row.attempt < row.max_attempts
+            ):
+                adopt.append(
+                    store.NewEvent(
+                        run_id=run_id,
+                        type=EventType.RUN_CLAIMED,
+                        attempt=attempt + 1,
+                        event_id=store.new_event_id(),
+                        worker_id=worker_id,
+                        occurred_at=now,
+                        payload={"worker_id": worker_id, "lease_expires_at": lease.isoformat(), "readopted": True},
+                    )
+                )
+            else:
+                lost.append(run_id)
+    readopted: list[tuple[str, int]] = []
+    if adopt:
+        for r in await store.append(uow.conn, adopt):
+            if r.outcome is store.Outcome.RECORDED:
+                readopted.append((r.event.run_id, r.event.attempt))
+                log.warning(
+                    "worker re-adopted a run whose lease had lapsed",
+                    extra={"run_id": r.event.run_id, "worker_id": worker_id, "attempt": r.event.attempt},
+                )
+            else:
+                lost.append(r.event.run_id)
+    await uow.commit()
+    return HeartbeatResult(lease, cancel, lost, readopted)

@@ -1,0 +1,211 @@
+"""The API process: gRPC server, health and reflection, and the supervised background loops.
+
+Shutdown order is fixed: health NOT_SERVING, stop accepting (server.stop(grace)), stop loops
+(the embedded worker first, so it finishes before the pool closes), then dispose the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.run_api import db
+from services.run_api.handlers import RetryPolicy
+from services.run_api.interceptors import ErrorInterceptor
+from services.run_api.listener import Hub, Listener, ListenerConfig
+from services.run_api.servicers import RunService, ServiceConfig, WorkerService
+from services.run_api.store import queries as Q
+from shared.gen.runs.v1 import run_service_pb2, run_service_pb2_grpc, worker_service_pb2, worker_service_pb2_grpc
+from shared.settings import ApiSettings, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+    worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """How often the database is pinged for the health service."""
+
+    interval_seconds: float = 1.0
+    timeout_seconds: float = 2.0
+
+
+class HealthMonitor:
+    """Keeps grpc.health.v1 in step with the database: NOT_SERVING while it cannot be reached."""
+
+    def __init__(self, engine: AsyncEngine, servicer: health.aio.HealthServicer, config: HealthConfig) -> None:
+        self.engine, self.servicer, self.config = engine, servicer, config
+        self.serving: bool | None = None
+
+    async def run_once(self) -> bool:
+        """Ping the database once and publish the result; returns whether it answered."""
+        try:
+            async with asyncio.timeout(self.config.timeout_seconds), self.engine.connect() as conn:
+                await conn.execute(Q.db_ping)
+            ok = True
+        except Exception:
+            ok = False
+        if ok != self.serving:
+            log.log(logging.INFO if ok else logging.WARNING, "database %s", "reachable" if ok else "unreachable")
+            await self.set(ok)
+        return ok
+
+    async def set(self, serving: bool) -> None:
+        """Publish SERVING or NOT_SERVING for the server and each service."""
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.servicer.set(name, status)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Ping every interval until stopped."""
+        while not stop.is_set():
+            await self.run_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.interval_seconds)
+
+
+class ApiServer:
+    """One API process: build with settings and a database URL, then start() / wait() / stop()."""
+
+    def __init__(self, settings: ApiSettings, database_url: str) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.engine = db.make_engine(database_url, settings.db_pool_size)
+        self.hub = Hub()
+        self.stopping = asyncio.Event()  # set at the start of shutdown: streams end, loops stop
+        self.health = health.aio.HealthServicer()
+        self.monitor = HealthMonitor(self.engine, self.health, HealthConfig())
+        self.listener = Listener(ListenerConfig(db.libpq_url(database_url)), self.hub)
+        config = ServiceConfig(
+            lease_seconds=settings.lease_seconds,
+            poll_seconds=settings.poll_ms / 1000,
+            retry=RetryPolicy(
+                max_attempts=settings.default_max_attempts,
+                backoff_seconds=settings.retry_backoff_seconds,
+                backoff_max_seconds=settings.retry_backoff_max_seconds,
+            ),
+        )
+        self.server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(), ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)],
+        )
+        run_service_pb2_grpc.add_RunServiceServicer_to_server(
+            RunService(self.engine, self.hub, config, self.stopping), self.server
+        )
+        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerService(self.engine, self.hub, config, self.stopping), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = 0
+        self._loops_stop = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failed = asyncio.Event()
+        self._stopped = False
+        self._embedded_stop = asyncio.Event()
+        self._embedded_task: asyncio.Task[None] | None = None
+
+    def _embedded_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._embedded_stop.is_set():
+            return
+        log.error("embedded worker ended unexpectedly; stopping the server", exc_info=task.exception())
+        self._failed.set()
+
+    def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        async def runner() -> None:
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task %s died; stopping the server", name)
+                self._failed.set()
+                return
+            if not self._loops_stop.is_set():
+                log.error("background task %s ended unexpectedly; stopping the server", name)
+                self._failed.set()
+
+        self._tasks[name] = asyncio.create_task(runner(), name=name)
+
+    async def start(self) -> int:
+        """Bind, start serving, and start the background loops; returns the bound port."""
+        await self.monitor.set(False)
+        self.port = self.server.add_insecure_port(self.settings.addr)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {self.settings.addr}")
+        await self.server.start()
+        self._supervise("listener", lambda: self.listener.run(self._loops_stop))
+        self._supervise("health", lambda: self.monitor.run(self._loops_stop))
+        if self.settings.embedded_worker:
+            from services.run_worker.embedded import EmbeddedWorker
+
+            host = self.settings.addr.rsplit(":", 1)[0]
+            worker_settings = WorkerSettings.from_env()
+            embedded = EmbeddedWorker(
+                WorkerSettings(
+                    api_addr=f"{host}:{self.port}",
+                    workspace_id=worker_settings.workspace_id,
+                    concurrency=worker_settings.concurrency,
+                    batch_limit=worker_settings.batch_limit,
+                    poll_ms=self.settings.poll_ms,
+                    heartbeat_seconds=worker_settings.heartbeat_seconds,
+                    drain_seconds=worker_settings.drain_seconds,
+                ),
+                self.hub,
+            )
+            self._embedded_task = asyncio.create_task(embedded.run(self._embedded_stop), name="embedded-worker")
+            self._embedded_task.add_done_callback(self._embedded_done)
+        log.info("run API listening on %s", f"{self.settings.addr.rsplit(':', 1)[0]}:{self.port}")
+        return self.port
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Return when `stop` is set or a background task died."""
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._failed.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a background task died."""
+        return self._failed.is_set()
+
+    async def stop(self) -> None:
+        """Shut down in order; safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("run API shutting down")
+        await self.health.enter_graceful_shutdown()
+        if self._embedded_task is not None:
+            # The embedded worker finishes its cycle while the server and the pool still serve it.
+            self._embedded_stop.set()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._embedded_task, self.settings.shutdown_grace_seconds + 30)
+        self.stopping.set()
+        self.hub.wake_all()  # open streams notice `stopping` and end with UNAVAILABLE
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        self._loops_stop.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks.values(), timeout=self.settings.shutdown_grace_seconds)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.engine.dispose()
+        log.info("run API stopped")

@@ -1,0 +1,272 @@
+"""gRPC servicers: thin translations from proto requests to handler commands and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.run_api import convert, handlers
+from services.run_api.errors import InvalidRequest, RunsError
+from services.run_api.listener import Hub
+from services.run_api.store.events import CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER, Outcome
+from services.run_api.store.uow import UnitOfWork
+from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, WORKER_EVENTS
+from shared.gen.runs.v1 import (
+    run_pb2,
+    run_service_pb2,
+    run_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+from shared.logs import log_context
+from shared.telemetry import context_from_carrier, current_trace_carrier
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("runs.api")
+
+_STATUS_NAMES = {v: n.removeprefix("RUN_STATUS_") for n, v in run_pb2.RunStatus.items()}
+
+
+class ShuttingDown(RunsError):
+    """The server is stopping; the client should reconnect (to this or another replica)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What the servicers need to know besides the database."""
+
+    lease_seconds: float = 30.0
+    poll_seconds: float = 1.0
+    retry: handlers.RetryPolicy = field(default_factory=handlers.RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.lease_seconds <= 0 or self.poll_seconds <= 0:
+            raise ValueError("lease_seconds and poll_seconds must be positive")
+
+
+class RunService(run_service_pb2_grpc.RunServiceServicer):
+    """runs.v1.RunService."""
+
+    def __init__(self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event) -> None:
+        self.engine, self.hub, self.config, self.stopping = engine, hub, config, stopping
+
+    async def StartRun(
+        self, request: run_service_pb2.StartRunRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.StartRunResponse:
+        cmd = handlers.StartRun(
+            workflow=request.workflow,
+            input=convert.to_dict(request.input),
+            input_size=request.input.ByteSize(),
+            idempotency_key=request.idempotency_key,
+            max_attempts=request.max_attempts,
+            workspace_id=request.workspace_id,
+            trace_context=current_trace_carrier(),
+        )
+        async with UnitOfWork(self.engine) as uow:
+            row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry)
+        return run_service_pb2.StartRunResponse(run=convert.run(row), deduplicated=deduplicated)
+
+    async def CancelRun(
+        self, request: run_service_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.CancelRunResponse:
+        with log_context(run_id=request.run_id):
+            async with UnitOfWork(self.engine) as uow:
+                row = await handlers.cancel_run(uow, request.run_id, request.reason)
+        return run_service_pb2.CancelRunResponse(run=convert.run(row))
+
+    async def GetRun(
+        self, request: run_service_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.GetRunResponse:
+        async with UnitOfWork(self.engine) as uow:
+            row, steps, calls = await handlers.get_run(uow, request.run_id)
+        return run_service_pb2.GetRunResponse(
+            run=convert.run(row),
+            steps=[convert.step(s) for s in steps],
+            tool_calls=[convert.tool_call(c) for c in calls],
+        )
+
+    async def ListRuns(
+        self, request: run_service_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.ListRunsResponse:
+        if request.status not in _STATUS_NAMES:
+            raise InvalidRequest.field("status", f"unknown status {request.status}")
+        status = _STATUS_NAMES[request.status] if request.status else None
+        async with UnitOfWork(self.engine) as uow:
+            rows, token = await handlers.list_runs(
+                uow, status, request.workflow, request.page_size, request.page_token
+            )
+        return run_service_pb2.ListRunsResponse(runs=[convert.run(r) for r in rows], next_page_token=token)
+
+    async def WatchRun(
+        self, request: run_service_pb2.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[run_service_pb2.WatchRunResponse]:
+        if not request.run_id:
+            raise InvalidRequest.field("run_id", "run_id is required")
+        if request.after_sequence < 0:
+            raise InvalidRequest.field("after_sequence", "after_sequence must not be negative")
+        after = request.after_sequence
+        with self.hub.subscribe((CHANNEL_EVENTS, request.run_id)) as waiter:
+            while True:
+                async with UnitOfWork(self.engine) as uow:
+                    run = await handlers.run_exists(uow, request.run_id)
+                    rows = await handlers.events_after(uow, request.run_id, after)
+                for row in rows:
+                    yield run_service_pb2.WatchRunResponse(event=convert.event(row))
+                    after = row.sequence
+                    if row.type in TERMINAL_EVENTS:
+                        return
+                if not rows and run.status in TERMINAL_STATUSES and run.last_sequence <= after:
+                    return
+                if rows:
+                    continue
+                if self.stopping.is_set():
+                    raise ShuttingDown("the server is shutting down; resume with after_sequence")
+                await waiter.wait(self.config.poll_seconds)
+
+
+class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
+    """runs.v1.WorkerService."""
+
+    def __init__(self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event) -> None:
+        self.engine, self.hub, self.config, self.stopping = engine, hub, config, stopping
+
+    async def ClaimQueuedRuns(
+        self, request: worker_service_pb2.ClaimQueuedRunsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_service_pb2.ClaimQueuedRunsResponse]:
+        if not request.worker_id:
+            raise InvalidRequest.field("worker_id", "worker_id is required")
+        if request.capacity < 0 or request.batch_limit < 0 or request.poll_interval_ms < 0:
+            raise InvalidRequest.field("capacity", "capacity, batch_limit and poll_interval_ms must not be negative")
+        capacity = request.capacity or 1
+        claim = handlers.Claim(
+            worker_id=request.worker_id,
+            workspace_id=request.workspace_id or "default",
+            capacity=capacity,
+            batch_limit=request.batch_limit or capacity,
+            lease_seconds=self.config.lease_seconds,
+        )
+        poll = request.poll_interval_ms / 1000 if request.poll_interval_ms else self.config.poll_seconds
+        with log_context(worker_id=request.worker_id), self.hub.subscribe(
+            (CHANNEL_QUEUED, claim.workspace_id), (CHANNEL_WORKER, claim.worker_id)
+        ) as waiter:
+            while True:
+                if self.stopping.is_set():
+                    raise ShuttingDown("the server is shutting down; reconnect")
+                async with UnitOfWork(self.engine) as uow:
+                    rows = await handlers.claim_runs(uow, claim)
+                if rows or request.once:
+                    yield worker_service_pb2.ClaimQueuedRunsResponse(runs=[self._claimed(r) for r in rows])
+                if request.once:
+                    return
+                if len(rows) == claim.batch_limit:
+                    continue  # there may be more due right now
+                await waiter.wait(poll)
+
+    @staticmethod
+    def _claimed(row: Any) -> worker_service_pb2.ClaimedRun:
+        carrier = dict(row.trace_context or {})
+        with tracer.start_as_current_span(
+            "run.claim", context=context_from_carrier(carrier), attributes={"run.id": row.run_id}
+        ):
+            out = worker_service_pb2.ClaimedRun(
+                run_id=row.run_id,
+                workflow=row.workflow,
+                attempt=row.attempt,
+                max_attempts=row.max_attempts,
+                trace_context=carrier,
+            )
+        out.input.update(row.input or {})
+        if row.lease_expires_at is not None:
+            out.lease_expires_at.FromDatetime(row.lease_expires_at)
+        return out
+
+    async def ReportRunEvents(
+        self, request: worker_service_pb2.ReportRunEventsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.ReportRunEventsResponse:
+        if not request.worker_id:
+            raise InvalidRequest.field("worker_id", "worker_id is required")
+        reported = [self._reported(i, e) for i, e in enumerate(request.events)]
+        if not reported:
+            return worker_service_pb2.ReportRunEventsResponse()
+        async with UnitOfWork(self.engine) as uow:
+            results = await handlers.report_events(uow, request.worker_id, reported)
+        outcome = {
+            Outcome.RECORDED: worker_service_pb2.REPORT_OUTCOME_RECORDED,
+            Outcome.DUPLICATE: worker_service_pb2.REPORT_OUTCOME_DUPLICATE,
+            Outcome.STALE: worker_service_pb2.REPORT_OUTCOME_STALE,
+        }
+        return worker_service_pb2.ReportRunEventsResponse(
+            results=[
+                worker_service_pb2.ReportResult(
+                    event_id=r.event.event_id,
+                    run_id=r.event.run_id,
+                    outcome=outcome[r.outcome],
+                    sequence=r.sequence,
+                    message=r.message,
+                )
+                for r in results
+            ]
+        )
+
+    @staticmethod
+    def _reported(i: int, e: worker_service_pb2.ReportedEvent) -> handlers.ReportedEvent:
+        where = f"events[{i}]"
+        if not e.run_id:
+            raise InvalidRequest.field(f"{where}.run_id", "run_id is required")
+        if not e.event_id or len(e.event_id) > 128:
+            raise InvalidRequest.field(f"{where}.event_id", "event_id is required (at most 128 characters)")
+        if e.type not in WORKER_EVENTS:
+            raise InvalidRequest.field(f"{where}.type", f"{e.type!r} is not an event a worker may report")
+        if e.attempt < 1:
+            raise InvalidRequest.field(f"{where}.attempt", "attempt must be the claim's attempt (1 or more)")
+        payload = convert.to_dict(e.payload)
+        for key in _REQUIRED_PAYLOAD.get(e.type, ()):
+            if not isinstance(payload.get(key), str) or not payload[key]:
+                raise InvalidRequest.field(f"{where}.payload.{key}", f"{e.type} needs payload.{key}")
+        return handlers.ReportedEvent(
+            run_id=e.run_id,
+            attempt=e.attempt,
+            event_id=e.event_id,
+            type=e.type,
+            occurred_at=e.occurred_at.ToDatetime(tzinfo=UTC) if e.HasField("occurred_at") else None,
+            payload=payload,
+        )
+
+    async def Heartbeat(
+        self, request: worker_service_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.HeartbeatResponse:
+        async with UnitOfWork(self.engine) as uow:
+            result = await handlers.heartbeat(
+                uow, request.worker_id, [(r.run_id, r.attempt) for r in request.runs], self.config.lease_seconds
+            )
+        out = worker_service_pb2.HeartbeatResponse(
+            cancel_run_ids=result.cancel_run_ids,
+            lost_run_ids=result.lost_run_ids,
+            readopted_runs=[worker_service_pb2.HeldRun(run_id=r, attempt=a) for r, a in result.readopted],
+        )
+        out.lease_expires_at.FromDatetime(result.lease_expires_at)
+        return out
+
+
+_STEP_KEYS = ("step_key",)
+_TOOL_KEYS = ("tool_call_id",)
+_REQUIRED_PAYLOAD: dict[str, tuple[str, ...]] = {
+    "step.created": _STEP_KEYS,
+    "step.started": _STEP_KEYS,
+    "step.succeeded": _STEP_KEYS,
+    "step.failed": _STEP_KEYS,
+    "step.skipped": _STEP_KEYS,
+    "tool.invoked": _TOOL_KEYS,
+    "tool.succeeded": _TOOL_KEYS,
+    "tool.failed": _TOOL_KEYS,
+}

@@ -1,0 +1,422 @@
+"""The event log and its projections: the only code that writes run_events, runs, run_steps, tool_calls.
+
+Every append takes the run's row lock, assigns the next gapless sequence, checks that the event
+fits the run's state and attempt (the fencing token), inserts it, and applies the projection in
+the same transaction. Replaying the log through `apply` rebuilds the projections exactly.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+from ulid import ULID
+
+from services.run_api.store import queries as Q
+from shared.events import EventType, RunStatus, StepStatus, StopReason, ToolCallStatus
+
+CHANNEL_EVENTS = "runs_events"  # payload: run_id; wakes watchers of that run
+CHANNEL_QUEUED = "runs_queued"  # payload: workspace_id; wakes claimers
+CHANNEL_WORKER = "runs_worker"  # payload: worker_id; a run of that worker ended, a slot is free
+
+# The statuses a run must be in for each event type to be recorded.
+ALLOWED_FROM: dict[str, frozenset[str]] = {
+    EventType.RUN_CLAIMED: frozenset({RunStatus.QUEUED}),
+    EventType.RUN_CANCEL_REQUESTED: frozenset({RunStatus.QUEUED, RunStatus.RUNNING}),
+    EventType.RUN_CANCELED: frozenset({RunStatus.QUEUED, RunStatus.RUNNING}),
+}
+_RUNNING_ONLY = frozenset({RunStatus.RUNNING})
+
+
+def new_event_id() -> str:
+    """A server-side event id."""
+    return str(ULID())
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append; the sequence and recorded_at are assigned by the store."""
+
+    run_id: str
+    type: str
+    attempt: int
+    event_id: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    worker_id: str | None = None
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as the log holds it."""
+
+    run_id: str
+    sequence: int
+    type: str
+    attempt: int
+    worker_id: str | None
+    event_id: str
+    occurred_at: datetime
+    recorded_at: datetime
+    payload: Mapping[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Any) -> StoredEvent:
+        """Build from a run_events row."""
+        return cls(
+            run_id=row.run_id,
+            sequence=row.sequence,
+            type=row.type,
+            attempt=row.attempt,
+            worker_id=row.worker_id,
+            event_id=row.event_id,
+            occurred_at=row.occurred_at,
+            recorded_at=row.recorded_at,
+            payload=row.payload or {},
+        )
+
+
+class Outcome(enum.Enum):
+    """What became of one appended event."""
+
+    RECORDED = "recorded"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """The outcome of one event of an append, with its sequence when recorded (or already recorded)."""
+
+    event: NewEvent
+    outcome: Outcome
+    sequence: int = 0
+    message: str = ""
+    stored: StoredEvent | None = None
+
+
+@dataclass
+class _RunState:
+    status: str
+    attempt: int
+    workspace_id: str
+    worker_id: str | None
+    last_sequence: int
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _ts(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def _check(state: _RunState | None, event: NewEvent) -> str | None:
+    """Why `event` may not be recorded for a run in `state`, or None when it may."""
+    if state is None:
+        return "run not found"
+    if event.type == EventType.RUN_CLAIMED:
+        if state.status != RunStatus.QUEUED:
+            return f"run is {state.status}, not QUEUED"
+        if event.attempt != state.attempt + 1:
+            return f"claim attempt {event.attempt} does not follow attempt {state.attempt}"
+        return None
+    allowed = ALLOWED_FROM.get(event.type, _RUNNING_ONLY)
+    if state.status not in allowed:
+        return f"run is {state.status}"
+    if event.attempt != state.attempt:
+        return f"attempt {event.attempt} is stale; the run is on attempt {state.attempt}"
+    return None
+
+
+def _advance(state: _RunState, event: StoredEvent) -> None:
+    """Move the in-memory run state the way `apply` moves the row."""
+    state.last_sequence = event.sequence
+    if event.type == EventType.RUN_CLAIMED:
+        state.status, state.attempt = RunStatus.RUNNING, event.attempt
+        state.worker_id = event.payload.get("worker_id")
+    elif event.type == EventType.RUN_COMPLETED:
+        state.status = RunStatus.SUCCEEDED
+    elif event.type == EventType.RUN_FAILED:
+        state.status = RunStatus.FAILED
+    elif event.type == EventType.RUN_CANCELED:
+        state.status = RunStatus.CANCELED
+    elif event.type == EventType.RUN_REQUEUED:
+        state.status, state.worker_id = RunStatus.QUEUED, None
+
+
+async def queue_run(conn: AsyncConnection, event: NewEvent) -> StoredEvent | None:
+    """Create a run from its run.queued event; None when its idempotency key is taken already."""
+    p = event.payload
+    row = (
+        await conn.execute(
+            Q.runs_project_queued,
+            {
+                "run_id": event.run_id,
+                "workspace_id": p["workspace_id"],
+                "workflow": p["workflow"],
+                "input": _dumps(p.get("input", {})),
+                "max_attempts": p["max_attempts"],
+                "retry_backoff_seconds": p["retry_backoff_seconds"],
+                "retry_backoff_max_seconds": p["retry_backoff_max_seconds"],
+                "idempotency_key": p.get("idempotency_key"),
+                "request_hash": p["request_hash"],
+                "trace_context": _dumps(p.get("trace_context", {})),
+                "recorded_at": None,
+                "sequence": 1,
+            },
+        )
+    ).first()
+    if row is None:
+        return None
+    recorded_at = row.created_at
+    await conn.execute(
+        Q.run_events_append,
+        {
+            "run_id": event.run_id,
+            "sequence": 1,
+            "type": event.type,
+            "attempt": 0,
+            "worker_id": None,
+            "event_id": event.event_id,
+            "occurred_at": event.occurred_at or recorded_at,
+            "payload": _dumps(dict(p)),
+            "recorded_at": recorded_at,
+        },
+    )
+    await conn.execute(Q.notify, {"channel": CHANNEL_QUEUED, "payload": p["workspace_id"]})
+    await conn.execute(Q.notify, {"channel": CHANNEL_EVENTS, "payload": event.run_id})
+    return StoredEvent(
+        run_id=event.run_id,
+        sequence=1,
+        type=event.type,
+        attempt=0,
+        worker_id=None,
+        event_id=event.event_id,
+        occurred_at=event.occurred_at or recorded_at,
+        recorded_at=recorded_at,
+        payload=dict(p),
+    )
+
+
+async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[AppendResult]:
+    """Append events about existing runs, each checked against its run's state and attempt.
+
+    One result per event, in order: RECORDED with its new sequence, DUPLICATE when its event_id is
+    in the log already, STALE when its attempt or the run's state no longer allows it.
+    """
+    if not events:
+        return []
+    run_ids = sorted({e.run_id for e in events})
+    states: dict[str, _RunState] = {}
+    for row in (await conn.execute(Q.run_lock_many, {"run_ids": run_ids})).all():
+        states[row.run_id] = _RunState(
+            status=row.status,
+            attempt=row.attempt,
+            workspace_id=row.workspace_id,
+            worker_id=row.worker_id,
+            last_sequence=row.last_sequence,
+        )
+    known: dict[tuple[str, str], int] = {}
+    for run_id in states:
+        ids = [e.event_id for e in events if e.run_id == run_id]
+        for row in (await conn.execute(Q.run_events_find_ids, {"run_id": run_id, "event_ids": ids})).all():
+            known[(run_id, row.event_id)] = row.sequence
+
+    results: list[AppendResult] = []
+    notices: set[tuple[str, str]] = set()
+    for event in events:
+        key = (event.run_id, event.event_id)
+        if key in known:
+            results.append(AppendResult(event, Outcome.DUPLICATE, sequence=known[key]))
+            continue
+        state = states.get(event.run_id)
+        reason = _check(state, event)
+        if reason is not None or state is None:
+            results.append(AppendResult(event, Outcome.STALE, message=reason or "run not found"))
+            continue
+        sequence = state.last_sequence + 1
+        stamped = (
+            await conn.execute(
+                Q.run_events_append,
+                {
+                    "run_id": event.run_id,
+                    "sequence": sequence,
+                    "type": event.type,
+                    "attempt": event.attempt,
+                    "worker_id": event.worker_id,
+                    "event_id": event.event_id,
+                    "occurred_at": event.occurred_at,
+                    "payload": _dumps(dict(event.payload)),
+                    "recorded_at": None,
+                },
+            )
+        ).one()
+        stored = StoredEvent(
+            run_id=event.run_id,
+            sequence=sequence,
+            type=event.type,
+            attempt=event.attempt,
+            worker_id=event.worker_id,
+            event_id=event.event_id,
+            occurred_at=stamped.occurred_at,
+            recorded_at=stamped.recorded_at,
+            payload=dict(event.payload),
+        )
+        holder = state.worker_id
+        await apply(conn, stored)
+        _advance(state, stored)
+        known[key] = sequence
+        results.append(AppendResult(event, Outcome.RECORDED, sequence=sequence, stored=stored))
+        notices.add((CHANNEL_EVENTS, event.run_id))
+        if event.type == EventType.RUN_REQUEUED:
+            notices.add((CHANNEL_QUEUED, state.workspace_id))
+        if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
+                          EventType.RUN_REQUEUED) and holder:
+            notices.add((CHANNEL_WORKER, holder))
+    for channel, payload in sorted(notices):
+        await conn.execute(Q.notify, {"channel": channel, "payload": payload})
+    return results
+
+
+async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
+    """Apply one stored event to the projections (live, right after its insert, or in a replay)."""
+    p = event.payload
+    base = {
+        "run_id": event.run_id,
+        "attempt": event.attempt,
+        "sequence": event.sequence,
+        "recorded_at": event.recorded_at,
+    }
+    t = event.type
+    if t == EventType.RUN_QUEUED:
+        await conn.execute(
+            Q.runs_project_queued,
+            {
+                **base,
+                "workspace_id": p["workspace_id"],
+                "workflow": p["workflow"],
+                "input": _dumps(p.get("input", {})),
+                "max_attempts": p["max_attempts"],
+                "retry_backoff_seconds": p["retry_backoff_seconds"],
+                "retry_backoff_max_seconds": p["retry_backoff_max_seconds"],
+                "idempotency_key": p.get("idempotency_key"),
+                "request_hash": p["request_hash"],
+                "trace_context": _dumps(p.get("trace_context", {})),
+            },
+        )
+        return
+    if t == EventType.RUN_CLAIMED:
+        result = await conn.execute(
+            Q.runs_project_claimed,
+            {**base, "worker_id": p.get("worker_id"), "lease_expires_at": _ts(p.get("lease_expires_at"))},
+        )
+    elif t == EventType.RUN_STARTED:
+        result = await conn.execute(Q.runs_project_started, base)
+    elif t in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED):
+        status, reason = {
+            EventType.RUN_COMPLETED: (RunStatus.SUCCEEDED, StopReason.COMPLETED),
+            EventType.RUN_FAILED: (RunStatus.FAILED, StopReason.FAILED),
+            EventType.RUN_CANCELED: (RunStatus.CANCELED, StopReason.CANCELED),
+        }[EventType(t)]
+        result = await conn.execute(
+            Q.runs_project_finished,
+            {
+                **base,
+                "status": str(status),
+                "stop_reason": p.get("stop_reason") or str(reason),
+                "error": p.get("error"),
+            },
+        )
+    elif t == EventType.RUN_REQUEUED:
+        result = await conn.execute(
+            Q.runs_project_requeued,
+            {**base, "next_attempt_at": _ts(p.get("next_attempt_at")) or event.recorded_at,
+             "error": p.get("error")},
+        )
+    elif t == EventType.RUN_CANCEL_REQUESTED:
+        result = await conn.execute(Q.runs_project_cancel_requested, {**base, "reason": p.get("reason")})
+    else:
+        result = await conn.execute(Q.runs_project_sequence, base)
+        await _apply_step_or_tool(conn, event)
+    if result.rowcount != 1:
+        raise RuntimeError(f"projection of {t} #{event.sequence} for run {event.run_id} matched no row")
+
+
+async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None:
+    p = event.payload
+    base = {"run_id": event.run_id, "attempt": event.attempt, "recorded_at": event.recorded_at}
+    t = event.type
+    if t == EventType.STEP_CREATED:
+        await conn.execute(
+            Q.run_steps_project_created, {**base, "step_key": p["step_key"], "tool": p.get("tool", "")}
+        )
+    elif t == EventType.STEP_STARTED:
+        await conn.execute(Q.run_steps_project_started, {**base, "step_key": p["step_key"]})
+    elif t in (EventType.STEP_SUCCEEDED, EventType.STEP_FAILED, EventType.STEP_SKIPPED):
+        status = {
+            EventType.STEP_SUCCEEDED: StepStatus.SUCCEEDED,
+            EventType.STEP_FAILED: StepStatus.FAILED,
+            EventType.STEP_SKIPPED: StepStatus.SKIPPED,
+        }[EventType(t)]
+        await conn.execute(
+            Q.run_steps_project_finished,
+            {
+                **base,
+                "step_key": p["step_key"],
+                "status": str(status),
+                "error": p.get("error"),
+                "output": _dumps(p.get("output")),
+            },
+        )
+    elif t == EventType.TOOL_INVOKED:
+        await conn.execute(
+            Q.tool_calls_project_invoked,
+            {
+                **base,
+                "tool_call_id": p["tool_call_id"],
+                "step_key": p.get("step_key", ""),
+                "tool": p.get("tool", ""),
+                "input": _dumps(p.get("input", {})),
+            },
+        )
+    elif t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
+        status = ToolCallStatus.SUCCEEDED if t == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
+        await conn.execute(
+            Q.tool_calls_project_finished,
+            {
+                **base,
+                "tool_call_id": p["tool_call_id"],
+                "status": str(status),
+                "output": _dumps(p.get("output")),
+                "error": p.get("error"),
+            },
+        )
+
+
+async def replay(conn: AsyncConnection) -> int:
+    """Rebuild runs, run_steps and tool_calls from the log; returns how many events were applied."""
+    await conn.execute(Q.projections_clear)
+    count, after = 0, ("", 0)
+    while True:
+        rows = (
+            await conn.execute(
+                Q.run_events_page, {"after_run_id": after[0], "after_sequence": after[1], "limit": 2000}
+            )
+        ).all()
+        if not rows:
+            return count
+        for row in rows:
+            await apply(conn, StoredEvent.from_row(row))
+        count += len(rows)
+        after = (rows[-1].run_id, rows[-1].sequence)

@@ -1,0 +1,92 @@
+"""`python -m services.run_worker`: the worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+from services.run_worker.worker import Worker
+from shared.logs import configure_logging
+from shared.settings import SettingsError, WorkerSettings
+from shared.telemetry import configure_tracing
+
+
+def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse.Namespace:
+    """Flags override the environment."""
+    p = argparse.ArgumentParser(
+        prog="python -m services.run_worker",
+        description="Run worker: claims queued runs from the run API and executes them.",
+    )
+    p.add_argument("--api-addr", default=defaults.api_addr, help="API address (RUN_API_ADDR) [%(default)s]")
+    p.add_argument("--worker-id", default=defaults.worker_id, help="worker id (RUN_WORKER_ID) [host-pid-random]")
+    p.add_argument("--workspace-id", default=defaults.workspace_id,
+                   help="workspace to claim from (RUN_WORKER_WORKSPACE_ID) [%(default)s]")
+    p.add_argument("--concurrency", type=int, default=defaults.concurrency,
+                   help="runs executed at once (RUN_WORKER_CONCURRENCY) [%(default)s]")
+    p.add_argument("--batch-limit", type=int, default=defaults.batch_limit,
+                   help="runs per claim (RUN_WORKER_BATCH_LIMIT) [%(default)s]")
+    p.add_argument("--poll-ms", type=int, default=defaults.poll_ms,
+                   help="fallback poll interval when no notification arrives (RUN_WORKER_POLL_MS) [%(default)s]")
+    p.add_argument("--heartbeat-seconds", type=float, default=defaults.heartbeat_seconds,
+                   help="heartbeat interval (RUN_HEARTBEAT_SECONDS) [a third of RUN_LEASE_SECONDS]")
+    p.add_argument("--drain-seconds", type=float, default=defaults.drain_seconds,
+                   help="on SIGTERM, how long held runs may finish (RUN_WORKER_DRAIN_SECONDS) [%(default)s]")
+    p.add_argument("--once", action="store_true",
+                   help="claim one batch, execute it, print counters as one JSON line, and exit")
+    return p.parse_args(argv)
+
+
+async def _main(settings: WorkerSettings, once: bool) -> int:
+    worker = Worker(settings)
+    try:
+        if once:
+            counters = await worker.run_cycle()
+            out = {k: counters.get(k, 0) for k in ("claimed", "succeeded", "failed", "canceled")}
+            print(json.dumps(out), flush=True)
+            return 0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.run(stop)
+        return 0
+    finally:
+        await worker.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    try:
+        env = WorkerSettings.from_env()
+        args = parse_args(argv, env)
+        settings = WorkerSettings(
+            api_addr=args.api_addr,
+            worker_id=args.worker_id,
+            workspace_id=args.workspace_id,
+            concurrency=args.concurrency,
+            batch_limit=args.batch_limit,
+            poll_ms=args.poll_ms,
+            heartbeat_seconds=args.heartbeat_seconds,
+            drain_seconds=args.drain_seconds,
+            log=env.log,
+        )
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log, actor="worker")
+    configure_tracing("runs-worker")
+    try:
+        return asyncio.run(_main(settings, args.once))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # the API refused us outright (bad flags, say)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

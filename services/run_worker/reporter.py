@@ -1,0 +1,132 @@
+"""Batches the events of every run a worker executes into few ReportRunEvents calls.
+
+Runs hand their events to `report()` and await the result; one sender task sends whatever has
+accumulated in one call (one database transaction), so under load batches grow by themselves.
+Reports are retried while the API is unreachable: they are idempotent by event_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from ulid import ULID
+
+from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class StaleAttempt(Exception):
+    """The API refused a report: this attempt is no longer current. Stop working on the run."""
+
+
+class ReporterClosed(Exception):
+    """The reporter stopped before the events could be sent."""
+
+
+@dataclass(frozen=True)
+class ReporterConfig:
+    """Batch size, call deadline and retry backoff."""
+
+    max_batch: int = 1000
+    call_timeout_seconds: float = 10.0
+    retry_min_seconds: float = 0.05
+    retry_max_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.call_timeout_seconds <= 0:
+            raise ValueError("max_batch and call_timeout_seconds must be positive")
+
+
+def make_event(run_id: str, attempt: int, type_: str, payload: dict[str, Any] | None = None) -> Any:
+    """A ReportedEvent with a fresh event id and the worker's clock."""
+    event = worker_service_pb2.ReportedEvent(run_id=run_id, attempt=attempt, event_id=str(ULID()), type=type_)
+    event.occurred_at.FromDatetime(datetime.now(UTC))
+    if payload:
+        event.payload.update(payload)
+    return event
+
+
+class Reporter:
+    """The worker's single path to ReportRunEvents."""
+
+    def __init__(
+        self, stub: worker_service_pb2_grpc.WorkerServiceStub, worker_id: str, config: ReporterConfig | None = None
+    ) -> None:
+        self.stub = stub
+        self.worker_id = worker_id
+        self.config = config or ReporterConfig()
+        self._pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    async def report(self, events: list[Any]) -> list[Any]:
+        """Send `events` (ReportedEvent messages); returns their ReportResults, raises StaleAttempt."""
+        if self._closed:
+            raise ReporterClosed("reporter is closed")
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((events, future))
+        self._wakeup.set()
+        results = await future
+        stale = [r for r in results if r.outcome == worker_service_pb2.REPORT_OUTCOME_STALE]
+        if stale:
+            raise StaleAttempt(stale[0].message)
+        return results
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send batches until `stop` is set and nothing is pending."""
+        while True:
+            if not self._pending:
+                if stop.is_set():
+                    break
+                self._wakeup.clear()
+                waiter = asyncio.create_task(self._wakeup.wait())
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            batch: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
+            size = 0
+            while self._pending and (not batch or size + len(self._pending[0][0]) <= self.config.max_batch):
+                item = self._pending.pop(0)
+                batch.append(item)
+                size += len(item[0])
+            await self._send(batch, stop)
+        self._closed = True
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(ReporterClosed("reporter stopped"))
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[list[Any]]]], stop: asyncio.Event) -> None:
+        request = worker_service_pb2.ReportRunEventsRequest(
+            worker_id=self.worker_id, events=[e for events, _ in batch for e in events]
+        )
+        delay = self.config.retry_min_seconds
+        while True:
+            try:
+                response = await self.stub.ReportRunEvents(request, timeout=self.config.call_timeout_seconds)
+                break
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRYABLE:
+                    log.error("report refused: %s %s", err.code().name, err.details())
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(err)
+                    return
+                log.warning("report failed (%s); retrying in %.2fs", err.code().name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_seconds)
+        results = list(response.results)
+        offset = 0
+        for events, future in batch:
+            if not future.done():
+                future.set_result(results[offset : offset + len(events)])
+            offset += len(events)

@@ -1,0 +1,131 @@
+"""The worker's tool registry: noop, sleep, fail and shell.
+
+A tool is an async callable taking its arguments and a ToolContext and returning a JSON-able dict.
+It raises ToolError to fail (retryable or not). Cancellation arrives as asyncio.CancelledError:
+tools clean up (shell kills its process group) and let it propagate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+Json = dict[str, Any]
+
+
+class ToolError(Exception):
+    """A tool failed; `retryable` False ends the run at once instead of retrying."""
+
+    def __init__(self, message: str, retryable: bool = True, output: Json | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.output = output
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may know about the call."""
+
+    run_id: str
+    attempt: int
+    step_key: str
+
+
+Tool = Callable[[Json, ToolContext], Awaitable[Json]]
+
+
+def _number(args: Json, name: str, default: float, minimum: float = 0.0) -> float:
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise ToolError(f"{name} must be a number >= {minimum}", retryable=False)
+    return float(value)
+
+
+async def noop(args: Json, ctx: ToolContext) -> Json:
+    """Do nothing, successfully."""
+    return {"ok": True}
+
+
+async def sleep(args: Json, ctx: ToolContext) -> Json:
+    """Sleep `seconds` (cancellable mid-sleep)."""
+    seconds = _number(args, "seconds", 1.0)
+    await asyncio.sleep(seconds)
+    return {"slept_seconds": seconds}
+
+
+async def fail(args: Json, ctx: ToolContext) -> Json:
+    """Fail with `message`; with `times` N only on the first N attempts; `retryable` (default true)."""
+    message = str(args.get("message", "failed on purpose"))
+    times = args.get("times")
+    if times is not None and ctx.attempt > _number(args, "times", 0):
+        return {"ok": True, "attempt": ctx.attempt}
+    raise ToolError(message, retryable=bool(args.get("retryable", True)))
+
+
+MAX_CAPTURE = 64 * 1024
+
+
+async def shell(args: Json, ctx: ToolContext) -> Json:
+    """Run `command` (a list: program and arguments; a string only with `shell: true`) with a timeout.
+
+    Captures the exit code and up to 64 KiB of stdout and stderr; kills the process group on cancel
+    or timeout. A non-zero exit fails the tool (retryable unless `retryable: false`).
+    """
+    command = args.get("command")
+    use_shell = bool(args.get("shell", False))
+    timeout = _number(args, "timeout_seconds", 60.0, minimum=0.001)
+    if use_shell:
+        if not isinstance(command, str) or not command:
+            raise ToolError("with shell: true, command must be a non-empty string", retryable=False)
+        proc = await asyncio.create_subprocess_shell(
+            command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True
+        )
+    else:
+        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+            raise ToolError("command must be a non-empty list of strings", retryable=False)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True
+            )
+        except OSError as err:
+            raise ToolError(f"cannot start {command[0]!r}: {err.strerror}", retryable=False) from None
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        _kill_group(proc)
+        await proc.wait()
+        raise ToolError(f"command timed out after {timeout:g}s", output={"timed_out": True}) from None
+    except asyncio.CancelledError:
+        _kill_group(proc)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(proc.wait())
+        raise
+    output = {
+        "exit_code": proc.returncode,
+        "stdout": stdout[:MAX_CAPTURE].decode(errors="replace"),
+        "stderr": stderr[:MAX_CAPTURE].decode(errors="replace"),
+        "truncated": len(stdout) > MAX_CAPTURE or len(stderr) > MAX_CAPTURE,
+    }
+    if proc.returncode != 0:
+        raise ToolError(
+            f"command exited with code {proc.returncode}",
+            retryable=bool(args.get("retryable", True)),
+            output=output,
+        )
+    return output
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def default_registry() -> dict[str, Tool]:
+    """The stock tools, by name."""
+    return {"noop": noop, "sleep": sleep, "fail": fail, "shell": shell}

@@ -1,0 +1,217 @@
+"""The worker: holds a ClaimQueuedRuns stream, executes runs concurrently, heartbeats its leases.
+
+Never opens a database connection: everything goes through the API over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from typing import Any
+
+import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from services.run_worker.executor import Result, RunHandle, execute
+from services.run_worker.reporter import Reporter
+from services.run_worker.tools import Tool, default_registry
+from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc
+from shared.logs import log_context
+from shared.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def open_channel(addr: str) -> grpc.aio.Channel:
+    """An instrumented channel to the API with keepalives, so a dead peer is noticed."""
+    return grpc.aio.insecure_channel(
+        addr,
+        interceptors=aio_client_interceptors(),
+        options=[
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ],
+    )
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Worker:
+    """One worker: `run(stop)` for the long-running mode, `run_cycle()` for one claim cycle."""
+
+    def __init__(self, settings: WorkerSettings, tools: dict[str, Tool] | None = None) -> None:
+        self.settings = settings
+        self.tools = tools or default_registry()
+        self.channel = open_channel(settings.api_addr)
+        self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
+        self.reporter = Reporter(self.stub, settings.worker_id)
+        self.held: dict[str, RunHandle] = {}
+        self.tasks: set[asyncio.Task[Result]] = set()
+        self.counters: Counter[str] = Counter()
+        self._reporter_stop = asyncio.Event()
+        self._reporter_task: asyncio.Task[None] | None = None
+        self._heartbeat_stop = asyncio.Event()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def _start_side_tasks(self) -> None:
+        if self._reporter_task is None:
+            self._reporter_task = asyncio.create_task(self.reporter.run(self._reporter_stop), name="reporter")
+            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+
+    async def close(self) -> None:
+        """Stop the side tasks and close the channel; safe to call twice."""
+        self._heartbeat_stop.set()
+        self._reporter_stop.set()
+        for task in (self._heartbeat_task, self._reporter_task):
+            if task is not None:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(task, 5)
+        await self.channel.close()
+
+    def _check_side_tasks(self) -> None:
+        for task in (self._reporter_task, self._heartbeat_task):
+            if task is not None and task.done() and not self._reporter_stop.is_set():
+                raise RuntimeError(f"worker task {task.get_name()} died") from task.exception()
+
+    # --- executing ------------------------------------------------------------------------------
+
+    def _spawn(self, claimed: Any) -> None:
+        handle = RunHandle(claimed.run_id, claimed.attempt)
+        self.held[claimed.run_id] = handle
+        self.counters["claimed"] += 1
+        task = asyncio.create_task(self._execute(claimed, handle), name=f"run-{claimed.run_id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _execute(self, claimed: Any, handle: RunHandle) -> Result:
+        try:
+            result = await execute(claimed, handle, self.reporter, self.tools)
+        except Exception:
+            log.exception("run execution crashed", extra={"run_id": claimed.run_id})
+            result = Result.LOST
+        finally:
+            if self.held.get(claimed.run_id) is handle:
+                del self.held[claimed.run_id]
+        self.counters[result.value] += 1
+        return result
+
+    # --- heartbeats -----------------------------------------------------------------------------
+
+    async def heartbeat_once(self) -> None:
+        """Extend our leases; stop runs that were canceled or are no longer ours."""
+        request = worker_service_pb2.HeartbeatRequest(
+            worker_id=self.settings.worker_id,
+            runs=[worker_service_pb2.HeldRun(run_id=h.run_id, attempt=h.attempt) for h in self.held.values()],
+        )
+        response = await self.stub.Heartbeat(request, timeout=max(self.settings.heartbeat_seconds, 1.0))
+        for run_id in response.cancel_run_ids:
+            if run_id in self.held:
+                self.held[run_id].cancel.set()
+        for run_id in response.lost_run_ids:
+            if run_id in self.held:
+                log.warning("lost the lease on a run; stopping it", extra={"run_id": run_id})
+                self.held[run_id].lost.set()
+        for adopted in response.readopted_runs:
+            handle = self.held.get(adopted.run_id)
+            if handle is not None:
+                log.warning("re-adopted a run after its lease lapsed", extra={"run_id": adopted.run_id,
+                                                                               "attempt": adopted.attempt})
+                handle.attempt = adopted.attempt
+                self.counters["readopted"] += 1
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._heartbeat_stop.is_set():
+            await _wait(self._heartbeat_stop, self.settings.heartbeat_seconds)
+            if self._heartbeat_stop.is_set():
+                return
+            try:
+                await self.heartbeat_once()
+            except grpc.aio.AioRpcError as err:
+                log.warning("heartbeat failed: %s", err.code().name)
+
+    # --- claiming -------------------------------------------------------------------------------
+
+    def _claim_request(self, once: bool) -> worker_service_pb2.ClaimQueuedRunsRequest:
+        return worker_service_pb2.ClaimQueuedRunsRequest(
+            worker_id=self.settings.worker_id,
+            workspace_id=self.settings.workspace_id,
+            capacity=self.settings.concurrency,
+            batch_limit=self.settings.batch_limit,
+            poll_interval_ms=self.settings.poll_ms,
+            once=once,
+        )
+
+    async def run_cycle(self) -> Counter[str]:
+        """One cycle: claim up to the batch limit, execute, report; returns this cycle's counters."""
+        self._start_side_tasks()
+        before = Counter(self.counters)
+        async for message in self.stub.ClaimQueuedRuns(self._claim_request(once=True), timeout=30):
+            for claimed in message.runs:
+                self._spawn(claimed)
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        after = Counter(self.counters)
+        after.subtract(before)
+        return after
+
+    async def _consume(self, call: Any) -> None:
+        async for message in call:
+            for claimed in message.runs:
+                self._spawn(claimed)
+            for run_id in message.cancel_run_ids:
+                if run_id in self.held:
+                    self.held[run_id].cancel.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and execute until `stop` is set, reconnecting with backoff; then drain."""
+        self._start_side_tasks()
+        delay = 0.1
+        with log_context(worker_id=self.settings.worker_id):
+            log.info("worker started; claiming from %s", self.settings.api_addr)
+            while not stop.is_set():
+                self._check_side_tasks()
+                call = self.stub.ClaimQueuedRuns(self._claim_request(once=False))
+                consumer = asyncio.create_task(self._consume(call))
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait([consumer, stopper], return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not consumer.done():
+                    call.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await consumer
+                    break
+                err = consumer.exception()
+                if isinstance(err, grpc.aio.AioRpcError):
+                    if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise err
+                    log.warning("claim stream ended (%s: %s); reconnecting in %.1fs",
+                                err.code().name, err.details(), delay)
+                elif err is not None:
+                    raise err
+                else:
+                    delay = 0.1
+                await _wait(stop, delay)
+                delay = min(delay * 2, 5.0)
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Let held runs finish up to the drain timeout, then give the rest back to the queue."""
+        if self.tasks:
+            log.info("draining %d run(s) for up to %.0fs", len(self.tasks), self.settings.drain_seconds)
+            _, pending = await asyncio.wait(set(self.tasks), timeout=self.settings.drain_seconds)
+            if pending:
+                log.warning("releasing %d unfinished run(s) back to the queue", len(pending))
+                for handle in list(self.held.values()):
+                    handle.release.set()
+                await asyncio.wait(pending, timeout=10)
+        log.info("worker stopped", extra={"worker_id": self.settings.worker_id})

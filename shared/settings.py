@@ -1,0 +1,177 @@
+"""Settings of both services: frozen dataclasses read from the environment, overridable by CLI flags.
+
+Nothing is read at import time; `from_env(env)` is called by the entry points.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ulid import ULID
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names its variable."""
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(env, name, default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def default_worker_id() -> str:
+    """A worker id unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:].lower()}"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """How logs are written."""
+
+    format: str = "console"
+    level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> LogSettings:
+        """Read LOG_FORMAT (console|json) and LOG_LEVEL."""
+        return cls(
+            format=_choice(env, "LOG_FORMAT", "console", ("console", "json")),
+            level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
+        )
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Settings of the run API process."""
+
+    addr: str = "127.0.0.1:50051"
+    database_url: str | None = None
+    data_dir: str = ".runs"
+    migrate_on_start: bool = True
+    db_pool_size: int = 10
+    lease_seconds: float = 30.0
+    reaper_interval_seconds: float = 1.0
+    poll_ms: int = 1000
+    default_max_attempts: int = 3
+    retry_backoff_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 60.0
+    shutdown_grace_seconds: float = 5.0
+    embedded_worker: bool = False
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.addr:
+            raise SettingsError(f"RUN_API_ADDR must be host:port, got {self.addr!r}")
+        if self.lease_seconds <= 0:
+            raise SettingsError("RUN_LEASE_SECONDS must be positive")
+        if self.default_max_attempts < 1:
+            raise SettingsError("RUN_DEFAULT_MAX_ATTEMPTS must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ApiSettings:
+        """Read the API settings from environment variables (see README for the list)."""
+        return cls(
+            addr=_str(env, "RUN_API_ADDR", "127.0.0.1:50051"),
+            database_url=env.get("DATABASE_URL", "").strip() or None,
+            data_dir=_str(env, "RUNS_DATA_DIR", ".runs"),
+            migrate_on_start=_bool(env, "RUN_API_MIGRATE", True),
+            db_pool_size=_int(env, "RUN_API_DB_POOL_SIZE", 10, minimum=2),
+            lease_seconds=_float(env, "RUN_LEASE_SECONDS", 30.0, minimum=0.1),
+            reaper_interval_seconds=_float(env, "RUN_REAPER_INTERVAL_SECONDS", 1.0, minimum=0.05),
+            poll_ms=_int(env, "RUN_WORKER_POLL_MS", 1000, minimum=10),
+            default_max_attempts=_int(env, "RUN_DEFAULT_MAX_ATTEMPTS", 3, minimum=1),
+            retry_backoff_seconds=_float(env, "RUN_RETRY_BACKOFF_SECONDS", 1.0),
+            retry_backoff_max_seconds=_float(env, "RUN_RETRY_BACKOFF_MAX_SECONDS", 60.0),
+            shutdown_grace_seconds=_float(env, "RUN_API_SHUTDOWN_GRACE_SECONDS", 5.0),
+            embedded_worker=_bool(env, "RUN_WORKER_EMBEDDED", False),
+            log=LogSettings.from_env(env),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Settings of a worker process (and of the API's embedded worker)."""
+
+    api_addr: str = "127.0.0.1:50051"
+    worker_id: str = ""
+    workspace_id: str = "default"
+    concurrency: int = 10
+    batch_limit: int = 10
+    poll_ms: int = 1000
+    heartbeat_seconds: float = 10.0
+    drain_seconds: float = 30.0
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise SettingsError("RUN_WORKER_CONCURRENCY must be at least 1")
+        if self.batch_limit < 1:
+            raise SettingsError("RUN_WORKER_BATCH_LIMIT must be at least 1")
+        if not self.worker_id:
+            object.__setattr__(self, "worker_id", default_worker_id())
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerSettings:
+        """Read the worker settings from environment variables (see README for the list)."""
+        lease = _float(env, "RUN_LEASE_SECONDS", 30.0, minimum=0.1)
+        return cls(
+            api_addr=_str(env, "RUN_API_ADDR", "127.0.0.1:50051"),
+            worker_id=_str(env, "RUN_WORKER_ID", ""),
+            workspace_id=_str(env, "RUN_WORKER_WORKSPACE_ID", "default"),
+            concurrency=_int(env, "RUN_WORKER_CONCURRENCY", 10, minimum=1),
+            batch_limit=_int(env, "RUN_WORKER_BATCH_LIMIT", 10, minimum=1),
+            poll_ms=_int(env, "RUN_WORKER_POLL_MS", 1000, minimum=10),
+            heartbeat_seconds=_float(env, "RUN_HEARTBEAT_SECONDS", lease / 3, minimum=0.05),
+            drain_seconds=_float(env, "RUN_WORKER_DRAIN_SECONDS", 30.0),
+            log=LogSettings.from_env(env),
+        )
