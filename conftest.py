@@ -1,0 +1,92 @@
+"""Test databases: a real PostgreSQL for every test, never a mock.
+
+Where the server comes from: TEST_DATABASE_URL when set; else a testcontainers PostgreSQL when a
+Docker engine answers; else an embedded PostgreSQL in a temporary directory. Every test gets a
+fresh database copied from a migrated template (CREATE DATABASE ... TEMPLATE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+
+import psycopg
+from psycopg import sql as pgsql
+import pytest
+from sqlalchemy import make_url
+from ulid import ULID
+
+from services.run_api import db
+
+log = logging.getLogger(__name__)
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+def _admin(url: str) -> str:
+    return db.libpq_url(make_url(db.sqlalchemy_url(url)).set(database="postgres").render_as_string(False))
+
+
+def _with_db(url: str, name: str) -> str:
+    return make_url(db.sqlalchemy_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """URL of a PostgreSQL server the tests may create databases on."""
+    explicit = os.environ.get("TEST_DATABASE_URL")
+    if explicit:
+        yield explicit
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver="psycopg") as container:
+            yield container.get_connection_url()
+        return
+    with tempfile.TemporaryDirectory(prefix="runs-test-pg-") as tmp:
+        yield db.start_embedded(tmp, cleanup="delete")
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: str) -> Iterator[str]:
+    """A migrated database to copy for each test."""
+    name = f"runs_tpl_{str(ULID()).lower()}"
+    with psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+    db.migrate(_with_db(pg_server, name))
+    yield name
+    with psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test (SQLAlchemy URL with the psycopg driver)."""
+    name = f"runs_t_{str(ULID()).lower()}"
+    with psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+        conn.execute(
+            pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name), pgsql.Identifier(template_db))
+        )
+    yield _with_db(pg_server, name)
+    with contextlib.suppress(psycopg.Error), psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+
+@pytest.fixture
+def sql(database_url: str) -> Iterator[psycopg.Connection]:
+    """A plain autocommit connection to the test's database, for assertions."""
+    with psycopg.connect(db.libpq_url(database_url), autocommit=True) as conn:
+        yield conn

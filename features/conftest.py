@@ -1,0 +1,197 @@
+"""Fixtures and steps shared by every feature: a real API process on a fresh database, workers, a client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+from pytest_bdd import given, parsers, then, when
+
+from features.harness import Api, Client, Worker, worker_once
+
+
+@dataclass
+class Context:
+    """What one scenario carries between its steps."""
+
+    runs: dict[str, Any] = field(default_factory=dict)
+    last_run_id: str = ""
+    counters: list[dict[str, int]] = field(default_factory=list)
+    error: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stack:
+    """The processes of one scenario, all stopped at its end."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.api: Api | None = None
+        self.workers: list[Worker] = []
+        self._client: Client | None = None
+
+    def start_api(self, **env: str) -> Api:
+        """Start the API process (stopping a previous one)."""
+        if self.api is not None:
+            self.api.stop()
+        self.api = Api(self.database_url, **env)
+        self.api.start()
+        return self.api
+
+    @property
+    def client(self) -> Client:
+        """A client of the current API."""
+        assert self.api is not None, "no API started"
+        if self._client is None:
+            self._client = Client(self.api.addr)
+        return self._client
+
+    def start_worker(self, *flags: str, **env: str) -> Worker:
+        """Start a long-running worker process."""
+        assert self.api is not None
+        worker = Worker(self.api.addr, *flags, **env)
+        worker.start()
+        self.workers.append(worker)
+        return worker
+
+    def once(self, *flags: str, **env: str) -> dict[str, int]:
+        """One worker cycle in a fresh process."""
+        assert self.api is not None
+        return worker_once(self.api.addr, *flags, **env)
+
+    def close(self) -> None:
+        """Stop everything."""
+        if self._client is not None:
+            self._client.close()
+        for worker in self.workers:
+            worker.stop()
+        if self.api is not None:
+            self.api.stop()
+
+    def logs(self) -> str:
+        """Every process's output, for failure reports."""
+        parts = [f"--- api ---\n{self.api.output()}"] if self.api else []
+        parts += [f"--- worker {i} ---\n{w.output()}" for i, w in enumerate(self.workers)]
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def ctx() -> Context:
+    """Scenario state."""
+    return Context()
+
+
+@pytest.fixture
+def stack(database_url: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The scenario's processes; their logs are printed when the scenario fails."""
+    s = Stack(database_url)
+    yield s
+    s.close()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(s.logs()[-20000:])
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember each phase's report on the item, so fixtures can tell a failure."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+def count_runs(sql: psycopg.Connection) -> int:
+    """How many runs the database holds."""
+    row = sql.execute("SELECT count(*) FROM runs").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def event_types(sql: psycopg.Connection, run_id: str) -> list[str]:
+    """A run's event types in sequence order."""
+    return [r[0] for r in sql.execute("SELECT type FROM run_events WHERE run_id = %s ORDER BY sequence", (run_id,))]
+
+
+# --- Given -------------------------------------------------------------------------------------
+
+
+@given("a running API on a fresh database")
+def running_api(stack: Stack) -> None:
+    """Start the API process on the scenario's own database."""
+    stack.start_api()
+
+
+@given("a running API with the embedded worker on")
+def running_api_embedded(stack: Stack) -> None:
+    """Start the API with RUN_WORKER_EMBEDDED=true."""
+    stack.start_api(RUN_WORKER_EMBEDDED="true", RUN_WORKER_POLL_MS="200")
+
+
+@given(parsers.parse("{count:d} queued runs"))
+def queued_runs(stack: Stack, ctx: Context, count: int) -> None:
+    """Start `count` noop runs."""
+    for i in range(count):
+        run = stack.client.start().run
+        ctx.runs[f"run{i}"] = run
+    ctx.extra["run_ids"] = [r.run_id for r in ctx.runs.values()]
+
+
+# --- When --------------------------------------------------------------------------------------
+
+
+@when(parsers.parse('I start a run of "{workflow}"'))
+@given(parsers.parse('I started a run of "{workflow}"'))
+def start_run(stack: Stack, ctx: Context, workflow: str) -> None:
+    """StartRun with the workflow."""
+    run = stack.client.start(workflow).run
+    ctx.runs[run.run_id] = run
+    ctx.last_run_id = run.run_id
+
+
+@when("a worker runs one cycle")
+@given("a worker ran one cycle")
+def worker_cycle(stack: Stack, ctx: Context) -> None:
+    """`python -m services.run_worker --once`."""
+    ctx.counters.append(stack.once())
+
+
+# --- Then --------------------------------------------------------------------------------------
+
+
+@then(parsers.parse("the cycle claimed {claimed:d} and succeeded {succeeded:d}"))
+def cycle_counts(ctx: Context, claimed: int, succeeded: int) -> None:
+    """The last worker cycle's counters."""
+    last = ctx.counters[-1]
+    assert (last["claimed"], last["succeeded"]) == (claimed, succeeded), last
+
+
+@then(parsers.parse("the run ends {status}"))
+def run_ends(stack: Stack, ctx: Context, status: str) -> None:
+    """The last run reaches `status` (and stays there)."""
+    got = stack.client.wait_status(ctx.last_run_id, {"SUCCEEDED", "FAILED", "CANCELED"}, 30)
+    assert got == status, (got, stack.client.get(ctx.last_run_id))
+
+
+@then(parsers.parse("the run's events are, in order: {types}"))
+def events_in_order(sql: psycopg.Connection, ctx: Context, types: str) -> None:
+    """The run's event log is exactly this chain, with sequences 1..n."""
+    expected = [t.strip() for t in types.split(",")]
+    rows = sql.execute(
+        "SELECT sequence, type FROM run_events WHERE run_id = %s ORDER BY sequence", (ctx.last_run_id,)
+    ).fetchall()
+    assert [r[1] for r in rows] == expected
+    assert [r[0] for r in rows] == list(range(1, len(expected) + 1))
+
+
+@when(parsers.parse("I start a run of tool \"{tool}\" with args {args}"))
+@given(parsers.parse("I started a run of tool \"{tool}\" with args {args}"))
+def start_tool_run(stack: Stack, ctx: Context, tool: str, args: str) -> None:
+    """StartRun of workflow runtime.tool with the tool and its JSON args."""
+    import json
+
+    run = stack.client.start_tool(tool, json.loads(args))
+    ctx.runs[run.run_id] = run
+    ctx.last_run_id = run.run_id

@@ -1,0 +1,219 @@
+"""Real processes for the acceptance suite: the API and workers as subprocesses, and a thin client.
+
+Nothing here sleeps to wait: every wait is a condition polled against a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.gen.runs.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T = predicate()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+        last = predicate()
+    return last
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """A subprocess with its output in a log file, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
+        self.args, self.env, self.name = args, env, name
+        self.log_path = Path(tempfile.mkstemp(prefix=f"runs-{name}-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it."""
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    def signal(self, sig: int) -> None:
+        """Send a signal if it is running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    @property
+    def running(self) -> bool:
+        """Whether it is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        """What it printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment for a child: ours, minus settings that would leak in, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_", "DATABASE_URL", "OTEL_"))}
+    env.update({"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "info"})
+    env.update(extra)
+    return env
+
+
+class Api(Process):
+    """The run API as a real process on a free port."""
+
+    def __init__(self, database_url: str, **env: str) -> None:
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "services.run_api", "--addr", self.addr, "--database-url", database_url],
+            base_env(**env),
+            "api",
+        )
+
+    def start(self) -> None:
+        """Start and wait until the health service says SERVING."""
+        super().start()
+        self.wait_health("SERVING", 30)
+
+    def health(self) -> str:
+        """The overall health status name, or UNREACHABLE."""
+        with grpc.insecure_channel(self.addr) as channel:
+            try:
+                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return "UNREACHABLE"
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_health(self, status: str, timeout: float) -> None:
+        """Wait until health reports `status`."""
+        def check() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"API exited with {self.proc.returncode}:\n{self.output()}")
+            return self.health() == status
+
+        wait_until(check, timeout, f"API health {status}", interval=0.05)
+
+
+class Worker(Process):
+    """A worker process connected to an API."""
+
+    def __init__(self, addr: str, *flags: str, **env: str) -> None:
+        super().__init__(
+            [sys.executable, "-m", "services.run_worker", *flags], base_env(RUN_API_ADDR=addr, **env), "worker"
+        )
+
+
+def worker_once(addr: str, *flags: str, timeout: float = 60, **env: str) -> dict[str, int]:
+    """Run `python -m services.run_worker --once` and return its JSON counters."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.run_worker", "--once", *flags],
+        env=base_env(RUN_API_ADDR=addr, **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"worker --once exited {done.returncode}:\n{done.stderr}"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, f"expected one JSON line, got:\n{done.stdout}"
+    return dict(json.loads(lines[0]))
+
+
+STATUS = {name.removeprefix("RUN_STATUS_"): value for name, value in run_pb2.RunStatus.items()}
+
+
+class Client:
+    """A thin synchronous client of runs.v1.RunService."""
+
+    def __init__(self, addr: str) -> None:
+        self.channel = grpc.insecure_channel(addr)
+        self.stub = run_service_pb2_grpc.RunServiceStub(self.channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def start(self, workflow: str = "", run_input: dict[str, Any] | None = None, **fields: Any) -> Any:
+        """StartRun; returns the response."""
+        request = run_service_pb2.StartRunRequest(workflow=workflow, **fields)
+        if run_input is not None:
+            request.input.update(run_input)
+        return self.stub.StartRun(request, timeout=10)
+
+    def start_tool(self, tool: str, args: dict[str, Any] | None = None, **fields: Any) -> Any:
+        """StartRun of a one-step runtime.tool workflow; returns the run."""
+        return self.start("runtime.tool", {"tool": tool, "args": args or {}}, **fields).run
+
+    def get(self, run_id: str) -> Any:
+        """GetRun."""
+        return self.stub.GetRun(run_service_pb2.GetRunRequest(run_id=run_id), timeout=10)
+
+    def status(self, run_id: str) -> str:
+        """The run's status name (QUEUED, RUNNING, ...)."""
+        return str(run_pb2.RunStatus.Name(self.get(run_id).run.status)).removeprefix("RUN_STATUS_")
+
+    def cancel(self, run_id: str, reason: str = "") -> Any:
+        """CancelRun; returns the run."""
+        return self.stub.CancelRun(run_service_pb2.CancelRunRequest(run_id=run_id, reason=reason), timeout=10).run
+
+    def watch(self, run_id: str, after: int = 0, timeout: float = 60) -> Iterator[Any]:
+        """WatchRun events."""
+        request = run_service_pb2.WatchRunRequest(run_id=run_id, after_sequence=after)
+        for response in self.stub.WatchRun(request, timeout=timeout):
+            yield response.event
+
+    def wait_status(self, run_id: str, statuses: set[str], timeout: float) -> str:
+        """Wait until the run is in one of `statuses`; returns it."""
+        return wait_until(
+            lambda: (s if (s := self.status(run_id)) in statuses else ""), timeout, f"run {run_id} in {statuses}"
+        )
+
+
+def payload(event: Any) -> dict[str, Any]:
+    """A RunEvent's payload as a dict."""
+    return dict(json_format.MessageToDict(event.payload))
