@@ -1,0 +1,16 @@
+Feature: The event log is the truth
+  run_events is append-only at the database level, and replaying it rebuilds the projections exactly.
+
+  Background:
+    Given a running API on a fresh database
+
+  Scenario: The event log refuses UPDATE and DELETE
+    Given I started a run of "runtime.noop"
+    When I try to UPDATE, DELETE and TRUNCATE run_events directly
+    Then each statement is refused by the database
+    And the run's events are, in order: run.queued
+
+  Scenario: Replayed projections equal the live ones after a mixed workload
+    Given a mixed workload of succeeded, failed, retried, canceled and queued runs
+    When I rebuild the projections with the replay command
+    Then runs, run_steps and tool_calls equal what they were before the replay
