@@ -1,0 +1,114 @@
+"""Store and handler behaviour against a real PostgreSQL: fencing, idempotency, capacity, exclusivity."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.run_api import db, handlers
+from services.run_api.store.events import Outcome
+from services.run_api.store.uow import UnitOfWork
+
+pytestmark = pytest.mark.timeout(60)
+
+POLICY = handlers.RetryPolicy(max_attempts=2, backoff_seconds=0, backoff_max_seconds=0)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = db.make_engine(database_url, pool_size=8)
+    yield eng
+    await eng.dispose()
+
+
+async def start(engine: AsyncEngine, n: int = 1) -> list[str]:
+    ids = []
+    for _ in range(n):
+        async with UnitOfWork(engine) as uow:
+            row, _ = await handlers.start_run(uow, handlers.StartRun("", {}, 2), POLICY)
+            ids.append(row.run_id)
+    return ids
+
+
+async def claim(engine: AsyncEngine, worker: str, capacity: int = 10, batch: int = 10) -> list[str]:
+    async with UnitOfWork(engine) as uow:
+        rows = await handlers.claim_runs(uow, handlers.Claim(worker, "default", capacity, batch, 30))
+    return [r.run_id for r in rows]
+
+
+async def report(engine: AsyncEngine, worker: str, *events: handlers.ReportedEvent) -> list[Outcome]:
+    async with UnitOfWork(engine) as uow:
+        results = await handlers.report_events(uow, worker, list(events))
+    return [r.outcome for r in results]
+
+
+def ev(run_id: str, attempt: int, type_: str, event_id: str, **payload: object) -> handlers.ReportedEvent:
+    return handlers.ReportedEvent(run_id, attempt, event_id, type_, None, dict(payload))
+
+
+async def test_claim_never_exceeds_free_capacity(engine: AsyncEngine) -> None:
+    await start(engine, 5)
+    assert len(await claim(engine, "w1", capacity=3)) == 3
+    assert await claim(engine, "w1", capacity=3) == []
+    assert len(await claim(engine, "w2", capacity=10)) == 2
+
+
+async def test_concurrent_claimers_never_share_a_run(engine: AsyncEngine) -> None:
+    await start(engine, 40)
+    results = await asyncio.gather(*(claim(engine, f"w{i}", capacity=40, batch=7) for i in range(6)))
+    claimed = [r for batch in results for r in batch]
+    assert len(claimed) == len(set(claimed))
+    while len(claimed) < 40:
+        more = await claim(engine, "late", capacity=40)
+        assert more, "runs left unclaimed"
+        claimed += more
+    assert len(set(claimed)) == 40
+
+
+async def test_reports_are_idempotent_by_event_id(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    first = await report(engine, "w1", ev(run_id, 1, "run.started", "e1"))
+    again = await report(engine, "w1", ev(run_id, 1, "run.started", "e1"))
+    assert (first, again) == ([Outcome.RECORDED], [Outcome.DUPLICATE])
+
+
+async def test_stale_attempt_and_terminal_runs_refuse_reports(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    assert await report(engine, "w1", ev(run_id, 2, "run.started", "x1")) == [Outcome.STALE]
+    assert await report(engine, "w1", ev(run_id, 1, "run.completed", "x2")) == [Outcome.RECORDED]
+    # Terminal is final: a late report, even with the right attempt, is refused and not recorded.
+    assert await report(engine, "w1", ev(run_id, 1, "run.failed", "x3", error="late")) == [Outcome.STALE]
+    async with UnitOfWork(engine) as uow:
+        events = await handlers.events_after(uow, run_id, 0)
+        row, _, _ = await handlers.get_run(uow, run_id)
+    assert [e.type for e in events] == ["run.queued", "run.claimed", "run.completed"]
+    assert row.status == "SUCCEEDED"
+
+
+async def test_a_failed_attempt_with_attempts_left_is_requeued(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    assert await report(engine, "w1", ev(run_id, 1, "run.failed", "f1", error="boom")) == [Outcome.RECORDED]
+    async with UnitOfWork(engine) as uow:
+        row, _, _ = await handlers.get_run(uow, run_id)
+    assert (row.status, row.attempt, row.error) == ("QUEUED", 1, "boom")
+    assert await claim(engine, "w2") == [run_id]
+    assert await report(engine, "w2", ev(run_id, 2, "run.failed", "f2", error="again")) == [Outcome.RECORDED]
+    async with UnitOfWork(engine) as uow:
+        row, _, _ = await handlers.get_run(uow, run_id)
+    assert (row.status, row.attempt, row.error, row.stop_reason) == ("FAILED", 2, "again", "failed")
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    rng = random.Random(7)
+    delays = [handlers.backoff_seconds(a, 1.0, 10.0, rng) for a in range(1, 8)]
+    assert 0.5 <= delays[0] <= 1.0
+    assert 2.0 <= delays[2] <= 4.0
+    assert all(d <= 10.0 for d in delays)
+    assert delays[-1] >= 5.0
