@@ -14,8 +14,8 @@ import tempfile
 from collections.abc import Iterator
 
 import psycopg
-from psycopg import sql as pgsql
 import pytest
+from psycopg import sql as pgsql
 from sqlalchemy import make_url
 from ulid import ULID
 

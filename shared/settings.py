@@ -101,6 +101,7 @@ class ApiSettings:
     db_pool_size: int = 10
     lease_seconds: float = 30.0
     reaper_interval_seconds: float = 1.0
+    lease_policy: str = "requeue"
     poll_ms: int = 1000
     default_max_attempts: int = 3
     retry_backoff_seconds: float = 1.0
@@ -128,6 +129,7 @@ class ApiSettings:
             db_pool_size=_int(env, "RUN_API_DB_POOL_SIZE", 10, minimum=2),
             lease_seconds=_float(env, "RUN_LEASE_SECONDS", 30.0, minimum=0.1),
             reaper_interval_seconds=_float(env, "RUN_REAPER_INTERVAL_SECONDS", 1.0, minimum=0.05),
+            lease_policy=_choice(env, "RUN_LEASE_POLICY", "requeue", ("requeue", "fail")),
             poll_ms=_int(env, "RUN_WORKER_POLL_MS", 1000, minimum=10),
             default_max_attempts=_int(env, "RUN_DEFAULT_MAX_ATTEMPTS", 3, minimum=1),
             retry_backoff_seconds=_float(env, "RUN_RETRY_BACKOFF_SECONDS", 1.0),

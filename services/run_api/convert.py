@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.gen.runs.v1 import run_pb2
+from shared.gen.runs.v1 import run_pb2, run_service_pb2
 
 
 def ts(value: datetime | None) -> Timestamp | None:
@@ -118,4 +118,17 @@ def event(row: Any) -> run_pb2.RunEvent:
         occurred_at=ts(row.occurred_at),
         recorded_at=ts(row.recorded_at),
         payload=struct(dict(row.payload or {})),
+    )
+
+
+def attempt(record: Any) -> run_service_pb2.Attempt:
+    """An AttemptRecord as an Attempt."""
+    return _set(
+        run_service_pb2.Attempt(),
+        attempt=record.attempt,
+        worker_id=record.worker_id,
+        claimed_at=ts(record.claimed_at),
+        ended_at=ts(record.ended_at),
+        outcome=record.outcome,
+        error=record.error,
     )

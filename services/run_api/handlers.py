@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 255
 MAX_INPUT_BYTES = 256 * 1024
 MAX_ATTEMPTS_LIMIT = 100
+MAX_BACKOFF_SECONDS = 86400.0
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
@@ -56,6 +57,8 @@ class StartRun:
     max_attempts: int = 0
     workspace_id: str = ""
     trace_context: dict[str, str] = field(default_factory=dict)
+    retry_backoff_seconds: float = 0.0
+    retry_backoff_max_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ def validate_start(cmd: StartRun, policy: RetryPolicy) -> tuple[str, str, int]:
         )
     if cmd.max_attempts < 0 or cmd.max_attempts > MAX_ATTEMPTS_LIMIT:
         violations.append(("max_attempts", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"))
+    for name in ("retry_backoff_seconds", "retry_backoff_max_seconds"):
+        value = getattr(cmd, name)
+        if not 0 <= value <= MAX_BACKOFF_SECONDS:
+            violations.append((name, f"{name} must be between 0 and {MAX_BACKOFF_SECONDS:g} seconds"))
     if len(cmd.workspace_id) > 128:
         violations.append(("workspace_id", "workspace_id is longer than 128 characters"))
     if violations:
@@ -126,9 +133,18 @@ def validate_start(cmd: StartRun, policy: RetryPolicy) -> tuple[str, str, int]:
     return workflow, cmd.workspace_id or "default", cmd.max_attempts or policy.max_attempts
 
 
-def _request_hash(workflow: str, workspace_id: str, run_input: dict[str, Any], max_attempts: int) -> str:
+def _request_hash(
+    workflow: str, workspace_id: str, run_input: dict[str, Any], max_attempts: int, backoff: float, cap: float
+) -> str:
     canonical = json.dumps(
-        {"workflow": workflow, "workspace_id": workspace_id, "input": run_input, "max_attempts": max_attempts},
+        {
+            "workflow": workflow,
+            "workspace_id": workspace_id,
+            "input": run_input,
+            "max_attempts": max_attempts,
+            "backoff": backoff,
+            "cap": cap,
+        },
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -141,7 +157,9 @@ def _request_hash(workflow: str, workspace_id: str, run_input: dict[str, Any], m
 async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tuple[Any, bool]:
     """Queue a run (run.queued) and return (run row, deduplicated)."""
     workflow, workspace_id, max_attempts = validate_start(cmd, policy)
-    request_hash = _request_hash(workflow, workspace_id, cmd.input, max_attempts)
+    request_hash = _request_hash(
+        workflow, workspace_id, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds
+    )
     key = cmd.idempotency_key or None
     event = store.NewEvent(
         run_id=str(ULID()),
@@ -154,8 +172,8 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tupl
             "workspace_id": workspace_id,
             "input": cmd.input,
             "max_attempts": max_attempts,
-            "retry_backoff_seconds": policy.backoff_seconds,
-            "retry_backoff_max_seconds": policy.backoff_max_seconds,
+            "retry_backoff_seconds": cmd.retry_backoff_seconds or policy.backoff_seconds,
+            "retry_backoff_max_seconds": cmd.retry_backoff_max_seconds or policy.backoff_max_seconds,
             "idempotency_key": key,
             "request_hash": request_hash,
             "trace_context": cmd.trace_context,
@@ -318,7 +336,11 @@ async def report_events(
     for e in reported:
         event_type, payload = e.type, dict(e.payload)
         run = rows.get(e.run_id)
-        if (
+        if e.type == EventType.RUN_FAILED and payload.get("released") is True:
+            # Given back by a worker shutting down: due again at once, not the run's fault.
+            event_type = EventType.RUN_REQUEUED
+            payload.update({"reason": "released", "next_attempt_at": now.isoformat()})
+        elif (
             e.type == EventType.RUN_FAILED
             and run is not None
             and payload.get("retryable", True) is not False
@@ -433,3 +455,76 @@ async def heartbeat(
                 lost.append(r.event.run_id)
     await uow.commit()
     return HeartbeatResult(lease, cancel, lost, readopted)
+
+
+# --- attempts, stats ---------------------------------------------------------------------------
+
+_ATTEMPT_OUTCOMES = {
+    EventType.RUN_COMPLETED: "completed",
+    EventType.RUN_FAILED: "failed",
+    EventType.RUN_CANCELED: "canceled",
+    EventType.RUN_LEASE_EXPIRED: "lease_expired",
+}
+
+
+@dataclass
+class AttemptRecord:
+    """One claim of a run and how it ended."""
+
+    attempt: int
+    worker_id: str
+    claimed_at: datetime
+    ended_at: datetime | None = None
+    outcome: str = "running"
+    error: str = ""
+
+
+async def attempts(uow: UnitOfWork, run_id: str) -> list[AttemptRecord]:
+    """The run's attempts, folded from its log."""
+    out: list[AttemptRecord] = []
+    for row in (await uow.conn.execute(Q.run_events_attempts, {"run_id": run_id})).all():
+        if row.type == EventType.RUN_CLAIMED:
+            out.append(AttemptRecord(row.attempt, row.worker_id or "", row.recorded_at))
+            continue
+        if not out or out[-1].attempt != row.attempt:
+            continue  # canceled while queued: no attempt to close
+        current = out[-1]
+        if row.type == EventType.RUN_REQUEUED:
+            if current.outcome == "running":
+                reason = (row.payload or {}).get("reason")
+                current.outcome = "released" if reason == "released" else "retried"
+                current.ended_at = row.recorded_at
+            current.error = current.error or (row.payload or {}).get("error") or ""
+            continue
+        if current.outcome in ("running", "lease_expired"):
+            if current.outcome == "running":
+                current.outcome = _ATTEMPT_OUTCOMES[EventType(row.type)]
+            current.ended_at = current.ended_at or row.recorded_at
+            current.error = current.error or (row.payload or {}).get("error") or ""
+    return out
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Cluster-wide counters."""
+
+    events: dict[str, int]
+    readopted: int
+    runs_by_status: dict[str, int]
+
+
+async def stats(uow: UnitOfWork) -> Stats:
+    """Counters of events by kind and runs by status."""
+    events: dict[str, int] = {}
+    readopted = 0
+    for row in (await uow.conn.execute(Q.stats_event_counts)).all():
+        events[row.type] = row.n
+        readopted += row.readopted
+    by_status = {row.status: row.n for row in (await uow.conn.execute(Q.stats_runs_by_status)).all()}
+    return Stats(events, readopted, by_status)
+
+
+async def cancel_requested_for_worker(uow: UnitOfWork, worker_id: str) -> list[str]:
+    """Runs the worker holds that were asked to cancel."""
+    rows = await uow.conn.execute(Q.run_cancel_requested_for_worker, {"worker_id": worker_id})
+    return [r.run_id for r in rows.all()]

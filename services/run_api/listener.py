@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from services.run_api.store.events import CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER
+from services.run_api.store.events import CHANNEL_CANCEL, CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ListenerConfig:
 class Listener:
     """The process's one LISTEN connection; reconnects by itself with TCP keepalives on."""
 
-    CHANNELS = (CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER)
+    CHANNELS = (CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER, CHANNEL_CANCEL)
 
     def __init__(self, config: ListenerConfig, hub: Hub) -> None:
         self.config = config

@@ -22,9 +22,17 @@ from services.run_api import db
 from services.run_api.handlers import RetryPolicy
 from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
-from services.run_api.servicers import RunService, ServiceConfig, WorkerService
+from services.run_api.reaper import Reaper, ReaperConfig
+from services.run_api.servicers import OpsService, RunService, ServiceConfig, WorkerService
 from services.run_api.store import queries as Q
-from shared.gen.runs.v1 import run_service_pb2, run_service_pb2_grpc, worker_service_pb2, worker_service_pb2_grpc
+from shared.gen.runs.v1 import (
+    ops_service_pb2,
+    ops_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
 from shared.settings import ApiSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    ops_service_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name,
 )
 
 
@@ -90,6 +99,10 @@ class ApiServer:
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(self.engine, self.health, HealthConfig())
         self.listener = Listener(ListenerConfig(db.libpq_url(database_url)), self.hub)
+        self.reaper = Reaper(
+            self.engine,
+            ReaperConfig(interval_seconds=settings.reaper_interval_seconds, policy=settings.lease_policy),
+        )
         config = ServiceConfig(
             lease_seconds=settings.lease_seconds,
             poll_seconds=settings.poll_ms / 1000,
@@ -109,6 +122,7 @@ class ApiServer:
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerService(self.engine, self.hub, config, self.stopping), self.server
         )
+        ops_service_pb2_grpc.add_OpsServiceServicer_to_server(OpsService(self.engine), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -150,6 +164,7 @@ class ApiServer:
         await self.server.start()
         self._supervise("listener", lambda: self.listener.run(self._loops_stop))
         self._supervise("health", lambda: self.monitor.run(self._loops_stop))
+        self._supervise("reaper", lambda: self.reaper.run(self._loops_stop))
         if self.settings.embedded_worker:
             from services.run_worker.embedded import EmbeddedWorker
 

@@ -16,10 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.run_api import convert, handlers
 from services.run_api.errors import InvalidRequest, RunsError
 from services.run_api.listener import Hub
-from services.run_api.store.events import CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER, Outcome
+from services.run_api.store.events import CHANNEL_CANCEL, CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER, Outcome
 from services.run_api.store.uow import UnitOfWork
 from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, WORKER_EVENTS
 from shared.gen.runs.v1 import (
+    ops_service_pb2,
+    ops_service_pb2_grpc,
     run_pb2,
     run_service_pb2,
     run_service_pb2_grpc,
@@ -71,6 +73,8 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
             max_attempts=request.max_attempts,
             workspace_id=request.workspace_id,
             trace_context=current_trace_carrier(),
+            retry_backoff_seconds=request.retry_backoff_seconds,
+            retry_backoff_max_seconds=request.retry_backoff_max_seconds,
         )
         async with UnitOfWork(self.engine) as uow:
             row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry)
@@ -89,10 +93,12 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
     ) -> run_service_pb2.GetRunResponse:
         async with UnitOfWork(self.engine) as uow:
             row, steps, calls = await handlers.get_run(uow, request.run_id)
+            tries = await handlers.attempts(uow, request.run_id)
         return run_service_pb2.GetRunResponse(
             run=convert.run(row),
             steps=[convert.step(s) for s in steps],
             tool_calls=[convert.tool_call(c) for c in calls],
+            attempts=[convert.attempt(a) for a in tries],
         )
 
     async def ListRuns(
@@ -156,16 +162,23 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             lease_seconds=self.config.lease_seconds,
         )
         poll = request.poll_interval_ms / 1000 if request.poll_interval_ms else self.config.poll_seconds
+        cancels_sent: set[str] = set()
         with log_context(worker_id=request.worker_id), self.hub.subscribe(
-            (CHANNEL_QUEUED, claim.workspace_id), (CHANNEL_WORKER, claim.worker_id)
+            (CHANNEL_QUEUED, claim.workspace_id), (CHANNEL_WORKER, claim.worker_id), (CHANNEL_CANCEL, claim.worker_id)
         ) as waiter:
             while True:
                 if self.stopping.is_set():
                     raise ShuttingDown("the server is shutting down; reconnect")
                 async with UnitOfWork(self.engine) as uow:
                     rows = await handlers.claim_runs(uow, claim)
-                if rows or request.once:
-                    yield worker_service_pb2.ClaimQueuedRunsResponse(runs=[self._claimed(r) for r in rows])
+                async with UnitOfWork(self.engine) as uow:
+                    cancels = [r for r in await handlers.cancel_requested_for_worker(uow, claim.worker_id)
+                               if r not in cancels_sent]
+                cancels_sent.update(cancels)
+                if rows or cancels or request.once:
+                    yield worker_service_pb2.ClaimQueuedRunsResponse(
+                        runs=[self._claimed(r) for r in rows], cancel_run_ids=cancels
+                    )
                 if request.once:
                     return
                 if len(rows) == claim.batch_limit:
@@ -256,6 +269,30 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         )
         out.lease_expires_at.FromDatetime(result.lease_expires_at)
         return out
+
+
+class OpsService(ops_service_pb2_grpc.OpsServiceServicer):
+    """runs.v1.OpsService."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def GetStats(
+        self, request: ops_service_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> ops_service_pb2.GetStatsResponse:
+        async with UnitOfWork(self.engine) as uow:
+            stats = await handlers.stats(uow)
+        e = stats.events
+        return ops_service_pb2.GetStatsResponse(
+            claimed=e.get("run.claimed", 0),
+            completed=e.get("run.completed", 0),
+            failed=e.get("run.failed", 0),
+            lease_expired=e.get("run.lease_expired", 0),
+            requeued=e.get("run.requeued", 0),
+            canceled=e.get("run.canceled", 0),
+            readopted=stats.readopted,
+            runs_by_status=stats.runs_by_status,
+        )
 
 
 _STEP_KEYS = ("step_key",)

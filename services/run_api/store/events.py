@@ -23,6 +23,7 @@ from shared.events import EventType, RunStatus, StepStatus, StopReason, ToolCall
 CHANNEL_EVENTS = "runs_events"  # payload: run_id; wakes watchers of that run
 CHANNEL_QUEUED = "runs_queued"  # payload: workspace_id; wakes claimers
 CHANNEL_WORKER = "runs_worker"  # payload: worker_id; a run of that worker ended, a slot is free
+CHANNEL_CANCEL = "runs_cancel"  # payload: worker_id; a run that worker holds was asked to cancel
 
 # The statuses a run must be in for each event type to be recorded.
 ALLOWED_FROM: dict[str, frozenset[str]] = {
@@ -281,6 +282,8 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Appe
         notices.add((CHANNEL_EVENTS, event.run_id))
         if event.type == EventType.RUN_REQUEUED:
             notices.add((CHANNEL_QUEUED, state.workspace_id))
+        if event.type == EventType.RUN_CANCEL_REQUESTED and state.status == RunStatus.RUNNING and holder:
+            notices.add((CHANNEL_CANCEL, holder))
         if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
                           EventType.RUN_REQUEUED) and holder:
             notices.add((CHANNEL_WORKER, holder))

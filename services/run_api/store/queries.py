@@ -280,3 +280,35 @@ reaper_try_lock = q("SELECT pg_try_advisory_xact_lock(7206157372)")
 
 # Database liveness, for the health service.
 db_ping = q("SELECT 1")
+
+# Running runs of a worker that were asked to cancel (pushed down its claim stream).
+run_cancel_requested_for_worker = q(
+    """
+    SELECT run_id FROM runs
+    WHERE worker_id = :worker_id AND status = 'RUNNING' AND cancel_requested_at IS NOT NULL
+    """
+)
+
+# The events that open and close attempts, for GetRun's attempt history.
+run_events_attempts = q(
+    """
+    SELECT type, attempt, worker_id, recorded_at, payload FROM run_events
+    WHERE run_id = :run_id AND type IN ('run.claimed', 'run.requeued', 'run.lease_expired', 'run.completed',
+                                        'run.failed', 'run.canceled')
+    ORDER BY sequence
+    """
+)
+
+# Cluster-wide counters of what happened to runs, from the log.
+stats_event_counts = q(
+    """
+    SELECT type, count(*) AS n, count(*) FILTER (WHERE (payload->>'readopted')::boolean) AS readopted
+    FROM run_events
+    WHERE type IN ('run.claimed', 'run.completed', 'run.failed', 'run.lease_expired', 'run.requeued',
+                   'run.canceled')
+    GROUP BY type
+    """
+)
+
+# Runs by current status.
+stats_runs_by_status = q("SELECT status, count(*) AS n FROM runs GROUP BY status")
