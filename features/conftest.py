@@ -29,6 +29,7 @@ class Stack:
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
+        self.env: dict[str, str] = {}  # given to the API and every worker
         self.api: Api | None = None
         self.workers: list[Worker] = []
         self._client: Client | None = None
@@ -37,7 +38,17 @@ class Stack:
         """Start the API process (stopping a previous one)."""
         if self.api is not None:
             self.api.stop()
-        self.api = Api(self.database_url, **env)
+        self.env.update(env)
+        self.api = Api(self.database_url, **self.env)
+        self.api.start()
+        return self.api
+
+    def restart_api(self) -> Api:
+        """Stop the API with SIGTERM and start a new one on the same address."""
+        assert self.api is not None
+        old = self.api
+        assert old.stop() == 0, f"API did not exit cleanly:\n{old.output()}"
+        self.api = Api(self.database_url, port=old.port, **self.env)
         self.api.start()
         return self.api
 
@@ -52,7 +63,7 @@ class Stack:
     def start_worker(self, *flags: str, **env: str) -> Worker:
         """Start a long-running worker process."""
         assert self.api is not None
-        worker = Worker(self.api.addr, *flags, **env)
+        worker = Worker(self.api.addr, *flags, **{**self.env, **env})
         worker.start()
         self.workers.append(worker)
         return worker
@@ -60,7 +71,7 @@ class Stack:
     def once(self, *flags: str, **env: str) -> dict[str, int]:
         """One worker cycle in a fresh process."""
         assert self.api is not None
-        return worker_once(self.api.addr, *flags, **env)
+        return worker_once(self.api.addr, *flags, **{**self.env, **env})
 
     def close(self) -> None:
         """Stop everything."""
@@ -73,8 +84,8 @@ class Stack:
 
     def logs(self) -> str:
         """Every process's output, for failure reports."""
-        parts = [f"--- api ---\n{self.api.output()}"] if self.api else []
-        parts += [f"--- worker {i} ---\n{w.output()}" for i, w in enumerate(self.workers)]
+        parts = [f"--- api ---\n{self.api.output()[-8000:]}"] if self.api else []
+        parts += [f"--- worker {i} ---\n{w.output()[-3000:]}" for i, w in enumerate(self.workers)]
         return "\n".join(parts)
 
 
@@ -195,3 +206,10 @@ def start_tool_run(stack: Stack, ctx: Context, tool: str, args: str) -> None:
     run = stack.client.start_tool(tool, json.loads(args))
     ctx.runs[run.run_id] = run
     ctx.last_run_id = run.run_id
+
+
+@then(parsers.parse("the run's events end with: {types}"))
+def events_end_with(sql: psycopg.Connection, ctx: Context, types: str) -> None:
+    """The tail of the run's log."""
+    expected = [t.strip() for t in types.split(",")]
+    assert event_types(sql, ctx.last_run_id)[-len(expected) :] == expected

@@ -103,10 +103,10 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 class Api(Process):
-    """The run API as a real process on a free port."""
+    """The run API as a real process on a free port (or a given one, to restart in place)."""
 
-    def __init__(self, database_url: str, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, database_url: str, port: int = 0, **env: str) -> None:
+        self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
         super().__init__(
             [sys.executable, "-m", "services.run_api", "--addr", self.addr, "--database-url", database_url],

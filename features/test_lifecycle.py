@@ -43,13 +43,6 @@ def run_error(stack: Stack, ctx: Context, error: str) -> None:
     assert run.stop_reason == "failed"
 
 
-@then(parsers.parse("the run's events end with: {types}"))
-def events_end_with(sql: psycopg.Connection, ctx: Context, types: str) -> None:
-    """The tail of the run's log."""
-    expected = [t.strip() for t in types.split(",")]
-    assert event_types(sql, ctx.last_run_id)[-len(expected) :] == expected
-
-
 @when(parsers.parse("{count:d} worker processes run until every run has ended"))
 def workers_drain(stack: Stack, ctx: Context, sql: psycopg.Connection, count: int) -> None:
     """Start `count` long-running workers and wait for the queue to drain."""

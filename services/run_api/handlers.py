@@ -279,9 +279,9 @@ async def run_exists(uow: UnitOfWork, run_id: str) -> Any:
 async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> list[Any]:
     """Claim due queued runs with FOR UPDATE SKIP LOCKED, within the worker's free capacity."""
     now = now or utcnow()
-    held = (await uow.conn.execute(Q.run_count_held_by_worker, {"worker_id": claim.worker_id})).scalar_one()
-    limit = min(claim.batch_limit, claim.capacity - held)
-    if limit <= 0:
+    worker = (await uow.conn.execute(Q.run_count_held_by_worker, {"worker_id": claim.worker_id, "now": now})).one()
+    limit = min(claim.batch_limit, claim.capacity - worker.held)
+    if limit <= 0 or worker.lapsed:
         return []
     rows = (
         await uow.conn.execute(
@@ -409,7 +409,10 @@ async def heartbeat(
         raise InvalidRequest.field("worker_id", "worker_id is required")
     now = now or utcnow()
     lease = now + timedelta(seconds=lease_seconds)
-    await uow.conn.execute(Q.workers_heartbeat, {"worker_id": worker_id, "lease_expires_at": lease, "now": now})
+    await uow.conn.execute(
+        Q.workers_heartbeat,
+        {"worker_id": worker_id, "lease_expires_at": lease, "now": now, "held_run_ids": sorted({r for r, _ in held})},
+    )
     cancel: list[str] = []
     lost: list[str] = []
     adopt: list[store.NewEvent] = []

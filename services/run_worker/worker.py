@@ -109,20 +109,28 @@ class Worker:
 
     async def heartbeat_once(self) -> None:
         """Extend our leases; stop runs that were canceled or are no longer ours."""
+        # The answer is about the attempts we sent: apply it to those handles, not to whatever we hold
+        # by the time it arrives (a newer attempt of the same run may have been claimed meanwhile).
+        sent = {h.run_id: (h, h.attempt) for h in self.held.values()}
         request = worker_service_pb2.HeartbeatRequest(
             worker_id=self.settings.worker_id,
-            runs=[worker_service_pb2.HeldRun(run_id=h.run_id, attempt=h.attempt) for h in self.held.values()],
+            runs=[worker_service_pb2.HeldRun(run_id=r, attempt=a) for r, (_, a) in sent.items()],
         )
         response = await self.stub.Heartbeat(request, timeout=max(self.settings.heartbeat_seconds, 1.0))
+
+        def handle_of(run_id: str) -> RunHandle | None:
+            handle, attempt = sent.get(run_id, (None, 0))
+            return handle if handle is not None and handle.attempt == attempt else None
+
         for run_id in response.cancel_run_ids:
-            if run_id in self.held:
-                self.held[run_id].cancel.set()
+            if (handle := handle_of(run_id)) is not None:
+                handle.cancel.set()
         for run_id in response.lost_run_ids:
-            if run_id in self.held:
+            if (handle := handle_of(run_id)) is not None:
                 log.warning("lost the lease on a run; stopping it", extra={"run_id": run_id})
-                self.held[run_id].lost.set()
+                handle.lost.set()
         for adopted in response.readopted_runs:
-            handle = self.held.get(adopted.run_id)
+            handle = handle_of(adopted.run_id)
             if handle is not None:
                 log.warning("re-adopted a run after its lease lapsed", extra={"run_id": adopted.run_id,
                                                                                "attempt": adopted.attempt})
@@ -139,6 +147,13 @@ class Worker:
             except grpc.aio.AioRpcError as err:
                 log.warning("heartbeat failed: %s", err.code().name)
 
+    async def register(self) -> None:
+        """Heartbeat once before claiming, so the API knows our lease from the first claim on."""
+        try:
+            await self.heartbeat_once()
+        except grpc.aio.AioRpcError as err:
+            log.warning("first heartbeat failed: %s", err.code().name)
+
     # --- claiming -------------------------------------------------------------------------------
 
     def _claim_request(self, once: bool) -> worker_service_pb2.ClaimQueuedRunsRequest:
@@ -154,6 +169,7 @@ class Worker:
     async def run_cycle(self) -> Counter[str]:
         """One cycle: claim up to the batch limit, execute, report; returns this cycle's counters."""
         self._start_side_tasks()
+        await self.register()
         before = Counter(self.counters)
         async for message in self.stub.ClaimQueuedRuns(self._claim_request(once=True), timeout=30):
             for claimed in message.runs:
@@ -180,6 +196,7 @@ class Worker:
             log.info("worker started; claiming from %s", self.settings.api_addr)
             while not stop.is_set():
                 self._check_side_tasks()
+                await self.register()
                 call = self.stub.ClaimQueuedRuns(self._claim_request(once=False))
                 consumer = asyncio.create_task(self._consume(call))
                 stopper = asyncio.create_task(stop.wait())
@@ -207,7 +224,7 @@ class Worker:
     async def drain(self) -> None:
         """Let held runs finish up to the drain timeout, then give the rest back to the queue."""
         if self.tasks:
-            log.info("draining %d run(s) for up to %.0fs", len(self.tasks), self.settings.drain_seconds)
+            log.info("draining %d run(s) for up to %.1fs", len(self.tasks), self.settings.drain_seconds)
             _, pending = await asyncio.wait(set(self.tasks), timeout=self.settings.drain_seconds)
             if pending:
                 log.warning("releasing %d unfinished run(s) back to the queue", len(pending))

@@ -66,8 +66,14 @@ tool_calls_for_run = q(
 
 # --- claiming ----------------------------------------------------------------------------------
 
-# How many runs a worker holds right now (its used capacity).
-run_count_held_by_worker = q("SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING'")
+# How many runs a worker holds right now (its used capacity), and whether its heartbeat lease lapsed
+# (a worker that stopped heartbeating, paused or cut off, is given nothing new).
+run_count_held_by_worker = q(
+    """
+    SELECT (SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING') AS held,
+           EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at < :now) AS lapsed
+    """
+)
 
 # Lock up to :limit due queued runs of a workspace, skipping rows other claimers hold.
 run_claim_candidates = q(
@@ -247,10 +253,10 @@ notify = q("SELECT pg_notify(:channel, :payload)")
 # Record a worker's heartbeat: one row per worker, the runs table does not churn.
 workers_heartbeat = q(
     """
-    INSERT INTO workers (worker_id, lease_expires_at, last_heartbeat_at, started_at)
-    VALUES (:worker_id, :lease_expires_at, :now, :now)
+    INSERT INTO workers (worker_id, lease_expires_at, last_heartbeat_at, started_at, held_run_ids)
+    VALUES (:worker_id, :lease_expires_at, :now, :now, :held_run_ids)
     ON CONFLICT (worker_id) DO UPDATE SET lease_expires_at = EXCLUDED.lease_expires_at,
-        last_heartbeat_at = EXCLUDED.last_heartbeat_at
+        last_heartbeat_at = EXCLUDED.last_heartbeat_at, held_run_ids = EXCLUDED.held_run_ids
     """
 )
 
@@ -262,13 +268,14 @@ run_held_state = q(
     """
 )
 
-# Runs whose lease has lapsed: the claim-time lease and the worker's heartbeat lease both expired.
+# Runs whose lease has lapsed: the claim-time lease expired, and the worker's heartbeat lease did
+# too or its last heartbeat no longer listed the run.
 run_find_expired_leases = q(
     """
     SELECT r.run_id FROM runs r
     LEFT JOIN workers w ON w.worker_id = r.worker_id
     WHERE r.status = 'RUNNING' AND r.lease_expires_at < :now
-      AND (w.worker_id IS NULL OR w.lease_expires_at < :now)
+      AND (w.worker_id IS NULL OR w.lease_expires_at < :now OR NOT (r.run_id = ANY(w.held_run_ids)))
     ORDER BY r.lease_expires_at
     LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED

@@ -124,7 +124,9 @@ UPGRADE = [
         worker_id text PRIMARY KEY,
         lease_expires_at timestamptz NOT NULL,
         last_heartbeat_at timestamptz NOT NULL,
-        started_at timestamptz NOT NULL
+        started_at timestamptz NOT NULL,
+        -- The runs the worker said it holds at its last heartbeat: a run it no longer holds can expire.
+        held_run_ids text[] NOT NULL DEFAULT '{}'
     )
     """,
 ]
