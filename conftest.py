@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from psycopg import sql as pgsql
-from sqlalchemy import make_url
 from ulid import ULID
 
 from services.run_api import db
@@ -33,14 +32,6 @@ def _docker_answers() -> bool:
         return True
     except Exception:
         return False
-
-
-def _admin(url: str) -> str:
-    return db.libpq_url(make_url(db.sqlalchemy_url(url)).set(database="postgres").render_as_string(False))
-
-
-def _with_db(url: str, name: str) -> str:
-    return make_url(db.sqlalchemy_url(url)).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +55,11 @@ def pg_server() -> Iterator[str]:
 def template_db(pg_server: str) -> Iterator[str]:
     """A migrated database to copy for each test."""
     name = f"runs_tpl_{str(ULID()).lower()}"
-    with psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+    with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
         conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
-    db.migrate(_with_db(pg_server, name))
+    db.migrate(db.with_database(pg_server, name))
     yield name
-    with psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+    with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
         conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
 
 
@@ -76,12 +67,12 @@ def template_db(pg_server: str) -> Iterator[str]:
 def database_url(pg_server: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for one test (SQLAlchemy URL with the psycopg driver)."""
     name = f"runs_t_{str(ULID()).lower()}"
-    with psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+    with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
         conn.execute(
             pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name), pgsql.Identifier(template_db))
         )
-    yield _with_db(pg_server, name)
-    with contextlib.suppress(psycopg.Error), psycopg.connect(_admin(pg_server), autocommit=True) as conn:
+    yield db.with_database(pg_server, name)
+    with contextlib.suppress(psycopg.Error), psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
         conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
 
 

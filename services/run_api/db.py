@@ -71,3 +71,13 @@ def migrate(url: str, revision: str = "head") -> None:
             command.upgrade(config, revision)
     finally:
         engine.dispose()
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server's URL for database `name`."""
+    return make_url(sqlalchemy_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+def admin_url(url: str) -> str:
+    """A libpq URL to the server's `postgres` database (for CREATE/DROP DATABASE)."""
+    return libpq_url(with_database(url, "postgres"))
