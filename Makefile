@@ -50,7 +50,6 @@ test-features: $(GEN)
 
 lint: $(GEN)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
 	$(VENV)/bin/buf lint protos
 	$(VENV)/bin/mypy shared services
 

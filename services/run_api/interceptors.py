@@ -80,7 +80,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 with log_context(rpc=method):
                     try:
-                        return await unary(request, context)
+                        return await unary(request, context)  # type: ignore[arg-type]
                     except grpc.aio.AbortError:
                         raise
                     except Exception as exc:
@@ -97,7 +97,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 with log_context(rpc=method):
                     try:
-                        async for item in stream(request, context):
+                        async for item in stream(request, context):  # type: ignore[arg-type,attr-defined]
                             yield item
                     except grpc.aio.AbortError:
                         raise

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,7 +56,7 @@ class HealthConfig:
 class HealthMonitor:
     """Keeps grpc.health.v1 in step with the database: NOT_SERVING while it cannot be reached."""
 
-    def __init__(self, engine: AsyncEngine, servicer: health.aio.HealthServicer, config: HealthConfig) -> None:
+    def __init__(self, engine: AsyncEngine, servicer: Any, config: HealthConfig) -> None:
         self.engine, self.servicer, self.config = engine, servicer, config
         self.serving: bool | None = None
 
@@ -96,7 +97,7 @@ class ApiServer:
         self.engine = db.make_engine(database_url, settings.db_pool_size)
         self.hub = Hub()
         self.stopping = asyncio.Event()  # set at the start of shutdown: streams end, loops stop
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.monitor = HealthMonitor(self.engine, self.health, HealthConfig())
         self.listener = Listener(ListenerConfig(db.libpq_url(database_url)), self.hub)
         self.reaper = Reaper(

@@ -76,7 +76,7 @@ class Worker:
             if task is not None:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(task, 5)
-        await self.channel.close()
+        await self.channel.close(None)
 
     def _check_side_tasks(self) -> None:
         for task in (self._reporter_task, self._heartbeat_task):

@@ -394,13 +394,13 @@ async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None
             },
         )
     elif t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
-        status = ToolCallStatus.SUCCEEDED if t == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
+        call_status = ToolCallStatus.SUCCEEDED if t == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
         await conn.execute(
             Q.tool_calls_project_finished,
             {
                 **base,
                 "tool_call_id": p["tool_call_id"],
-                "status": str(status),
+                "status": str(call_status),
                 "output": _dumps(p.get("output")),
                 "error": p.get("error"),
             },
