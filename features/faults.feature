@@ -21,6 +21,14 @@ Feature: Nothing lost, nothing run twice
     And the resumed worker recorded nothing for the run after its lease expired
     And the resumed worker says it stopped working on the run
 
+  Scenario: A paused worker whose run was not claimed again re-adopts it
+    Given a worker process holding a run of tool "sleep" with args {"seconds": 6}
+    When that worker is paused with SIGSTOP until its lease has expired
+    And the paused worker is resumed with SIGCONT
+    Then the run ends SUCCEEDED
+    And the worker re-adopted the run under attempt 2 and finished it
+    And the stats count at least 1 readopted
+
   Scenario: Canceling a running run stops its tool
     Given a worker process holding a run of tool "sleep" with args {"seconds": 60}
     When I cancel the run

@@ -46,3 +46,8 @@ Feature: Run lifecycle
     When I list runs 3 per page
     Then I get 3 pages with 7 distinct runs, newest first
     And listing with status SUCCEEDED returns no runs
+
+  Scenario: Many concurrent watchers all receive the whole chain
+    Given I started a run of "runtime.noop"
+    When 40 clients watch the run while a worker executes it
+    Then every watcher received every event of the run in order and its stream ended

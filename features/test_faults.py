@@ -122,6 +122,36 @@ def pause(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
     ctx.extra["expired_at_sequence"] = row[0]
 
 
+@when("that worker is paused with SIGSTOP until its lease has expired")
+def pause_until_expired(ctx: Context, sql: psycopg.Connection) -> None:
+    """No other worker exists, so the re-queued run stays queued."""
+    ctx.extra["holder"].signal(signal.SIGSTOP)
+    wait_until(
+        lambda: "run.requeued" in event_types(sql, ctx.last_run_id), 20, "the reaper to re-queue the run"
+    )
+
+
+@then("the worker re-adopted the run under attempt 2 and finished it")
+def readopted(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
+    """Attempt 2 claimed by the same worker (payload readopted), completed by it."""
+    rows = sql.execute(
+        "SELECT attempt, worker_id, payload->>'readopted' FROM run_events WHERE run_id = %s AND type = 'run.claimed'"
+        " ORDER BY sequence",
+        (ctx.last_run_id,),
+    ).fetchall()
+    assert rows == [(1, "holder", None), (2, "holder", "true")]
+    attempts = stack.client.get(ctx.last_run_id).attempts
+    assert [(a.attempt, a.outcome) for a in attempts] == [(1, "lease_expired"), (2, "completed")]
+    assert "re-adopted" in ctx.extra["holder"].output()
+
+
+@then(parsers.parse("the stats count at least {count:d} readopted"))
+def stats_readopted(stack: Stack, count: int) -> None:
+    """OpsService.GetStats counts re-adoptions."""
+    stub = ops_service_pb2_grpc.OpsServiceStub(stack.client.channel)
+    assert stub.GetStats(ops_service_pb2.GetStatsRequest(), timeout=10).readopted >= count
+
+
 @when("the paused worker is resumed with SIGCONT")
 def resume(ctx: Context) -> None:
     """The holder wakes up believing it still holds attempt 1."""

@@ -163,3 +163,35 @@ def list_filter(stack: Stack) -> None:
     assert list(response.runs) == []
     queued = stack.client.stub.ListRuns(run_service_pb2.ListRunsRequest(status=STATUS["QUEUED"]), timeout=10)
     assert len(queued.runs) == 7
+
+
+@when(parsers.parse("{count:d} clients watch the run while a worker executes it"))
+def many_watchers(stack: Stack, ctx: Context, count: int) -> None:
+    """Each watcher has its own thread; all are streaming before the worker starts."""
+    assert stack.api is not None
+    got: list[list[Any]] = [[] for _ in range(count)]
+    ended = [threading.Event() for _ in range(count)]
+
+    def watch(i: int) -> None:
+        for event in stack.client.watch(ctx.last_run_id, timeout=60):
+            got[i].append(event)
+        ended[i].set()
+
+    threads = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: all(g for g in got), 20, "every watcher to receive run.queued")
+    stack.once()
+    for e in ended:
+        assert e.wait(30), "a watch stream did not end"
+    ctx.extra["watchers"] = got
+
+
+@then("every watcher received every event of the run in order and its stream ended")
+def all_watchers(sql: psycopg.Connection, ctx: Context) -> None:
+    """The same full chain for everyone."""
+    expected = event_types(sql, ctx.last_run_id)
+    assert expected[-1] == "run.completed"
+    for received in ctx.extra["watchers"]:
+        assert [e.type for e in received] == expected
+        assert [e.sequence for e in received] == list(range(1, len(expected) + 1))

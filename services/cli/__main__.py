@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC
 from typing import Any, cast
@@ -169,6 +168,11 @@ def _common_flags(default_addr: str, suppress: bool) -> argparse.ArgumentParser:
 
 def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; `env` (default os.environ) supplies RUN_API_ADDR."""
+    return _build_parsers(env)[0]
+
+
+def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the parser of each command, by name."""
     environ = os.environ if env is None else env
     default_addr = environ.get("RUN_API_ADDR", "").strip() or DEFAULT_ADDR
     formatter = argparse.RawDescriptionHelpFormatter
@@ -181,29 +185,56 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_flags(default_addr, suppress=True)
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name, help=help_text, description=help_text, epilog=EXIT_CODES, formatter_class=formatter,
+        commands[name] = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_CODES,
+            formatter_class=formatter,
             parents=[common],
         )
+        return commands[name]
 
     start = add("start", "Start a run (and optionally wait until it ends).")
     start.add_argument("--workflow", default="", help="workflow name [server default: runtime.noop]")
-    start.add_argument("--input", type=_json_object, default=None, metavar="JSON",
-                       help="run input, a JSON object")
-    start.add_argument("--idempotency-key", default="", metavar="KEY",
-                       help="the same key returns the same run, never a second one")
-    start.add_argument("--max-attempts", type=_positive_int, default=0, metavar="N",
-                       help="attempts before the run fails [server default]")
-    start.add_argument("--tool", default=None, metavar="NAME",
-                       help=f'shorthand for --workflow {TOOL_WORKFLOW} --input \'{{"tool": NAME, "args": ARGS}}\'')
-    start.add_argument("--args", type=_json_object, default=None, metavar="JSON", dest="tool_args",
-                       help="arguments of --tool, a JSON object [{}]")
-    start.add_argument("--wait", action="store_true",
-                       help="watch the run until it ends, then print it; exit 1 if it did not succeed")
-    start.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                       help=f"with --wait: give up after this many seconds [{DEFAULT_WAIT_TIMEOUT_SECONDS:g}]")
+    start.add_argument("--input", type=_json_object, default=None, metavar="JSON", help="run input, a JSON object")
+    start.add_argument(
+        "--idempotency-key", default="", metavar="KEY", help="the same key returns the same run, never a second one"
+    )
+    start.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="attempts before the run fails [server default]",
+    )
+    start.add_argument(
+        "--tool",
+        default=None,
+        metavar="NAME",
+        help=f'shorthand for --workflow {TOOL_WORKFLOW} --input \'{{"tool": NAME, "args": ARGS}}\'',
+    )
+    start.add_argument(
+        "--args",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        dest="tool_args",
+        help="arguments of --tool, a JSON object [{}]",
+    )
+    start.add_argument(
+        "--wait", action="store_true", help="watch the run until it ends, then print it; exit 1 if it did not succeed"
+    )
+    start.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help=f"with --wait: give up after this many seconds [{DEFAULT_WAIT_TIMEOUT_SECONDS:g}]",
+    )
 
     get = add("get", "Show a run with its steps, tool calls and attempts.")
     get.add_argument("run_id", metavar="ID")
@@ -211,40 +242,40 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     lst = add("list", "List runs, newest first.")
     lst.add_argument("--status", type=str.lower, choices=STATUS_CHOICES, default=None, help="only runs in this status")
     lst.add_argument("--workflow", default="", help="only runs of this workflow")
-    lst.add_argument("--page-size", type=_positive_int, default=0, metavar="N",
-                     help="runs per page [server default: 50, at most 500]")
+    lst.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="runs per page [server default: 50, at most 500]",
+    )
     lst.add_argument("--page-token", default="", metavar="TOKEN", help="continue from this page token")
     lst.add_argument("--all", action="store_true", help="follow next_page_token until the last page")
 
     watch = add("watch", "Print a run's events as they happen, until the run ends.")
     watch.add_argument("run_id", metavar="ID")
-    watch.add_argument("--after-sequence", type=_non_negative_int, default=0, metavar="N",
-                       help="only events with a greater sequence [0: from the start]")
+    watch.add_argument(
+        "--after-sequence",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="only events with a greater sequence [0: from the start]",
+    )
 
     cancel = add("cancel", "Cancel a queued run, or ask a running one to stop.")
     cancel.add_argument("run_id", metavar="ID")
     cancel.add_argument("--reason", default="", metavar="TEXT", help="why (recorded in the run's log)")
-    return parser
-
-
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    """The subparser of command `name` (to report usage errors with its usage line)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found = action.choices.get(name)
-            if isinstance(found, argparse.ArgumentParser):
-                return found
-    return parser
+    return parser, commands
 
 
 def parse_args(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the command line; usage errors exit 2 (SystemExit) with a message."""
-    parser = build_parser(env)
+    parser, commands = _build_parsers(env)
     args = parser.parse_args(argv)
     if args.command == "start":
         problem = start_usage_problem(args)
         if problem:
-            _subparser(parser, "start").error(problem)
+            commands["start"].error(problem)
     return args
 
 
@@ -315,11 +346,23 @@ def iso_time(message: Message, field: str) -> str:
     return str(stamp.isoformat(timespec="milliseconds")).replace("+00:00", "Z")
 
 
+def plain_numbers(value: Any) -> Any:
+    """`value` with whole floats as ints (Struct numbers are doubles: 3.0 reads better as 3)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_numbers(v) for v in value]
+    return value
+
+
 def compact_struct(message: Message, field: str) -> str:
-    """A Struct field as one-line JSON ('{}' when unset)."""
+    """A Struct field as one-line JSON for reading: sorted keys, whole numbers without '.0', '{}' when unset."""
     if not message.HasField(field):
         return "{}"
-    return dumps(json_format.MessageToDict(getattr(message, field)), compact=True)
+    data = plain_numbers(json_format.MessageToDict(getattr(message, field)))
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
 def _cell(value: str, limit: int = MAX_CELL) -> str:
@@ -398,58 +441,77 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
     """A GetRunResponse: the run, then tables of its steps, tool calls and attempts."""
     parts = [format_run(response.run)]
     if response.steps:
-        parts.append("steps:\n" + format_table(
-            ("STEP_KEY", "STATUS", "ATTEMPT", "TOOL", "STARTED_AT", "FINISHED_AT", "ERROR"),
-            (
+        parts.append(
+            "steps:\n"
+            + format_table(
+                ("STEP_KEY", "STATUS", "ATTEMPT", "TOOL", "STARTED_AT", "FINISHED_AT", "ERROR"),
                 (
-                    _cell(s.step_key),
-                    enum_name(run_pb2.StepStatus, s.status, "STEP_STATUS_"),
-                    str(s.attempt),
-                    _cell(s.tool),
-                    iso_time(s, "started_at"),
-                    iso_time(s, "finished_at"),
-                    _cell(s.error),
-                )
-                for s in response.steps
-            ),
-        ))
+                    (
+                        _cell(s.step_key),
+                        enum_name(run_pb2.StepStatus, s.status, "STEP_STATUS_"),
+                        str(s.attempt),
+                        _cell(s.tool),
+                        iso_time(s, "started_at"),
+                        iso_time(s, "finished_at"),
+                        _cell(s.error),
+                    )
+                    for s in response.steps
+                ),
+            )
+        )
     else:
         parts.append("steps: none")
     if response.tool_calls:
-        parts.append("tool calls:\n" + format_table(
-            ("TOOL_CALL_ID", "STEP_KEY", "TOOL", "STATUS", "ATTEMPT", "INVOKED_AT", "FINISHED_AT", "OUTPUT", "ERROR"),
-            (
+        parts.append(
+            "tool calls:\n"
+            + format_table(
                 (
-                    _cell(c.tool_call_id),
-                    _cell(c.step_key),
-                    _cell(c.tool),
-                    enum_name(run_pb2.ToolCallStatus, c.status, "TOOL_CALL_STATUS_"),
-                    str(c.attempt),
-                    iso_time(c, "invoked_at"),
-                    iso_time(c, "finished_at"),
-                    _cell(compact_struct(c, "output") if c.HasField("output") else ""),
-                    _cell(c.error),
-                )
-                for c in response.tool_calls
-            ),
-        ))
+                    "TOOL_CALL_ID",
+                    "STEP_KEY",
+                    "TOOL",
+                    "STATUS",
+                    "ATTEMPT",
+                    "INVOKED_AT",
+                    "FINISHED_AT",
+                    "OUTPUT",
+                    "ERROR",
+                ),
+                (
+                    (
+                        _cell(c.tool_call_id),
+                        _cell(c.step_key),
+                        _cell(c.tool),
+                        enum_name(run_pb2.ToolCallStatus, c.status, "TOOL_CALL_STATUS_"),
+                        str(c.attempt),
+                        iso_time(c, "invoked_at"),
+                        iso_time(c, "finished_at"),
+                        _cell(compact_struct(c, "output") if c.HasField("output") else ""),
+                        _cell(c.error),
+                    )
+                    for c in response.tool_calls
+                ),
+            )
+        )
     else:
         parts.append("tool calls: none")
     if response.attempts:
-        parts.append("attempts:\n" + format_table(
-            ("ATTEMPT", "WORKER_ID", "CLAIMED_AT", "ENDED_AT", "OUTCOME", "ERROR"),
-            (
+        parts.append(
+            "attempts:\n"
+            + format_table(
+                ("ATTEMPT", "WORKER_ID", "CLAIMED_AT", "ENDED_AT", "OUTCOME", "ERROR"),
                 (
-                    str(a.attempt),
-                    _cell(a.worker_id),
-                    iso_time(a, "claimed_at"),
-                    iso_time(a, "ended_at"),
-                    _cell(a.outcome),
-                    _cell(a.error),
-                )
-                for a in response.attempts
-            ),
-        ))
+                    (
+                        str(a.attempt),
+                        _cell(a.worker_id),
+                        iso_time(a, "claimed_at"),
+                        iso_time(a, "ended_at"),
+                        _cell(a.outcome),
+                        _cell(a.error),
+                    )
+                    for a in response.attempts
+                ),
+            )
+        )
     return "\n\n".join(parts)
 
 
@@ -546,6 +608,7 @@ def _err(text: str) -> None:
 
 
 def _print_run(run: run_pb2.Run, as_json: bool) -> None:
+    """Print a run as JSON or as aligned lines."""
     _out(dumps(to_dict(run)) if as_json else format_run(run))
 
 
@@ -570,13 +633,15 @@ def cmd_start(stub: Any, args: argparse.Namespace) -> int:
                 raise
             _print_current(stub, run.run_id, args.json)
             raise CliError(
-                [f"error: DEADLINE_EXCEEDED: run {run.run_id} did not end within {timeout:g}s "
-                 f"(follow it with: runs watch {run.run_id})"],
+                [
+                    f"error: DEADLINE_EXCEEDED: run {run.run_id} did not end within {timeout:g}s "
+                    f"(follow it with: runs watch {run.run_id})"
+                ],
                 EXIT_UNAVAILABLE,
             ) from None
     final = stub.GetRun(run_service_pb2.GetRunRequest(run_id=run.run_id), timeout=UNARY_DEADLINE_SECONDS).run
     _print_run(final, args.json)
-    return wait_exit_code(final, args.json)
+    return wait_exit_code(final)
 
 
 def _print_current(stub: Any, run_id: str, as_json: bool) -> None:
@@ -590,21 +655,18 @@ def _print_current(stub: Any, run_id: str, as_json: bool) -> None:
 
 def wait_for_end(stub: Any, run_id: str, timeout: float) -> None:
     """Follow WatchRun until the run's terminal event (or the stream ends), within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
     stream = stub.WatchRun(run_service_pb2.WatchRunRequest(run_id=run_id), timeout=timeout)
     try:
         for item in stream:
             if item.event.type in TERMINAL_EVENT_TYPES:
                 return
-            if time.monotonic() > deadline:  # pragma: no cover - the call's deadline fires first
-                break
     finally:
         cancel = getattr(stream, "cancel", None)
         if callable(cancel):
             cancel()
 
 
-def wait_exit_code(run: run_pb2.Run, as_json: bool) -> int:
+def wait_exit_code(run: run_pb2.Run) -> int:
     """0 when the run SUCCEEDED, 1 when it FAILED or was CANCELED (or has not ended)."""
     status = run_status_name(run.status)
     if status == "SUCCEEDED":

@@ -125,7 +125,7 @@ class Listener:
                     self.connected.set()
                     self.hub.wake_all()  # anything sent while we were away is re-checked
                     while not stop.is_set():
-                        async for note in conn.notifies(timeout=1.0):
+                        async for note in conn.notifies(timeout=0.5):
                             self.hub.publish(note.channel, note.payload)
                         if conn.closed:
                             break

@@ -170,10 +170,9 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 if self.stopping.is_set():
                     raise ShuttingDown("the server is shutting down; reconnect")
                 async with UnitOfWork(self.engine) as uow:
-                    rows = await handlers.claim_runs(uow, claim)
-                async with UnitOfWork(self.engine) as uow:
                     cancels = [r for r in await handlers.cancel_requested_for_worker(uow, claim.worker_id)
                                if r not in cancels_sent]
+                    rows = await handlers.claim_runs(uow, claim)
                 cancels_sent.update(cancels)
                 if rows or cancels or request.once:
                     yield worker_service_pb2.ClaimQueuedRunsResponse(
