@@ -33,6 +33,7 @@ Feature: Run API requests
       | a 256-character key           | INVALID_ARGUMENT   | idempotency_key |
       | an input over 256 KiB         | RESOURCE_EXHAUSTED | input           |
       | an unknown tool               | INVALID_ARGUMENT   | input.tool      |
+      | a negative sleep              | INVALID_ARGUMENT   | input.args.seconds |
 
   Scenario: A run canceled before it is claimed never starts
     Given I started a run of "runtime.noop"

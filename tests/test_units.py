@@ -50,6 +50,16 @@ def test_plans() -> None:
     assert info.value.field == "input.tool"
     with pytest.raises(KeyError):
         plan("other", {})
+    for tool, args, field in [
+        ("sleep", {"seconds": -1}, "input.args.seconds"),
+        ("shell", {"command": "ls"}, "input.args.command"),
+        ("shell", {"command": ["ls"], "timeout_seconds": 0}, "input.args.timeout_seconds"),
+        ("fail", {"retryable": "no"}, "input.args.retryable"),
+    ]:
+        with pytest.raises(WorkflowInputError) as bad:
+            plan("runtime.tool", {"tool": tool, "args": args})
+        assert bad.value.field == field
+    plan("runtime.tool", {"tool": "shell", "args": {"command": "echo hi", "shell": True}})
 
 
 def test_event_guard() -> None:

@@ -117,8 +117,12 @@ def event(row: Any) -> run_pb2.RunEvent:
         event_id=row.event_id,
         occurred_at=ts(row.occurred_at),
         recorded_at=ts(row.recorded_at),
-        payload=struct(dict(row.payload or {})),
+        payload=struct({k: v for k, v in (row.payload or {}).items() if k not in _INTERNAL_PAYLOAD_KEYS}),
     )
+
+
+# Kept in the log for the server's own use (idempotency), not shown to clients.
+_INTERNAL_PAYLOAD_KEYS = frozenset({"request_hash"})
 
 
 def attempt(record: Any) -> run_service_pb2.Attempt:

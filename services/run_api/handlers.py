@@ -223,7 +223,7 @@ async def list_runs(
         try:
             after = str(ULID.from_str(page_token))
         except ValueError:
-            raise InvalidRequest.field("page_token", "page_token is not one this API returned") from None
+            raise InvalidRequest.field("page_token", "page_token is not a valid page token") from None
     rows = (
         await uow.conn.execute(
             Q.run_list, {"status": status, "workflow": workflow or None, "after_run_id": after, "limit": size + 1}
