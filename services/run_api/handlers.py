@@ -315,6 +315,19 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
     return list(claimed)
 
 
+_STATUS_AFTER: dict[str, str] = {
+    EventType.RUN_COMPLETED: RunStatus.SUCCEEDED,
+    EventType.RUN_FAILED: RunStatus.FAILED,
+    EventType.RUN_CANCELED: RunStatus.CANCELED,
+    EventType.RUN_REQUEUED: RunStatus.QUEUED,
+}
+_STOP_REASON: dict[str, str] = {
+    EventType.RUN_COMPLETED: "completed",
+    EventType.RUN_FAILED: "failed",
+    EventType.RUN_CANCELED: "canceled",
+}
+
+
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter: a random delay up to min(cap, base * 2**(attempt-1))."""
     ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
@@ -378,7 +391,9 @@ async def report_events(
             log.info(
                 "run %s", r.event.type,
                 extra={"run_id": r.event.run_id, "worker_id": worker_id, "attempt": r.event.attempt,
-                       "stop_reason": r.event.payload.get("stop_reason"), "error": r.event.payload.get("error")},
+                       "status": _STATUS_AFTER.get(r.event.type),
+                       "stop_reason": r.event.payload.get("stop_reason") or _STOP_REASON.get(r.event.type),
+                       "error": r.event.payload.get("error")},
             )
     return results
 
