@@ -25,7 +25,7 @@ from services.run_api.errors import (
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
-from shared.events import EventType, RunStatus
+from shared.events import TERMINAL_STATUSES, EventType, RunStatus
 from shared.workflows import DEFAULT_WORKFLOW, WorkflowInputError, plan, workflow_names
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tupl
         return existing, True
     row = (await uow.conn.execute(Q.run_get, {"run_id": event.run_id})).one()
     await uow.commit()
-    log.info("run queued", extra={"run_id": row.run_id, "status": row.status})
+    log.debug("run queued", extra={"run_id": row.run_id, "status": row.status})
     return row, False
 
 
@@ -276,12 +276,18 @@ async def run_exists(uow: UnitOfWork, run_id: str) -> Any:
 # --- worker API --------------------------------------------------------------------------------
 
 
+async def free_capacity(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> int:
+    """How many more runs the worker may hold now (0 while its heartbeat lease has lapsed)."""
+    params = {"worker_id": claim.worker_id, "now": now or utcnow()}
+    worker = (await uow.conn.execute(Q.run_count_held_by_worker, params)).one()
+    return 0 if worker.lapsed else max(claim.capacity - worker.held, 0)
+
+
 async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> list[Any]:
     """Claim due queued runs with FOR UPDATE SKIP LOCKED, within the worker's free capacity."""
     now = now or utcnow()
-    worker = (await uow.conn.execute(Q.run_count_held_by_worker, {"worker_id": claim.worker_id, "now": now})).one()
-    limit = min(claim.batch_limit, claim.capacity - worker.held)
-    if limit <= 0 or worker.lapsed:
+    limit = min(claim.batch_limit, await free_capacity(uow, claim, now))
+    if limit <= 0:
         return []
     rows = (
         await uow.conn.execute(
@@ -310,7 +316,7 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
     claimed = (await uow.conn.execute(Q.run_lock_many, {"run_ids": claimed_ids})).all()
     await uow.commit()
     for row in claimed:
-        log.info("run claimed", extra={"run_id": row.run_id, "worker_id": claim.worker_id,
+        log.debug("run claimed", extra={"run_id": row.run_id, "worker_id": claim.worker_id,
                                         "attempt": row.attempt, "status": row.status})
     return list(claimed)
 
@@ -438,6 +444,8 @@ async def heartbeat(
             row = rows.get(run_id)
             if row is None:
                 lost.append(run_id)
+            elif row.attempt == attempt and row.worker_id == worker_id and row.status in TERMINAL_STATUSES:
+                continue  # it ended under this very attempt; the worker is just finishing up
             elif row.status == RunStatus.RUNNING and row.attempt == attempt and row.worker_id == worker_id:
                 if row.cancel_requested_at is not None:
                     cancel.append(run_id)

@@ -163,9 +163,10 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         )
         poll = request.poll_interval_ms / 1000 if request.poll_interval_ms else self.config.poll_seconds
         cancels_sent: set[str] = set()
+        worker_keys = ((CHANNEL_WORKER, claim.worker_id), (CHANNEL_CANCEL, claim.worker_id))
         with log_context(worker_id=request.worker_id), self.hub.subscribe(
-            (CHANNEL_QUEUED, claim.workspace_id), (CHANNEL_WORKER, claim.worker_id), (CHANNEL_CANCEL, claim.worker_id)
-        ) as waiter:
+            (CHANNEL_QUEUED, claim.workspace_id), *worker_keys
+        ) as any_news, self.hub.subscribe(*worker_keys) as worker_news:
             while True:
                 if self.stopping.is_set():
                     raise ShuttingDown("the server is shutting down; reconnect")
@@ -173,6 +174,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                     cancels = [r for r in await handlers.cancel_requested_for_worker(uow, claim.worker_id)
                                if r not in cancels_sent]
                     rows = await handlers.claim_runs(uow, claim)
+                    full = not rows and await handlers.free_capacity(uow, claim) == 0
                 cancels_sent.update(cancels)
                 if rows or cancels or request.once:
                     yield worker_service_pb2.ClaimQueuedRunsResponse(
@@ -182,7 +184,8 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                     return
                 if len(rows) == claim.batch_limit:
                     continue  # there may be more due right now
-                await waiter.wait(poll)
+                # At capacity, newly queued runs are not ours to take: wait for a slot (or a cancel).
+                await (worker_news if full else any_news).wait(poll)
 
     @staticmethod
     def _claimed(row: Any) -> worker_service_pb2.ClaimedRun:

@@ -236,6 +236,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Appe
 
     results: list[AppendResult] = []
     notices: set[tuple[str, str]] = set()
+    last: dict[str, StoredEvent] = {}
     for event in events:
         key = (event.run_id, event.event_id)
         if key in known:
@@ -277,6 +278,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Appe
         holder = state.worker_id
         await apply(conn, stored)
         _advance(state, stored)
+        last[event.run_id] = stored
         known[key] = sequence
         results.append(AppendResult(event, Outcome.RECORDED, sequence=sequence, stored=stored))
         notices.add((CHANNEL_EVENTS, event.run_id))
@@ -287,6 +289,8 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Appe
         if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
                           EventType.RUN_REQUEUED) and holder:
             notices.add((CHANNEL_WORKER, holder))
+    for stored in last.values():
+        await _touch(conn, stored)
     for channel, payload in sorted(notices):
         await conn.execute(Q.notify, {"channel": channel, "payload": payload})
     return results
@@ -350,10 +354,21 @@ async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
     elif t == EventType.RUN_CANCEL_REQUESTED:
         result = await conn.execute(Q.runs_project_cancel_requested, {**base, "reason": p.get("reason")})
     else:
-        result = await conn.execute(Q.runs_project_sequence, base)
+        # Step and tool events leave the runs row alone; `_touch` moves its last_sequence once per batch.
         await _apply_step_or_tool(conn, event)
+        return
     if result.rowcount != 1:
         raise RuntimeError(f"projection of {t} #{event.sequence} for run {event.run_id} matched no row")
+
+
+async def _touch(conn: AsyncConnection, last: StoredEvent) -> None:
+    """Set the run's last_sequence and updated_at from the last event applied to it."""
+    result = await conn.execute(
+        Q.runs_project_sequence,
+        {"run_id": last.run_id, "attempt": last.attempt, "sequence": last.sequence, "recorded_at": last.recorded_at},
+    )
+    if result.rowcount != 1:
+        raise RuntimeError(f"run {last.run_id} attempt {last.attempt} matched no row")
 
 
 async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None:
@@ -411,6 +426,7 @@ async def replay(conn: AsyncConnection) -> int:
     """Rebuild runs, run_steps and tool_calls from the log; returns how many events were applied."""
     await conn.execute(Q.projections_clear)
     count, after = 0, ("", 0)
+    previous: StoredEvent | None = None
     while True:
         rows = (
             await conn.execute(
@@ -418,8 +434,14 @@ async def replay(conn: AsyncConnection) -> int:
             )
         ).all()
         if not rows:
+            if previous is not None:
+                await _touch(conn, previous)
             return count
         for row in rows:
-            await apply(conn, StoredEvent.from_row(row))
+            event = StoredEvent.from_row(row)
+            if previous is not None and previous.run_id != event.run_id:
+                await _touch(conn, previous)
+            await apply(conn, event)
+            previous = event
         count += len(rows)
         after = (rows[-1].run_id, rows[-1].sequence)

@@ -186,7 +186,7 @@ runs_project_cancel_requested = q(
     """
 )
 
-# Any other event: only the run's last sequence moves.
+# After a batch: the run's last sequence and update time follow its last event.
 runs_project_sequence = q(
     """
     UPDATE runs SET updated_at = :recorded_at, last_sequence = :sequence
