@@ -36,8 +36,8 @@ async def start(engine: AsyncEngine, n: int = 1) -> list[str]:
 
 async def claim(engine: AsyncEngine, worker: str, capacity: int = 10, batch: int = 10) -> list[str]:
     async with UnitOfWork(engine) as uow:
-        rows = await handlers.claim_runs(uow, handlers.Claim(worker, "default", capacity, batch, 30))
-    return [r.run_id for r in rows]
+        result = await handlers.claim_runs(uow, handlers.Claim(worker, "default", capacity, batch, 30))
+    return [r.run_id for r in result.runs]
 
 
 async def report(engine: AsyncEngine, worker: str, *events: handlers.ReportedEvent) -> list[Outcome]:

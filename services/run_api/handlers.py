@@ -11,6 +11,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from ulid import ULID
@@ -250,7 +251,7 @@ async def cancel_run(uow: UnitOfWork, run_id: str, reason: str) -> Any:
     if row.status == RunStatus.QUEUED:
         new.append(store.NewEvent(run_id, EventType.RUN_CANCELED, row.attempt, store.new_event_id(), payload,
                                   occurred_at=utcnow()))
-    await store.append(uow.conn, new)
+    await store.append(uow.conn, new, dedupe=False)
     updated = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).one()
     await uow.commit()
     log.info("cancel requested", extra={"run_id": run_id, "status": updated.status})
@@ -276,26 +277,33 @@ async def run_exists(uow: UnitOfWork, run_id: str) -> Any:
 # --- worker API --------------------------------------------------------------------------------
 
 
-async def free_capacity(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> int:
-    """How many more runs the worker may hold now (0 while its heartbeat lease has lapsed)."""
-    params = {"worker_id": claim.worker_id, "now": now or utcnow()}
-    worker = (await uow.conn.execute(Q.run_count_held_by_worker, params)).one()
-    return 0 if worker.lapsed else max(claim.capacity - worker.held, 0)
+@dataclass(frozen=True)
+class ClaimResult:
+    """What one claim pass found: the runs claimed, whether the worker was full, its cancel requests."""
+
+    runs: list[Any]
+    full: bool
+    cancel_run_ids: list[str]
 
 
-async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> list[Any]:
+async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> ClaimResult:
     """Claim due queued runs with FOR UPDATE SKIP LOCKED, within the worker's free capacity."""
     now = now or utcnow()
-    limit = min(claim.batch_limit, await free_capacity(uow, claim, now))
+    worker = (
+        await uow.conn.execute(Q.worker_claim_state, {"worker_id": claim.worker_id, "now": now})
+    ).one()
+    cancels = list(worker.cancel_run_ids)
+    free = 0 if worker.lapsed else max(claim.capacity - worker.held, 0)
+    limit = min(claim.batch_limit, free)
     if limit <= 0:
-        return []
+        return ClaimResult([], True, cancels)
     rows = (
         await uow.conn.execute(
             Q.run_claim_candidates, {"workspace_id": claim.workspace_id, "now": now, "limit": limit}
         )
     ).all()
     if not rows:
-        return []
+        return ClaimResult([], False, cancels)
     lease = now + timedelta(seconds=claim.lease_seconds)
     results = await store.append(
         uow.conn,
@@ -311,14 +319,18 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
             )
             for row in rows
         ],
+        dedupe=False,
     )
-    claimed_ids = [r.event.run_id for r in results if r.outcome is store.Outcome.RECORDED]
-    claimed = (await uow.conn.execute(Q.run_lock_many, {"run_ids": claimed_ids})).all()
     await uow.commit()
-    for row in claimed:
-        log.debug("run claimed", extra={"run_id": row.run_id, "worker_id": claim.worker_id,
-                                        "attempt": row.attempt, "status": row.status})
-    return list(claimed)
+    claimed = [
+        SimpleNamespace(**{**row._mapping, "status": RunStatus.RUNNING, "attempt": row.attempt + 1,
+                           "worker_id": claim.worker_id, "lease_expires_at": lease})
+        for row, result in zip(rows, results, strict=True)
+        if result.outcome is store.Outcome.RECORDED
+    ]
+    for run in claimed:
+        log.debug("run claimed", extra={"run_id": run.run_id, "worker_id": claim.worker_id, "attempt": run.attempt})
+    return ClaimResult(claimed, False, cancels)
 
 
 _STATUS_AFTER: dict[str, str] = {
@@ -470,7 +482,7 @@ async def heartbeat(
                 lost.append(run_id)
     readopted: list[tuple[str, int]] = []
     if adopt:
-        for r in await store.append(uow.conn, adopt):
+        for r in await store.append(uow.conn, adopt, dedupe=False):
             if r.outcome is store.Outcome.RECORDED:
                 readopted.append((r.event.run_id, r.event.attempt))
                 log.warning(
@@ -548,9 +560,3 @@ async def stats(uow: UnitOfWork) -> Stats:
         readopted += row.readopted
     by_status = {row.status: row.n for row in (await uow.conn.execute(Q.stats_runs_by_status)).all()}
     return Stats(events, readopted, by_status)
-
-
-async def cancel_requested_for_worker(uow: UnitOfWork, worker_id: str) -> list[str]:
-    """Runs the worker holds that were asked to cancel."""
-    rows = await uow.conn.execute(Q.run_cancel_requested_for_worker, {"worker_id": worker_id})
-    return [r.run_id for r in rows.all()]

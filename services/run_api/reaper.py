@@ -85,7 +85,7 @@ class Reaper:
                     }))
                     done["requeued"] += 1
                 done["lease_expired"] += 1
-            await store.append(uow.conn, new)
+            await store.append(uow.conn, new, dedupe=False)
             await uow.commit()
         for row in rows:
             log.warning("lease expired", extra={"run_id": row.run_id, "worker_id": row.worker_id,

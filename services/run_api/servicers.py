@@ -171,10 +171,9 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 if self.stopping.is_set():
                     raise ShuttingDown("the server is shutting down; reconnect")
                 async with UnitOfWork(self.engine) as uow:
-                    cancels = [r for r in await handlers.cancel_requested_for_worker(uow, claim.worker_id)
-                               if r not in cancels_sent]
-                    rows = await handlers.claim_runs(uow, claim)
-                    full = not rows and await handlers.free_capacity(uow, claim) == 0
+                    result = await handlers.claim_runs(uow, claim)
+                rows = result.runs
+                cancels = [r for r in result.cancel_run_ids if r not in cancels_sent]
                 cancels_sent.update(cancels)
                 if rows or cancels or request.once:
                     yield worker_service_pb2.ClaimQueuedRunsResponse(
@@ -185,7 +184,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 if len(rows) == claim.batch_limit:
                     continue  # there may be more due right now
                 # At capacity, newly queued runs are not ours to take: wait for a slot (or a cancel).
-                await (worker_news if full else any_news).wait(poll)
+                await (worker_news if result.full else any_news).wait(poll)
 
     @staticmethod
     def _claimed(row: Any) -> worker_service_pb2.ClaimedRun:

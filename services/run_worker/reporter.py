@@ -36,13 +36,14 @@ class ReporterConfig:
     """Batch size, call deadline and retry backoff."""
 
     max_batch: int = 1000
+    max_in_flight: int = 4
     call_timeout_seconds: float = 10.0
     retry_min_seconds: float = 0.05
     retry_max_seconds: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.call_timeout_seconds <= 0:
-            raise ValueError("max_batch and call_timeout_seconds must be positive")
+        if self.max_batch < 1 or self.max_in_flight < 1 or self.call_timeout_seconds <= 0:
+            raise ValueError("max_batch, max_in_flight and call_timeout_seconds must be positive")
 
 
 def make_event(run_id: str, attempt: int, type_: str, payload: dict[str, Any] | None = None) -> Any:
@@ -81,7 +82,18 @@ class Reporter:
         return results
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Send batches until `stop` is set and nothing is pending."""
+        """Send batches until `stop` is set and nothing is pending.
+
+        Up to `max_in_flight` calls run at once; they never share a run, because a run awaits each
+        report before it makes the next.
+        """
+        slots = asyncio.Semaphore(self.config.max_in_flight)
+        sending: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            sending.discard(task)
+            slots.release()
+
         while True:
             if not self._pending:
                 if stop.is_set():
@@ -93,13 +105,18 @@ class Reporter:
                 waiter.cancel()
                 stopper.cancel()
                 continue
+            await slots.acquire()
             batch: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
             size = 0
             while self._pending and (not batch or size + len(self._pending[0][0]) <= self.config.max_batch):
                 item = self._pending.pop(0)
                 batch.append(item)
                 size += len(item[0])
-            await self._send(batch, stop)
+            task = asyncio.create_task(self._send(batch, stop))
+            sending.add(task)
+            task.add_done_callback(done)
+        if sending:
+            await asyncio.gather(*sending, return_exceptions=True)
         self._closed = True
         for _, future in self._pending:
             if not future.done():

@@ -32,6 +32,19 @@ ALLOWED_FROM: dict[str, frozenset[str]] = {
     EventType.RUN_CANCELED: frozenset({RunStatus.QUEUED, RunStatus.RUNNING}),
 }
 _RUNNING_ONLY = frozenset({RunStatus.RUNNING})
+# Run-level events whose projection itself sets the run's last_sequence and updated_at.
+RUN_PROJECTED = frozenset(
+    {
+        EventType.RUN_QUEUED,
+        EventType.RUN_CLAIMED,
+        EventType.RUN_STARTED,
+        EventType.RUN_COMPLETED,
+        EventType.RUN_FAILED,
+        EventType.RUN_CANCELED,
+        EventType.RUN_REQUEUED,
+        EventType.RUN_CANCEL_REQUESTED,
+    }
+)
 
 
 def new_event_id() -> str:
@@ -210,11 +223,12 @@ async def queue_run(conn: AsyncConnection, event: NewEvent) -> StoredEvent | Non
     )
 
 
-async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[AppendResult]:
+async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool = True) -> list[AppendResult]:
     """Append events about existing runs, each checked against its run's state and attempt.
 
     One result per event, in order: RECORDED with its new sequence, DUPLICATE when its event_id is
-    in the log already, STALE when its attempt or the run's state no longer allows it.
+    in the log already, STALE when its attempt or the run's state no longer allows it. Events the
+    server makes itself carry fresh ids and may skip the duplicate check (`dedupe=False`).
     """
     if not events:
         return []
@@ -229,7 +243,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Appe
             last_sequence=row.last_sequence,
         )
     known: dict[tuple[str, str], int] = {}
-    for run_id in states:
+    for run_id in states if dedupe else ():
         ids = [e.event_id for e in events if e.run_id == run_id]
         for row in (await conn.execute(Q.run_events_find_ids, {"run_id": run_id, "event_ids": ids})).all():
             known[(run_id, row.event_id)] = row.sequence
@@ -290,7 +304,8 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Appe
                           EventType.RUN_REQUEUED) and holder:
             notices.add((CHANNEL_WORKER, holder))
     for stored in last.values():
-        await _touch(conn, stored)
+        if stored.type not in RUN_PROJECTED:
+            await _touch(conn, stored)
     for channel, payload in sorted(notices):
         await conn.execute(Q.notify, {"channel": channel, "payload": payload})
     return results
@@ -434,12 +449,12 @@ async def replay(conn: AsyncConnection) -> int:
             )
         ).all()
         if not rows:
-            if previous is not None:
+            if previous is not None and previous.type not in RUN_PROJECTED:
                 await _touch(conn, previous)
             return count
         for row in rows:
             event = StoredEvent.from_row(row)
-            if previous is not None and previous.run_id != event.run_id:
+            if previous is not None and previous.run_id != event.run_id and previous.type not in RUN_PROJECTED:
                 await _touch(conn, previous)
             await apply(conn, event)
             previous = event

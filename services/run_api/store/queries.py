@@ -66,12 +66,14 @@ tool_calls_for_run = q(
 
 # --- claiming ----------------------------------------------------------------------------------
 
-# How many runs a worker holds right now (its used capacity), and whether its heartbeat lease lapsed
-# (a worker that stopped heartbeating, paused or cut off, is given nothing new).
-run_count_held_by_worker = q(
+# A worker as the claim loop sees it: runs held (used capacity), whether its heartbeat lease lapsed
+# (a paused or cut-off worker is given nothing new), and its running runs asked to cancel.
+worker_claim_state = q(
     """
     SELECT (SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING') AS held,
-           EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at < :now) AS lapsed
+           EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at < :now) AS lapsed,
+           ARRAY(SELECT run_id FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING'
+                   AND cancel_requested_at IS NOT NULL ORDER BY run_id) AS cancel_run_ids
     """
 )
 
@@ -287,14 +289,6 @@ reaper_try_lock = q("SELECT pg_try_advisory_xact_lock(7206157372)")
 
 # Database liveness, for the health service.
 db_ping = q("SELECT 1")
-
-# Running runs of a worker that were asked to cancel (pushed down its claim stream).
-run_cancel_requested_for_worker = q(
-    """
-    SELECT run_id FROM runs
-    WHERE worker_id = :worker_id AND status = 'RUNNING' AND cancel_requested_at IS NOT NULL
-    """
-)
 
 # The events that open and close attempts, for GetRun's attempt history.
 run_events_attempts = q(
