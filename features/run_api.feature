@@ -34,6 +34,8 @@ Feature: Run API requests
       | an input over 256 KiB         | RESOURCE_EXHAUSTED | input           |
       | an unknown tool               | INVALID_ARGUMENT   | input.tool      |
       | a negative sleep              | INVALID_ARGUMENT   | input.args.seconds |
+      | an input with a NUL character | INVALID_ARGUMENT   | input           |
+      | an input with NaN             | INVALID_ARGUMENT   | input           |
 
   Scenario: A run canceled before it is claimed never starts
     Given I started a run of "runtime.noop"

@@ -96,6 +96,8 @@ BAD_INPUTS: dict[str, dict[str, Any]] = {
     "a 256-character key": {"idempotency_key": "k" * 256},
     "an input over 256 KiB": {"run_input": {"blob": "x" * (256 * 1024 + 1)}},
     "an unknown tool": {"workflow": "runtime.tool", "run_input": {"tool": "no-such-tool"}},
+    "an input with a NUL character": {"run_input": {"text": "a\x00b"}},
+    "an input with NaN": {"run_input": {"x": float("nan")}},
     "a negative sleep": {"workflow": "runtime.tool", "run_input": {"tool": "sleep", "args": {"seconds": -1}}},
 }
 

@@ -112,3 +112,50 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert 2.0 <= delays[2] <= 4.0
     assert all(d <= 10.0 for d in delays)
     assert delays[-1] >= 5.0
+
+
+async def cancel(engine: AsyncEngine, run_id: str) -> None:
+    async with UnitOfWork(engine) as uow:
+        await handlers.cancel_run(uow, run_id, "stop")
+
+
+async def status_of(engine: AsyncEngine, run_id: str) -> tuple[str, int]:
+    async with UnitOfWork(engine) as uow:
+        row, _, _ = await handlers.get_run(uow, run_id)
+    return row.status, row.attempt
+
+
+async def test_a_failure_after_a_cancel_request_ends_canceled_not_retried(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    await cancel(engine, run_id)
+    assert await report(engine, "w1", ev(run_id, 1, "run.failed", "f1", error="x")) == [Outcome.RECORDED]
+    assert await status_of(engine, run_id) == ("CANCELED", 1)
+    assert await claim(engine, "w2") == []
+
+
+async def test_a_worker_cannot_cancel_a_queued_run(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    await report(engine, "w1", ev(run_id, 1, "run.failed", "f1", error="retry me"))
+    assert await status_of(engine, run_id) == ("QUEUED", 1)
+    assert await report(engine, "w1", ev(run_id, 1, "run.canceled", "c1")) == [Outcome.STALE]
+
+
+async def test_heartbeat_adopts_only_runs_requeued_for_an_expired_lease(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    await report(engine, "w1", ev(run_id, 1, "run.failed", "f1", error="retry me"))
+    async with UnitOfWork(engine) as uow:
+        beat = await handlers.heartbeat(uow, "w1", [(run_id, 1)], 30)
+    assert (beat.readopted, beat.lost_run_ids) == ([], [run_id])
+
+
+async def test_nul_characters_in_worker_payloads_are_stored_replaced(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    outcome = await report(engine, "w1", ev(run_id, 1, "run.failed", "f1", error="bad\x00byte", retryable=False))
+    assert outcome == [Outcome.RECORDED]
+    async with UnitOfWork(engine) as uow:
+        row, _, _ = await handlers.get_run(uow, run_id)
+    assert (row.status, row.error) == ("FAILED", "bad\ufffdbyte")

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+import sqlalchemy.exc
+
 from services.run_api import db
 from services.run_api.server import ApiServer
 from services.run_api.store import events
@@ -47,9 +49,25 @@ def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Na
     return p.parse_args(argv)
 
 
+async def _migrate_when_reachable(url: str, timeout: float = 60.0) -> None:
+    """Migrate, retrying while the database cannot be reached (it may still be starting)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    delay = 0.5
+    while True:
+        try:
+            await asyncio.to_thread(db.migrate, url)
+            return
+        except sqlalchemy.exc.OperationalError as err:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("database not reachable for migrations (%s); retrying in %.1fs", type(err.orig).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def _serve(settings: ApiSettings, url: str, with_worker: bool) -> int:
     if settings.migrate_on_start:
-        await asyncio.to_thread(db.migrate, url)
+        await _migrate_when_reachable(url)
     server = ApiServer(settings, url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -101,6 +101,10 @@ def validate_start(cmd: StartRun, policy: RetryPolicy) -> tuple[str, str, int]:
     """Check a StartRun command; returns (workflow, workspace_id, max_attempts) with defaults applied."""
     violations: list[tuple[str, str]] = []
     workflow = cmd.workflow or DEFAULT_WORKFLOW
+    for name in ("workflow", "idempotency_key", "workspace_id"):
+        check_text(name, getattr(cmd, name))
+    if _has_nul(cmd.input):
+        raise InvalidRequest.field("input", "input must not contain the character U+0000")
     if cmd.input_size > MAX_INPUT_BYTES:
         raise RequestTooLarge(
             [("input", f"input is {cmd.input_size} bytes; at most {MAX_INPUT_BYTES} bytes are accepted")]
@@ -132,6 +136,22 @@ def validate_start(cmd: StartRun, policy: RetryPolicy) -> tuple[str, str, int]:
     if violations:
         raise InvalidRequest(violations)
     return workflow, cmd.workspace_id or "default", cmd.max_attempts or policy.max_attempts
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def check_text(field: str, value: str) -> None:
+    """Refuse a string field PostgreSQL cannot store (U+0000), naming the field."""
+    if "\x00" in value:
+        raise InvalidRequest.field(field, f"{field} must not contain the character U+0000")
 
 
 def _request_hash(
@@ -204,6 +224,7 @@ async def get_run(uow: UnitOfWork, run_id: str) -> tuple[Any, list[Any], list[An
     """The run with its steps and tool calls."""
     if not run_id:
         raise InvalidRequest.field("run_id", "run_id is required")
+    check_text("run_id", run_id)
     row = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).first()
     if row is None:
         raise RunNotFound(run_id)
@@ -219,6 +240,7 @@ async def list_runs(
     if page_size < 0:
         raise InvalidRequest.field("page_size", "page_size must not be negative")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    check_text("workflow", workflow or "")
     after = None
     if page_token:
         try:
@@ -238,6 +260,8 @@ async def cancel_run(uow: UnitOfWork, run_id: str, reason: str) -> Any:
     """Cancel a queued run at once, or ask a running one to stop; terminal runs are refused."""
     if not run_id:
         raise InvalidRequest.field("run_id", "run_id is required")
+    check_text("run_id", run_id)
+    check_text("reason", reason)
     row = (await uow.conn.execute(Q.run_lock_many, {"run_ids": [run_id]})).first()
     if row is None:
         raise RunNotFound(run_id)
@@ -268,6 +292,7 @@ async def events_after(uow: UnitOfWork, run_id: str, after_sequence: int, limit:
 
 async def run_exists(uow: UnitOfWork, run_id: str) -> Any:
     """The run row or RunNotFound."""
+    check_text("run_id", run_id)
     row = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).first()
     if row is None:
         raise RunNotFound(run_id)
@@ -367,7 +392,11 @@ async def report_events(
     for e in reported:
         event_type, payload = e.type, dict(e.payload)
         run = rows.get(e.run_id)
-        if e.type == EventType.RUN_FAILED and payload.get("released") is True:
+        if e.type == EventType.RUN_FAILED and run is not None and run.cancel_requested_at is not None:
+            # Asked to cancel: a failed or released attempt ends the run CANCELED, never a retry.
+            event_type = EventType.RUN_CANCELED
+            payload.setdefault("reason", run.cancel_reason or "canceled by request")
+        elif e.type == EventType.RUN_FAILED and payload.get("released") is True:
             # Given back by a worker shutting down: due again at once, not the run's fault.
             event_type = EventType.RUN_REQUEUED
             payload.update({"reason": "released", "next_attempt_at": now.isoformat()})
@@ -426,6 +455,12 @@ class HeartbeatResult:
     readopted: list[tuple[str, int]]
 
 
+async def _requeued_for_lease(uow: UnitOfWork, run_id: str) -> bool:
+    """Whether the run's last event re-queued it for an expired lease (not a retry or a release)."""
+    row = (await uow.conn.execute(Q.run_events_last, {"run_id": run_id})).first()
+    return row is not None and row.type == EventType.RUN_REQUEUED and row.reason == "lease_expired"
+
+
 async def heartbeat(
     uow: UnitOfWork,
     worker_id: str,
@@ -466,6 +501,7 @@ async def heartbeat(
                 and row.attempt == attempt
                 and row.cancel_requested_at is None
                 and row.attempt < row.max_attempts
+                and await _requeued_for_lease(uow, run_id)
             ):
                 adopt.append(
                     store.NewEvent(

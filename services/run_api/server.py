@@ -115,7 +115,16 @@ class ApiServer:
         )
         self.server = grpc.aio.server(
             interceptors=[aio_server_interceptor(), ErrorInterceptor()],
-            options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+                # Find dead peers of long-lived streams, and accept the workers' keepalive pings.
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                ("grpc.http2.max_ping_strikes", 0),
+            ],
         )
         run_service_pb2_grpc.add_RunServiceServicer_to_server(
             RunService(self.engine, self.hub, config, self.stopping), self.server

@@ -65,9 +65,13 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
     async def StartRun(
         self, request: run_service_pb2.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.StartRunResponse:
+        try:
+            run_input = convert.to_dict(request.input)
+        except ValueError:
+            raise InvalidRequest.field("input", "input must be JSON: NaN and Infinity are not allowed") from None
         cmd = handlers.StartRun(
             workflow=request.workflow,
-            input=convert.to_dict(request.input),
+            input=run_input,
             input_size=request.input.ByteSize(),
             idempotency_key=request.idempotency_key,
             max_attempts=request.max_attempts,
@@ -151,6 +155,8 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_service_pb2.ClaimQueuedRunsResponse]:
         if not request.worker_id:
             raise InvalidRequest.field("worker_id", "worker_id is required")
+        handlers.check_text("worker_id", request.worker_id)
+        handlers.check_text("workspace_id", request.workspace_id)
         if request.capacity < 0 or request.batch_limit < 0 or request.poll_interval_ms < 0:
             raise InvalidRequest.field("capacity", "capacity, batch_limit and poll_interval_ms must not be negative")
         capacity = request.capacity or 1
@@ -209,6 +215,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     ) -> worker_service_pb2.ReportRunEventsResponse:
         if not request.worker_id:
             raise InvalidRequest.field("worker_id", "worker_id is required")
+        handlers.check_text("worker_id", request.worker_id)
         reported = [self._reported(i, e) for i, e in enumerate(request.events)]
         if not reported:
             return worker_service_pb2.ReportRunEventsResponse()
@@ -237,13 +244,18 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         where = f"events[{i}]"
         if not e.run_id:
             raise InvalidRequest.field(f"{where}.run_id", "run_id is required")
+        handlers.check_text(f"{where}.run_id", e.run_id)
+        handlers.check_text(f"{where}.event_id", e.event_id)
         if not e.event_id or len(e.event_id) > 128:
             raise InvalidRequest.field(f"{where}.event_id", "event_id is required (at most 128 characters)")
         if e.type not in WORKER_EVENTS:
             raise InvalidRequest.field(f"{where}.type", f"{e.type!r} is not an event a worker may report")
         if e.attempt < 1:
             raise InvalidRequest.field(f"{where}.attempt", "attempt must be the claim's attempt (1 or more)")
-        payload = convert.to_dict(e.payload)
+        try:
+            payload = convert.to_dict(e.payload)
+        except ValueError:
+            raise InvalidRequest.field(f"{where}.payload", "payload must be JSON: no NaN or Infinity") from None
         for key in _REQUIRED_PAYLOAD.get(e.type, ()):
             if not isinstance(payload.get(key), str) or not payload[key]:
                 raise InvalidRequest.field(f"{where}.payload.{key}", f"{e.type} needs payload.{key}")
@@ -259,6 +271,9 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     async def Heartbeat(
         self, request: worker_service_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> worker_service_pb2.HeartbeatResponse:
+        handlers.check_text("worker_id", request.worker_id)
+        for i, held in enumerate(request.runs):
+            handlers.check_text(f"runs[{i}].run_id", held.run_id)
         async with UnitOfWork(self.engine) as uow:
             result = await handlers.heartbeat(
                 uow, request.worker_id, [(r.run_id, r.attempt) for r in request.runs], self.config.lease_seconds

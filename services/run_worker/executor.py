@@ -61,6 +61,9 @@ async def _race(tool_call: asyncio.Task[Any], handle: RunHandle) -> Any:
     }
     try:
         done, _ = await asyncio.wait({tool_call, *signals}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        tool_call.cancel()  # our own task is being cancelled: the tool (a subprocess, say) goes too
+        raise
     finally:
         for s in signals:
             s.cancel()
@@ -69,6 +72,9 @@ async def _race(tool_call: asyncio.Task[Any], handle: RunHandle) -> Any:
     tool_call.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await tool_call
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        raise asyncio.CancelledError()
     raise _Interrupted()
 
 
@@ -155,7 +161,7 @@ async def _execute(
                 return Result.FAILED
         pending += [
             ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": output}),
-            ev(EventType.STEP_SUCCEEDED, {"step_key": step.key, "output": output}),
+            ev(EventType.STEP_SUCCEEDED, {"step_key": step.key}),  # the output lives on the tool call
         ]
     await reporter.report([*pending, ev(EventType.RUN_COMPLETED)])
     return Result.SUCCEEDED

@@ -20,7 +20,7 @@ from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class StaleAttempt(Exception):
@@ -36,6 +36,7 @@ class ReporterConfig:
     """Batch size, call deadline and retry backoff."""
 
     max_batch: int = 1000
+    max_batch_bytes: int = 2 * 1024 * 1024
     max_in_flight: int = 4
     call_timeout_seconds: float = 10.0
     retry_min_seconds: float = 0.05
@@ -107,11 +108,14 @@ class Reporter:
                 continue
             await slots.acquire()
             batch: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
-            size = 0
-            while self._pending and (not batch or size + len(self._pending[0][0]) <= self.config.max_batch):
-                item = self._pending.pop(0)
-                batch.append(item)
-                size += len(item[0])
+            count = size = 0
+            while self._pending:
+                events = self._pending[0][0]
+                more = sum(e.ByteSize() for e in events)
+                if batch and (count + len(events) > self.config.max_batch or size + more > self.config.max_batch_bytes):
+                    break
+                batch.append(self._pending.pop(0))
+                count, size = count + len(events), size + more
             task = asyncio.create_task(self._send(batch, stop))
             sending.add(task)
             task.add_done_callback(done)
@@ -131,14 +135,23 @@ class Reporter:
             try:
                 response = await self.stub.ReportRunEvents(request, timeout=self.config.call_timeout_seconds)
                 break
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE:
-                    log.error("report refused: %s %s", err.code().name, err.details())
+            except Exception as err:
+                retry = isinstance(err, grpc.aio.AioRpcError) and err.code() in RETRYABLE
+                if not retry and len(batch) > 1:
+                    # One run's bad event must not sink the others: send each run's events alone.
+                    for item in batch:
+                        await self._send([item], stop)
+                    return
+                if not retry:
+                    if isinstance(err, grpc.aio.AioRpcError):
+                        log.error("report refused: %s %s", err.code().name, err.details())
+                    else:
+                        log.error("report failed: %r", err)
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(err)
                     return
-                log.warning("report failed (%s); retrying in %.2fs", err.code().name, delay)
+                log.warning("report failed (%s); retrying in %.2fs", type(err).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_seconds)
         results = list(response.results)

@@ -87,6 +87,9 @@ class Worker:
 
     def _spawn(self, claimed: Any) -> None:
         handle = RunHandle(claimed.run_id, claimed.attempt)
+        previous = self.held.get(claimed.run_id)
+        if previous is not None:
+            previous.lost.set()  # a newer attempt of the same run supersedes it
         self.held[claimed.run_id] = handle
         self.counters["claimed"] += 1
         task = asyncio.create_task(self._execute(claimed, handle), name=f"run-{claimed.run_id}")

@@ -123,8 +123,19 @@ class _RunState:
     last_sequence: int
 
 
+def _clean(value: Any) -> Any:
+    """PostgreSQL's jsonb cannot hold U+0000: replace it in keys and strings (U+FFFD)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+    return None if value is None else json.dumps(_clean(value), separators=(",", ":"), default=str)
 
 
 def _ts(value: Any) -> datetime | None:
@@ -146,6 +157,8 @@ def _check(state: _RunState | None, event: NewEvent) -> str | None:
             return f"claim attempt {event.attempt} does not follow attempt {state.attempt}"
         return None
     allowed = ALLOWED_FROM.get(event.type, _RUNNING_ONLY)
+    if event.worker_id is not None and event.type == EventType.RUN_CANCELED:
+        allowed = _RUNNING_ONLY  # a worker cancels only the attempt it runs; queued runs are the API's
     if state.status not in allowed:
         return f"run is {state.status}"
     if event.attempt != state.attempt:
@@ -262,6 +275,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
             results.append(AppendResult(event, Outcome.STALE, message=reason or "run not found"))
             continue
         sequence = state.last_sequence + 1
+        payload = _clean(dict(event.payload))
         stamped = (
             await conn.execute(
                 Q.run_events_append,
@@ -273,7 +287,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
                     "worker_id": event.worker_id,
                     "event_id": event.event_id,
                     "occurred_at": event.occurred_at,
-                    "payload": _dumps(dict(event.payload)),
+                    "payload": _dumps(payload),
                     "recorded_at": None,
                 },
             )
@@ -287,7 +301,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
             event_id=event.event_id,
             occurred_at=stamped.occurred_at,
             recorded_at=stamped.recorded_at,
-            payload=dict(event.payload),
+            payload=payload,
         )
         holder = state.worker_id
         await apply(conn, stored)

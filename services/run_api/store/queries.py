@@ -107,6 +107,14 @@ run_events_find_ids = q(
     "SELECT event_id, sequence FROM run_events WHERE run_id = :run_id AND event_id = ANY(:event_ids)"
 )
 
+# A run's last event (type and reason), for the heartbeat's adopt-first rule.
+run_events_last = q(
+    """
+    SELECT type, payload->>'reason' AS reason FROM run_events WHERE run_id = :run_id
+    ORDER BY sequence DESC LIMIT 1
+    """
+)
+
 # A run's events after a sequence, in order.
 run_events_after = q(
     """
