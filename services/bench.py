@@ -116,7 +116,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="StartRun calls in flight at once in the throughput phase (BENCH_INFLIGHT) [%(default)s]")
     p.add_argument("--timeout", type=float, default=_env_float("BENCH_TIMEOUT", 300.0),
                    help="deadline of each measuring phase, in seconds (BENCH_TIMEOUT) [%(default)s]")
-    p.add_argument("--poll-interval", type=float, default=_env_float("BENCH_POLL_INTERVAL", 0.1),
+    p.add_argument("--poll-interval", type=float, default=_env_float("BENCH_POLL_INTERVAL", 0.5),
                    help="seconds between GetStats polls while waiting for completion (BENCH_POLL_INTERVAL) "
                         "[%(default)s]")
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL", "").strip() or None,

@@ -166,19 +166,19 @@ def _check(state: _RunState | None, event: NewEvent) -> str | None:
     return None
 
 
-def _advance(state: _RunState, event: StoredEvent) -> None:
-    """Move the in-memory run state the way `apply` moves the row."""
-    state.last_sequence = event.sequence
-    if event.type == EventType.RUN_CLAIMED:
-        state.status, state.attempt = RunStatus.RUNNING, event.attempt
-        state.worker_id = event.payload.get("worker_id")
-    elif event.type == EventType.RUN_COMPLETED:
+def _advance(state: _RunState, type_: str, sequence: int, payload: Mapping[str, Any]) -> None:
+    """Move the in-memory run state the way `apply` will move the row."""
+    state.last_sequence = sequence
+    if type_ == EventType.RUN_CLAIMED:
+        state.status, state.attempt = RunStatus.RUNNING, state.attempt + 1
+        state.worker_id = payload.get("worker_id")
+    elif type_ == EventType.RUN_COMPLETED:
         state.status = RunStatus.SUCCEEDED
-    elif event.type == EventType.RUN_FAILED:
+    elif type_ == EventType.RUN_FAILED:
         state.status = RunStatus.FAILED
-    elif event.type == EventType.RUN_CANCELED:
+    elif type_ == EventType.RUN_CANCELED:
         state.status = RunStatus.CANCELED
-    elif event.type == EventType.RUN_REQUEUED:
+    elif type_ == EventType.RUN_REQUEUED:
         state.status, state.worker_id = RunStatus.QUEUED, None
 
 
@@ -256,14 +256,14 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
             last_sequence=row.last_sequence,
         )
     known: dict[tuple[str, str], int] = {}
-    for run_id in states if dedupe else ():
-        ids = [e.event_id for e in events if e.run_id == run_id]
-        for row in (await conn.execute(Q.run_events_find_ids, {"run_id": run_id, "event_ids": ids})).all():
-            known[(run_id, row.event_id)] = row.sequence
+    if dedupe and states:
+        params = {"run_ids": list(states), "event_ids": sorted({e.event_id for e in events})}
+        for row in (await conn.execute(Q.run_events_find_ids, params)).all():
+            known[(row.run_id, row.event_id)] = row.sequence
 
+    # Decide every event's fate and sequence first, then insert all recorded ones in one statement.
     results: list[AppendResult] = []
-    notices: set[tuple[str, str]] = set()
-    last: dict[str, StoredEvent] = {}
+    accepted: list[tuple[int, NewEvent, int, dict[str, Any], str | None]] = []
     for event in events:
         key = (event.run_id, event.event_id)
         if key in known:
@@ -276,22 +276,36 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
             continue
         sequence = state.last_sequence + 1
         payload = _clean(dict(event.payload))
-        stamped = (
+        holder = state.worker_id
+        _advance(state, event.type, sequence, payload)
+        known[key] = sequence
+        accepted.append((len(results), event, sequence, payload, holder))
+        results.append(AppendResult(event, Outcome.RECORDED, sequence=sequence))
+    if not accepted:
+        return results
+
+    stamped = {
+        (row.run_id, row.sequence): row
+        for row in (
             await conn.execute(
-                Q.run_events_append,
+                Q.run_events_append_many,
                 {
-                    "run_id": event.run_id,
-                    "sequence": sequence,
-                    "type": event.type,
-                    "attempt": event.attempt,
-                    "worker_id": event.worker_id,
-                    "event_id": event.event_id,
-                    "occurred_at": event.occurred_at,
-                    "payload": _dumps(payload),
-                    "recorded_at": None,
+                    "run_ids": [e.run_id for _, e, _, _, _ in accepted],
+                    "sequences": [seq for _, _, seq, _, _ in accepted],
+                    "types": [e.type for _, e, _, _, _ in accepted],
+                    "attempts": [e.attempt for _, e, _, _, _ in accepted],
+                    "worker_ids": [e.worker_id for _, e, _, _, _ in accepted],
+                    "event_ids": [e.event_id for _, e, _, _, _ in accepted],
+                    "occurred_ats": [e.occurred_at for _, e, _, _, _ in accepted],
+                    "payloads": [_dumps(p) for _, _, _, p, _ in accepted],
                 },
             )
-        ).one()
+        ).all()
+    }
+    notices: set[tuple[str, str]] = set()
+    last: dict[str, StoredEvent] = {}
+    for index, event, sequence, payload, holder in accepted:
+        row = stamped[(event.run_id, sequence)]
         stored = StoredEvent(
             run_id=event.run_id,
             sequence=sequence,
@@ -299,20 +313,17 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
             attempt=event.attempt,
             worker_id=event.worker_id,
             event_id=event.event_id,
-            occurred_at=stamped.occurred_at,
-            recorded_at=stamped.recorded_at,
+            occurred_at=row.occurred_at,
+            recorded_at=row.recorded_at,
             payload=payload,
         )
-        holder = state.worker_id
         await apply(conn, stored)
-        _advance(state, stored)
         last[event.run_id] = stored
-        known[key] = sequence
-        results.append(AppendResult(event, Outcome.RECORDED, sequence=sequence, stored=stored))
+        results[index] = AppendResult(event, Outcome.RECORDED, sequence=sequence, stored=stored)
         notices.add((CHANNEL_EVENTS, event.run_id))
         if event.type == EventType.RUN_REQUEUED:
-            notices.add((CHANNEL_QUEUED, state.workspace_id))
-        if event.type == EventType.RUN_CANCEL_REQUESTED and state.status == RunStatus.RUNNING and holder:
+            notices.add((CHANNEL_QUEUED, states[event.run_id].workspace_id))
+        if event.type == EventType.RUN_CANCEL_REQUESTED and event.attempt > 0 and holder:
             notices.add((CHANNEL_CANCEL, holder))
         if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
                           EventType.RUN_REQUEUED) and holder:
@@ -320,8 +331,10 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
     for stored in last.values():
         if stored.type not in RUN_PROJECTED:
             await _touch(conn, stored)
-    for channel, payload in sorted(notices):
-        await conn.execute(Q.notify, {"channel": channel, "payload": payload})
+    channels = sorted(notices)
+    await conn.execute(
+        Q.notify_many, {"channels": [c for c, _ in channels], "payloads": [p for _, p in channels]}
+    )
     return results
 
 

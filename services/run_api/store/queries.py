@@ -102,9 +102,27 @@ run_events_append = q(
     """
 )
 
-# Which of these event ids a run has recorded already (idempotent reports).
+# Which of these event ids the runs have recorded already (idempotent reports; the caller pairs them).
 run_events_find_ids = q(
-    "SELECT event_id, sequence FROM run_events WHERE run_id = :run_id AND event_id = ANY(:event_ids)"
+    """
+    SELECT run_id, event_id, sequence FROM run_events
+    WHERE run_id = ANY(:run_ids) AND event_id = ANY(:event_ids)
+    """
+)
+
+# Append a batch of events at the sequences the caller computed under the runs' row locks.
+run_events_append_many = q(
+    """
+    INSERT INTO run_events (run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload,
+        recorded_at)
+    SELECT e.run_id, e.sequence, e.type, e.attempt, e.worker_id, e.event_id,
+        COALESCE(e.occurred_at, clock_timestamp()), CAST(e.payload AS jsonb), clock_timestamp()
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:sequences AS bigint[]), CAST(:types AS text[]),
+                CAST(:attempts AS integer[]), CAST(:worker_ids AS text[]), CAST(:event_ids AS text[]),
+                CAST(:occurred_ats AS timestamptz[]), CAST(:payloads AS text[]))
+        AS e(run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload)
+    RETURNING run_id, sequence, recorded_at, occurred_at
+    """
 )
 
 # A run's last event (type and reason), for the heartbeat's adopt-first rule.
@@ -257,6 +275,9 @@ projections_clear = q("DELETE FROM runs")
 
 # Wake watchers of a run, claimers of a workspace, or the streams of a worker that freed a slot.
 notify = q("SELECT pg_notify(:channel, :payload)")
+notify_many = q(
+    "SELECT pg_notify(c, p) FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS t(c, p)"
+)
 
 # --- workers and leases ------------------------------------------------------------------------
 
