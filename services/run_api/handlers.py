@@ -214,7 +214,7 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tupl
             )
         await uow.commit()
         return existing, True
-    row = (await uow.conn.execute(Q.run_get, {"run_id": event.run_id})).one()
+    row = created
     await uow.commit()
     log.debug("run queued", extra={"run_id": row.run_id, "status": row.status})
     return row, False

@@ -182,8 +182,8 @@ def _advance(state: _RunState, type_: str, sequence: int, payload: Mapping[str, 
         state.status, state.worker_id = RunStatus.QUEUED, None
 
 
-async def queue_run(conn: AsyncConnection, event: NewEvent) -> StoredEvent | None:
-    """Create a run from its run.queued event; None when its idempotency key is taken already."""
+async def queue_run(conn: AsyncConnection, event: NewEvent) -> Any | None:
+    """Create a run from its run.queued event and return its row; None when its idempotency key is taken."""
     p = event.payload
     row = (
         await conn.execute(
@@ -221,19 +221,11 @@ async def queue_run(conn: AsyncConnection, event: NewEvent) -> StoredEvent | Non
             "recorded_at": recorded_at,
         },
     )
-    await conn.execute(Q.notify, {"channel": CHANNEL_QUEUED, "payload": p["workspace_id"]})
-    await conn.execute(Q.notify, {"channel": CHANNEL_EVENTS, "payload": event.run_id})
-    return StoredEvent(
-        run_id=event.run_id,
-        sequence=1,
-        type=event.type,
-        attempt=0,
-        worker_id=None,
-        event_id=event.event_id,
-        occurred_at=event.occurred_at or recorded_at,
-        recorded_at=recorded_at,
-        payload=dict(p),
+    await conn.execute(
+        Q.notify_many,
+        {"channels": [CHANNEL_QUEUED, CHANNEL_EVENTS], "payloads": [p["workspace_id"], event.run_id]},
     )
+    return row
 
 
 async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool = True) -> list[AppendResult]:

@@ -155,7 +155,7 @@ run_events_page = q(
 
 # run.queued: create the run row (a conflicting idempotency key inserts nothing).
 runs_project_queued = q(
-    """
+    f"""
     INSERT INTO runs (run_id, workspace_id, workflow, input, status, attempt, max_attempts,
         retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash, trace_context,
         created_at, updated_at, next_attempt_at, last_sequence)
@@ -164,7 +164,7 @@ runs_project_queued = q(
         CAST(:trace_context AS jsonb), t.at, t.at, t.at, :sequence
     FROM (SELECT COALESCE(CAST(:recorded_at AS timestamptz), clock_timestamp()) AS at) AS t
     ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING run_id, created_at
+    RETURNING {RUN_COLUMNS}
     """
 )
 
