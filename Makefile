@@ -54,7 +54,7 @@ lint: $(GEN)
 	$(VENV)/bin/mypy shared services
 
 bench: $(GEN)
-	$(PY) -m services.bench
+	$(PY) -m services.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) shared/gen
