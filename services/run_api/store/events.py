@@ -182,26 +182,28 @@ def _advance(state: _RunState, type_: str, sequence: int, payload: Mapping[str, 
         state.status, state.worker_id = RunStatus.QUEUED, None
 
 
+def _queued_params(p: Mapping[str, Any]) -> dict[str, Any]:
+    """The runs row a run.queued payload describes (live and in a replay alike)."""
+    return {
+        "workspace_id": p["workspace_id"],
+        "workflow": p["workflow"],
+        "input": _dumps(p.get("input", {})),
+        "max_attempts": p["max_attempts"],
+        "retry_backoff_seconds": p["retry_backoff_seconds"],
+        "retry_backoff_max_seconds": p["retry_backoff_max_seconds"],
+        "idempotency_key": p.get("idempotency_key"),
+        "request_hash": p["request_hash"],
+        "trace_context": _dumps(p.get("trace_context", {})),
+    }
+
+
 async def queue_run(conn: AsyncConnection, event: NewEvent) -> Any | None:
     """Create a run from its run.queued event and return its row; None when its idempotency key is taken."""
     p = event.payload
     row = (
         await conn.execute(
             Q.runs_project_queued,
-            {
-                "run_id": event.run_id,
-                "workspace_id": p["workspace_id"],
-                "workflow": p["workflow"],
-                "input": _dumps(p.get("input", {})),
-                "max_attempts": p["max_attempts"],
-                "retry_backoff_seconds": p["retry_backoff_seconds"],
-                "retry_backoff_max_seconds": p["retry_backoff_max_seconds"],
-                "idempotency_key": p.get("idempotency_key"),
-                "request_hash": p["request_hash"],
-                "trace_context": _dumps(p.get("trace_context", {})),
-                "recorded_at": None,
-                "sequence": 1,
-            },
+            {"run_id": event.run_id, "recorded_at": None, "sequence": 1, **_queued_params(p)},
         )
     ).first()
     if row is None:
@@ -341,21 +343,7 @@ async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
     }
     t = event.type
     if t == EventType.RUN_QUEUED:
-        await conn.execute(
-            Q.runs_project_queued,
-            {
-                **base,
-                "workspace_id": p["workspace_id"],
-                "workflow": p["workflow"],
-                "input": _dumps(p.get("input", {})),
-                "max_attempts": p["max_attempts"],
-                "retry_backoff_seconds": p["retry_backoff_seconds"],
-                "retry_backoff_max_seconds": p["retry_backoff_max_seconds"],
-                "idempotency_key": p.get("idempotency_key"),
-                "request_hash": p["request_hash"],
-                "trace_context": _dumps(p.get("trace_context", {})),
-            },
-        )
+        await conn.execute(Q.runs_project_queued, {**base, **_queued_params(p)})
         return
     if t == EventType.RUN_CLAIMED:
         result = await conn.execute(
