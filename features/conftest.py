@@ -31,6 +31,7 @@ class Stack:
         self.database_url = database_url
         self.env: dict[str, str] = {}  # given to the API and every worker
         self.api: Api | None = None
+        self.previous_apis: list[Api] = []
         self.workers: list[Worker] = []
         self._client: Client | None = None
 
@@ -38,6 +39,7 @@ class Stack:
         """Start the API process (stopping a previous one)."""
         if self.api is not None:
             self.api.stop()
+            self.previous_apis.append(self.api)
         self.env.update(env)
         self.api = Api(self.database_url, **self.env)
         self.api.start()
@@ -47,6 +49,7 @@ class Stack:
         """Stop the API with SIGTERM and start a new one on the same address."""
         assert self.api is not None
         old = self.api
+        self.previous_apis.append(old)
         assert old.stop() == 0, f"API did not exit cleanly:\n{old.output()}"
         self.api = Api(self.database_url, port=old.port, **self.env)
         self.api.start()
@@ -82,6 +85,11 @@ class Stack:
         if self.api is not None:
             self.api.stop()
 
+    def remove_logs(self) -> None:
+        """Delete the processes' log files."""
+        for process in [*self.previous_apis, *([self.api] if self.api else []), *self.workers]:
+            process.log_path.unlink(missing_ok=True)
+
     def logs(self) -> str:
         """Every process's output, for failure reports."""
         parts = [f"--- api ---\n{self.api.output()[-8000:]}"] if self.api else []
@@ -104,6 +112,7 @@ def stack(database_url: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(s.logs()[-20000:])
+    s.remove_logs()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

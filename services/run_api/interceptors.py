@@ -7,6 +7,7 @@ stack and returned as a plain INTERNAL. Clients never see a stack trace or drive
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -97,8 +98,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 with log_context(rpc=method):
                     try:
-                        async for item in stream(request, context):  # type: ignore[arg-type,attr-defined]
-                            yield item
+                        # aclosing: when the call ends early the handler is closed here, in this task.
+                        async with contextlib.aclosing(stream(request, context)) as items:  # type: ignore[arg-type,type-var]
+                            async for item in items:  # type: ignore[attr-defined]
+                                yield item
                     except grpc.aio.AbortError:
                         raise
                     except Exception as exc:
