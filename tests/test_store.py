@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
+import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api import db, handlers
+from services.run_api.reaper import Reaper, ReaperConfig
 from services.run_api.store.events import Outcome
 from services.run_api.store.uow import UnitOfWork
 
@@ -159,3 +163,28 @@ async def test_nul_characters_in_worker_payloads_are_stored_replaced(engine: Asy
     async with UnitOfWork(engine) as uow:
         row, _, _ = await handlers.get_run(uow, run_id)
     assert (row.status, row.error) == ("FAILED", "bad\ufffdbyte")
+
+
+def test_the_claim_query_can_use_the_partial_index(sql: psycopg.Connection) -> None:
+    with sql.transaction():
+        sql.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in sql.execute(
+                "EXPLAIN SELECT run_id FROM runs WHERE workspace_id = 'default' AND status = 'QUEUED' "
+                "AND next_attempt_at <= now() ORDER BY next_attempt_at, run_id LIMIT 10 FOR UPDATE SKIP LOCKED"
+            )
+        )
+    assert "runs_claim_idx" in plan, plan
+
+
+async def test_only_one_reaper_works_at_a_time(engine: AsyncEngine, sql: psycopg.Connection) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "gone")
+    later = handlers.utcnow() + timedelta(seconds=60)
+    reaper = Reaper(engine, ReaperConfig())
+    with sql.transaction():
+        sql.execute("SELECT pg_advisory_xact_lock(7206157372)")  # another replica's reaper holds it
+        assert await reaper.run_once(now=later) == Counter()
+    assert await reaper.run_once(now=later) == Counter({"lease_expired": 1, "requeued": 1})
+    assert await status_of(engine, run_id) == ("QUEUED", 1)
