@@ -486,7 +486,8 @@ async def heartbeat(
     adopt: list[store.NewEvent] = []
     if held:
         attempts = dict(held)
-        rows = {r.run_id: r for r in (await uow.conn.execute(Q.run_lock_many, {"run_ids": sorted(attempts)})).all()}
+        # A plain read: the adopt path below re-checks under the row lock when it appends.
+        rows = {r.run_id: r for r in (await uow.conn.execute(Q.run_held_state, {"run_ids": sorted(attempts)})).all()}
         for run_id, attempt in sorted(attempts.items()):
             row = rows.get(run_id)
             if row is None:

@@ -34,6 +34,7 @@ class ReaperConfig:
     interval_seconds: float = 1.0
     batch_limit: int = 100
     policy: str = "requeue"
+    forget_workers_after_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.interval_seconds <= 0 or self.batch_limit < 1:
@@ -57,10 +58,14 @@ class Reaper:
         async with UnitOfWork(self.engine) as uow:
             if not (await uow.conn.execute(Q.reaper_try_lock)).scalar_one():
                 return done
+            await uow.conn.execute(
+                Q.workers_forget_silent, {"before": now - timedelta(seconds=self.config.forget_workers_after_seconds)}
+            )
             ids = [r.run_id for r in (
                 await uow.conn.execute(Q.run_find_expired_leases, {"now": now, "limit": self.config.batch_limit})
             ).all()]
             if not ids:
+                await uow.commit()
                 return done
             rows = (await uow.conn.execute(Q.run_lock_many, {"run_ids": ids})).all()
             new: list[store.NewEvent] = []

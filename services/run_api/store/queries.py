@@ -294,7 +294,7 @@ workers_heartbeat = q(
 # Held runs of a worker as the database sees them (to answer cancels and lost runs).
 run_held_state = q(
     """
-    SELECT run_id, status, attempt, worker_id, cancel_requested_at, lease_expires_at FROM runs
+    SELECT run_id, status, attempt, max_attempts, worker_id, cancel_requested_at FROM runs
     WHERE run_id = ANY(:run_ids)
     """
 )
@@ -310,6 +310,15 @@ run_find_expired_leases = q(
     ORDER BY r.lease_expires_at
     LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED
+    """
+)
+
+# Forget workers that have been silent for a long time and hold nothing.
+workers_forget_silent = q(
+    """
+    DELETE FROM workers w
+    WHERE w.lease_expires_at < :before
+      AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.worker_id = w.worker_id AND r.status = 'RUNNING')
     """
 )
 
