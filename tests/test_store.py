@@ -40,6 +40,8 @@ async def start(engine: AsyncEngine, n: int = 1) -> list[str]:
 
 async def claim(engine: AsyncEngine, worker: str, capacity: int = 10, batch: int = 10) -> list[str]:
     async with UnitOfWork(engine) as uow:
+        await handlers.heartbeat(uow, worker, [], 30)  # a worker heartbeats before it claims
+    async with UnitOfWork(engine) as uow:
         result = await handlers.claim_runs(uow, handlers.Claim(worker, "default", capacity, batch, 30))
     return [r.run_id for r in result.runs]
 
@@ -188,3 +190,27 @@ async def test_only_one_reaper_works_at_a_time(engine: AsyncEngine, sql: psycopg
         assert await reaper.run_once(now=later) == Counter()
     assert await reaper.run_once(now=later) == Counter({"lease_expired": 1, "requeued": 1})
     assert await status_of(engine, run_id) == ("QUEUED", 1)
+
+
+async def test_a_worker_without_a_live_heartbeat_lease_is_given_nothing(engine: AsyncEngine) -> None:
+    await start(engine, 2)
+    async with UnitOfWork(engine) as uow:
+        result = await handlers.claim_runs(uow, handlers.Claim("never-beat", "default", 5, 5, 30))
+    assert (result.runs, result.full) == ([], True)
+    assert len(await claim(engine, "w1")) == 2  # heartbeats first, then claims
+    much_later = handlers.utcnow() + timedelta(hours=2)
+    await Reaper(engine, ReaperConfig()).run_once(now=much_later)  # also forgets silent workers
+    async with UnitOfWork(engine) as uow:
+        result = await handlers.claim_runs(uow, handlers.Claim("w1", "default", 5, 5, 30), now=much_later)
+    assert result.runs == [] and result.full
+
+
+async def test_heartbeat_says_lost_for_a_run_the_reaper_ended(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    await cancel(engine, run_id)
+    await Reaper(engine, ReaperConfig()).run_once(now=handlers.utcnow() + timedelta(seconds=60))
+    assert await status_of(engine, run_id) == ("CANCELED", 1)
+    async with UnitOfWork(engine) as uow:
+        beat = await handlers.heartbeat(uow, "w1", [(run_id, 1)], 30)
+    assert beat.lost_run_ids == [run_id]

@@ -26,7 +26,7 @@ from services.run_api.errors import (
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
-from shared.events import TERMINAL_STATUSES, EventType, RunStatus
+from shared.events import EventType, RunStatus
 from shared.workflows import DEFAULT_WORKFLOW, WorkflowInputError, plan, workflow_names
 
 log = logging.getLogger(__name__)
@@ -492,8 +492,6 @@ async def heartbeat(
             row = rows.get(run_id)
             if row is None:
                 lost.append(run_id)
-            elif row.attempt == attempt and row.worker_id == worker_id and row.status in TERMINAL_STATUSES:
-                continue  # it ended under this very attempt; the worker is just finishing up
             elif row.status == RunStatus.RUNNING and row.attempt == attempt and row.worker_id == worker_id:
                 if row.cancel_requested_at is not None:
                     cancel.append(run_id)

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from opentelemetry import trace
 from ulid import ULID
 
-from services.run_worker.reporter import Reporter, StaleAttempt, make_event
+from services.run_worker.reporter import Reporter, StaleAttempt, make_event, restamp
 from services.run_worker.tools import Tool, ToolContext, ToolError
 from shared.events import EventType
 from shared.logs import log_context
@@ -78,6 +78,17 @@ async def _race(tool_call: asyncio.Task[Any], handle: RunHandle) -> Any:
     raise _Interrupted()
 
 
+async def _send(reporter: Reporter, handle: RunHandle, events: list[Any]) -> list[Any]:
+    """Report events; if the run was re-adopted under a new attempt meanwhile, re-send them under it."""
+    while True:
+        try:
+            return await reporter.report(events)
+        except StaleAttempt:
+            if not events or handle.lost.is_set() or handle.attempt == events[0].attempt:
+                raise
+            events = [restamp(e, handle.attempt) for e in events]
+
+
 async def execute(claimed: Any, handle: RunHandle, reporter: Reporter, tools: dict[str, Tool]) -> Result:
     """Run one claimed run (a ClaimedRun message) to its end and report it."""
     run_id, attempt = claimed.run_id, handle.attempt
@@ -104,7 +115,7 @@ async def _execute(
         steps = plan(workflow, run_input)
     except (KeyError, WorkflowInputError) as err:
         message = f"unknown workflow {workflow!r}" if isinstance(err, KeyError) else str(err)
-        await reporter.report([ev(EventType.RUN_STARTED), ev(EventType.RUN_FAILED,
+        await _send(reporter, handle, [ev(EventType.RUN_STARTED), ev(EventType.RUN_FAILED,
                                                              {"error": message, "retryable": False})])
         return Result.FAILED
     pending = [ev(EventType.RUN_STARTED)]
@@ -112,7 +123,7 @@ async def _execute(
         if handle.lost.is_set():
             return Result.LOST
         if handle.cancel.is_set():
-            await reporter.report([*pending, ev(EventType.RUN_CANCELED, {"reason": "cancel requested"})])
+            await _send(reporter, handle, [*pending, ev(EventType.RUN_CANCELED, {"reason": "cancel requested"})])
             return Result.CANCELED
         tool = tools.get(step.tool)
         call_id = str(ULID())
@@ -123,7 +134,7 @@ async def _execute(
                {"tool_call_id": call_id, "step_key": step.key, "tool": step.tool, "input": step.args}),
         ]
         # Recorded before the tool runs: a stale attempt learns it here, before doing any work.
-        await reporter.report(pending)
+        await _send(reporter, handle, pending)
         pending = []
         with tracer.start_as_current_span(f"tool.{step.tool}", attributes={"tool.name": step.tool}):
             try:
@@ -135,14 +146,14 @@ async def _execute(
                 if handle.lost.is_set():
                     return Result.LOST
                 if handle.release.is_set():
-                    await reporter.report([
+                    await _send(reporter, handle, [
                         ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": "worker shutting down"}),
                         ev(EventType.STEP_FAILED, {"step_key": step.key, "error": "worker shutting down"}),
                         ev(EventType.RUN_FAILED, {"error": "worker shut down before the run finished",
                                                   "retryable": True, "released": True}),
                     ])
                     return Result.RELEASED
-                await reporter.report([
+                await _send(reporter, handle, [
                     ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": "canceled"}),
                     ev(EventType.STEP_FAILED, {"step_key": step.key, "error": "canceled"}),
                     ev(EventType.RUN_CANCELED, {"reason": "cancel requested"}),
@@ -153,7 +164,7 @@ async def _execute(
                 retryable = err.retryable if isinstance(err, ToolError) else True
                 out = err.output if isinstance(err, ToolError) else None
                 log.info("tool %s failed: %s", step.tool, error)
-                await reporter.report([
+                await _send(reporter, handle, [
                     ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": error, "output": out}),
                     ev(EventType.STEP_FAILED, {"step_key": step.key, "error": error}),
                     ev(EventType.RUN_FAILED, {"error": error, "retryable": retryable}),
@@ -163,5 +174,5 @@ async def _execute(
             ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": output}),
             ev(EventType.STEP_SUCCEEDED, {"step_key": step.key}),  # the output lives on the tool call
         ]
-    await reporter.report([*pending, ev(EventType.RUN_COMPLETED)])
+    await _send(reporter, handle, [*pending, ev(EventType.RUN_COMPLETED)])
     return Result.SUCCEEDED

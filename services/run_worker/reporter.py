@@ -56,6 +56,15 @@ def make_event(run_id: str, attempt: int, type_: str, payload: dict[str, Any] | 
     return event
 
 
+def restamp(event: Any, attempt: int) -> Any:
+    """The same event under another attempt, with a fresh event id."""
+    out = worker_service_pb2.ReportedEvent()
+    out.CopyFrom(event)
+    out.attempt = attempt
+    out.event_id = str(ULID())
+    return out
+
+
 class Reporter:
     """The worker's single path to ReportRunEvents."""
 

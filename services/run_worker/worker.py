@@ -35,6 +35,8 @@ def open_channel(addr: str) -> grpc.aio.Channel:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2_000),
+            # A claim batch carries each run's input (up to 256 KiB apiece).
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ],
     )
 
@@ -130,7 +132,8 @@ class Worker:
                 handle.cancel.set()
         for run_id in response.lost_run_ids:
             if (handle := handle_of(run_id)) is not None:
-                log.warning("lost the lease on a run; stopping it", extra={"run_id": run_id})
+                if self.held.get(run_id) is handle:  # else it finished meanwhile: nothing to stop
+                    log.warning("lost the lease on a run; stopping it", extra={"run_id": run_id})
                 handle.lost.set()
         for adopted in response.readopted_runs:
             handle = handle_of(adopted.run_id)

@@ -66,12 +66,13 @@ tool_calls_for_run = q(
 
 # --- claiming ----------------------------------------------------------------------------------
 
-# A worker as the claim loop sees it: runs held (used capacity), whether its heartbeat lease lapsed
-# (a paused or cut-off worker is given nothing new), and its running runs asked to cancel.
+# A worker as the claim loop sees it: runs held (used capacity), whether it lacks a live heartbeat
+# lease (a worker that never heartbeated, or a paused or cut-off one, is given nothing new), and its
+# running runs asked to cancel.
 worker_claim_state = q(
     """
     SELECT (SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING') AS held,
-           EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at < :now) AS lapsed,
+           NOT EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at >= :now) AS lapsed,
            ARRAY(SELECT run_id FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING'
                    AND cancel_requested_at IS NOT NULL ORDER BY run_id) AS cancel_run_ids
     """
