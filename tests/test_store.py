@@ -214,3 +214,15 @@ async def test_heartbeat_says_lost_for_a_run_the_reaper_ended(engine: AsyncEngin
     async with UnitOfWork(engine) as uow:
         beat = await handlers.heartbeat(uow, "w1", [(run_id, 1)], 30)
     assert beat.lost_run_ids == [run_id]
+
+
+async def test_a_canceled_run_keeps_the_clients_reason(engine: AsyncEngine) -> None:
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    await cancel(engine, run_id)
+    assert await report(engine, "w1", ev(run_id, 1, "run.canceled", "c1", reason="cancel requested")) == [
+        Outcome.RECORDED
+    ]
+    async with UnitOfWork(engine) as uow:
+        events = await handlers.events_after(uow, run_id, 0)
+    assert events[-1].type == "run.canceled" and events[-1].payload["reason"] == "stop"

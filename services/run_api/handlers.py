@@ -392,7 +392,9 @@ async def report_events(
     for e in reported:
         event_type, payload = e.type, dict(e.payload)
         run = rows.get(e.run_id)
-        if e.type == EventType.RUN_FAILED and run is not None and run.cancel_requested_at is not None:
+        if e.type == EventType.RUN_CANCELED and run is not None and run.cancel_reason:
+            payload["reason"] = run.cancel_reason  # the reason the client gave, not the worker's wording
+        elif e.type == EventType.RUN_FAILED and run is not None and run.cancel_requested_at is not None:
             # Asked to cancel: a failed or released attempt ends the run CANCELED, never a retry.
             event_type = EventType.RUN_CANCELED
             payload.setdefault("reason", run.cancel_reason or "canceled by request")
