@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy.exc
 
 from services.run_api import db
-from services.run_api.server import ApiServer
+from services.run_api.server import ApiServer, ListenError
 from services.run_api.store import events
 from shared.logs import configure_logging
 from shared.settings import ApiSettings, SettingsError
@@ -134,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_serve(settings, url, args.with_worker))
     except KeyboardInterrupt:
         return 130
+    except ListenError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except sqlalchemy.exc.OperationalError as err:
+        print(f"error: cannot reach the database: {err.orig}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ SERVICE_NAMES = (
 )
 
 
+class ListenError(RuntimeError):
+    """The server cannot bind its address."""
+
+
 @dataclass(frozen=True)
 class HealthConfig:
     """How often the database is pinged for the health service."""
@@ -168,9 +172,13 @@ class ApiServer:
     async def start(self) -> int:
         """Bind, start serving, and start the background loops; returns the bound port."""
         await self.monitor.set(False)
-        self.port = self.server.add_insecure_port(self.settings.addr)
+        try:
+            self.port = self.server.add_insecure_port(self.settings.addr)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.settings.addr}")
+            await self.engine.dispose()
+            raise ListenError(f"cannot listen on {self.settings.addr}: is another process using it?")
         await self.server.start()
         self._supervise("listener", lambda: self.listener.run(self._loops_stop))
         self._supervise("health", lambda: self.monitor.run(self._loops_stop))
