@@ -111,6 +111,16 @@ async def _execute(
     def ev(type_: str, payload: dict[str, Any] | None = None) -> Any:
         return make_event(run_id, handle.attempt, type_, payload)
 
+    def step_failed(
+        call_id: str, step_key: str, error: str, final: str, final_payload: dict[str, Any], output: Any = None
+    ) -> list[Any]:
+        """The tool call and its step fail with `error`; then the run's own closing event."""
+        return [
+            ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": error, "output": output}),
+            ev(EventType.STEP_FAILED, {"step_key": step_key, "error": error}),
+            ev(final, final_payload),
+        ]
+
     try:
         steps = plan(workflow, run_input)
     except (KeyError, WorkflowInputError) as err:
@@ -146,29 +156,23 @@ async def _execute(
                 if handle.lost.is_set():
                     return Result.LOST
                 if handle.release.is_set():
-                    await _send(reporter, handle, [
-                        ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": "worker shutting down"}),
-                        ev(EventType.STEP_FAILED, {"step_key": step.key, "error": "worker shutting down"}),
-                        ev(EventType.RUN_FAILED, {"error": "worker shut down before the run finished",
-                                                  "retryable": True, "released": True}),
-                    ])
+                    await _send(reporter, handle, step_failed(
+                        call_id, step.key, "worker shutting down", EventType.RUN_FAILED,
+                        {"error": "worker shut down before the run finished", "retryable": True, "released": True},
+                    ))
                     return Result.RELEASED
-                await _send(reporter, handle, [
-                    ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": "canceled"}),
-                    ev(EventType.STEP_FAILED, {"step_key": step.key, "error": "canceled"}),
-                    ev(EventType.RUN_CANCELED, {"reason": "cancel requested"}),
-                ])
+                await _send(reporter, handle, step_failed(
+                    call_id, step.key, "canceled", EventType.RUN_CANCELED, {"reason": "cancel requested"}
+                ))
                 return Result.CANCELED
             except Exception as err:
                 error = err.message if isinstance(err, ToolError) else f"{type(err).__name__}: {err}"
                 retryable = err.retryable if isinstance(err, ToolError) else True
                 out = err.output if isinstance(err, ToolError) else None
                 log.info("tool %s failed: %s", step.tool, error)
-                await _send(reporter, handle, [
-                    ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": error, "output": out}),
-                    ev(EventType.STEP_FAILED, {"step_key": step.key, "error": error}),
-                    ev(EventType.RUN_FAILED, {"error": error, "retryable": retryable}),
-                ])
+                await _send(reporter, handle, step_failed(
+                    call_id, step.key, error, EventType.RUN_FAILED, {"error": error, "retryable": retryable}, out
+                ))
                 return Result.FAILED
         pending += [
             ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": output}),
