@@ -69,6 +69,55 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
+def _path(env: Mapping[str, str], name: str) -> str | None:
+    """An optional file path; a set but missing file fails at start, naming its variable."""
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if not os.path.isfile(value):
+        raise SettingsError(f"{name} names {value!r}, which is not a readable file")
+    return value
+
+
+# Tools every worker registers; `shell` runs commands on the worker's host, so it is opt-in.
+STOCK_TOOLS = ("noop", "sleep", "fail", "shell")
+DEFAULT_WORKER_TOOLS = ("noop", "sleep", "fail")
+
+
+def _tools(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    tools = tuple(dict.fromkeys(t.strip() for t in raw.split(",") if t.strip()))
+    unknown = [t for t in tools if t not in STOCK_TOOLS]
+    if unknown or not tools:
+        raise SettingsError(f"{name} must be a comma-separated list of {', '.join(STOCK_TOOLS)}, got {raw!r}")
+    return tools
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS for a client of the API (CLI, worker): the CA to trust and an optional client certificate."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise SettingsError("RUNS_TLS_CERT and RUNS_TLS_KEY must be set together")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the channel uses TLS."""
+        return self.ca is not None or self.cert is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientTls:
+        """Read RUNS_TLS_CA, RUNS_TLS_CERT and RUNS_TLS_KEY (files in PEM)."""
+        return cls(ca=_path(env, "RUNS_TLS_CA"), cert=_path(env, "RUNS_TLS_CERT"), key=_path(env, "RUNS_TLS_KEY"))
+
+
 def default_worker_id() -> str:
     """A worker id unique to this process: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:].lower()}"
@@ -108,11 +157,26 @@ class ApiSettings:
     retry_backoff_max_seconds: float = 60.0
     shutdown_grace_seconds: float = 5.0
     embedded_worker: bool = False
+    # "required": every call but health and reflection needs a key; "off": no keys (loopback only,
+    # unless set explicitly); "" (unset): off on a loopback address, refuse to start elsewhere.
+    auth: str = ""
+    bootstrap_admin_key: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
         if ":" not in self.addr:
             raise SettingsError(f"RUN_API_ADDR must be host:port, got {self.addr!r}")
+        if self.auth not in ("", "required", "off"):
+            raise SettingsError(f"RUNS_AUTH must be required or off, got {self.auth!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("RUN_API_TLS_CERT and RUN_API_TLS_KEY must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingsError("RUN_API_TLS_CLIENT_CA needs RUN_API_TLS_CERT and RUN_API_TLS_KEY")
+        if self.bootstrap_admin_key is not None and len(self.bootstrap_admin_key) < 24:
+            raise SettingsError("RUNS_BOOTSTRAP_ADMIN_KEY must be at least 24 characters")
         if self.lease_seconds <= 0:
             raise SettingsError("RUN_LEASE_SECONDS must be positive")
         if self.default_max_attempts < 1:
@@ -136,6 +200,11 @@ class ApiSettings:
             retry_backoff_max_seconds=_float(env, "RUN_RETRY_BACKOFF_MAX_SECONDS", 60.0),
             shutdown_grace_seconds=_float(env, "RUN_API_SHUTDOWN_GRACE_SECONDS", 5.0),
             embedded_worker=_bool(env, "RUN_WORKER_EMBEDDED", False),
+            auth=_choice(env, "RUNS_AUTH", "", ("", "required", "off")),
+            bootstrap_admin_key=env.get("RUNS_BOOTSTRAP_ADMIN_KEY", "").strip() or None,
+            tls_cert=_path(env, "RUN_API_TLS_CERT"),
+            tls_key=_path(env, "RUN_API_TLS_KEY"),
+            tls_client_ca=_path(env, "RUN_API_TLS_CLIENT_CA"),
             log=LogSettings.from_env(env),
         )
 
@@ -152,6 +221,9 @@ class WorkerSettings:
     poll_ms: int = 1000
     heartbeat_seconds: float = 10.0
     drain_seconds: float = 30.0
+    tools: tuple[str, ...] = DEFAULT_WORKER_TOOLS
+    api_key: str | None = None
+    tls: ClientTls = field(default_factory=ClientTls)
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
@@ -175,5 +247,8 @@ class WorkerSettings:
             poll_ms=_int(env, "RUN_WORKER_POLL_MS", 1000, minimum=10),
             heartbeat_seconds=_float(env, "RUN_HEARTBEAT_SECONDS", lease / 3, minimum=0.05),
             drain_seconds=_float(env, "RUN_WORKER_DRAIN_SECONDS", 30.0),
+            tools=_tools(env, "RUN_WORKER_TOOLS", DEFAULT_WORKER_TOOLS),
+            api_key=env.get("RUNS_API_KEY", "").strip() or None,
+            tls=ClientTls.from_env(env),
             log=LogSettings.from_env(env),
         )
