@@ -64,7 +64,7 @@ def aio_channel(
     """An asyncio channel to the API: TLS when `tls` says so, the API key on every call."""
     extra: list[grpc.aio.ClientInterceptor] = [*interceptors]
     if api_key:
-        extra.append(_BearerKey(api_key))
+        extra.append(_BearerKey(api_key))  # type: ignore[arg-type]
     if tls is not None and tls.enabled:
         return grpc.aio.secure_channel(addr, credentials(tls), options=list(options), interceptors=extra)
     return grpc.aio.insecure_channel(addr, options=list(options), interceptors=extra)
