@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api import db, handlers
+from services.run_api.auth import Caller
 from services.run_api.reaper import Reaper, ReaperConfig
 from services.run_api.store.events import Outcome
 from services.run_api.store.uow import UnitOfWork
@@ -20,6 +21,16 @@ from services.run_api.store.uow import UnitOfWork
 pytestmark = pytest.mark.timeout(60)
 
 POLICY = handlers.RetryPolicy(max_attempts=2, backoff_seconds=0, backoff_max_seconds=0)
+ANON = Caller.anonymous()
+_SESSIONS: dict[tuple[int, str], str] = {}
+
+
+async def session(engine: AsyncEngine, worker: str) -> str:
+    """Open (or resume) the worker's session, as its claim stream does; returns its token."""
+    async with UnitOfWork(engine) as uow:
+        token = await handlers.open_session(uow, worker, "default", _SESSIONS.get((id(engine), worker), ""), 30)
+    _SESSIONS[(id(engine), worker)] = token
+    return token
 
 
 @pytest.fixture
@@ -33,14 +44,13 @@ async def start(engine: AsyncEngine, n: int = 1) -> list[str]:
     ids = []
     for _ in range(n):
         async with UnitOfWork(engine) as uow:
-            row, _ = await handlers.start_run(uow, handlers.StartRun("", {}, 2), POLICY)
+            row, _ = await handlers.start_run(uow, handlers.StartRun("", {}, 2), POLICY, ANON)
             ids.append(row.run_id)
     return ids
 
 
 async def claim(engine: AsyncEngine, worker: str, capacity: int = 10, batch: int = 10) -> list[str]:
-    async with UnitOfWork(engine) as uow:
-        await handlers.heartbeat(uow, worker, [], 30)  # a worker heartbeats before it claims
+    await session(engine, worker)  # the stream opens the worker's session (its first heartbeat) before it claims
     async with UnitOfWork(engine) as uow:
         result = await handlers.claim_runs(uow, handlers.Claim(worker, "default", capacity, batch, 30))
     return [r.run_id for r in result.runs]
@@ -92,7 +102,7 @@ async def test_stale_attempt_and_terminal_runs_refuse_reports(engine: AsyncEngin
     assert await report(engine, "w1", ev(run_id, 1, "run.failed", "x3", error="late")) == [Outcome.STALE]
     async with UnitOfWork(engine) as uow:
         events = await handlers.events_after(uow, run_id, 0)
-        row, _, _ = await handlers.get_run(uow, run_id)
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
     assert [e.type for e in events] == ["run.queued", "run.claimed", "run.completed"]
     assert row.status == "SUCCEEDED"
 
@@ -102,12 +112,12 @@ async def test_a_failed_attempt_with_attempts_left_is_requeued(engine: AsyncEngi
     await claim(engine, "w1")
     assert await report(engine, "w1", ev(run_id, 1, "run.failed", "f1", error="boom")) == [Outcome.RECORDED]
     async with UnitOfWork(engine) as uow:
-        row, _, _ = await handlers.get_run(uow, run_id)
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
     assert (row.status, row.attempt, row.error) == ("QUEUED", 1, "boom")
     assert await claim(engine, "w2") == [run_id]
     assert await report(engine, "w2", ev(run_id, 2, "run.failed", "f2", error="again")) == [Outcome.RECORDED]
     async with UnitOfWork(engine) as uow:
-        row, _, _ = await handlers.get_run(uow, run_id)
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
     assert (row.status, row.attempt, row.error, row.stop_reason) == ("FAILED", 2, "again", "failed")
 
 
@@ -122,12 +132,12 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
 
 async def cancel(engine: AsyncEngine, run_id: str) -> None:
     async with UnitOfWork(engine) as uow:
-        await handlers.cancel_run(uow, run_id, "stop")
+        await handlers.cancel_run(uow, run_id, "stop", ANON)
 
 
 async def status_of(engine: AsyncEngine, run_id: str) -> tuple[str, int]:
     async with UnitOfWork(engine) as uow:
-        row, _, _ = await handlers.get_run(uow, run_id)
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
     return row.status, row.attempt
 
 
@@ -163,7 +173,7 @@ async def test_nul_characters_in_worker_payloads_are_stored_replaced(engine: Asy
     outcome = await report(engine, "w1", ev(run_id, 1, "run.failed", "f1", error="bad\x00byte", retryable=False))
     assert outcome == [Outcome.RECORDED]
     async with UnitOfWork(engine) as uow:
-        row, _, _ = await handlers.get_run(uow, run_id)
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
     assert (row.status, row.error) == ("FAILED", "bad\ufffdbyte")
 
 
@@ -173,7 +183,8 @@ def test_the_claim_query_can_use_the_partial_index(sql: psycopg.Connection) -> N
         plan = "\n".join(
             r[0]
             for r in sql.execute(
-                "EXPLAIN SELECT run_id FROM runs WHERE workspace_id = 'default' AND status = 'QUEUED' "
+                "EXPLAIN SELECT run_id FROM runs WHERE tenant_id = 'default' AND workspace_id = 'default' "
+                "AND status = 'QUEUED' "
                 "AND next_attempt_at <= now() ORDER BY next_attempt_at, run_id LIMIT 10 FOR UPDATE SKIP LOCKED"
             )
         )

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.gen.runs.v1 import run_pb2, run_service_pb2
+from shared.gen.runs.v1 import key_service_pb2, run_pb2, run_service_pb2
 
 
 def ts(value: datetime | None) -> Timestamp | None:
@@ -68,6 +68,11 @@ def run(row: Any) -> run_pb2.Run:
         worker_id=row.worker_id or "",
         lease_expires_at=ts(row.lease_expires_at),
         last_sequence=row.last_sequence,
+        tenant_id=row.tenant_id,
+        project_id=row.project_id,
+        created_by=row.created_by or "",
+        cancel_requested_by=row.cancel_requested_by or "",
+        cancel_reason=row.cancel_reason or "",
     )
 
 
@@ -135,4 +140,39 @@ def attempt(record: Any) -> run_service_pb2.Attempt:
         ended_at=ts(record.ended_at),
         outcome=record.outcome,
         error=record.error,
+    )
+
+
+# The range google.protobuf.Timestamp allows (0001-01-01 to 9999-12-31), per its definition.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def timestamp_problem(value: Timestamp) -> str | None:
+    """Why a Timestamp is out of its valid range, or None."""
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS:
+        return "seconds must be within 0001-01-01 and 9999-12-31"
+    if not 0 <= value.nanos < 1_000_000_000:
+        return "nanos must be between 0 and 999999999"
+    return None
+
+
+_KEY_ROLES = {"client": key_service_pb2.KEY_ROLE_CLIENT, "worker": key_service_pb2.KEY_ROLE_WORKER,
+              "admin": key_service_pb2.KEY_ROLE_ADMIN}
+ROLE_NAMES = {v: k for k, v in _KEY_ROLES.items()}
+
+
+def api_key(row: Any) -> key_service_pb2.ApiKey:
+    """An api_keys row as an ApiKey (never its secret)."""
+    return _set(
+        key_service_pb2.ApiKey(),
+        key_id=row.key_id,
+        role=_KEY_ROLES[row.role],
+        tenant_id=row.tenant_id,
+        project_id=row.project_id or "",
+        workspace_id=row.workspace_id or "",
+        created_at=ts(row.created_at),
+        expires_at=ts(row.expires_at),
+        revoked_at=ts(row.revoked_at),
+        created_by=row.created_by or "",
+        description=row.description or "",
     )

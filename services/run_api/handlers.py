@@ -6,9 +6,11 @@ Servicers translate proto to these commands and results back to proto; only the 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import random
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -16,13 +18,16 @@ from typing import Any
 
 from ulid import ULID
 
+from services.run_api.auth import Caller
 from services.run_api.errors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidRequest,
+    PermissionDenied,
     RequestTooLarge,
-    RunNotFound,
+    shorten,
 )
+from services.run_api.payloads import MAX_JSON_DEPTH, MAX_REASON_CHARS, json_depth
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
@@ -37,6 +42,15 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_BACKOFF_SECONDS = 86400.0
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# Identifiers a client or worker sends (worker instance, workspace, project, tenant, step key, tool
+# call id, event id, run id) are at most this long: they travel in NOTIFY payloads (8,000 bytes at
+# most) and log lines.
+MAX_IDENTIFIER = 128
+# Claim streams: what a worker may ask for, clamped to these (documented in the README).
+MIN_POLL_MS = 100
+MAX_POLL_MS = 60_000
+MAX_CAPACITY = 256
+MAX_BATCH_LIMIT = 100
 
 
 def utcnow() -> datetime:
@@ -60,6 +74,7 @@ class StartRun:
     trace_context: dict[str, str] = field(default_factory=dict)
     retry_backoff_seconds: float = 0.0
     retry_backoff_max_seconds: float = 0.0
+    project_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class Claim:
     capacity: int
     batch_limit: int
     lease_seconds: float
+    tenant_id: str = "default"
 
 
 @dataclass(frozen=True)
@@ -97,45 +113,57 @@ class ReportedEvent:
 # --- validation --------------------------------------------------------------------------------
 
 
-def validate_start(cmd: StartRun, policy: RetryPolicy) -> tuple[str, str, int]:
-    """Check a StartRun command; returns (workflow, workspace_id, max_attempts) with defaults applied."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a new run lives: tenant, project and workspace, after the key's limits."""
+
+    tenant_id: str
+    project_id: str
+    workspace_id: str
+
+
+def check_input_size(size: int) -> None:
+    """Refuse an input over MAX_INPUT_BYTES, by its size on the wire (before it is converted at all)."""
+    if size > MAX_INPUT_BYTES:
+        raise RequestTooLarge([("input", f"input is {size} bytes; at most {MAX_INPUT_BYTES} bytes are accepted")])
+
+
+def validate_start(cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[str, Placement, int]:
+    """Check a StartRun command; returns (workflow, placement, max_attempts) with defaults applied."""
     violations: list[tuple[str, str]] = []
     workflow = cmd.workflow or DEFAULT_WORKFLOW
-    for name in ("workflow", "idempotency_key", "workspace_id"):
-        check_text(name, getattr(cmd, name))
+    check_input_size(cmd.input_size)
+    check_text("workflow", cmd.workflow, limit=MAX_IDENTIFIER)
+    check_text("idempotency_key", cmd.idempotency_key, limit=MAX_IDEMPOTENCY_KEY)
+    for name in ("workspace_id", "project_id"):
+        check_identifier(name, getattr(cmd, name))
+    if json_depth(cmd.input) > MAX_JSON_DEPTH:
+        raise InvalidRequest.field("input", f"input nests deeper than {MAX_JSON_DEPTH} levels")
     if _has_nul(cmd.input):
         raise InvalidRequest.field("input", "input must not contain the character U+0000")
-    if cmd.input_size > MAX_INPUT_BYTES:
-        raise RequestTooLarge(
-            [("input", f"input is {cmd.input_size} bytes; at most {MAX_INPUT_BYTES} bytes are accepted")]
-        )
     if workflow not in workflow_names():
         violations.append(
-            ("workflow", f"unknown workflow {workflow!r}; known workflows: {', '.join(workflow_names())}")
+            ("workflow", f"unknown workflow {shorten(workflow)!r}; known workflows: {', '.join(workflow_names())}")
         )
     else:
         try:
             plan(workflow, cmd.input)
         except WorkflowInputError as err:
             violations.append((err.field, err.message))
-    if len(cmd.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        violations.append(
-            (
-                "idempotency_key",
-                f"idempotency_key is {len(cmd.idempotency_key)} characters; at most {MAX_IDEMPOTENCY_KEY}",
-            )
-        )
     if cmd.max_attempts < 0 or cmd.max_attempts > MAX_ATTEMPTS_LIMIT:
         violations.append(("max_attempts", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"))
     for name in ("retry_backoff_seconds", "retry_backoff_max_seconds"):
         value = getattr(cmd, name)
         if not 0 <= value <= MAX_BACKOFF_SECONDS:
             violations.append((name, f"{name} must be between 0 and {MAX_BACKOFF_SECONDS:g} seconds"))
-    if len(cmd.workspace_id) > 128:
-        violations.append(("workspace_id", "workspace_id is longer than 128 characters"))
     if violations:
         raise InvalidRequest(violations)
-    return workflow, cmd.workspace_id or "default", cmd.max_attempts or policy.max_attempts
+    placement = Placement(
+        tenant_id=caller.tenant_id,
+        project_id=caller.scoped("project_id", cmd.project_id),
+        workspace_id=caller.scoped("workspace_id", cmd.workspace_id),
+    )
+    return workflow, placement, cmd.max_attempts or policy.max_attempts
 
 
 def _has_nul(value: Any) -> bool:
@@ -148,19 +176,40 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def check_text(field: str, value: str) -> None:
-    """Refuse a string field PostgreSQL cannot store (U+0000), naming the field."""
+def check_text(field: str, value: str, limit: int | None = None) -> None:
+    """Refuse a string field PostgreSQL cannot store (U+0000) or longer than `limit`, naming the field."""
+    if limit is not None and len(value) > limit:
+        raise InvalidRequest.field(field, f"{field} is {len(value)} characters; at most {limit}")
     if "\x00" in value:
         raise InvalidRequest.field(field, f"{field} must not contain the character U+0000")
 
 
+def check_identifier(field: str, value: str, required: bool = False, limit: int = MAX_IDENTIFIER) -> None:
+    """Refuse an identifier that is missing (when required), too long, or holds control characters."""
+    if not value:
+        if required:
+            raise InvalidRequest.field(field, f"{field} is required")
+        return
+    check_text(field, value, limit)
+    if not value.isprintable() or value != value.strip():
+        raise InvalidRequest.field(field, f"{field} must be printable text without surrounding spaces")
+
+
+def page_bounds(page_size: int) -> int:
+    """The page size to use for a request's page_size (0: the default; capped)."""
+    if page_size < 0:
+        raise InvalidRequest.field("page_size", "page_size must not be negative")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
 def _request_hash(
-    workflow: str, workspace_id: str, run_input: dict[str, Any], max_attempts: int, backoff: float, cap: float
+    workflow: str, place: Placement, run_input: dict[str, Any], max_attempts: int, backoff: float, cap: float
 ) -> str:
     canonical = json.dumps(
         {
             "workflow": workflow,
-            "workspace_id": workspace_id,
+            "workspace_id": place.workspace_id,
+            "project_id": place.project_id,
             "input": run_input,
             "max_attempts": max_attempts,
             "backoff": backoff,
@@ -175,11 +224,11 @@ def _request_hash(
 # --- run API -----------------------------------------------------------------------------------
 
 
-async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tuple[Any, bool]:
-    """Queue a run (run.queued) and return (run row, deduplicated)."""
-    workflow, workspace_id, max_attempts = validate_start(cmd, policy)
+async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
+    """Queue a run (run.queued) in the caller's tenant and return (run row, deduplicated)."""
+    workflow, place, max_attempts = validate_start(cmd, policy, caller)
     request_hash = _request_hash(
-        workflow, workspace_id, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds
+        workflow, place, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds
     )
     key = cmd.idempotency_key or None
     event = store.NewEvent(
@@ -190,7 +239,10 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tupl
         occurred_at=utcnow(),
         payload={
             "workflow": workflow,
-            "workspace_id": workspace_id,
+            "tenant_id": place.tenant_id,
+            "project_id": place.project_id,
+            "workspace_id": place.workspace_id,
+            "created_by": caller.key_id,
             "input": cmd.input,
             "max_attempts": max_attempts,
             "retry_backoff_seconds": cmd.retry_backoff_seconds or policy.backoff_seconds,
@@ -203,7 +255,10 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tupl
     created = await store.queue_run(uow.conn, event)
     if created is None:
         existing = (
-            await uow.conn.execute(Q.run_get_by_idempotency_key, {"workspace_id": workspace_id, "key": key})
+            await uow.conn.execute(
+                Q.run_get_by_idempotency_key,
+                {"tenant_id": place.tenant_id, "workspace_id": place.workspace_id, "key": key},
+            )
         ).first()
         if existing is None:  # pragma: no cover - the conflicting row was committed before we looked
             raise IdempotencyConflict("idempotency key is being used by a concurrent request; retry")
@@ -220,58 +275,49 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy) -> tupl
     return row, False
 
 
-async def get_run(uow: UnitOfWork, run_id: str) -> tuple[Any, list[Any], list[Any]]:
+async def get_run(uow: UnitOfWork, run_id: str, caller: Caller) -> tuple[Any, list[Any], list[Any]]:
     """The run with its steps and tool calls."""
-    if not run_id:
-        raise InvalidRequest.field("run_id", "run_id is required")
-    check_text("run_id", run_id)
-    row = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).first()
-    if row is None:
-        raise RunNotFound(run_id)
+    row = await run_exists(uow, run_id, caller)
     steps = (await uow.conn.execute(Q.run_steps_for_run, {"run_id": run_id})).all()
     calls = (await uow.conn.execute(Q.tool_calls_for_run, {"run_id": run_id})).all()
     return row, list(steps), list(calls)
 
 
 async def list_runs(
-    uow: UnitOfWork, status: str | None, workflow: str | None, page_size: int, page_token: str
+    uow: UnitOfWork, caller: Caller, status: str | None, workflow: str | None, page_size: int, page_token: str
 ) -> tuple[list[Any], str]:
-    """A page of runs, newest first, and the token of the next page ('' on the last one)."""
-    if page_size < 0:
-        raise InvalidRequest.field("page_size", "page_size must not be negative")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    check_text("workflow", workflow or "")
+    """A page of the caller's runs, newest first, and the token of the next page ('' on the last one)."""
+    size = page_bounds(page_size)
+    check_text("workflow", workflow or "", limit=MAX_IDENTIFIER)
     after = None
     if page_token:
         try:
             after = str(ULID.from_str(page_token))
-        except ValueError:
+        except (ValueError, TypeError):
             raise InvalidRequest.field("page_token", "page_token is not a valid page token") from None
     rows = (
         await uow.conn.execute(
-            Q.run_list, {"status": status, "workflow": workflow or None, "after_run_id": after, "limit": size + 1}
+            Q.run_list,
+            {"tenant_id": caller.tenant_id, "project_id": caller.project_id, "workspace_id": caller.workspace_id,
+             "status": status, "workflow": workflow or None, "after_run_id": after, "limit": size + 1},
         )
     ).all()
     next_token = rows[size - 1].run_id if len(rows) > size else ""
     return list(rows[:size]), next_token
 
 
-async def cancel_run(uow: UnitOfWork, run_id: str, reason: str) -> Any:
+async def cancel_run(uow: UnitOfWork, run_id: str, reason: str, caller: Caller) -> Any:
     """Cancel a queued run at once, or ask a running one to stop; terminal runs are refused."""
-    if not run_id:
-        raise InvalidRequest.field("run_id", "run_id is required")
-    check_text("run_id", run_id)
-    check_text("reason", reason)
-    row = (await uow.conn.execute(Q.run_lock_many, {"run_ids": [run_id]})).first()
-    if row is None:
-        raise RunNotFound(run_id)
+    check_identifier("run_id", run_id, required=True)
+    check_text("reason", reason, limit=MAX_REASON_CHARS)
+    row = caller.check_visible((await uow.conn.execute(Q.run_lock_many, {"run_ids": [run_id]})).first(), run_id)
     if row.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
         raise IllegalTransition(f"run {run_id} has already ended {row.status}; it cannot be canceled")
     if row.status == RunStatus.CANCELED or (row.status == RunStatus.RUNNING and row.cancel_requested_at):
         return row
-    payload = {"reason": reason or "canceled by request"}
-    new = [store.NewEvent(run_id, EventType.RUN_CANCEL_REQUESTED, row.attempt, store.new_event_id(), payload,
-                          occurred_at=utcnow())]
+    payload: dict[str, Any] = {"reason": reason or "canceled by request"}
+    new = [store.NewEvent(run_id, EventType.RUN_CANCEL_REQUESTED, row.attempt, store.new_event_id(),
+                          {**payload, "requested_by": caller.key_id}, occurred_at=utcnow())]
     if row.status == RunStatus.QUEUED:
         new.append(store.NewEvent(run_id, EventType.RUN_CANCELED, row.attempt, store.new_event_id(), payload,
                                   occurred_at=utcnow()))
@@ -290,13 +336,65 @@ async def events_after(uow: UnitOfWork, run_id: str, after_sequence: int, limit:
     return list(rows.all())
 
 
-async def run_exists(uow: UnitOfWork, run_id: str) -> Any:
-    """The run row or RunNotFound."""
-    check_text("run_id", run_id)
-    row = (await uow.conn.execute(Q.run_get, {"run_id": run_id})).first()
-    if row is None:
-        raise RunNotFound(run_id)
-    return row
+async def run_exists(uow: UnitOfWork, run_id: str, caller: Caller) -> Any:
+    """The run row, or RunNotFound when it is missing or not the caller's to see."""
+    check_identifier("run_id", run_id, required=True)
+    return caller.check_visible((await uow.conn.execute(Q.run_get, {"run_id": run_id})).first(), run_id)
+
+
+# --- worker sessions ---------------------------------------------------------------------------
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def open_session(
+    uow: UnitOfWork, worker_id: str, tenant_id: str, token: str, lease_seconds: float, now: datetime | None = None
+) -> str:
+    """Open or resume a worker's session; returns its secret token (the one given, when it resumes).
+
+    A worker id whose session is live (heartbeat lease not lapsed, or runs still held) can only be
+    resumed with its token: a client that knows only the id cannot take it over.
+    """
+    now = now or utcnow()
+    row = (await uow.conn.execute(Q.workers_session_lock, {"worker_id": worker_id})).first()
+    resumed = (
+        row is not None
+        and bool(token)
+        and row.session_token_hash is not None
+        and hmac.compare_digest(row.session_token_hash, _token_hash(token))
+    )
+    if row is not None and (row.tenant_id != tenant_id or (not resumed and (row.lease_expires_at >= now or row.held))):
+        raise PermissionDenied(
+            f"worker id {shorten(worker_id)!r} belongs to a live session (its lease has not lapsed or it holds "
+            "runs): give this worker another id, or wait until that session's lease lapses"
+        )
+    if not resumed:
+        token = secrets.token_urlsafe(32)
+    await uow.conn.execute(
+        Q.workers_session_open,
+        {"worker_id": worker_id, "tenant_id": tenant_id, "session_token_hash": _token_hash(token),
+         "lease_expires_at": now + timedelta(seconds=lease_seconds), "now": now},
+    )
+    await uow.commit()
+    if not resumed:
+        log.info("worker session opened", extra={"worker_id": worker_id})
+    return token
+
+
+async def check_session(uow: UnitOfWork, worker_id: str, token: str) -> None:
+    """Refuse (PERMISSION_DENIED) a heartbeat or report that does not carry the worker's session token."""
+    row = (await uow.conn.execute(Q.workers_session_get, {"worker_id": worker_id})).first()
+    if (
+        row is None
+        or not token
+        or row.session_token_hash is None
+        or not hmac.compare_digest(row.session_token_hash, _token_hash(token))
+    ):
+        raise PermissionDenied(
+            "no session of this worker matches the session token: open a ClaimQueuedRuns stream to get one"
+        )
 
 
 # --- worker API --------------------------------------------------------------------------------
@@ -324,7 +422,8 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
         return ClaimResult([], True, cancels)
     rows = (
         await uow.conn.execute(
-            Q.run_claim_candidates, {"workspace_id": claim.workspace_id, "now": now, "limit": limit}
+            Q.run_claim_candidates,
+            {"tenant_id": claim.tenant_id, "workspace_id": claim.workspace_id, "now": now, "limit": limit},
         )
     ).all()
     if not rows:
@@ -388,6 +487,7 @@ async def report_events(
             await uow.conn.execute(Q.run_lock_many, {"run_ids": sorted({e.run_id for e in reported})})
         ).all()
     }
+    await _check_holder(uow, worker_id, rows, reported)
     new_events: list[store.NewEvent] = []
     for e in reported:
         event_type, payload = e.type, dict(e.payload)
@@ -427,14 +527,16 @@ async def report_events(
         )
     results = await store.append(uow.conn, new_events)
     await uow.commit()
+    stale = [r for r in results if r.outcome is store.Outcome.STALE]
+    if stale:
+        # One line per report, however many events it held (a report may carry thousands).
+        log.warning(
+            "refused %d stale event(s) about %d run(s): %s", len(stale), len({r.event.run_id for r in stale}),
+            stale[0].message,
+            extra={"run_id": stale[0].event.run_id, "worker_id": worker_id, "attempt": stale[0].event.attempt},
+        )
     for r in results:
-        if r.outcome is store.Outcome.STALE:
-            log.warning(
-                "stale report refused: %s", r.message,
-                extra={"run_id": r.event.run_id, "worker_id": worker_id, "attempt": r.event.attempt,
-                       "event": r.event.type},
-            )
-        elif r.outcome is store.Outcome.RECORDED and r.event.type in (
+        if r.outcome is store.Outcome.RECORDED and r.event.type in (
             EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED, EventType.RUN_REQUEUED
         ):
             log.info(
@@ -445,6 +547,37 @@ async def report_events(
                        "error": r.event.payload.get("error")},
             )
     return results
+
+
+async def _check_holder(uow: UnitOfWork, worker_id: str, rows: dict[str, Any], reported: list[ReportedEvent]) -> None:
+    """Refuse the whole report (PERMISSION_DENIED, nothing recorded) if it is about an attempt this worker never held.
+
+    A report must come from the run's current (or last) holder, or from the worker that claimed the
+    attempt it names (a worker that lost the run: its report is then stale, not forged).
+    """
+    suspect = sorted(
+        {
+            (e.run_id, e.attempt)
+            for e in reported
+            if (run := rows.get(e.run_id)) is None or run.worker_id != worker_id
+        }
+    )
+    if not suspect:
+        return
+    found = await uow.conn.execute(
+        Q.run_events_claimers, {"run_ids": [r for r, _ in suspect], "attempts": [a for _, a in suspect]}
+    )
+    claimers = {(row.run_id, row.attempt): row.worker_id for row in found.all()}
+    foreign = [(run_id, attempt) for run_id, attempt in suspect if claimers.get((run_id, attempt)) != worker_id]
+    if foreign:
+        run_id, attempt = foreign[0]
+        log.warning(
+            "refused a report about %d run attempt(s) this worker never held", len(foreign),
+            extra={"worker_id": worker_id, "run_id": shorten(run_id), "attempt": attempt},
+        )
+        raise PermissionDenied(
+            f"this worker does not hold run {shorten(run_id)!r} attempt {attempt}; nothing was recorded"
+        )
 
 
 @dataclass(frozen=True)
@@ -588,12 +721,13 @@ class Stats:
     runs_by_status: dict[str, int]
 
 
-async def stats(uow: UnitOfWork) -> Stats:
-    """Counters of events by kind and runs by status."""
+async def stats(uow: UnitOfWork, tenant_id: str) -> Stats:
+    """A tenant's counters of events by kind and runs by status."""
     events: dict[str, int] = {}
     readopted = 0
-    for row in (await uow.conn.execute(Q.stats_event_counts)).all():
+    params = {"tenant_id": tenant_id}
+    for row in (await uow.conn.execute(Q.stats_event_counts, params)).all():
         events[row.type] = row.n
         readopted += row.readopted
-    by_status = {row.status: row.n for row in (await uow.conn.execute(Q.stats_runs_by_status)).all()}
+    by_status = {row.status: row.n for row in (await uow.conn.execute(Q.stats_runs_by_status, params)).all()}
     return Stats(events, readopted, by_status)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
@@ -13,13 +13,23 @@ import grpc
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import convert, handlers
-from services.run_api.errors import InvalidRequest, RunsError
+from services.run_api import auth, convert, handlers, payloads
+from services.run_api.auth import current_caller
+from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, shorten
 from services.run_api.listener import Hub
-from services.run_api.store.events import CHANNEL_CANCEL, CHANNEL_EVENTS, CHANNEL_QUEUED, CHANNEL_WORKER, Outcome
+from services.run_api.store.events import (
+    CHANNEL_CANCEL,
+    CHANNEL_EVENTS,
+    CHANNEL_QUEUED,
+    CHANNEL_WORKER,
+    Outcome,
+    queued_key,
+)
 from services.run_api.store.uow import UnitOfWork
 from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, WORKER_EVENTS
 from shared.gen.runs.v1 import (
+    key_service_pb2,
+    key_service_pb2_grpc,
     ops_service_pb2,
     ops_service_pb2_grpc,
     run_pb2,
@@ -35,6 +45,8 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("runs.api")
 
 _STATUS_NAMES = {v: n.removeprefix("RUN_STATUS_") for n, v in run_pb2.RunStatus.items()}
+# The largest payload one reported event may carry (a tool's output or input included).
+MAX_EVENT_PAYLOAD_BYTES = 1024 * 1024
 
 
 class ShuttingDown(RunsError):
@@ -65,9 +77,10 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
     async def StartRun(
         self, request: run_service_pb2.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.StartRunResponse:
+        handlers.check_input_size(request.input.ByteSize())  # by its size on the wire, before converting it
         try:
             run_input = convert.to_dict(request.input)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidRequest.field("input", "input must be JSON: NaN and Infinity are not allowed") from None
         cmd = handlers.StartRun(
             workflow=request.workflow,
@@ -79,24 +92,25 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
             trace_context=current_trace_carrier(),
             retry_backoff_seconds=request.retry_backoff_seconds,
             retry_backoff_max_seconds=request.retry_backoff_max_seconds,
+            project_id=request.project_id,
         )
         async with UnitOfWork(self.engine) as uow:
-            row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry)
+            row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry, current_caller())
         return run_service_pb2.StartRunResponse(run=convert.run(row), deduplicated=deduplicated)
 
     async def CancelRun(
         self, request: run_service_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.CancelRunResponse:
-        with log_context(run_id=request.run_id):
+        with log_context(run_id=shorten(request.run_id)):
             async with UnitOfWork(self.engine) as uow:
-                row = await handlers.cancel_run(uow, request.run_id, request.reason)
+                row = await handlers.cancel_run(uow, request.run_id, request.reason, current_caller())
         return run_service_pb2.CancelRunResponse(run=convert.run(row))
 
     async def GetRun(
         self, request: run_service_pb2.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.GetRunResponse:
         async with UnitOfWork(self.engine) as uow:
-            row, steps, calls = await handlers.get_run(uow, request.run_id)
+            row, steps, calls = await handlers.get_run(uow, request.run_id, current_caller())
             tries = await handlers.attempts(uow, request.run_id)
         return run_service_pb2.GetRunResponse(
             run=convert.run(row),
@@ -109,26 +123,26 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
         self, request: run_service_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.ListRunsResponse:
         if request.status not in _STATUS_NAMES:
-            raise InvalidRequest.field("status", f"unknown status {request.status}")
+            raise InvalidRequest.field("status", "unknown status")
         status = _STATUS_NAMES[request.status] if request.status else None
         async with UnitOfWork(self.engine) as uow:
             rows, token = await handlers.list_runs(
-                uow, status, request.workflow, request.page_size, request.page_token
+                uow, current_caller(), status, request.workflow, request.page_size, request.page_token
             )
         return run_service_pb2.ListRunsResponse(runs=[convert.run(r) for r in rows], next_page_token=token)
 
     async def WatchRun(
         self, request: run_service_pb2.WatchRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[run_service_pb2.WatchRunResponse]:
-        if not request.run_id:
-            raise InvalidRequest.field("run_id", "run_id is required")
+        handlers.check_identifier("run_id", request.run_id, required=True)
         if request.after_sequence < 0:
             raise InvalidRequest.field("after_sequence", "after_sequence must not be negative")
+        caller = current_caller()
         after = request.after_sequence
         with self.hub.subscribe((CHANNEL_EVENTS, request.run_id)) as waiter:
             while True:
                 async with UnitOfWork(self.engine) as uow:
-                    run = await handlers.run_exists(uow, request.run_id)
+                    run = await handlers.run_exists(uow, request.run_id, caller)
                     rows = await handlers.events_after(uow, request.run_id, after)
                 for row in rows:
                     yield run_service_pb2.WatchRunResponse(event=convert.event(row))
@@ -153,25 +167,37 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     async def ClaimQueuedRuns(
         self, request: worker_service_pb2.ClaimQueuedRunsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_service_pb2.ClaimQueuedRunsResponse]:
-        if not request.worker_id:
-            raise InvalidRequest.field("worker_id", "worker_id is required")
-        handlers.check_text("worker_id", request.worker_id)
-        handlers.check_text("workspace_id", request.workspace_id)
+        caller = current_caller()
+        handlers.check_identifier("worker_id", request.worker_id, required=True)
+        handlers.check_identifier("workspace_id", request.workspace_id)
+        handlers.check_text("session_token", request.session_token, limit=128)
         if request.capacity < 0 or request.batch_limit < 0 or request.poll_interval_ms < 0:
             raise InvalidRequest.field("capacity", "capacity, batch_limit and poll_interval_ms must not be negative")
-        capacity = request.capacity or 1
+        # Clamped to the server's limits (README): no worker hoards the queue or spins the database.
+        capacity = min(request.capacity or 1, handlers.MAX_CAPACITY)
         claim = handlers.Claim(
-            worker_id=request.worker_id,
-            workspace_id=request.workspace_id or "default",
+            worker_id=caller.worker_id(request.worker_id),
+            workspace_id=caller.scoped("workspace_id", request.workspace_id),
             capacity=capacity,
-            batch_limit=request.batch_limit or capacity,
+            batch_limit=min(request.batch_limit or capacity, capacity, handlers.MAX_BATCH_LIMIT),
             lease_seconds=self.config.lease_seconds,
+            tenant_id=caller.tenant_id,
         )
-        poll = request.poll_interval_ms / 1000 if request.poll_interval_ms else self.config.poll_seconds
+        poll_ms = request.poll_interval_ms or round(self.config.poll_seconds * 1000)
+        poll_ms = max(handlers.MIN_POLL_MS, min(poll_ms, handlers.MAX_POLL_MS))
+        poll = poll_ms / 1000
+        async with UnitOfWork(self.engine) as uow:
+            token = await handlers.open_session(
+                uow, claim.worker_id, claim.tenant_id, request.session_token, self.config.lease_seconds
+            )
+        first: worker_service_pb2.ClaimQueuedRunsResponse | None = worker_service_pb2.ClaimQueuedRunsResponse(
+            session_token=token, worker_id=claim.worker_id, capacity=claim.capacity,
+            batch_limit=claim.batch_limit, poll_interval_ms=poll_ms,
+        )
         cancels_sent: set[str] = set()
         worker_keys = ((CHANNEL_WORKER, claim.worker_id), (CHANNEL_CANCEL, claim.worker_id))
-        with log_context(worker_id=request.worker_id), self.hub.subscribe(
-            (CHANNEL_QUEUED, claim.workspace_id), *worker_keys
+        with log_context(worker_id=claim.worker_id), self.hub.subscribe(
+            (CHANNEL_QUEUED, queued_key(claim.tenant_id, claim.workspace_id)), *worker_keys
         ) as any_news, self.hub.subscribe(*worker_keys) as worker_news:
             while True:
                 if self.stopping.is_set():
@@ -181,10 +207,12 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 rows = result.runs
                 cancels = [r for r in result.cancel_run_ids if r not in cancels_sent]
                 cancels_sent.update(cancels)
-                if rows or cancels or request.once:
-                    yield worker_service_pb2.ClaimQueuedRunsResponse(
-                        runs=[self._claimed(r) for r in rows], cancel_run_ids=cancels
-                    )
+                if rows or cancels or request.once or first is not None:
+                    message = first or worker_service_pb2.ClaimQueuedRunsResponse()
+                    first = None
+                    message.runs.extend(self._claimed(r) for r in rows)
+                    message.cancel_run_ids.extend(cancels)
+                    yield message
                 if request.once:
                     return
                 if len(rows) == claim.batch_limit:
@@ -213,14 +241,13 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     async def ReportRunEvents(
         self, request: worker_service_pb2.ReportRunEventsRequest, context: grpc.aio.ServicerContext
     ) -> worker_service_pb2.ReportRunEventsResponse:
-        if not request.worker_id:
-            raise InvalidRequest.field("worker_id", "worker_id is required")
-        handlers.check_text("worker_id", request.worker_id)
+        worker_id = self._worker_id(request.worker_id, request.session_token)
         reported = [self._reported(i, e) for i, e in enumerate(request.events)]
-        if not reported:
-            return worker_service_pb2.ReportRunEventsResponse()
         async with UnitOfWork(self.engine) as uow:
-            results = await handlers.report_events(uow, request.worker_id, reported)
+            await handlers.check_session(uow, worker_id, request.session_token)
+            if not reported:
+                return worker_service_pb2.ReportRunEventsResponse()
+            results = await handlers.report_events(uow, worker_id, reported)
         outcome = {
             Outcome.RECORDED: worker_service_pb2.REPORT_OUTCOME_RECORDED,
             Outcome.DUPLICATE: worker_service_pb2.REPORT_OUTCOME_DUPLICATE,
@@ -240,25 +267,32 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         )
 
     @staticmethod
+    def _worker_id(instance: str, session_token: str) -> str:
+        """The recorded worker id of the calling worker process (its key's id and its instance name)."""
+        handlers.check_identifier("worker_id", instance, required=True)
+        handlers.check_text("session_token", session_token, limit=128)
+        return current_caller().worker_id(instance)
+
+    @staticmethod
     def _reported(i: int, e: worker_service_pb2.ReportedEvent) -> handlers.ReportedEvent:
         where = f"events[{i}]"
-        if not e.run_id:
-            raise InvalidRequest.field(f"{where}.run_id", "run_id is required")
-        handlers.check_text(f"{where}.run_id", e.run_id)
-        handlers.check_text(f"{where}.event_id", e.event_id)
-        if not e.event_id or len(e.event_id) > 128:
-            raise InvalidRequest.field(f"{where}.event_id", "event_id is required (at most 128 characters)")
+        handlers.check_identifier(f"{where}.run_id", e.run_id, required=True)
+        handlers.check_identifier(f"{where}.event_id", e.event_id, required=True)
         if e.type not in WORKER_EVENTS:
-            raise InvalidRequest.field(f"{where}.type", f"{e.type!r} is not an event a worker may report")
+            raise InvalidRequest.field(f"{where}.type", f"{shorten(e.type)!r} is not an event a worker may report")
         if e.attempt < 1:
             raise InvalidRequest.field(f"{where}.attempt", "attempt must be the claim's attempt (1 or more)")
+        if e.HasField("occurred_at") and (problem := convert.timestamp_problem(e.occurred_at)):
+            raise InvalidRequest.field(f"{where}.occurred_at", problem)
+        if e.payload.ByteSize() > MAX_EVENT_PAYLOAD_BYTES:
+            raise RequestTooLarge([(f"{where}.payload", f"payload is over {MAX_EVENT_PAYLOAD_BYTES} bytes")])
         try:
             payload = convert.to_dict(e.payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidRequest.field(f"{where}.payload", "payload must be JSON: no NaN or Infinity") from None
-        for key in _REQUIRED_PAYLOAD.get(e.type, ()):
-            if not isinstance(payload.get(key), str) or not payload[key]:
-                raise InvalidRequest.field(f"{where}.payload.{key}", f"{e.type} needs payload.{key}")
+        wrong = payloads.problems(e.type, payload)
+        if wrong:
+            raise InvalidRequest([(f"{where}.payload" + (f".{name}" if name else ""), d) for name, d in wrong])
         return handlers.ReportedEvent(
             run_id=e.run_id,
             attempt=e.attempt,
@@ -271,12 +305,15 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     async def Heartbeat(
         self, request: worker_service_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> worker_service_pb2.HeartbeatResponse:
-        handlers.check_text("worker_id", request.worker_id)
+        worker_id = self._worker_id(request.worker_id, request.session_token)
+        if len(request.runs) > handlers.MAX_CAPACITY:
+            raise InvalidRequest.field("runs", f"a worker holds at most {handlers.MAX_CAPACITY} runs")
         for i, held in enumerate(request.runs):
-            handlers.check_text(f"runs[{i}].run_id", held.run_id)
+            handlers.check_identifier(f"runs[{i}].run_id", held.run_id, required=True)
         async with UnitOfWork(self.engine) as uow:
+            await handlers.check_session(uow, worker_id, request.session_token)
             result = await handlers.heartbeat(
-                uow, request.worker_id, [(r.run_id, r.attempt) for r in request.runs], self.config.lease_seconds
+                uow, worker_id, [(r.run_id, r.attempt) for r in request.runs], self.config.lease_seconds
             )
         out = worker_service_pb2.HeartbeatResponse(
             cancel_run_ids=result.cancel_run_ids,
@@ -290,14 +327,16 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
 class OpsService(ops_service_pb2_grpc.OpsServiceServicer):
     """runs.v1.OpsService."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, reaper_failures: Callable[[], int] = lambda: 0) -> None:
         self.engine = engine
+        self.reaper_failures = reaper_failures
 
     async def GetStats(
         self, request: ops_service_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> ops_service_pb2.GetStatsResponse:
+        tenant = current_caller().tenant_id
         async with UnitOfWork(self.engine) as uow:
-            stats = await handlers.stats(uow)
+            stats = await handlers.stats(uow, tenant)
         e = stats.events
         return ops_service_pb2.GetStatsResponse(
             claimed=e.get("run.claimed", 0),
@@ -308,18 +347,45 @@ class OpsService(ops_service_pb2_grpc.OpsServiceServicer):
             canceled=e.get("run.canceled", 0),
             readopted=stats.readopted,
             runs_by_status=stats.runs_by_status,
+            reaper_failures=self.reaper_failures(),
+            tenant_id=tenant,
         )
 
 
-_STEP_KEYS = ("step_key",)
-_TOOL_KEYS = ("tool_call_id",)
-_REQUIRED_PAYLOAD: dict[str, tuple[str, ...]] = {
-    "step.created": _STEP_KEYS,
-    "step.started": _STEP_KEYS,
-    "step.succeeded": _STEP_KEYS,
-    "step.failed": _STEP_KEYS,
-    "step.skipped": _STEP_KEYS,
-    "tool.invoked": _TOOL_KEYS,
-    "tool.succeeded": _TOOL_KEYS,
-    "tool.failed": _TOOL_KEYS,
-}
+class KeyService(key_service_pb2_grpc.KeyServiceServicer):
+    """runs.v1.KeyService (admin keys only; the interceptor checks the role)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def CreateKey(
+        self, request: key_service_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> key_service_pb2.CreateKeyResponse:
+        cmd = auth.CreateKey(
+            role=convert.ROLE_NAMES.get(request.role, ""),
+            tenant_id=request.tenant_id,
+            project_id=request.project_id,
+            workspace_id=request.workspace_id,
+            ttl_seconds=request.ttl_seconds,
+            description=request.description,
+        )
+        async with UnitOfWork(self.engine) as uow:
+            row, secret = await auth.create_key(uow, cmd, current_caller(), handlers.utcnow())
+        return key_service_pb2.CreateKeyResponse(key=convert.api_key(row), secret=secret)
+
+    async def ListKeys(
+        self, request: key_service_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> key_service_pb2.ListKeysResponse:
+        async with UnitOfWork(self.engine) as uow:
+            rows, token = await auth.list_keys(
+                uow, current_caller(), request.page_size, request.page_token, request.include_revoked
+            )
+        return key_service_pb2.ListKeysResponse(keys=[convert.api_key(r) for r in rows], next_page_token=token)
+
+    async def RevokeKey(
+        self, request: key_service_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
+    ) -> key_service_pb2.RevokeKeyResponse:
+        async with UnitOfWork(self.engine) as uow:
+            row = await auth.revoke_key(uow, request.key_id, current_caller(), handlers.utcnow())
+        return key_service_pb2.RevokeKeyResponse(key=convert.api_key(row))
+

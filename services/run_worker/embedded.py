@@ -19,6 +19,8 @@ from shared.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 CHANNEL_QUEUED = "runs_queued"
+# The embedded worker's key belongs to tenant "default": it is woken by that tenant's queued runs.
+TENANT = "default"
 
 
 class _Waiter(Protocol):
@@ -42,7 +44,7 @@ class EmbeddedWorker:
         worker = Worker(self.settings)
         log.info("embedded worker started", extra={"worker_id": self.settings.worker_id})
         try:
-            with self.hub.subscribe((CHANNEL_QUEUED, self.settings.workspace_id)) as waiter:  # type: ignore[attr-defined]
+            with self.hub.subscribe((CHANNEL_QUEUED, f"{TENANT}/{self.settings.workspace_id}")) as waiter:  # type: ignore[attr-defined]
                 while not stop.is_set():
                     try:
                         counters = await worker.run_cycle()

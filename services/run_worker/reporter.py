@@ -27,6 +27,10 @@ class StaleAttempt(Exception):
     """The API refused a report: this attempt is no longer current. Stop working on the run."""
 
 
+class ReportRefused(Exception):
+    """The API refused a report outright (bad or oversized event, not this worker's run); nothing was recorded."""
+
+
 class ReporterClosed(Exception):
     """The reporter stopped before the events could be sent."""
 
@@ -65,6 +69,14 @@ def restamp(event: Any, attempt: int) -> Any:
     return out
 
 
+def _size(events: list[Any]) -> int:
+    """The events' encoded size; 0 for events protobuf cannot encode (their send is then refused)."""
+    try:
+        return sum(e.ByteSize() for e in events)
+    except Exception:
+        return 0
+
+
 class Reporter:
     """The worker's single path to ReportRunEvents."""
 
@@ -73,6 +85,7 @@ class Reporter:
     ) -> None:
         self.stub = stub
         self.worker_id = worker_id
+        self.session_token = ""  # set from the claim stream's first message
         self.config = config or ReporterConfig()
         self._pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
         self._wakeup = asyncio.Event()
@@ -120,7 +133,7 @@ class Reporter:
             count = size = 0
             while self._pending:
                 events = self._pending[0][0]
-                more = sum(e.ByteSize() for e in events)
+                more = _size(events)
                 if batch and (count + len(events) > self.config.max_batch or size + more > self.config.max_batch_bytes):
                     break
                 batch.append(self._pending.pop(0))
@@ -136,12 +149,19 @@ class Reporter:
                 future.set_exception(ReporterClosed("reporter stopped"))
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[list[Any]]]], stop: asyncio.Event) -> None:
-        request = worker_service_pb2.ReportRunEventsRequest(
-            worker_id=self.worker_id, events=[e for events, _ in batch for e in events]
-        )
+        """Send a batch; on a refusal, each run's events alone, so one run's bad report fails only that run.
+
+        Every error ends in the futures of the batch (never in this task): a run awaiting its report
+        always learns what became of it.
+        """
         delay = self.config.retry_min_seconds
         while True:
             try:
+                # Built inside the try: a message protobuf cannot encode (nested too deep, say) is a refusal.
+                request = worker_service_pb2.ReportRunEventsRequest(
+                    worker_id=self.worker_id, session_token=self.session_token,
+                    events=[e for events, _ in batch for e in events],
+                )
                 response = await self.stub.ReportRunEvents(request, timeout=self.config.call_timeout_seconds)
                 break
             except Exception as err:
@@ -153,12 +173,13 @@ class Reporter:
                     return
                 if not retry:
                     if isinstance(err, grpc.aio.AioRpcError):
-                        log.error("report refused: %s %s", err.code().name, err.details())
+                        reason = f"{err.code().name}: {err.details()}"
                     else:
-                        log.error("report failed: %r", err)
+                        reason = f"{type(err).__name__}: {err}"
+                    log.error("report refused: %s", reason)
                     for _, future in batch:
                         if not future.done():
-                            future.set_exception(err)
+                            future.set_exception(ReportRefused(reason))
                     return
                 log.warning("report failed (%s); retrying in %.2fs", type(err).__name__, delay)
                 await asyncio.sleep(delay)

@@ -17,11 +17,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 from ulid import ULID
 
+from services.run_api.errors import EventRejected, shorten
 from services.run_api.store import queries as Q
 from shared.events import EventType, RunStatus, StepStatus, StopReason, ToolCallStatus
 
 CHANNEL_EVENTS = "runs_events"  # payload: run_id; wakes watchers of that run
-CHANNEL_QUEUED = "runs_queued"  # payload: workspace_id; wakes claimers
+CHANNEL_QUEUED = "runs_queued"  # payload: queued_key(tenant_id, workspace_id); wakes claimers
 CHANNEL_WORKER = "runs_worker"  # payload: worker_id; a run of that worker ended, a slot is free
 CHANNEL_CANCEL = "runs_cancel"  # payload: worker_id; a run that worker holds was asked to cancel
 
@@ -45,6 +46,11 @@ RUN_PROJECTED = frozenset(
         EventType.RUN_CANCEL_REQUESTED,
     }
 )
+
+
+def queued_key(tenant_id: str, workspace_id: str) -> str:
+    """The CHANNEL_QUEUED payload for a tenant's workspace."""
+    return f"{tenant_id}/{workspace_id}"
 
 
 def new_event_id() -> str:
@@ -121,6 +127,86 @@ class _RunState:
     workspace_id: str
     worker_id: str | None
     last_sequence: int
+    tenant_id: str = "default"
+
+
+_STEP_EVENTS = frozenset(
+    {EventType.STEP_CREATED, EventType.STEP_STARTED, EventType.STEP_SUCCEEDED, EventType.STEP_FAILED,
+     EventType.STEP_SKIPPED}
+)
+_TOOL_EVENTS = frozenset({EventType.TOOL_INVOKED, EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED})
+# The state a step must be in, in the event's attempt, for each step event (None: it must not exist yet).
+_STEP_NEEDS: dict[str, frozenset[str] | None] = {
+    EventType.STEP_CREATED: None,
+    EventType.STEP_STARTED: frozenset({StepStatus.CREATED}),
+    EventType.STEP_SUCCEEDED: frozenset({StepStatus.RUNNING}),
+    EventType.STEP_FAILED: frozenset({StepStatus.RUNNING}),
+    EventType.STEP_SKIPPED: frozenset({StepStatus.CREATED, StepStatus.RUNNING}),
+    EventType.TOOL_INVOKED: frozenset({StepStatus.RUNNING}),
+}
+_STEP_AFTER: dict[str, str] = {
+    EventType.STEP_CREATED: StepStatus.CREATED,
+    EventType.STEP_STARTED: StepStatus.RUNNING,
+    EventType.STEP_SUCCEEDED: StepStatus.SUCCEEDED,
+    EventType.STEP_FAILED: StepStatus.FAILED,
+    EventType.STEP_SKIPPED: StepStatus.SKIPPED,
+}
+
+
+class _Steps:
+    """The steps and tool calls of a batch's runs, moved along as the batch's events are decided.
+
+    A step event must follow its step (started after created, finished after started) and a tool
+    result must follow its invocation, all in the event's own attempt: a worker cannot record the
+    end of a step that never started.
+    """
+
+    def __init__(self, steps: Sequence[Any], calls: Sequence[Any]) -> None:
+        self.steps = {(r.run_id, r.step_key): (r.status, r.attempt) for r in steps}
+        self.calls = {(r.run_id, r.tool_call_id): (r.status, r.attempt) for r in calls}
+
+    def problem(self, event: NewEvent) -> str | None:
+        """Why `event` does not follow its step or tool call, or None when it does."""
+        p, t = event.payload, event.type
+        if t in _STEP_NEEDS:
+            key = str(p.get("step_key", ""))
+            status, attempt = self.steps.get((event.run_id, key), (None, None))
+            current = status if attempt == event.attempt else None
+            needed = _STEP_NEEDS[t]
+            if needed is None:
+                return f"step {shorten(key)!r} was already created in attempt {event.attempt}" if current else None
+            if current not in needed:
+                state = f"is {current}" if current else "was never created"
+                return f"step {shorten(key)!r} {state} in attempt {event.attempt}"
+        if t == EventType.TOOL_INVOKED and (event.run_id, str(p.get("tool_call_id"))) in self.calls:
+            return f"tool call {shorten(str(p.get('tool_call_id')))!r} was already invoked"
+        if t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
+            call = str(p.get("tool_call_id", ""))
+            if self.calls.get((event.run_id, call)) != (ToolCallStatus.INVOKED, event.attempt):
+                return f"tool call {shorten(call)!r} was not invoked (or has ended) in attempt {event.attempt}"
+        return None
+
+    def advance(self, event: NewEvent) -> None:
+        """Move the step or tool call the way the projection will."""
+        p, t = event.payload, event.type
+        if t in _STEP_AFTER:
+            self.steps[(event.run_id, str(p.get("step_key")))] = (_STEP_AFTER[t], event.attempt)
+        elif t == EventType.TOOL_INVOKED:
+            self.calls[(event.run_id, str(p.get("tool_call_id")))] = (ToolCallStatus.INVOKED, event.attempt)
+        elif t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
+            status = ToolCallStatus.SUCCEEDED if t == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
+            self.calls[(event.run_id, str(p.get("tool_call_id")))] = (status, event.attempt)
+
+
+async def _load_steps(conn: AsyncConnection, events: Sequence[NewEvent]) -> _Steps:
+    """The step and tool call state a batch's step and tool events are checked against."""
+    runs = sorted({e.run_id for e in events if e.type in _STEP_EVENTS or e.type in _TOOL_EVENTS})
+    if not runs:
+        return _Steps([], [])
+    calls = sorted({str(e.payload.get("tool_call_id")) for e in events if e.type in _TOOL_EVENTS})
+    steps = (await conn.execute(Q.run_steps_state, {"run_ids": runs})).all()
+    found = (await conn.execute(Q.tool_calls_state, {"run_ids": runs, "tool_call_ids": calls})).all() if calls else []
+    return _Steps(steps, found)
 
 
 def _clean(value: Any) -> Any:
@@ -185,6 +271,9 @@ def _advance(state: _RunState, type_: str, sequence: int, payload: Mapping[str, 
 def _queued_params(p: Mapping[str, Any]) -> dict[str, Any]:
     """The runs row a run.queued payload describes (live and in a replay alike)."""
     return {
+        "tenant_id": p.get("tenant_id", "default"),
+        "project_id": p.get("project_id", "default"),
+        "created_by": p.get("created_by"),
         "workspace_id": p["workspace_id"],
         "workflow": p["workflow"],
         "input": _dumps(p.get("input", {})),
@@ -225,7 +314,8 @@ async def queue_run(conn: AsyncConnection, event: NewEvent) -> Any | None:
     )
     await conn.execute(
         Q.notify_many,
-        {"channels": [CHANNEL_QUEUED, CHANNEL_EVENTS], "payloads": [p["workspace_id"], event.run_id]},
+        {"channels": [CHANNEL_QUEUED, CHANNEL_EVENTS],
+         "payloads": [queued_key(row.tenant_id, row.workspace_id), event.run_id]},
     )
     return row
 
@@ -248,7 +338,9 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
             workspace_id=row.workspace_id,
             worker_id=row.worker_id,
             last_sequence=row.last_sequence,
+            tenant_id=row.tenant_id,
         )
+    steps = await _load_steps(conn, events)
     known: dict[tuple[str, str], int] = {}
     if dedupe and states:
         params = {"run_ids": list(states), "event_ids": sorted({e.event_id for e in events})}
@@ -258,7 +350,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
     # Decide every event's fate and sequence first, then insert all recorded ones in one statement.
     results: list[AppendResult] = []
     accepted: list[tuple[int, NewEvent, int, dict[str, Any], str | None]] = []
-    for event in events:
+    for index, event in enumerate(events):
         key = (event.run_id, event.event_id)
         if key in known:
             results.append(AppendResult(event, Outcome.DUPLICATE, sequence=known[key]))
@@ -268,6 +360,11 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
         if reason is not None or state is None:
             results.append(AppendResult(event, Outcome.STALE, message=reason or "run not found"))
             continue
+        problem = steps.problem(event)
+        if problem is not None:
+            # Nothing of the batch is inserted yet: refusing here records nothing.
+            raise EventRejected(f"events[{index}] ({event.type}): {problem}; nothing was recorded")
+        steps.advance(event)
         sequence = state.last_sequence + 1
         payload = _clean(dict(event.payload))
         holder = state.worker_id
@@ -316,7 +413,7 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
         results[index] = AppendResult(event, Outcome.RECORDED, sequence=sequence, stored=stored)
         notices.add((CHANNEL_EVENTS, event.run_id))
         if event.type == EventType.RUN_REQUEUED:
-            notices.add((CHANNEL_QUEUED, states[event.run_id].workspace_id))
+            notices.add((CHANNEL_QUEUED, queued_key(states[event.run_id].tenant_id, states[event.run_id].workspace_id)))
         if event.type == EventType.RUN_CANCEL_REQUESTED and event.attempt > 0 and holder:
             notices.add((CHANNEL_CANCEL, holder))
         if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
@@ -374,7 +471,9 @@ async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
              "error": p.get("error")},
         )
     elif t == EventType.RUN_CANCEL_REQUESTED:
-        result = await conn.execute(Q.runs_project_cancel_requested, {**base, "reason": p.get("reason")})
+        result = await conn.execute(
+            Q.runs_project_cancel_requested, {**base, "reason": p.get("reason"), "requested_by": p.get("requested_by")}
+        )
     else:
         # Step and tool events leave the runs row alone; `_touch` moves its last_sequence once per batch.
         await _apply_step_or_tool(conn, event)

@@ -17,7 +17,8 @@ RUN_COLUMNS = """
     run_id, workspace_id, workflow, input, status, attempt, max_attempts, retry_backoff_seconds,
     retry_backoff_max_seconds, idempotency_key, request_hash, trace_context, created_at, updated_at,
     started_at, finished_at, cancel_requested_at, cancel_reason, next_attempt_at, worker_id,
-    lease_expires_at, stop_reason, error, last_sequence
+    lease_expires_at, stop_reason, error, last_sequence, tenant_id, project_id, created_by,
+    cancel_requested_by
 """
 
 # --- runs: reads -------------------------------------------------------------------------------
@@ -30,16 +31,22 @@ run_lock_many = q(
     f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ANY(:run_ids) ORDER BY run_id FOR UPDATE"
 )
 
-# Find the run that holds an idempotency key.
+# Find the run that holds an idempotency key in a tenant's workspace.
 run_get_by_idempotency_key = q(
-    f"SELECT {RUN_COLUMNS} FROM runs WHERE workspace_id = :workspace_id AND idempotency_key = :key"
+    f"""
+    SELECT {RUN_COLUMNS} FROM runs
+    WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND idempotency_key = :key
+    """
 )
 
 # Page through runs, newest first (run ids are ULIDs, so they sort by creation time).
 run_list = q(
     f"""
     SELECT {RUN_COLUMNS} FROM runs
-    WHERE (CAST(:status AS text) IS NULL OR status = :status)
+    WHERE tenant_id = :tenant_id
+      AND (CAST(:project_id AS text) IS NULL OR project_id = :project_id)
+      AND (CAST(:workspace_id AS text) IS NULL OR workspace_id = :workspace_id)
+      AND (CAST(:status AS text) IS NULL OR status = :status)
       AND (CAST(:workflow AS text) IS NULL OR workflow = :workflow)
       AND (CAST(:after_run_id AS text) IS NULL OR run_id < :after_run_id)
     ORDER BY run_id DESC
@@ -78,11 +85,12 @@ worker_claim_state = q(
     """
 )
 
-# Lock up to :limit due queued runs of a workspace, skipping rows other claimers hold.
+# Lock up to :limit due queued runs of a tenant's workspace, skipping rows other claimers hold.
 run_claim_candidates = q(
     f"""
     SELECT {RUN_COLUMNS} FROM runs
-    WHERE workspace_id = :workspace_id AND status = 'QUEUED' AND next_attempt_at <= :now
+    WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND status = 'QUEUED'
+      AND next_attempt_at <= :now
     ORDER BY next_attempt_at, run_id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -157,14 +165,14 @@ run_events_page = q(
 # run.queued: create the run row (a conflicting idempotency key inserts nothing).
 runs_project_queued = q(
     f"""
-    INSERT INTO runs (run_id, workspace_id, workflow, input, status, attempt, max_attempts,
-        retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash, trace_context,
-        created_at, updated_at, next_attempt_at, last_sequence)
-    SELECT :run_id, :workspace_id, :workflow, CAST(:input AS jsonb), 'QUEUED', 0, :max_attempts,
-        :retry_backoff_seconds, :retry_backoff_max_seconds, :idempotency_key, :request_hash,
-        CAST(:trace_context AS jsonb), t.at, t.at, t.at, :sequence
+    INSERT INTO runs (run_id, tenant_id, project_id, workspace_id, workflow, input, status, attempt,
+        max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash,
+        trace_context, created_by, created_at, updated_at, next_attempt_at, last_sequence)
+    SELECT :run_id, :tenant_id, :project_id, :workspace_id, :workflow, CAST(:input AS jsonb), 'QUEUED', 0,
+        :max_attempts, :retry_backoff_seconds, :retry_backoff_max_seconds, :idempotency_key, :request_hash,
+        CAST(:trace_context AS jsonb), :created_by, t.at, t.at, t.at, :sequence
     FROM (SELECT COALESCE(CAST(:recorded_at AS timestamptz), clock_timestamp()) AS at) AS t
-    ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT (tenant_id, workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING {RUN_COLUMNS}
     """
 )
@@ -209,8 +217,8 @@ runs_project_requeued = q(
 # run.cancel_requested: remember the request; the worker stops at the next boundary.
 runs_project_cancel_requested = q(
     """
-    UPDATE runs SET cancel_requested_at = :recorded_at, cancel_reason = :reason, updated_at = :recorded_at,
-        last_sequence = :sequence
+    UPDATE runs SET cancel_requested_at = :recorded_at, cancel_reason = :reason,
+        cancel_requested_by = :requested_by, updated_at = :recorded_at, last_sequence = :sequence
     WHERE run_id = :run_id AND status IN ('QUEUED', 'RUNNING') AND attempt = :attempt
     """
 )
@@ -282,13 +290,48 @@ notify_many = q(
 
 # --- workers and leases ------------------------------------------------------------------------
 
-# Record a worker's heartbeat: one row per worker, the runs table does not churn.
+# Record a worker's heartbeat: one row per worker (made by its session), the runs table does not churn.
 workers_heartbeat = q(
     """
-    INSERT INTO workers (worker_id, lease_expires_at, last_heartbeat_at, started_at, held_run_ids)
-    VALUES (:worker_id, :lease_expires_at, :now, :now, :held_run_ids)
-    ON CONFLICT (worker_id) DO UPDATE SET lease_expires_at = EXCLUDED.lease_expires_at,
-        last_heartbeat_at = EXCLUDED.last_heartbeat_at, held_run_ids = EXCLUDED.held_run_ids
+    UPDATE workers SET lease_expires_at = :lease_expires_at, last_heartbeat_at = :now,
+        held_run_ids = :held_run_ids
+    WHERE worker_id = :worker_id
+    """
+)
+
+# A worker's session as a new claim stream sees it, locked: who may resume or replace it.
+workers_session_lock = q(
+    """
+    SELECT w.worker_id, w.tenant_id, w.session_token_hash, w.lease_expires_at,
+           (SELECT count(*) FROM runs r WHERE r.worker_id = w.worker_id AND r.status = 'RUNNING') AS held
+    FROM workers w WHERE w.worker_id = :worker_id
+    FOR UPDATE
+    """
+)
+
+# A worker's session token hash and tenant, to check a heartbeat or report against.
+workers_session_get = q("SELECT tenant_id, session_token_hash FROM workers WHERE worker_id = :worker_id")
+
+# Open (or resume) a worker's session: its token hash, tenant and a first heartbeat lease.
+workers_session_open = q(
+    """
+    INSERT INTO workers (worker_id, tenant_id, session_token_hash, lease_expires_at, last_heartbeat_at,
+        started_at, held_run_ids)
+    VALUES (:worker_id, :tenant_id, :session_token_hash, :lease_expires_at, :now, :now, '{}')
+    ON CONFLICT (worker_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id,
+        session_token_hash = EXCLUDED.session_token_hash, lease_expires_at = EXCLUDED.lease_expires_at,
+        last_heartbeat_at = EXCLUDED.last_heartbeat_at
+    """
+)
+
+# Who claimed these (run, attempt) pairs: the holder check for reports that are not about a run's
+# current attempt.
+run_events_claimers = q(
+    """
+    SELECT e.run_id, e.attempt, e.worker_id FROM run_events e
+    JOIN unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[])) AS p(run_id, attempt)
+      ON e.run_id = p.run_id AND e.attempt = p.attempt
+    WHERE e.type = 'run.claimed'
     """
 )
 
@@ -308,6 +351,8 @@ run_find_expired_leases = q(
     LEFT JOIN workers w ON w.worker_id = r.worker_id
     WHERE r.status = 'RUNNING' AND r.lease_expires_at < :now
       AND (w.worker_id IS NULL OR w.lease_expires_at < :now OR NOT (r.run_id = ANY(w.held_run_ids)))
+      AND NOT (r.run_id = ANY(CAST(:skip_run_ids AS text[])))
+      AND (CAST(:only_run_id AS text) IS NULL OR r.run_id = :only_run_id)
     ORDER BY r.lease_expires_at
     LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED
@@ -339,16 +384,81 @@ run_events_attempts = q(
     """
 )
 
-# Cluster-wide counters of what happened to runs, from the log.
+# A tenant's counters of what happened to runs, from the log.
 stats_event_counts = q(
     """
-    SELECT type, count(*) AS n, count(*) FILTER (WHERE (payload->>'readopted')::boolean) AS readopted
-    FROM run_events
-    WHERE type IN ('run.claimed', 'run.completed', 'run.failed', 'run.lease_expired', 'run.requeued',
-                   'run.canceled')
-    GROUP BY type
+    SELECT e.type, count(*) AS n, count(*) FILTER (WHERE (e.payload->>'readopted')::boolean) AS readopted
+    FROM run_events e JOIN runs r ON r.run_id = e.run_id
+    WHERE r.tenant_id = :tenant_id
+      AND e.type IN ('run.claimed', 'run.completed', 'run.failed', 'run.lease_expired', 'run.requeued',
+                     'run.canceled')
+    GROUP BY e.type
     """
 )
 
-# Runs by current status.
-stats_runs_by_status = q("SELECT status, count(*) AS n FROM runs GROUP BY status")
+# A tenant's runs by current status.
+stats_runs_by_status = q("SELECT status, count(*) AS n FROM runs WHERE tenant_id = :tenant_id GROUP BY status")
+
+# --- step and tool state, for checking worker reports ------------------------------------------
+
+# The steps of these runs (the projection), to check that step and tool events follow their step.
+run_steps_state = q("SELECT run_id, step_key, status, attempt FROM run_steps WHERE run_id = ANY(:run_ids)")
+
+# These tool calls of these runs, to check that a tool's result follows its invocation.
+tool_calls_state = q(
+    """
+    SELECT run_id, tool_call_id, status, attempt FROM tool_calls
+    WHERE run_id = ANY(:run_ids) AND tool_call_id = ANY(:tool_call_ids)
+    """
+)
+
+# --- api keys ----------------------------------------------------------------------------------
+
+API_KEY_COLUMNS = """
+    key_id, role, tenant_id, project_id, workspace_id, description, created_by, created_at, expires_at,
+    revoked_at
+"""
+
+# Create a key (its secret is stored only as a hash).
+api_keys_insert = q(
+    f"""
+    INSERT INTO api_keys (key_id, secret_hash, role, tenant_id, project_id, workspace_id, description,
+        created_by, expires_at)
+    VALUES (:key_id, :secret_hash, :role, :tenant_id, :project_id, :workspace_id, :description, :created_by,
+        :expires_at)
+    RETURNING {API_KEY_COLUMNS}
+    """
+)
+
+# The bootstrap admin key: created once; a changed secret replaces the stored hash; a revoked one stays revoked.
+api_keys_bootstrap = q(
+    """
+    INSERT INTO api_keys (key_id, secret_hash, role, tenant_id, description)
+    VALUES (:key_id, :secret_hash, 'admin', :tenant_id, 'bootstrap admin key (RUNS_BOOTSTRAP_ADMIN_KEY)')
+    ON CONFLICT (key_id) DO UPDATE SET secret_hash = EXCLUDED.secret_hash
+    """
+)
+
+# The key a secret belongs to (by the secret's hash).
+api_keys_by_hash = q(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE secret_hash = :secret_hash")
+
+# Page through keys (of one tenant, or all when :tenant_id is null), newest first.
+api_keys_list = q(
+    f"""
+    SELECT {API_KEY_COLUMNS} FROM api_keys
+    WHERE (CAST(:tenant_id AS text) IS NULL OR tenant_id = :tenant_id)
+      AND (CAST(:after_key_id AS text) IS NULL OR key_id < :after_key_id)
+      AND (CAST(:include_revoked AS boolean) OR revoked_at IS NULL)
+    ORDER BY key_id DESC
+    LIMIT :limit
+    """
+)
+
+# Revoke a key (of one tenant, or any when :tenant_id is null); the first revocation time stays.
+api_keys_revoke = q(
+    f"""
+    UPDATE api_keys SET revoked_at = COALESCE(revoked_at, :now)
+    WHERE key_id = :key_id AND (CAST(:tenant_id AS text) IS NULL OR tenant_id = :tenant_id)
+    RETURNING {API_KEY_COLUMNS}
+    """
+)

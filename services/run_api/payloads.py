@@ -1,0 +1,106 @@
+"""What a worker may put in an event's payload: one schema per event type, checked before anything is stored.
+
+The log is append-only, so a malformed payload would poison every later read of its run; here it
+is refused at the edge with the field it is about. The same module bounds how deep any JSON value
+(a run's input, a tool's output) may nest, well below what protobuf decoders accept anywhere the
+value travels later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shared.events import EventType
+
+# JSON nesting a value may have (an object or array inside another counts one level). Protobuf's
+# decoders stop at 100 message levels, and each Struct level costs three (Struct, map entry, Value),
+# so 20 leaves room for the messages a run's input travels in later (claims, reports, watch events).
+MAX_JSON_DEPTH = 20
+MAX_ERROR_CHARS = 8192
+MAX_REASON_CHARS = 1024
+MAX_KEY_CHARS = 128
+
+_STR = "string"
+_BOOL = "boolean"
+_OBJECT = "object"  # a JSON object, or null
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep `value` nests (a scalar is 0); stops counting once past `limit`, so it is cheap on hostile input."""
+    depth = 0
+    level = [value]
+    while depth <= limit:
+        containers = [i for i in level if isinstance(i, Mapping | list | tuple)]
+        if not containers:
+            break
+        depth += 1
+        level = [c for i in containers for c in (i.values() if isinstance(i, Mapping) else i)]
+    return depth
+
+
+# Per event type: field -> (kind, required, max characters for strings).
+_Field = tuple[str, bool, int]
+SCHEMAS: dict[str, dict[str, _Field]] = {
+    EventType.RUN_STARTED: {},
+    EventType.RUN_COMPLETED: {},
+    EventType.RUN_FAILED: {
+        "error": (_STR, False, MAX_ERROR_CHARS),
+        "retryable": (_BOOL, False, 0),
+        "released": (_BOOL, False, 0),
+    },
+    EventType.RUN_CANCELED: {"reason": (_STR, False, MAX_REASON_CHARS)},
+    EventType.STEP_CREATED: {"step_key": (_STR, True, MAX_KEY_CHARS), "tool": (_STR, False, MAX_KEY_CHARS)},
+    EventType.STEP_STARTED: {"step_key": (_STR, True, MAX_KEY_CHARS)},
+    EventType.STEP_SUCCEEDED: {"step_key": (_STR, True, MAX_KEY_CHARS), "output": (_OBJECT, False, 0)},
+    EventType.STEP_FAILED: {"step_key": (_STR, True, MAX_KEY_CHARS), "error": (_STR, False, MAX_ERROR_CHARS)},
+    EventType.STEP_SKIPPED: {"step_key": (_STR, True, MAX_KEY_CHARS), "reason": (_STR, False, MAX_REASON_CHARS)},
+    EventType.TOOL_INVOKED: {
+        "tool_call_id": (_STR, True, MAX_KEY_CHARS),
+        "step_key": (_STR, True, MAX_KEY_CHARS),
+        "tool": (_STR, True, MAX_KEY_CHARS),
+        "input": (_OBJECT, False, 0),
+    },
+    EventType.TOOL_SUCCEEDED: {"tool_call_id": (_STR, True, MAX_KEY_CHARS), "output": (_OBJECT, False, 0)},
+    EventType.TOOL_FAILED: {
+        "tool_call_id": (_STR, True, MAX_KEY_CHARS),
+        "error": (_STR, False, MAX_ERROR_CHARS),
+        "output": (_OBJECT, False, 0),
+    },
+}
+
+
+def problems(event_type: str, payload: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What is wrong with a payload for `event_type`, as (field under payload, description) pairs."""
+    schema = SCHEMAS.get(event_type)
+    if schema is None:
+        return [("", f"workers may not report {event_type} events")]
+    out: list[tuple[str, str]] = []
+    for name in payload:
+        if name not in schema:
+            allowed = ", ".join(sorted(schema)) or "no fields"
+            out.append((_cut(name), f"{event_type} does not take this field (it takes {allowed})"))
+    for name, (kind, required, limit) in schema.items():
+        if name not in payload or payload[name] is None:
+            if required:
+                out.append((name, f"{event_type} needs payload.{name}"))
+            continue
+        value = payload[name]
+        if kind == _STR:
+            if not isinstance(value, str) or (required and not value):
+                out.append((name, f"payload.{name} must be a{' non-empty' if required else ''} string"))
+            elif len(value) > limit:
+                out.append((name, f"payload.{name} is {len(value)} characters; at most {limit}"))
+            elif "\x00" in value:
+                out.append((name, f"payload.{name} must not contain the character U+0000"))
+        elif kind == _BOOL and not isinstance(value, bool):
+            out.append((name, f"payload.{name} must be true or false"))
+        elif kind == _OBJECT and not isinstance(value, Mapping):
+            out.append((name, f"payload.{name} must be an object"))
+    if json_depth(payload) > MAX_JSON_DEPTH + 1:
+        out.append(("", f"the payload nests deeper than {MAX_JSON_DEPTH} levels"))
+    return out
+
+
+def _cut(name: str, limit: int = 40) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
