@@ -5,6 +5,13 @@ from __future__ import annotations
 import grpc
 
 
+def shorten(value: str, limit: int = 64) -> str:
+    """`value` cut to at most `limit` characters (ending in "…" when cut), to echo a client's value."""
+    if len(value) <= limit:
+        return value
+    return value[: max(limit - 1, 0)] + "…"
+
+
 class RunsError(Exception):
     """Base of every error the API turns into a gRPC status."""
 
@@ -42,7 +49,7 @@ class RunNotFound(RunsError):
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, run_id: str) -> None:
-        super().__init__(f"run {run_id!r} not found")
+        super().__init__(f"run {shorten(run_id)!r} not found")
 
 
 class IllegalTransition(RunsError):

@@ -3,6 +3,11 @@
 Every domain error becomes its gRPC status (with google.rpc.BadRequest field violations for bad
 input); a database that cannot be reached becomes UNAVAILABLE; anything else is logged with its
 stack and returned as a plain INTERNAL. Clients never see a stack trace or driver text.
+
+A request that cannot be decoded (bad bytes, invalid UTF-8 in a string field) is INVALID_ARGUMENT
+with one warning line: grpc decodes before any handler runs and would answer UNKNOWN with the
+exception's class and log a traceback, so the interceptor swaps in a deserializer that cannot fail.
+Every status it sends is capped in size, so no error echoes a client's long value back whole.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import grpc
 import psycopg
 import sqlalchemy.exc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -22,6 +28,14 @@ from services.run_api.errors import InvalidRequest, RunsError, StoreUnavailable
 from shared.logs import log_context
 
 log = logging.getLogger(__name__)
+
+# Caps on what a status carries (UTF-8 bytes, cut with an ellipsis): grpc-message is sent
+# percent-encoded and grpc-status-details-bin base64-encoded, and together they must stay well
+# under the client's 8 KiB metadata limit, or the client sees a metadata error instead.
+MAX_MESSAGE_BYTES = 1000
+MAX_FIELD_BYTES = 100
+MAX_DESCRIPTION_BYTES = 300
+MAX_DETAILS_BYTES = 3000  # the serialized google.rpc.Status; violations past it are left out
 
 
 def translate(exc: BaseException) -> RunsError | None:
@@ -37,18 +51,69 @@ def translate(exc: BaseException) -> RunsError | None:
     return None
 
 
+def cap(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes, ending in "…" when cut (lone surrogates become "?")."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    return data[: max(limit - 3, 0)].decode("utf-8", "ignore") + "…"  # "…" is 3 bytes
+
+
 def rich_status(error: RunsError) -> grpc.Status:
-    """The gRPC status (with details in trailing metadata) for a domain error."""
-    proto = status_pb2.Status(code=error.code.value[0], message=error.message)
+    """The gRPC status (with details in trailing metadata) for a domain error, capped in size."""
+    proto = status_pb2.Status(code=error.code.value[0], message=cap(error.message, MAX_MESSAGE_BYTES))
     if isinstance(error, InvalidRequest):
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=desc)
-                for field, desc in error.violations
-            ]
-        )
+        detail = error_details_pb2.BadRequest()
+        budget = MAX_DETAILS_BYTES - proto.ByteSize() - 100  # the Any's type URL and framing
+        for field, desc in error.violations:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=cap(field, MAX_FIELD_BYTES), description=cap(desc, MAX_DESCRIPTION_BYTES)
+            )
+            budget -= violation.ByteSize() + 4
+            if budget < 0 and detail.field_violations:
+                break  # keep the first ones: the client fixes those and learns of the rest next
+            detail.field_violations.append(violation)
         proto.details.add().Pack(detail)
     return rpc_status.to_status(proto)
+
+
+class _Undecodable:
+    """What the deserializer returns for bytes that are not a valid request message."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _message_name(deserializer: Callable[[bytes], Any]) -> str:
+    """`StartRunRequest` for `StartRunRequest.FromString`; "request" for anything else."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "name", "request"))
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`deserializer`, returning an `_Undecodable` (with a short reason) where it would raise."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            # upb: "Error parsing message with type 'runs.v1.X': Wire format was corrupt"; keep the
+            # part after the type. Other errors (not DecodeError) have no text a client needs.
+            text = str(exc) if isinstance(exc, DecodeError) else ""
+            reason = text.rpartition("': ")[2].strip().rstrip(".") or "it cannot be decoded"
+            return _Undecodable(cap(reason, 120))
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext, method: str, message: str, request: _Undecodable) -> None:
+    """INVALID_ARGUMENT for an undecodable request, logged in one line without a stack."""
+    log.warning("%s: refused an undecodable request (%s)", method, request.reason)
+    description = f"the request is not a valid {message} message: {request.reason}"
+    status = rich_status(InvalidRequest.field("request", description))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
@@ -75,11 +140,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith("/runs.v1."):
             return handler
+        # Interceptors that run before this one (OpenTelemetry's _wrap_rpc_behavior) rebuild the
+        # handler with the request_deserializer returned here, so the tolerant one stays in force.
+        # Request-streaming methods keep grpc's deserializer: a sentinel there would reach the
+        # handler's request iterator (and context.read()) unchecked. runs.v1 has none of them.
+        deserializer = handler.request_deserializer
+        message = "request"
+        if deserializer is not None and not handler.request_streaming:
+            message = _message_name(deserializer)
+            deserializer = _tolerant(deserializer)
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 with log_context(rpc=method):
+                    if isinstance(request, _Undecodable):
+                        await _refuse(context, method, message, request)
                     try:
                         return await unary(request, context)  # type: ignore[arg-type]
                     except grpc.aio.AbortError:
@@ -89,7 +165,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -97,6 +173,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 with log_context(rpc=method):
+                    if isinstance(request, _Undecodable):
+                        await _refuse(context, method, message, request)
                     try:
                         # aclosing: when the call ends early the handler is closed here, in this task.
                         async with contextlib.aclosing(stream(request, context)) as items:  # type: ignore[arg-type,type-var]
@@ -109,7 +187,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
