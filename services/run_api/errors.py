@@ -71,3 +71,21 @@ class StoreUnavailable(RunsError):
 
     def __init__(self, message: str = "the database is unavailable; retry later") -> None:
         super().__init__(message)
+
+
+class Unauthenticated(RunsError):
+    """No valid API key came with the call."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RunsError):
+    """The caller's key may not do this (wrong role, another worker's run or session, a limit of the key)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class EventRejected(RunsError):
+    """A reported event does not fit its run (a step or tool event for a step that never started)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
