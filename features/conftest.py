@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 from pytest_bdd import given, parsers, then, when
 
-from features.harness import Api, Client, Worker, worker_once
+from features.harness import Api, Client, Worker, auth_mode, create_key, worker_once
+from shared.channels import channel as open_channel
 
 
 @dataclass
@@ -30,6 +33,15 @@ class Stack:
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
         self.env: dict[str, str] = {}  # given to the API and every worker
+        # With RUNS_TEST_AUTH=required: the API requires keys; the suite bootstraps an admin key and
+        # makes a client key (the scenarios' client) and a worker key (every worker process).
+        self.auth = auth_mode()
+        self.admin_key = f"test-admin-{secrets.token_urlsafe(24)}"
+        self.keys: dict[str, str] = {}
+        self.key_ids: dict[str, str] = {}
+        self.api_env: dict[str, str] = (
+            {"RUNS_AUTH": "required", "RUNS_BOOTSTRAP_ADMIN_KEY": self.admin_key} if self.auth == "required" else {}
+        )
         self.api: Api | None = None
         self.previous_apis: list[Api] = []
         self.workers: list[Worker] = []
@@ -41,9 +53,30 @@ class Stack:
             self.api.stop()
             self.previous_apis.append(self.api)
         self.env.update(env)
-        self.api = Api(self.database_url, **self.env)
+        self.api = Api(self.database_url, **self.api_env, **self.env)
         self.api.start()
+        self._make_keys()
         return self.api
+
+    def _make_keys(self) -> None:
+        if self.auth == "required" and not self.keys:
+            assert self.api is not None
+            for role in ("client", "worker"):
+                self.key_ids[role], self.keys[role] = create_key(self.api.addr, self.admin_key, role)
+
+    def recorded_worker_id(self, instance: str) -> str:
+        """The worker id the API records for a worker process started with RUN_WORKER_ID=instance."""
+        return f"{self.key_ids['worker']}/{instance}" if self.auth == "required" else instance
+
+    @property
+    def worker_env(self) -> dict[str, str]:
+        """What a worker process needs to reach the API (its key when auth is required)."""
+        return {"RUNS_API_KEY": self.keys["worker"]} if self.auth == "required" else {}
+
+    def admin_channel(self) -> grpc.Channel:
+        """A channel for OpsService and KeyService (the admin key when auth is required)."""
+        assert self.api is not None
+        return open_channel(self.api.addr, api_key=self.admin_key if self.auth == "required" else None)
 
     def restart_api(self) -> Api:
         """Stop the API with SIGTERM and start a new one on the same address."""
@@ -51,7 +84,7 @@ class Stack:
         old = self.api
         self.previous_apis.append(old)
         assert old.stop() == 0, f"API did not exit cleanly:\n{old.output()}"
-        self.api = Api(self.database_url, port=old.port, **self.env)
+        self.api = Api(self.database_url, port=old.port, **self.api_env, **self.env)
         self.api.start()
         return self.api
 
@@ -60,13 +93,13 @@ class Stack:
         """A client of the current API."""
         assert self.api is not None, "no API started"
         if self._client is None:
-            self._client = Client(self.api.addr)
+            self._client = Client(self.api.addr, self.keys.get("client"))
         return self._client
 
     def start_worker(self, *flags: str, **env: str) -> Worker:
         """Start a long-running worker process."""
         assert self.api is not None
-        worker = Worker(self.api.addr, *flags, **{**self.env, **env})
+        worker = Worker(self.api.addr, *flags, **{**self.env, **self.worker_env, **env})
         worker.start()
         self.workers.append(worker)
         return worker
@@ -74,7 +107,7 @@ class Stack:
     def once(self, *flags: str, **env: str) -> dict[str, int]:
         """One worker cycle in a fresh process."""
         assert self.api is not None
-        return worker_once(self.api.addr, *flags, **{**self.env, **env})
+        return worker_once(self.api.addr, *flags, **{**self.env, **self.worker_env, **env})
 
     def close(self) -> None:
         """Stop everything."""

@@ -21,7 +21,8 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.gen.runs.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+from shared.channels import channel as open_channel
+from shared.gen.runs.v1 import key_service_pb2, key_service_pb2_grpc, run_pb2, run_service_pb2, run_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -96,7 +97,7 @@ class Process:
 
 def base_env(**extra: str) -> dict[str, str]:
     """The environment for a child: ours, minus settings that would leak in, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_", "DATABASE_URL", "OTEL_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_", "RUNS_", "DATABASE_URL", "OTEL_"))}
     env.update({"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "info"})
     env.update(extra)
     return env
@@ -167,11 +168,28 @@ def worker_once(addr: str, *flags: str, timeout: float = 60, **env: str) -> dict
 STATUS = {name.removeprefix("RUN_STATUS_"): value for name, value in run_pb2.RunStatus.items()}
 
 
-class Client:
-    """A thin synchronous client of runs.v1.RunService."""
+def auth_mode() -> str:
+    """How the acceptance suite runs the API: RUNS_TEST_AUTH=required (keys for everything) or off (default)."""
+    mode = os.environ.get("RUNS_TEST_AUTH", "off").strip() or "off"
+    assert mode in ("off", "required"), f"RUNS_TEST_AUTH must be off or required, got {mode!r}"
+    return mode
 
-    def __init__(self, addr: str) -> None:
-        self.channel = grpc.insecure_channel(addr)
+
+def create_key(addr: str, admin_key: str, role: str, **fields: Any) -> tuple[str, str]:
+    """A new key's (id, secret), made through KeyService with an admin key."""
+    with open_channel(addr, api_key=admin_key) as channel:
+        response = key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
+            key_service_pb2.CreateKeyRequest(role=key_service_pb2.KeyRole.Value(f"KEY_ROLE_{role.upper()}"), **fields),
+            timeout=10,
+        )
+    return str(response.key.key_id), str(response.secret)
+
+
+class Client:
+    """A thin synchronous client of runs.v1.RunService (with an API key when the API requires one)."""
+
+    def __init__(self, addr: str, api_key: str | None = None) -> None:
+        self.channel = open_channel(addr, api_key=api_key)
         self.stub = run_service_pb2_grpc.RunServiceStub(self.channel)
 
     def close(self) -> None:

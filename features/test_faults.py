@@ -27,12 +27,13 @@ SHORT_LEASES = {
     "RUN_WORKER_POLL_MS": "200",
 }
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELED"}
+ALL_TOOLS = {"RUN_WORKER_TOOLS": "noop,sleep,fail,shell"}  # shell is opt-in; these workers run it
 
 
 @given("a running API with short leases on a fresh database")
 def api_short_leases(stack: Stack) -> None:
-    """Leases of 2 s, heartbeats every 0.4 s, the reaper every 0.2 s."""
-    stack.start_api(**SHORT_LEASES)
+    """Leases of 2 s, heartbeats every 0.4 s, the reaper every 0.2 s; workers allow every tool, shell too."""
+    stack.start_api(**SHORT_LEASES, **ALL_TOOLS)
 
 
 def _tool_invoked(sql: psycopg.Connection, run_id: str) -> bool:
@@ -60,6 +61,12 @@ def kill_holder(ctx: Context) -> None:
 def another_worker(stack: Stack) -> None:
     """A fresh worker."""
     stack.start_worker()
+
+
+@given("a worker process with the default tools is started")
+def default_tools_worker(stack: Stack) -> None:
+    """RUN_WORKER_TOOLS empty: the default tools, which leave shell out."""
+    stack.start_worker(RUN_WORKER_TOOLS="")
 
 
 @given(parsers.parse("{count:d} worker processes are started"))
@@ -90,8 +97,8 @@ def attempts_after_kill(stack: Stack, ctx: Context) -> None:
 @then(parsers.parse("the stats count at least {expired:d} lease_expired and {requeued:d} requeued"))
 def stats(stack: Stack, expired: int, requeued: int) -> None:
     """OpsService.GetStats."""
-    stub = ops_service_pb2_grpc.OpsServiceStub(stack.client.channel)
-    got = stub.GetStats(ops_service_pb2.GetStatsRequest(), timeout=10)
+    with stack.admin_channel() as channel:
+        got = ops_service_pb2_grpc.OpsServiceStub(channel).GetStats(ops_service_pb2.GetStatsRequest(), timeout=10)
     assert got.lease_expired >= expired and got.requeued >= requeued, got
     assert got.completed >= 1 and got.claimed >= 2
     assert got.runs_by_status["SUCCEEDED"] >= 1
@@ -114,7 +121,8 @@ def pause(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
         "SELECT worker_id FROM run_events WHERE run_id = %s AND type = 'run.claimed' AND attempt = 2",
         (ctx.last_run_id,),
     ).fetchone()
-    assert claimer == ("rescuer",), "a paused worker whose lease lapsed must not be handed runs"
+    rescuer = stack.recorded_worker_id("rescuer")
+    assert claimer == (rescuer,), "a paused worker whose lease lapsed must not be handed runs"
     row = sql.execute(
         "SELECT sequence FROM run_events WHERE run_id = %s AND type = 'run.lease_expired'", (ctx.last_run_id,)
     ).fetchone()
@@ -139,7 +147,8 @@ def readopted(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
         " ORDER BY sequence",
         (ctx.last_run_id,),
     ).fetchall()
-    assert rows == [(1, "holder", None), (2, "holder", "true")]
+    holder = stack.recorded_worker_id("holder")
+    assert rows == [(1, holder, None), (2, holder, "true")]
     attempts = stack.client.get(ctx.last_run_id).attempts
     assert [(a.attempt, a.outcome) for a in attempts] == [(1, "lease_expired"), (2, "completed")]
     assert "re-adopted" in ctx.extra["holder"].output()
@@ -148,8 +157,9 @@ def readopted(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
 @then(parsers.parse("the stats count at least {count:d} readopted"))
 def stats_readopted(stack: Stack, count: int) -> None:
     """OpsService.GetStats counts re-adoptions."""
-    stub = ops_service_pb2_grpc.OpsServiceStub(stack.client.channel)
-    assert stub.GetStats(ops_service_pb2.GetStatsRequest(), timeout=10).readopted >= count
+    with stack.admin_channel() as channel:
+        got = ops_service_pb2_grpc.OpsServiceStub(channel).GetStats(ops_service_pb2.GetStatsRequest(), timeout=10)
+    assert got.readopted >= count
 
 
 @when("the paused worker is resumed with SIGCONT")
@@ -159,11 +169,11 @@ def resume(ctx: Context) -> None:
 
 
 @then("the resumed worker recorded nothing for the run after its lease expired")
-def nothing_recorded(sql: psycopg.Connection, ctx: Context) -> None:
+def nothing_recorded(stack: Stack, sql: psycopg.Connection, ctx: Context) -> None:
     """No event of attempt 1 after run.lease_expired."""
     rows = sql.execute(
-        "SELECT type FROM run_events WHERE run_id = %s AND sequence > %s AND (attempt = 1 OR worker_id = 'holder')",
-        (ctx.last_run_id, ctx.extra["expired_at_sequence"]),
+        "SELECT type FROM run_events WHERE run_id = %s AND sequence > %s AND (attempt = 1 OR worker_id = %s)",
+        (ctx.last_run_id, ctx.extra["expired_at_sequence"], stack.recorded_worker_id("holder")),
     ).fetchall()
     assert [r[0] for r in rows] == ["run.requeued"]
 

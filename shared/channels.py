@@ -32,11 +32,8 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
-class _BearerKey(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <key>` to every call of an aio channel."""
+class _AioBearer:
+    """Adds `authorization: Bearer <key>` to a call of an aio channel."""
 
     def __init__(self, api_key: str) -> None:
         self.metadata = auth_metadata(api_key)
@@ -47,9 +44,14 @@ class _BearerKey(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# grpc.aio files an interceptor under the first call kind it implements, so each kind needs its own object.
+class _AioBearerUnary(_AioBearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioBearerStream(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
@@ -64,7 +66,7 @@ def aio_channel(
     """An asyncio channel to the API: TLS when `tls` says so, the API key on every call."""
     extra: list[grpc.aio.ClientInterceptor] = [*interceptors]
     if api_key:
-        extra.append(_BearerKey(api_key))  # type: ignore[arg-type]
+        extra += [_AioBearerUnary(api_key), _AioBearerStream(api_key)]  # type: ignore[list-item]
     if tls is not None and tls.enabled:
         return grpc.aio.secure_channel(addr, credentials(tls), options=list(options), interceptors=extra)
     return grpc.aio.insecure_channel(addr, options=list(options), interceptors=extra)

@@ -164,6 +164,7 @@ class ApiSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    auth_cache_seconds: float = 5.0
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
@@ -205,6 +206,7 @@ class ApiSettings:
             tls_cert=_path(env, "RUN_API_TLS_CERT"),
             tls_key=_path(env, "RUN_API_TLS_KEY"),
             tls_client_ca=_path(env, "RUN_API_TLS_CLIENT_CA"),
+            auth_cache_seconds=_float(env, "RUNS_AUTH_CACHE_SECONDS", 5.0),
             log=LogSettings.from_env(env),
         )
 

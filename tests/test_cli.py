@@ -1,20 +1,26 @@
-"""The `runs` CLI without a server: parsing, --tool mapping, formatting, exit codes, flows on a fake stub."""
+"""The `runs` CLI: parsing, --tool mapping, formatting, exit codes, flows on fake stubs, and `main` against an
+in-process fake KeyService (TLS against a real API is in test_tls.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.cli import __main__ as cli
-from shared.gen.runs.v1 import run_pb2, run_service_pb2
+from services.cli import common, keys
+from shared.gen.runs.v1 import key_service_pb2, key_service_pb2_grpc, run_pb2, run_service_pb2
+from shared.settings import ClientTls
 
 ENV = {"RUN_API_ADDR": "10.0.0.1:7000"}
 
@@ -231,12 +237,13 @@ def test_watch_and_cancel_arguments() -> None:
         (grpc.StatusCode.DEADLINE_EXCEEDED, 5),
         (grpc.StatusCode.INTERNAL, 1),
         (grpc.StatusCode.UNKNOWN, 1),
-        (grpc.StatusCode.PERMISSION_DENIED, 1),
+        (grpc.StatusCode.PERMISSION_DENIED, 6),
+        (grpc.StatusCode.UNAUTHENTICATED, 6),
         (grpc.StatusCode.CANCELLED, 1),
     ],
 )
 def test_exit_code_for_status(code: grpc.StatusCode, expected: int) -> None:
-    assert cli.exit_code_for(code) == expected
+    assert common.exit_code_for(code) == expected
 
 
 def test_exit_codes_are_documented_in_docstring_and_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,6 +251,7 @@ def test_exit_codes_are_documented_in_docstring_and_help(capsys: pytest.CaptureF
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "Exit codes:" in out and "130" in out and "FAILED_PRECONDITION" in out
+    assert "  6    UNAUTHENTICATED or PERMISSION_DENIED" in out
 
 
 def test_main_returns_2_on_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -317,7 +325,7 @@ def test_runs_table_is_aligned_and_one_line_per_run() -> None:
     lines = cli.format_runs_table(runs).splitlines()
     assert len(lines) == 3
     assert len({line.index(word) for line, word in zip(lines, ["STATUS", "SUCCEEDED", "FAILED"], strict=True)}) == 1
-    assert lines[2].endswith("...") and len(lines[2].split()[-1]) == cli.MAX_CELL
+    assert lines[2].endswith("...") and len(lines[2].split()[-1]) == common.MAX_CELL
     assert cli.format_runs_table([]) == "no runs"
 
 
@@ -654,3 +662,519 @@ def test_plain_numbers() -> None:
         "c": True,
         "d": "3.0",
     }
+
+
+# --- TLS and the API key -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path) -> dict[str, str]:
+    """Three files to name in TLS flags (parsing only checks that they exist)."""
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in files.values():
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+    return {name: str(path) for name, path in files.items()}
+
+
+def test_connection_flags_default_to_off() -> None:
+    args = parse("get", "X")
+    assert (args.tls_ca, args.tls_cert, args.tls_key, args.api_key) == (None, None, None, None)
+    assert common.client_tls(args) == ClientTls() and not common.client_tls(args).enabled
+
+
+def test_connection_flags_before_or_after_the_command(pem_files: dict[str, str]) -> None:
+    f = pem_files
+    for argv in (
+        ["--tls-ca", f["ca"], "--tls-cert", f["cert"], "--tls-key", f["key"], "--api-key", "k1", "get", "X"],
+        ["get", "X", "--tls-ca", f["ca"], "--tls-cert", f["cert"], "--tls-key", f["key"], "--api-key", "k1"],
+        ["keys", "list", "--tls-ca", f["ca"], "--tls-cert", f["cert"], "--tls-key", f["key"], "--api-key", "k1"],
+    ):
+        args = parse(*argv)
+        assert common.client_tls(args) == ClientTls(ca=f["ca"], cert=f["cert"], key=f["key"])
+        assert args.api_key == "k1"
+
+
+def test_connection_flags_come_from_the_environment_and_flags_override_it(pem_files: dict[str, str]) -> None:
+    env = {"RUNS_TLS_CA": pem_files["ca"], "RUNS_API_KEY": " from-env ", "RUNS_TLS_CERT": "", "RUNS_TLS_KEY": " "}
+    args = parse("get", "X", env=env)
+    assert (args.tls_ca, args.tls_cert, args.tls_key, args.api_key) == (pem_files["ca"], None, None, "from-env")
+    assert common.client_tls(args).enabled
+    assert parse("get", "X", "--api-key", "from-flag", env=env).api_key == "from-flag"
+    assert parse("--tls-ca", pem_files["key"], "get", "X", env=env).tls_ca == pem_files["key"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--tls-cert", "{cert}", "get", "X"], "--tls-cert and --tls-key (RUNS_TLS_CERT, RUNS_TLS_KEY) go together"),
+        (["--tls-key", "{key}", "get", "X"], "--tls-cert and --tls-key (RUNS_TLS_CERT, RUNS_TLS_KEY) go together"),
+        (["--tls-ca", "{ca}.missing", "get", "X"], "--tls-ca (RUNS_TLS_CA): "),
+        (["--tls-cert", "{cert}", "--tls-key", "/nonexistent", "get", "X"], "--tls-key (RUNS_TLS_KEY): '/nonexistent'"),
+        (["--api-key", "two words", "get", "X"], "--api-key (RUNS_API_KEY) must be printable ASCII"),
+        (["--api-key", "line\nbreak", "get", "X"], "--api-key (RUNS_API_KEY) must be printable ASCII"),
+    ],
+)
+def test_unusable_connection_flags_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], pem_files: dict[str, str], argv: list[str], fragment: str
+) -> None:
+    assert fragment in usage_error(capsys, *(a.format(**pem_files) for a in argv))
+
+
+def test_a_missing_tls_file_from_the_environment_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse("get", "X", env={"RUNS_TLS_CA": "/no/such/ca.pem"})
+    assert exc.value.code == 2
+    assert "RUNS_TLS_CA" in capsys.readouterr().err
+
+
+def test_the_api_key_from_the_environment_never_shows_in_help() -> None:
+    env = {"RUNS_API_KEY": "sekrit-value-123"}
+    parser, commands = cli._build_parsers(env)
+    for p in (parser, *commands.values()):
+        assert "sekrit" not in p.format_help()
+    assert "RUNS_API_KEY" in parser.format_help() and "ps" in parser.format_help()
+
+
+class FakeChannel:
+    """Stands in for shared.channels.channel: records how it was opened."""
+
+    opened: list[tuple[str, ClientTls | None, str | None]] = []
+
+    def __init__(self, addr: str, tls: ClientTls | None = None, api_key: str | None = None) -> None:
+        FakeChannel.opened.append((addr, tls, api_key))
+
+    def __enter__(self) -> FakeChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    unary_stream = unary_unary
+
+
+def test_main_opens_the_channel_with_tls_and_the_key_and_picks_the_stub(
+    monkeypatch: pytest.MonkeyPatch, pem_files: dict[str, str]
+) -> None:
+    stubs: list[tuple[str, Any]] = []
+    monkeypatch.setattr(cli, "open_channel", FakeChannel)
+    monkeypatch.setattr(cli, "dispatch", lambda stub, args: stubs.append((args.command, stub)) or 0)
+    monkeypatch.setattr(FakeChannel, "opened", [])
+    monkeypatch.setenv("RUNS_API_KEY", "env-key")
+    monkeypatch.setenv("RUN_API_ADDR", "h:1")
+    assert cli.main(["--tls-ca", pem_files["ca"], "get", "X"]) == 0
+    assert cli.main(["keys", "list", "--tls-cert", pem_files["cert"], "--tls-key", pem_files["key"]]) == 0
+    assert FakeChannel.opened == [
+        ("h:1", ClientTls(ca=pem_files["ca"]), "env-key"),
+        ("h:1", ClientTls(cert=pem_files["cert"], key=pem_files["key"]), "env-key"),
+    ]
+    assert type(stubs[0][1]).__name__ == "RunServiceStub"
+    assert type(stubs[1][1]).__name__ == "KeyServiceStub"
+
+
+def test_main_reports_a_tls_file_it_cannot_read(
+    monkeypatch: pytest.MonkeyPatch, pem_files: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", pem_files["ca"])
+
+    monkeypatch.setattr(cli, "open_channel", unreadable)
+    assert cli.main(["--tls-ca", pem_files["ca"], "get", "X"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot read a TLS file: [Errno 13] Permission denied")
+
+
+def test_start_sends_the_project() -> None:
+    assert cli.start_request(parse("start", "--project", "billing")).project_id == "billing"
+    assert cli.start_request(parse("start")).project_id == ""
+
+
+# --- denied and refused calls ------------------------------------------------------------------
+
+
+def test_unauthenticated_without_a_key_says_to_set_one() -> None:
+    err = FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer key")
+    lines, code = common.describe_rpc_error(err, "h:1")
+    assert code == 6
+    assert lines == [
+        "error: UNAUTHENTICATED: the Run API at h:1 needs an API key: missing bearer key",
+        "  set RUNS_API_KEY to your key (or pass --api-key)",
+    ]
+
+
+def test_unauthenticated_with_a_key_says_it_was_not_accepted() -> None:
+    lines, code = common.describe_rpc_error(FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, ""), "h:1", has_key=True)
+    assert code == 6
+    assert lines[0] == "error: UNAUTHENTICATED: the Run API at h:1 did not accept the API key"
+    assert "unknown, revoked or expired" in lines[1]
+
+
+def test_permission_denied_explains_role_and_scope() -> None:
+    err = FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "a client key cannot call KeyService")
+    lines, code = common.describe_rpc_error(err, "h:1", has_key=True)
+    assert code == 6
+    assert lines[0] == "error: PERMISSION_DENIED: a client key cannot call KeyService"
+    assert "role, tenant or project" in lines[1] and "admin key" in lines[1]
+
+
+HANDSHAKE = "failed to connect to all addresses; last error: UNKNOWN: Tls handshake failed: CERTIFICATE_VERIFY_FAILED"
+CLOSED = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
+
+
+@pytest.mark.parametrize(
+    ("details", "tls", "hint"),
+    [
+        (HANDSHAKE, ClientTls(ca="ca.pem"), "the TLS handshake failed: does --tls-ca (RUNS_TLS_CA) name the CA"),
+        (CLOSED, None, "if it serves TLS, pass --tls-ca (or set RUNS_TLS_CA)"),
+        (CLOSED, ClientTls(ca="ca.pem"), "if it requires mutual TLS, pass --tls-cert and --tls-key"),
+        (CLOSED, ClientTls(ca="ca.pem", cert="c.pem", key="k.pem"), None),
+        ("failed to connect to all addresses; last error: Connection refused", None, None),
+    ],
+)
+def test_unavailable_hints_at_tls(details: str, tls: ClientTls | None, hint: str | None) -> None:
+    lines, code = common.describe_rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, details), "h:1", tls=tls)
+    assert code == 5 and lines[0].startswith("error: UNAVAILABLE: the Run API at h:1 is unavailable: ")
+    if hint is None:
+        assert len(lines) == 1
+    else:
+        assert len(lines) == 2 and hint in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("code", "has_key", "fragment"),
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, False, "needs an API key"),
+        (grpc.StatusCode.UNAUTHENTICATED, True, "did not accept the API key"),
+        (grpc.StatusCode.PERMISSION_DENIED, True, "does not allow this call"),
+    ],
+)
+def test_denied_calls_exit_6_with_a_message_and_no_traceback(
+    capsys: pytest.CaptureFixture[str], code: grpc.StatusCode, has_key: bool, fragment: str
+) -> None:
+    argv = ["--api-key", "the-key"] if has_key else []
+    assert run_cli(FakeStub(error=FakeRpcError(code, "no")), *argv, "list") == 6
+    captured = capsys.readouterr()
+    assert captured.out == "" and fragment in captured.err
+    assert "Traceback" not in captured.err and "the-key" not in captured.err
+
+
+# --- runs get: tenant, project and audit -------------------------------------------------------
+
+
+def test_format_run_shows_tenant_project_and_who_started_and_canceled() -> None:
+    run = make_run(
+        status=run_pb2.RUN_STATUS_CANCELED,
+        tenant_id="acme",
+        project_id="billing",
+        created_by="01KEYSTART",
+        cancel_requested_by="01KEYCANCEL",
+        cancel_reason="not needed\nany more",
+        cancel_requested_at=ts("2025-01-31T12:00:02"),
+    )
+    text = cli.format_run(run)
+    fields = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines() if not line.startswith(" ")}
+    assert fields["tenant_id"] == "acme" and fields["project_id"] == "billing"
+    assert fields["started_by"] == "01KEYSTART"
+    assert fields["canceled_by"] == "01KEYCANCEL"
+    assert fields["cancel_reason"] == "not needed"
+    lines = text.splitlines()
+    assert lines[lines.index(next(li for li in lines if li.startswith("cancel_reason"))) + 1].strip() == "any more"
+    assert len({line.index(line.split(None, 1)[1]) for line in lines if not line.startswith(" ")}) == 1
+
+
+def test_format_run_leaves_out_unset_tenant_and_audit_fields() -> None:
+    text = cli.format_run(make_run())
+    for name in ("tenant_id", "project_id", "started_by", "canceled_by", "cancel_reason"):
+        assert name not in text
+
+
+def test_a_reason_without_a_canceling_key_is_still_shown() -> None:
+    text = cli.format_run(make_run(cancel_reason="operator said so"))
+    assert "cancel_reason" in text and "operator said so" in text and "canceled_by" not in text
+
+
+def test_get_json_carries_tenant_and_audit_fields() -> None:
+    run = make_run(tenant_id="acme", created_by="K1", cancel_requested_by="K2", cancel_reason="r")
+    doc = cli.get_json(run_service_pb2.GetRunResponse(run=run))["run"]
+    assert (doc["tenant_id"], doc["created_by"], doc["cancel_requested_by"], doc["cancel_reason"]) == (
+        "acme", "K1", "K2", "r"
+    )
+
+
+# --- runs keys: parsing ------------------------------------------------------------------------
+
+
+def test_keys_create_maps_every_flag() -> None:
+    args = parse(
+        "keys", "create", "--role", "Worker", "--tenant", "acme", "--project", "p", "--workspace", "w",
+        "--ttl", "3600", "--description", "ci runners",
+    )
+    assert keys.create_request(args) == key_service_pb2.CreateKeyRequest(
+        role=key_service_pb2.KEY_ROLE_WORKER,
+        tenant_id="acme",
+        project_id="p",
+        workspace_id="w",
+        ttl_seconds=3600,
+        description="ci runners",
+    )
+
+
+def test_keys_create_defaults_leave_scope_to_the_server() -> None:
+    request = keys.create_request(parse("keys", "create", "--role", "admin"))
+    assert request == key_service_pb2.CreateKeyRequest(role=key_service_pb2.KEY_ROLE_ADMIN)
+
+
+@pytest.mark.parametrize("role", keys.ROLE_CHOICES)
+def test_every_role_choice_is_a_key_role(role: str) -> None:
+    assert keys.create_request(parse("keys", "create", "--role", role)).role != key_service_pb2.KEY_ROLE_UNSPECIFIED
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keys"],
+        ["keys", "rotate"],
+        ["keys", "create"],
+        ["keys", "create", "--role", "root"],
+        ["keys", "create", "--role", "client", "--ttl", "0"],
+        ["keys", "create", "--role", "client", "--ttl", "1h"],
+        ["keys", "list", "--page-size", "0"],
+        ["keys", "revoke"],
+    ],
+)
+def test_bad_keys_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    usage_error(capsys, *argv)
+
+
+def test_keys_list_and_revoke_arguments() -> None:
+    args = parse("keys", "list", "--include-revoked", "--page-size", "5", "--all", "--json")
+    assert keys.list_request(args, "t") == key_service_pb2.ListKeysRequest(
+        page_size=5, page_token="t", include_revoked=True
+    )
+    assert args.all and args.json
+    assert keys.list_request(parse("keys", "list"), "") == key_service_pb2.ListKeysRequest()
+    args = parse("--json", "keys", "revoke", "01KEY")
+    assert (args.command, args.keys_command, args.key_id, args.json) == ("keys", "revoke", "01KEY", True)
+
+
+# --- runs keys: formatting ---------------------------------------------------------------------
+
+NOW = datetime(2025, 2, 1, tzinfo=UTC)
+
+
+def make_key(key_id: str = "01KEY", **extra: Any) -> key_service_pb2.ApiKey:
+    fields: dict[str, Any] = {"role": key_service_pb2.KEY_ROLE_CLIENT, "tenant_id": "acme"}
+    return key_service_pb2.ApiKey(key_id=key_id, created_at=ts("2025-01-31T12:00:00"), **{**fields, **extra})
+
+
+def key_fields(text: str) -> dict[str, str]:
+    return {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()}
+
+
+def test_format_key_shows_scope_expiry_and_state() -> None:
+    fields = key_fields(keys.format_key(make_key(description="laptop"), NOW))
+    assert fields == {
+        "key_id": "01KEY",
+        "role": "CLIENT",
+        "state": "active",
+        "tenant_id": "acme",
+        "project_id": "any",
+        "workspace_id": "any",
+        "created_at": "2025-01-31T12:00:00.000Z",
+        "created_by": "the API host",
+        "expires_at": "never",
+        "description": "laptop",
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "state"),
+    [
+        ({"expires_at": ts("2025-02-02T00:00:00")}, "active"),
+        ({"expires_at": ts("2025-01-31T23:59:59")}, "expired"),
+        ({"revoked_at": ts("2025-01-31T13:00:00")}, "revoked"),
+        ({"revoked_at": ts("2025-01-31T13:00:00"), "expires_at": ts("2025-01-31T23:59:59")}, "revoked"),
+    ],
+)
+def test_key_state(extra: dict[str, Any], state: str) -> None:
+    assert keys.key_state(make_key(**extra), NOW) == state
+
+
+def test_a_revoked_key_shows_when() -> None:
+    fields = key_fields(keys.format_key(make_key(revoked_at=ts("2025-01-31T13:00:00"), created_by="01ADMIN"), NOW))
+    assert fields["revoked_at"] == "2025-01-31T13:00:00.000Z" and fields["state"] == "revoked"
+    assert fields["created_by"] == "01ADMIN"
+
+
+def test_a_created_key_ends_with_its_secret_aligned() -> None:
+    response = key_service_pb2.CreateKeyResponse(key=make_key(project_id="billing"), secret="rk_s3cr3t")
+    lines = keys.format_created(response, NOW).splitlines()
+    assert lines[-1].split() == ["secret", "rk_s3cr3t"]
+    assert len({line.index(line.split()[1]) for line in lines}) == 1
+    assert key_fields("\n".join(lines))["project_id"] == "billing"
+
+
+def test_keys_table_is_aligned_and_one_line_per_key() -> None:
+    table = keys.format_keys_table(
+        [make_key("01A", description="x" * 100), make_key("01LONGER", revoked_at=ts("2025-01-31T13:00:00"))], NOW
+    )
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[0].split()[:3] == ["KEY_ID", "ROLE", "STATE"]
+    assert len({line.index(word) for line, word in zip(lines, ["ROLE", "CLIENT", "CLIENT"], strict=True)}) == 1
+    assert "active" in lines[1] and "revoked" in lines[2] and lines[1].endswith("...")
+    assert keys.format_keys_table([], NOW) == "no keys"
+
+
+def test_keys_json_documents() -> None:
+    response = key_service_pb2.CreateKeyResponse(key=make_key(), secret="rk_s")
+    assert keys.created_json(response) == {"key": cli.to_dict(make_key()), "secret": "rk_s"}
+    assert keys.created_json(response)["key"]["role"] == "KEY_ROLE_CLIENT"
+    assert keys.list_json([make_key()], "") == {"keys": [cli.to_dict(make_key())], "next_page_token": ""}
+
+
+# --- runs keys: flows on a fake stub -----------------------------------------------------------
+
+
+class FakeKeyStub:
+    """KeyService with canned answers; records every call with its timeout."""
+
+    def __init__(
+        self, pages: dict[str, key_service_pb2.ListKeysResponse] | None = None, error: BaseException | None = None
+    ) -> None:
+        self.pages, self.error = pages or {}, error
+        self.calls: list[tuple[str, Any, float | None]] = []
+
+    def _record(self, name: str, request: Any, timeout: float | None) -> None:
+        self.calls.append((name, request, timeout))
+        if self.error is not None:
+            raise self.error
+
+    def CreateKey(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("CreateKey", request, timeout)
+        return key_service_pb2.CreateKeyResponse(key=make_key(role=request.role), secret="rk_only_once")
+
+    def ListKeys(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("ListKeys", request, timeout)
+        return self.pages[request.page_token]
+
+    def RevokeKey(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("RevokeKey", request, timeout)
+        return key_service_pb2.RevokeKeyResponse(key=make_key(request.key_id, revoked_at=ts("2025-01-31T13:00:00")))
+
+
+def test_keys_create_prints_the_secret_once_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeKeyStub()
+    assert run_cli(stub, "keys", "create", "--role", "admin") == 0
+    assert stub.calls[0][0] == "CreateKey" and stub.calls[0][2] == cli.UNARY_DEADLINE_SECONDS
+    captured = capsys.readouterr()
+    assert captured.out.count("rk_only_once") == 1 and key_fields(captured.out)["secret"] == "rk_only_once"
+    assert captured.err.strip() == keys.SECRET_NOTE and "rk_only_once" not in captured.err
+    assert "only time the secret is shown" in keys.SECRET_NOTE
+
+
+def test_keys_create_json_keeps_stdout_machine_readable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(FakeKeyStub(), "keys", "create", "--role", "worker", "--json") == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["secret"] == "rk_only_once" and doc["key"]["role"] == "KEY_ROLE_WORKER"
+    assert captured.err.strip() == keys.SECRET_NOTE
+
+
+def test_keys_list_all_follows_page_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    pages = {
+        "": key_service_pb2.ListKeysResponse(keys=[make_key("K1")], next_page_token="t1"),
+        "t1": key_service_pb2.ListKeysResponse(keys=[make_key("K2")]),
+    }
+    stub = FakeKeyStub(pages)
+    assert run_cli(stub, "keys", "list", "--all", "--include-revoked", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [k["key_id"] for k in doc["keys"]] == ["K1", "K2"] and doc["next_page_token"] == ""
+    assert all(request.include_revoked for _, request, _ in stub.calls)
+
+
+def test_keys_list_one_page_shows_the_next_token(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeKeyStub({"": key_service_pb2.ListKeysResponse(keys=[make_key("K1")], next_page_token="t1")})
+    assert run_cli(stub, "keys", "list") == 0
+    out = capsys.readouterr().out
+    assert "K1" in out and "next_page_token: t1  (runs keys list --page-token t1, or --all)" in out
+    assert [name for name, _, _ in stub.calls] == ["ListKeys"]
+
+
+def test_keys_revoke_prints_the_revoked_key(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeKeyStub()
+    assert run_cli(stub, "keys", "revoke", "01GONE") == 0
+    assert stub.calls[0][1] == key_service_pb2.RevokeKeyRequest(key_id="01GONE")
+    fields = key_fields(capsys.readouterr().out)
+    assert fields["key_id"] == "01GONE" and fields["state"] == "revoked"
+    assert run_cli(FakeKeyStub(), "keys", "revoke", "01GONE", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["revoked_at"] == "2025-01-31T13:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(grpc.StatusCode.NOT_FOUND, 3), (grpc.StatusCode.PERMISSION_DENIED, 6), (grpc.StatusCode.UNAUTHENTICATED, 6)],
+)
+def test_keys_errors_become_messages_and_exit_codes(
+    capsys: pytest.CaptureFixture[str], code: grpc.StatusCode, expected: int
+) -> None:
+    assert run_cli(FakeKeyStub(error=FakeRpcError(code, "nope")), "keys", "revoke", "K") == expected
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {code.name}: ")
+
+
+# --- runs keys: main against an in-process fake KeyService -------------------------------------
+
+
+class FakeKeyService(key_service_pb2_grpc.KeyServiceServicer):
+    """Answers CreateKey for the bearer key `admin-key` only, as the real interceptor would."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+
+    def CreateKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        self.metadata.append(metadata)
+        authorization = metadata.get("authorization", "")
+        if not authorization:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "an API key is required")
+        if authorization != "Bearer admin-key":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "KeyService needs an admin key")
+        expires = Timestamp()
+        expires.FromDatetime(datetime.now(UTC) + timedelta(seconds=request.ttl_seconds))
+        return key_service_pb2.CreateKeyResponse(
+            key=key_service_pb2.ApiKey(key_id="01NEW", role=request.role, tenant_id="acme", expires_at=expires),
+            secret="rk_new_secret",
+        )
+
+
+@pytest.fixture
+def key_server() -> Iterator[tuple[str, FakeKeyService]]:
+    servicer = FakeKeyService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    key_service_pb2_grpc.add_KeyServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(None).wait(5)
+
+
+def test_main_sends_the_key_from_runs_api_key_and_maps_refusals(
+    key_server: tuple[str, FakeKeyService], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    addr, servicer = key_server
+    argv = ["--addr", addr, "keys", "create", "--role", "client", "--ttl", "60"]
+    monkeypatch.delenv("RUNS_API_KEY", raising=False)
+    assert cli.main(argv) == 6
+    assert "set RUNS_API_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("RUNS_API_KEY", "client-key")
+    assert cli.main(argv) == 6
+    assert "PERMISSION_DENIED: KeyService needs an admin key" in capsys.readouterr().err
+    monkeypatch.setenv("RUNS_API_KEY", "admin-key")
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert key_fields(captured.out)["secret"] == "rk_new_secret" and key_fields(captured.out)["state"] == "active"
+    assert keys.SECRET_NOTE in captured.err
+    assert [m.get("authorization") for m in servicer.metadata] == [None, "Bearer client-key", "Bearer admin-key"]

@@ -1,26 +1,36 @@
-"""`runs`: the command-line client of the Run API (runs.v1.RunService over gRPC).
+"""`runs`: the command-line client of the Run API (runs.v1.RunService and KeyService over gRPC).
 
 Commands:
-  runs start [--workflow W] [--input JSON] [--idempotency-key K] [--max-attempts N]
+  runs start [--workflow W] [--input JSON] [--idempotency-key K] [--max-attempts N] [--project P]
              [--tool NAME [--args JSON]] [--wait [--timeout SECONDS]]
   runs get ID
   runs list [--status S] [--workflow W] [--page-size N] [--page-token T] [--all]
   runs watch ID [--after-sequence N]
   runs cancel ID [--reason TEXT]
+  runs keys create --role client|worker|admin [--tenant T] [--project P] [--workspace W]
+                   [--ttl SECONDS] [--description D]
+  runs keys list [--include-revoked] [--page-size N] [--page-token T] [--all]
+  runs keys revoke KEY_ID
 
 Global flags (before or after the command): --addr HOST:PORT (default $RUN_API_ADDR, else
 127.0.0.1:50051) and --json (machine-readable output: protobuf JSON with proto field names;
 `watch --json` prints one JSON object per line per event).
+
+Connection: TLS when --tls-ca FILE ($RUNS_TLS_CA) names the CA of the API's certificate; for an
+API that requires mutual TLS also --tls-cert FILE and --tls-key FILE ($RUNS_TLS_CERT,
+$RUNS_TLS_KEY). The API key goes in $RUNS_API_KEY (--api-key works too, but flags show in `ps`).
 
 Exit codes:
   0    success (for `start --wait`: the run SUCCEEDED)
   1    `start --wait`: the run ended FAILED or CANCELED (the run is still printed);
        also any error not listed below
   2    usage error, or the API answered INVALID_ARGUMENT, ALREADY_EXISTS or RESOURCE_EXHAUSTED
-  3    NOT_FOUND (no run has that id)
+  3    NOT_FOUND (no run or key has that id)
   4    FAILED_PRECONDITION (e.g. cancel a run that has already ended)
   5    UNAVAILABLE or DEADLINE_EXCEEDED: the API cannot be reached or did not answer in time
-       (also `start --wait` when --timeout elapsed before the run ended)
+       (also `start --wait` when --timeout elapsed before the run ended, and a failed TLS handshake)
+  6    UNAUTHENTICATED or PERMISSION_DENIED: no API key, a key that is unknown, revoked or
+       expired, or a key whose role, tenant or project does not allow the call
   130  interrupted (Ctrl-C)
 """
 
@@ -30,161 +40,74 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from shared.gen.runs.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+from services.cli import keys
+from services.cli.common import (
+    EXIT_CODES,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    UNARY_DEADLINE_SECONDS,
+    CliError,
+    call_status,
+    cell,
+    client_tls,
+    collect_pages,
+    connection_problem,
+    describe_rpc_error,
+    dumps,
+    enum_name,
+    err,
+    format_fields,
+    format_table,
+    global_flags,
+    iso_time,
+    json_object,
+    non_negative_int,
+    out,
+    positive_float,
+    positive_int,
+    to_dict,
+)
+from shared.channels import channel as open_channel
+from shared.gen.runs.v1 import key_service_pb2_grpc, run_pb2, run_service_pb2, run_service_pb2_grpc
 
-DEFAULT_ADDR = "127.0.0.1:50051"
-UNARY_DEADLINE_SECONDS = 10.0
 DEFAULT_WAIT_TIMEOUT_SECONDS = 300.0
 TOOL_WORKFLOW = "runtime.tool"
 TERMINAL_EVENT_TYPES = frozenset({"run.completed", "run.failed", "run.canceled"})
 STATUS_CHOICES = ("queued", "running", "succeeded", "failed", "canceled")
-MAX_CELL = 60
-
-EXIT_OK = 0
-EXIT_RUN_FAILED = 1
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_FAILED_PRECONDITION = 4
-EXIT_UNAVAILABLE = 5
-EXIT_INTERRUPTED = 130
-
-EXIT_CODES = """\
-Exit codes:
-  0    success (for `start --wait`: the run SUCCEEDED)
-  1    `start --wait`: the run ended FAILED or CANCELED (the run is still printed);
-       also any error not listed below
-  2    usage error, or the API answered INVALID_ARGUMENT, ALREADY_EXISTS or RESOURCE_EXHAUSTED
-  3    NOT_FOUND (no run has that id)
-  4    FAILED_PRECONDITION (e.g. cancel a run that has already ended)
-  5    UNAVAILABLE or DEADLINE_EXCEEDED: the API cannot be reached or did not answer in time
-       (also `start --wait` when --timeout elapsed before the run ended)
-  130  interrupted (Ctrl-C)
-"""
-
-_EXIT_BY_CODE: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: EXIT_OK,
-    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
-    grpc.StatusCode.ALREADY_EXISTS: EXIT_USAGE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_USAGE,
-    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION: EXIT_FAILED_PRECONDITION,
-    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
-}
-
-
-def exit_code_for(code: grpc.StatusCode) -> int:
-    """The process exit code for a gRPC status code."""
-    return _EXIT_BY_CODE.get(code, EXIT_ERROR)
 
 
 # --- argument parsing --------------------------------------------------------------------------
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    """Parse a JSON object (argparse type); anything else is a usage error."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(
-            f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno}): {text!r}"
-        ) from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"key\": 1}}', got {_json_kind(value)}")
-    return value
-
-
-def _json_kind(value: Any) -> str:
-    """The JSON name of a decoded value's type."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array"
-
-
-def _non_negative_int(text: str) -> int:
-    """A whole number >= 0 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """A whole number >= 1 (argparse type)."""
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """A number of seconds > 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def _common_flags(default_addr: str, suppress: bool) -> argparse.ArgumentParser:
-    """--addr and --json; with `suppress`, unset flags leave the top-level value alone."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(
-        "--addr",
-        metavar="HOST:PORT",
-        default=argparse.SUPPRESS if suppress else default_addr,
-        help=f"Run API address (RUN_API_ADDR) [{default_addr}]",
-    )
-    p.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS if suppress else False,
-        help="machine-readable JSON output",
-    )
-    return p
-
-
 def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """The argument parser; `env` (default os.environ) supplies RUN_API_ADDR."""
+    """The argument parser; `env` (default os.environ) supplies RUN_API_ADDR, RUNS_TLS_* and RUNS_API_KEY."""
     return _build_parsers(env)[0]
 
 
 def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the parser of each command, by name."""
     environ = os.environ if env is None else env
-    default_addr = environ.get("RUN_API_ADDR", "").strip() or DEFAULT_ADDR
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="runs",
-        description="Start, inspect, watch and cancel runs of the Run API.",
+        description="Start, inspect, watch and cancel runs of the Run API; manage its API keys.",
         epilog=EXIT_CODES,
         formatter_class=formatter,
-        parents=[_common_flags(default_addr, suppress=False)],
+        parents=[global_flags(environ, suppress=False)],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _common_flags(default_addr, suppress=True)
+    common = global_flags(environ, suppress=True)
     commands: dict[str, argparse.ArgumentParser] = {}
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -200,16 +123,19 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
 
     start = add("start", "Start a run (and optionally wait until it ends).")
     start.add_argument("--workflow", default="", help="workflow name [server default: runtime.noop]")
-    start.add_argument("--input", type=_json_object, default=None, metavar="JSON", help="run input, a JSON object")
+    start.add_argument("--input", type=json_object, default=None, metavar="JSON", help="run input, a JSON object")
     start.add_argument(
         "--idempotency-key", default="", metavar="KEY", help="the same key returns the same run, never a second one"
     )
     start.add_argument(
         "--max-attempts",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="N",
         help="attempts before the run fails [server default]",
+    )
+    start.add_argument(
+        "--project", default="", metavar="P", help="project inside your tenant [the key's project, else default]"
     )
     start.add_argument(
         "--tool",
@@ -219,7 +145,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     )
     start.add_argument(
         "--args",
-        type=_json_object,
+        type=json_object,
         default=None,
         metavar="JSON",
         dest="tool_args",
@@ -230,7 +156,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     )
     start.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="SECONDS",
         help=f"with --wait: give up after this many seconds [{DEFAULT_WAIT_TIMEOUT_SECONDS:g}]",
@@ -244,7 +170,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     lst.add_argument("--workflow", default="", help="only runs of this workflow")
     lst.add_argument(
         "--page-size",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="N",
         help="runs per page [server default: 50, at most 500]",
@@ -256,7 +182,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     watch.add_argument("run_id", metavar="ID")
     watch.add_argument(
         "--after-sequence",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="only events with a greater sequence [0: from the start]",
@@ -265,6 +191,9 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     cancel = add("cancel", "Cancel a queued run, or ask a running one to stop.")
     cancel.add_argument("run_id", metavar="ID")
     cancel.add_argument("--reason", default="", metavar="TEXT", help="why (recorded in the run's log)")
+
+    group = add("keys", "Create, list and revoke API keys (needs an admin key).")
+    commands.update({f"keys {name}": p for name, p in keys.add_parsers(group, common, EXIT_CODES).items()})
     return parser, commands
 
 
@@ -272,6 +201,9 @@ def parse_args(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
     """Parse and cross-check the command line; usage errors exit 2 (SystemExit) with a message."""
     parser, commands = _build_parsers(env)
     args = parser.parse_args(argv)
+    problem = connection_problem(args)
+    if problem:
+        parser.error(problem)
     if args.command == "start":
         problem = start_usage_problem(args)
         if problem:
@@ -299,6 +231,7 @@ def start_request(args: argparse.Namespace) -> run_service_pb2.StartRunRequest:
         workflow=args.workflow,
         idempotency_key=args.idempotency_key,
         max_attempts=args.max_attempts,
+        project_id=args.project,
     )
     run_input: dict[str, Any] | None = args.input
     if args.tool is not None:
@@ -312,38 +245,9 @@ def start_request(args: argparse.Namespace) -> run_service_pb2.StartRunRequest:
 # --- formatting --------------------------------------------------------------------------------
 
 
-def to_dict(message: Message) -> dict[str, Any]:
-    """A message as JSON-able data (protobuf JSON mapping, proto field names)."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
-def dumps(data: Any, compact: bool = False) -> str:
-    """JSON text: indented, or one line with `compact`."""
-    if compact:
-        return json.dumps(data, separators=(",", ":"))
-    return json.dumps(data, indent=2)
-
-
-def enum_name(enum: Any, value: int, prefix: str) -> str:
-    """An enum value's name without its prefix (RUN_STATUS_SUCCEEDED -> SUCCEEDED)."""
-    try:
-        name: str = enum.Name(value)
-    except ValueError:
-        return str(value)
-    return name.removeprefix(prefix)
-
-
 def run_status_name(value: int) -> str:
     """A RunStatus without its RUN_STATUS_ prefix."""
     return enum_name(run_pb2.RunStatus, value, "RUN_STATUS_")
-
-
-def iso_time(message: Message, field: str) -> str:
-    """A Timestamp field as ISO-8601 UTC with milliseconds ('2025-01-31T12:00:00.000Z'), or '-' when unset."""
-    if not message.HasField(field):
-        return "-"
-    stamp = getattr(message, field).ToDatetime(tzinfo=UTC)
-    return str(stamp.isoformat(timespec="milliseconds")).replace("+00:00", "Z")
 
 
 def plain_numbers(value: Any) -> Any:
@@ -365,26 +269,6 @@ def compact_struct(message: Message, field: str) -> str:
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
-def _cell(value: str, limit: int = MAX_CELL) -> str:
-    """A table cell: one line, at most `limit` characters."""
-    text = " ".join(value.split()) if value else "-"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces, with a header row."""
-    table = [list(headers), *[list(r) for r in rows]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table)
-
-
-def format_fields(pairs: Sequence[tuple[str, str]]) -> str:
-    """Aligned `key  value` lines; multi-line values are indented under their first line."""
-    width = max(len(k) for k, _ in pairs)
-    pad = "\n" + " " * (width + 2)
-    return "\n".join(f"{key.ljust(width)}  {pad.join((value or '-').splitlines() or ['-'])}" for key, value in pairs)
-
-
 def format_run(run: run_pb2.Run) -> str:
     """A run as aligned key/value lines."""
     pairs = [
@@ -393,6 +277,10 @@ def format_run(run: run_pb2.Run) -> str:
         ("workflow", run.workflow),
         ("attempt", f"{run.attempt}/{run.max_attempts}"),
         ("created_at", iso_time(run, "created_at")),
+    ]
+    if run.created_by:
+        pairs.append(("started_by", run.created_by))
+    pairs += [
         ("started_at", iso_time(run, "started_at")),
         ("finished_at", iso_time(run, "finished_at")),
         ("stop_reason", run.stop_reason),
@@ -400,6 +288,10 @@ def format_run(run: run_pb2.Run) -> str:
     ]
     if run.HasField("cancel_requested_at"):
         pairs.append(("cancel_requested_at", iso_time(run, "cancel_requested_at")))
+    if run.cancel_requested_by:
+        pairs.append(("canceled_by", run.cancel_requested_by))
+    if run.cancel_reason:
+        pairs.append(("cancel_reason", run.cancel_reason))
     if run.HasField("next_attempt_at"):
         pairs.append(("next_attempt_at", iso_time(run, "next_attempt_at")))
     if run.worker_id:
@@ -408,6 +300,10 @@ def format_run(run: run_pb2.Run) -> str:
         pairs.append(("lease_expires_at", iso_time(run, "lease_expires_at")))
     if run.idempotency_key:
         pairs.append(("idempotency_key", run.idempotency_key))
+    if run.tenant_id:
+        pairs.append(("tenant_id", run.tenant_id))
+    if run.project_id:
+        pairs.append(("project_id", run.project_id))
     if run.workspace_id:
         pairs.append(("workspace_id", run.workspace_id))
     pairs.append(("input", compact_struct(run, "input")))
@@ -425,12 +321,12 @@ def format_runs_table(runs: Sequence[run_pb2.Run]) -> str:
             (
                 r.run_id,
                 run_status_name(r.status),
-                _cell(r.workflow),
+                cell(r.workflow),
                 f"{r.attempt}/{r.max_attempts}",
                 iso_time(r, "created_at"),
                 iso_time(r, "finished_at"),
-                _cell(r.stop_reason),
-                _cell(r.error),
+                cell(r.stop_reason),
+                cell(r.error),
             )
             for r in runs
         ),
@@ -447,13 +343,13 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
                 ("STEP_KEY", "STATUS", "ATTEMPT", "TOOL", "STARTED_AT", "FINISHED_AT", "ERROR"),
                 (
                     (
-                        _cell(s.step_key),
+                        cell(s.step_key),
                         enum_name(run_pb2.StepStatus, s.status, "STEP_STATUS_"),
                         str(s.attempt),
-                        _cell(s.tool),
+                        cell(s.tool),
                         iso_time(s, "started_at"),
                         iso_time(s, "finished_at"),
-                        _cell(s.error),
+                        cell(s.error),
                     )
                     for s in response.steps
                 ),
@@ -478,15 +374,15 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
                 ),
                 (
                     (
-                        _cell(c.tool_call_id),
-                        _cell(c.step_key),
-                        _cell(c.tool),
+                        cell(c.tool_call_id),
+                        cell(c.step_key),
+                        cell(c.tool),
                         enum_name(run_pb2.ToolCallStatus, c.status, "TOOL_CALL_STATUS_"),
                         str(c.attempt),
                         iso_time(c, "invoked_at"),
                         iso_time(c, "finished_at"),
-                        _cell(compact_struct(c, "output") if c.HasField("output") else ""),
-                        _cell(c.error),
+                        cell(compact_struct(c, "output") if c.HasField("output") else ""),
+                        cell(c.error),
                     )
                     for c in response.tool_calls
                 ),
@@ -502,11 +398,11 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
                 (
                     (
                         str(a.attempt),
-                        _cell(a.worker_id),
+                        cell(a.worker_id),
                         iso_time(a, "claimed_at"),
                         iso_time(a, "ended_at"),
-                        _cell(a.outcome),
-                        _cell(a.error),
+                        cell(a.outcome),
+                        cell(a.error),
                     )
                     for a in response.attempts
                 ),
@@ -541,75 +437,12 @@ def format_event(event: run_pb2.RunEvent) -> str:
     )
 
 
-# --- errors ------------------------------------------------------------------------------------
-
-
-def _call_status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    """The status code and details of a failed call."""
-    code_of: Callable[[], Any] | None = getattr(err, "code", None)
-    details_of: Callable[[], Any] | None = getattr(err, "details", None)
-    code = code_of() if callable(code_of) else None
-    details = details_of() if callable(details_of) else None
-    return (code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN), str(details or "")
-
-
-def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
-    """(field, description) of the google.rpc.BadRequest details the status carries, if any."""
-    try:
-        status = rpc_status.from_call(cast(grpc.Call, err))
-    except (ValueError, AttributeError, TypeError):
-        return []
-    if status is None:
-        return []
-    out: list[tuple[str, str]] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.extend((v.field, v.description) for v in bad.field_violations)
-    return out
-
-
-def describe_rpc_error(err: grpc.RpcError, addr: str, deadline: float | None = None) -> tuple[list[str], int]:
-    """The stderr lines and exit code for a failed call to the API at `addr`."""
-    code, details = _call_status(err)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        message = f"the Run API at {addr} is unavailable" + (f": {details}" if details else "")
-    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        within = f" within {deadline:g}s" if deadline else ""
-        message = f"the Run API at {addr} did not answer{within}" + (f": {details}" if details else "")
-    else:
-        message = details or "(no details)"
-    lines = [f"error: {code.name}: {message}"]
-    lines.extend(f"  {field}: {description}" for field, description in field_violations(err))
-    return lines, exit_code_for(code)
-
-
-class CliError(Exception):
-    """An expected failure: message lines for stderr and the exit code."""
-
-    def __init__(self, lines: list[str], exit_code: int) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
-        self.exit_code = exit_code
-
-
 # --- commands ----------------------------------------------------------------------------------
-
-
-def _out(text: str) -> None:
-    """Print a line (or lines) to stdout and flush at once."""
-    print(text, flush=True)
-
-
-def _err(text: str) -> None:
-    """Print a line to stderr."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def _print_run(run: run_pb2.Run, as_json: bool) -> None:
     """Print a run as JSON or as aligned lines."""
-    _out(dumps(to_dict(run)) if as_json else format_run(run))
+    out(dumps(to_dict(run)) if as_json else format_run(run))
 
 
 def cmd_start(stub: Any, args: argparse.Namespace) -> int:
@@ -617,18 +450,18 @@ def cmd_start(stub: Any, args: argparse.Namespace) -> int:
     response = stub.StartRun(start_request(args), timeout=UNARY_DEADLINE_SECONDS)
     run = response.run
     if response.deduplicated:
-        _err(f"note: idempotency key {args.idempotency_key!r} matched existing run {run.run_id}")
+        err(f"note: idempotency key {args.idempotency_key!r} matched existing run {run.run_id}")
     if not args.wait:
         _print_run(run, args.json)
         return EXIT_OK
     timeout = args.timeout or DEFAULT_WAIT_TIMEOUT_SECONDS
     if run_status_name(run.status) not in ("SUCCEEDED", "FAILED", "CANCELED"):
         if sys.stderr.isatty():
-            _err(f"run {run.run_id} {run_status_name(run.status).lower()}; waiting up to {timeout:g}s ...")
+            err(f"run {run.run_id} {run_status_name(run.status).lower()}; waiting up to {timeout:g}s ...")
         try:
             wait_for_end(stub, run.run_id, timeout)
-        except grpc.RpcError as err:
-            code, _ = _call_status(err)
+        except grpc.RpcError as error:
+            code, _ = call_status(error)
             if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
             _print_current(stub, run.run_id, args.json)
@@ -672,14 +505,14 @@ def wait_exit_code(run: run_pb2.Run) -> int:
     if status == "SUCCEEDED":
         return EXIT_OK
     if status not in ("FAILED", "CANCELED"):
-        _err(f"error: the watch of run {run.run_id} ended while the run is {status}")
+        err(f"error: the watch of run {run.run_id} ended while the run is {status}")
     return EXIT_RUN_FAILED
 
 
 def cmd_get(stub: Any, args: argparse.Namespace) -> int:
     """`runs get ID`: the run with its steps, tool calls and attempts."""
     response = stub.GetRun(run_service_pb2.GetRunRequest(run_id=args.run_id), timeout=UNARY_DEADLINE_SECONDS)
-    _out(dumps(get_json(response)) if args.json else format_get(response))
+    out(dumps(get_json(response)) if args.json else format_get(response))
     return EXIT_OK
 
 
@@ -693,22 +526,18 @@ def list_request(args: argparse.Namespace, page_token: str) -> run_service_pb2.L
 
 def cmd_list(stub: Any, args: argparse.Namespace) -> int:
     """`runs list`: one page of runs, or every page with --all."""
-    runs: list[run_pb2.Run] = []
-    token = args.page_token
-    seen: set[str] = set()
-    while True:
+
+    def fetch(token: str) -> tuple[Sequence[run_pb2.Run], str]:
         response = stub.ListRuns(list_request(args, token), timeout=UNARY_DEADLINE_SECONDS)
-        runs.extend(response.runs)
-        token = response.next_page_token
-        if not args.all or not token or token in seen:
-            break
-        seen.add(token)
+        return response.runs, response.next_page_token
+
+    runs, token = collect_pages(fetch, args.page_token, args.all)
     if args.json:
-        _out(dumps(list_json(runs, token)))
+        out(dumps(list_json(runs, token)))
     else:
-        _out(format_runs_table(runs))
+        out(format_runs_table(runs))
         if token:
-            _out(f"next_page_token: {token}  (runs list --page-token {token}, or --all)")
+            out(f"next_page_token: {token}  (runs list --page-token {token}, or --all)")
     return EXIT_OK
 
 
@@ -721,9 +550,9 @@ def cmd_watch(stub: Any, args: argparse.Namespace) -> int:
         header = not args.json
         for item in stream:
             if header:
-                _out(EVENT_HEADER)
+                out(EVENT_HEADER)
                 header = False
-            _out(dumps(to_dict(item.event), compact=True) if args.json else format_event(item.event))
+            out(dumps(to_dict(item.event), compact=True) if args.json else format_event(item.event))
     finally:
         cancel = getattr(stream, "cancel", None)
         if callable(cancel):
@@ -746,21 +575,27 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "list": cmd_list,
     "watch": cmd_watch,
     "cancel": cmd_cancel,
+    "keys": keys.cmd_keys,
 }
+
+# The stub each command calls; the others call RunService.
+STUBS: dict[str, Callable[[grpc.Channel], Any]] = {"keys": key_service_pb2_grpc.KeyServiceStub}
 
 
 def dispatch(stub: Any, args: argparse.Namespace) -> int:
     """Run the parsed command against `stub`, turning expected failures into messages and exit codes."""
     try:
         return COMMANDS[args.command](stub, args)
-    except CliError as err:
-        for line in err.lines:
-            _err(line)
-        return err.exit_code
-    except grpc.RpcError as err:
-        lines, code = describe_rpc_error(err, args.addr, UNARY_DEADLINE_SECONDS)
+    except CliError as error:
+        for line in error.lines:
+            err(line)
+        return error.exit_code
+    except grpc.RpcError as error:
+        lines, code = describe_rpc_error(
+            error, args.addr, UNARY_DEADLINE_SECONDS, has_key=bool(args.api_key), tls=client_tls(args)
+        )
         for line in lines:
-            _err(line)
+            err(line)
         return code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -792,8 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return _exit_status(exc.code)
     try:
-        with grpc.insecure_channel(args.addr) as channel:
-            return dispatch(run_service_pb2_grpc.RunServiceStub(channel), args)
+        channel = open_channel(args.addr, client_tls(args), args.api_key)
+    except OSError as error:  # a TLS file that went away or became unreadable since parsing
+        err(f"error: cannot read a TLS file: {error}")
+        return EXIT_USAGE
+    try:
+        with channel:
+            return dispatch(STUBS.get(args.command, run_service_pb2_grpc.RunServiceStub)(channel), args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import sqlalchemy.exc
 
-from services.run_api import db
+from services.run_api import auth, db
 from services.run_api.server import ApiServer, ListenError
 from services.run_api.store import events
 from shared.logs import configure_logging
-from shared.settings import ApiSettings, SettingsError
+from shared.settings import STOCK_TOOLS, ApiSettings, SettingsError
 from shared.telemetry import configure_tracing
 
 log = logging.getLogger("services.run_api")
@@ -32,7 +32,8 @@ def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Na
     )
     p.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate", "replay"],
                    help="serve (default); migrate: apply migrations and exit; "
-                        "replay: rebuild runs/run_steps/tool_calls from run_events and exit")
+                        "replay: rebuild runs/run_steps/tool_calls from run_events and exit; "
+                        "see also `keys create --help`")
     p.add_argument("--addr", default=defaults.addr, help="listen address (RUN_API_ADDR) [%(default)s]")
     p.add_argument("--database-url", default=defaults.database_url,
                    help="PostgreSQL URL (DATABASE_URL) [embedded PostgreSQL in --data-dir]")
@@ -78,6 +79,10 @@ async def _serve(settings: ApiSettings, url: str, with_worker: bool) -> int:
     if with_worker:
         host = settings.addr.rsplit(":", 1)[0]
         env = {**os.environ, "RUN_API_ADDR": f"{host}:{port}"}
+        if not env.get("RUN_WORKER_TOOLS", "").strip():
+            # A local development worker: shell is opt-in elsewhere, allowed here unless told otherwise.
+            env["RUN_WORKER_TOOLS"] = ",".join(STOCK_TOOLS)
+            log.info("the local worker allows the shell tool (RUN_WORKER_TOOLS=%s)", env["RUN_WORKER_TOOLS"])
         # Its own session: Ctrl-C reaches the API, which then stops the worker in order.
         worker = subprocess.Popen([sys.executable, "-m", "services.run_worker"], env=env, start_new_session=True)
         log.info("started worker process pid %d", worker.pid)
@@ -102,8 +107,69 @@ async def _replay(url: str) -> int:
     return 0
 
 
+def parse_keys_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`keys create ...`: make a key straight in the database, on the API host (the first admin key)."""
+    p = argparse.ArgumentParser(
+        prog="python -m services.run_api keys",
+        description="Create an API key directly in the database (for the first admin key of a deployment or "
+                    "of a new tenant). Other keys: `runs keys create` with an admin key.",
+    )
+    sub = p.add_subparsers(dest="action", required=True)
+    create = sub.add_parser("create", help="create a key and print its secret once")
+    create.add_argument("--role", required=True, choices=auth.ROLES)
+    create.add_argument("--tenant", default=auth.DEFAULT_TENANT, help="tenant of the key [%(default)s]")
+    create.add_argument("--project", default="", help="limit the key to one project")
+    create.add_argument("--workspace", default="", help="limit the key to one workspace")
+    create.add_argument("--ttl", type=int, default=0, help="seconds until it expires (0: never) [%(default)s]")
+    create.add_argument("--description", default="")
+    create.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or None,
+                        help="PostgreSQL URL (DATABASE_URL) [embedded PostgreSQL in --data-dir]")
+    create.add_argument("--data-dir", default=os.environ.get("RUNS_DATA_DIR") or ".runs")
+    return p.parse_args(argv)
+
+
+async def _create_key(url: str, args: argparse.Namespace) -> tuple[object, str]:
+    from services.run_api.handlers import utcnow
+    from services.run_api.store.uow import UnitOfWork
+
+    engine = db.make_engine(url, 2)
+    try:
+        cmd = auth.CreateKey(role=args.role, tenant_id=args.tenant, project_id=args.project,
+                             workspace_id=args.workspace, ttl_seconds=args.ttl, description=args.description)
+        async with UnitOfWork(engine) as uow:
+            return await auth.create_key(uow, cmd, auth.Caller.anonymous(), utcnow())
+    finally:
+        await engine.dispose()
+
+
+def keys_main(argv: Sequence[str]) -> int:
+    """`python -m services.run_api keys create --role admin`: prints the new key's id and secret."""
+    from services.run_api.errors import RunsError
+
+    args = parse_keys_args(argv)
+    try:
+        url = db.resolve_database_url(args.database_url, args.data_dir)
+        db.migrate(url)
+        row, secret = asyncio.run(_create_key(url, args))
+    except RunsError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    except sqlalchemy.exc.OperationalError as err:
+        print(f"error: cannot reach the database: {err.orig}", file=sys.stderr)
+        return 1
+    print(f"key id:  {row.key_id}")  # type: ignore[attr-defined]
+    print(f"role:    {row.role}  tenant: {row.tenant_id}")  # type: ignore[attr-defined]
+    print(f"secret:  {secret}")
+    print("The secret is not stored and will not be shown again. Send it as 'authorization: Bearer <secret>' "
+          "(RUNS_API_KEY for the runs CLI and workers).")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["keys"]:
+        return keys_main(args_list[1:])
     try:
         env = ApiSettings.from_env()
         args = parse_args(argv, env)
@@ -122,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log, actor="api")
     configure_tracing("runs-api")
     try:
+        if args.command == "serve":
+            auth.resolve_mode(settings.auth, settings.addr)  # refuse an unsafe address before anything starts
         url = db.resolve_database_url(settings.database_url, settings.data_dir)
         if args.command == "migrate":
             db.migrate(url)
@@ -137,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except auth.AuthConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except sqlalchemy.exc.OperationalError as err:
         print(f"error: cannot reach the database: {err.orig}", file=sys.stderr)
         return 1

@@ -27,7 +27,14 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 from ulid import ULID
 
-from services.run_api.errors import InvalidRequest, PermissionDenied, RunNotFound, RunsError, Unauthenticated
+from services.run_api.errors import (
+    InvalidRequest,
+    PermissionDenied,
+    RunNotFound,
+    RunsError,
+    Unauthenticated,
+    shorten,
+)
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
 
@@ -91,7 +98,7 @@ class Caller:
         """The project or workspace a request may use: the key's limit, which a request may only repeat."""
         limit = getattr(self, field)
         if limit is not None and requested and requested != limit:
-            raise PermissionDenied(f"this key is limited to {field} {limit!r}")
+            raise PermissionDenied(f"this key is limited to {field} {shorten(limit)!r}")
         return requested or limit or DEFAULT_TENANT
 
 

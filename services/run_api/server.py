@@ -20,13 +20,24 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api import db
-from services.run_api.handlers import RetryPolicy
+from services.run_api.auth import (
+    Authenticator,
+    AuthInterceptor,
+    KeyCache,
+    ensure_bootstrap_key,
+    is_loopback,
+    resolve_mode,
+)
+from services.run_api.handlers import RetryPolicy, utcnow
 from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
 from services.run_api.reaper import Reaper, ReaperConfig
-from services.run_api.servicers import OpsService, RunService, ServiceConfig, WorkerService
+from services.run_api.servicers import KeyService, OpsService, RunService, ServiceConfig, WorkerService
 from services.run_api.store import queries as Q
+from services.run_api.tls import TlsError, bind
 from shared.gen.runs.v1 import (
+    key_service_pb2,
+    key_service_pb2_grpc,
     ops_service_pb2,
     ops_service_pb2_grpc,
     run_service_pb2,
@@ -42,7 +53,14 @@ SERVICE_NAMES = (
     run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     ops_service_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name,
+    key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
 )
+# A health service name of its own for the lease reaper: NOT_SERVING while its cycles fail (the
+# API still serves; runs of dead workers are not being recovered meanwhile).
+REAPER_HEALTH = "runs.v1.LeaseReaper"
+# The largest request the API accepts: reports are sent in batches of at most 2 MiB by the stock
+# worker and StartRun input is at most 256 KiB; anything larger is refused before it is decoded.
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
 
 class ListenError(RuntimeError):
@@ -98,7 +116,9 @@ class ApiServer:
     def __init__(self, settings: ApiSettings, database_url: str) -> None:
         self.settings = settings
         self.database_url = database_url
+        self.auth_mode = resolve_mode(settings.auth, settings.addr)  # AuthConfigError: refuse to start
         self.engine = db.make_engine(database_url, settings.db_pool_size)
+        self.authenticator = Authenticator(self.engine, self.auth_mode, KeyCache(settings.auth_cache_seconds))
         self.hub = Hub()
         self.stopping = asyncio.Event()  # set at the start of shutdown: streams end, loops stop
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -107,6 +127,7 @@ class ApiServer:
         self.reaper = Reaper(
             self.engine,
             ReaperConfig(interval_seconds=settings.reaper_interval_seconds, policy=settings.lease_policy),
+            on_health=self._reaper_health,
         )
         config = ServiceConfig(
             lease_seconds=settings.lease_seconds,
@@ -118,9 +139,9 @@ class ApiServer:
             ),
         )
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ErrorInterceptor()],
+            interceptors=[aio_server_interceptor(), ErrorInterceptor(), AuthInterceptor(self.authenticator, utcnow)],
             options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.so_reuseport", 0),
                 # Find dead peers of long-lived streams, and accept the workers' keepalive pings.
                 ("grpc.keepalive_time_ms", 20_000),
@@ -136,7 +157,10 @@ class ApiServer:
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerService(self.engine, self.hub, config, self.stopping), self.server
         )
-        ops_service_pb2_grpc.add_OpsServiceServicer_to_server(OpsService(self.engine), self.server)
+        ops_service_pb2_grpc.add_OpsServiceServicer_to_server(
+            OpsService(self.engine, lambda: self.reaper.counters["failures"]), self.server
+        )
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(self.engine), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -146,6 +170,10 @@ class ApiServer:
         self._stopped = False
         self._embedded_stop = asyncio.Event()
         self._embedded_task: asyncio.Task[None] | None = None
+
+    async def _reaper_health(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(REAPER_HEALTH, status)
 
     def _embedded_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._embedded_stop.is_set():
@@ -172,10 +200,14 @@ class ApiServer:
     async def start(self) -> int:
         """Bind, start serving, and start the background loops; returns the bound port."""
         await self.monitor.set(False)
+        await self._reaper_health(True)
+        if self.settings.bootstrap_admin_key:
+            await ensure_bootstrap_key(self.engine, self.settings.bootstrap_admin_key)
         try:
-            self.port = self.server.add_insecure_port(self.settings.addr)
-        except RuntimeError:
-            self.port = 0
+            self.port = bind(self.server, self.settings)  # TLS when RUN_API_TLS_CERT/KEY are set
+        except TlsError as err:
+            await self.engine.dispose()
+            raise ListenError(f"cannot listen on {self.settings.addr} with TLS: {err}") from None
         if self.port == 0:
             await self.engine.dispose()
             raise ListenError(f"cannot listen on {self.settings.addr}: is another process using it?")
@@ -197,12 +229,22 @@ class ApiServer:
                     poll_ms=self.settings.poll_ms,
                     heartbeat_seconds=worker_settings.heartbeat_seconds,
                     drain_seconds=worker_settings.drain_seconds,
+                    tools=worker_settings.tools,
+                    api_key=self.authenticator.embedded_secret if self.auth_mode == "required" else None,
+                    tls=worker_settings.tls,
                 ),
                 self.hub,
             )
             self._embedded_task = asyncio.create_task(embedded.run(self._embedded_stop), name="embedded-worker")
             self._embedded_task.add_done_callback(self._embedded_done)
         log.info("run API listening on %s", f"{self.settings.addr.rsplit(':', 1)[0]}:{self.port}")
+        if self.auth_mode == "required":
+            log.info("auth required: every call but health and reflection needs an API key")
+        elif self.settings.auth == "off" and not is_loopback(self.settings.addr):
+            log.warning("auth is OFF on %s (RUNS_AUTH=off): anyone who reaches this address can start, cancel "
+                        "and execute runs; set RUNS_AUTH=required", self.settings.addr)
+        else:
+            log.info("auth is off: the API listens on loopback only (set RUNS_AUTH=required to require keys)")
         return self.port
 
     async def wait(self, stop: asyncio.Event) -> None:

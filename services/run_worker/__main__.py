@@ -11,8 +11,15 @@ from collections.abc import Sequence
 
 from services.run_worker.worker import Worker
 from shared.logs import configure_logging
-from shared.settings import SettingsError, WorkerSettings
+from shared.settings import STOCK_TOOLS, SettingsError, WorkerSettings
 from shared.telemetry import configure_tracing
+
+
+def _tool_list(raw: str) -> tuple[str, ...]:
+    tools = tuple(dict.fromkeys(t.strip() for t in raw.split(",") if t.strip()))
+    if not tools or any(t not in STOCK_TOOLS for t in tools):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of {', '.join(STOCK_TOOLS)}, got {raw!r}")
+    return tools
 
 
 def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse.Namespace:
@@ -35,6 +42,9 @@ def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse
                    help="heartbeat interval (RUN_HEARTBEAT_SECONDS) [a third of RUN_LEASE_SECONDS]")
     p.add_argument("--drain-seconds", type=float, default=defaults.drain_seconds,
                    help="on SIGTERM, how long held runs may finish (RUN_WORKER_DRAIN_SECONDS) [%(default)s]")
+    p.add_argument("--tools", type=_tool_list, default=defaults.tools,
+                   help="tools this worker runs, comma-separated; shell runs commands on this host "
+                        f"(RUN_WORKER_TOOLS) [{','.join(defaults.tools)}]")
     p.add_argument("--once", action="store_true",
                    help="claim one batch, execute it, print counters as one JSON line, and exit")
     return p.parse_args(argv)
@@ -72,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             poll_ms=args.poll_ms,
             heartbeat_seconds=args.heartbeat_seconds,
             drain_seconds=args.drain_seconds,
+            tools=args.tools,
             log=env.log,
         )
     except SettingsError as err:

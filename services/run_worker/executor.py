@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from opentelemetry import trace
 from ulid import ULID
 
-from services.run_worker.reporter import Reporter, StaleAttempt, make_event, restamp
+from services.run_worker.reporter import Reporter, ReporterClosed, ReportRefused, StaleAttempt, make_event, restamp
 from services.run_worker.tools import Tool, ToolContext, ToolError
 from shared.events import EventType
 from shared.logs import log_context
@@ -102,6 +102,20 @@ async def execute(claimed: Any, handle: RunHandle, reporter: Reporter, tools: di
         except StaleAttempt as err:
             log.warning("attempt is no longer current; stopping the run: %s", err)
             return Result.LOST
+        except ReportRefused as err:
+            return await _fail_refused(run_id, handle, reporter, err)
+
+
+async def _fail_refused(run_id: str, handle: RunHandle, reporter: Reporter, err: ReportRefused) -> Result:
+    """A report of the run was refused: end the run FAILED with a plain event that cannot be refused the same way."""
+    error = f"the worker's report was refused: {str(err)[:500]}"
+    log.error("report refused; failing the run", extra={"run_id": run_id})
+    try:
+        await _send(reporter, handle, [make_event(run_id, handle.attempt, EventType.RUN_FAILED,
+                                                  {"error": error, "retryable": False})])
+    except (StaleAttempt, ReportRefused, ReporterClosed):
+        return Result.LOST  # not ours any more, or the API refuses even that: the lease reaper ends it
+    return Result.FAILED
 
 
 async def _execute(
@@ -149,7 +163,7 @@ async def _execute(
         with tracer.start_as_current_span(f"tool.{step.tool}", attributes={"tool.name": step.tool}):
             try:
                 if tool is None:
-                    raise ToolError(f"this worker has no tool {step.tool!r}", retryable=True)
+                    raise ToolError(f"tool {step.tool!r} is not enabled on this worker (RUN_WORKER_TOOLS)")
                 task = asyncio.ensure_future(tool(step.args, ToolContext(run_id, handle.attempt, step.key)))
                 output = await _race(task, handle)
             except _Interrupted:

@@ -1,4 +1,4 @@
-"""The worker's tool registry: noop, sleep, fail and shell.
+"""The worker's tool registry: noop, sleep, fail and shell (opt-in: WorkerSettings.tools).
 
 A tool is an async callable taking its arguments and a ToolContext and returning a JSON-able dict.
 It raises ToolError to fail (retryable or not). Cancellation arrives as asyncio.CancelledError:
@@ -11,9 +11,12 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from services.run_worker import launcher
 
 Json = dict[str, Any]
 
@@ -69,32 +72,38 @@ async def fail(args: Json, ctx: ToolContext) -> Json:
 
 
 MAX_CAPTURE = 64 * 1024
+LAUNCHER = launcher.__file__
+_EXEC_FAILED = launcher.EXEC_FAILED_MARKER.encode()
 
 
 async def shell(args: Json, ctx: ToolContext) -> Json:
     """Run `command` (a list: program and arguments; a string only with `shell: true`) with a timeout.
 
     Captures the exit code and up to 64 KiB of stdout and stderr; kills the process group on cancel
-    or timeout. A non-zero exit fails the tool (retryable unless `retryable: false`).
+    or timeout, and the launcher kills it when the worker dies. A non-zero exit fails the tool
+    (retryable unless `retryable: false`).
     """
     command = args.get("command")
-    use_shell = bool(args.get("shell", False))
     timeout = _number(args, "timeout_seconds", 60.0, minimum=0.001)
-    if use_shell:
+    if args.get("shell", False):
         if not isinstance(command, str) or not command:
             raise ToolError("with shell: true, command must be a non-empty string", retryable=False)
-        proc = await asyncio.create_subprocess_shell(
-            command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True
-        )
+        argv = ["/bin/sh", "-c", command]
     else:
         if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
             raise ToolError("command must be a non-empty list of strings", retryable=False)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True
-            )
-        except OSError as err:
-            raise ToolError(f"cannot start {command[0]!r}: {err.strerror}", retryable=False) from None
+        argv = command
+    # The launcher leads the new session's process group and kills it if this process dies.
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", LAUNCHER, str(os.getpid()), "--", *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as err:  # out of processes or descriptors, say: another attempt may do better
+        raise ToolError(f"cannot start the command launcher: {err.strerror or err}") from None
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -106,6 +115,9 @@ async def shell(args: Json, ctx: ToolContext) -> Json:
         with contextlib.suppress(Exception):
             await asyncio.shield(proc.wait())
         raise
+    if proc.returncode == launcher.EXEC_FAILED_CODE and not stdout and stderr.startswith(_EXEC_FAILED):
+        reason = stderr[len(_EXEC_FAILED):].decode(errors="replace").strip()
+        raise ToolError(f"cannot start {argv[0]!r}: {reason}", retryable=False)
     output = {
         "exit_code": proc.returncode,
         "stdout": stdout[:MAX_CAPTURE].decode(errors="replace"),
@@ -126,6 +138,10 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def default_registry() -> dict[str, Tool]:
-    """The stock tools, by name."""
-    return {"noop": noop, "sleep": sleep, "fail": fail, "shell": shell}
+STOCK: dict[str, Tool] = {"noop": noop, "sleep": sleep, "fail": fail, "shell": shell}
+
+
+def default_registry(allowed: Iterable[str]) -> dict[str, Tool]:
+    """The stock tools named in `allowed` (WorkerSettings.tools), by name; unknown names are ignored."""
+    names = set(allowed)
+    return {name: tool for name, tool in STOCK.items() if name in names}

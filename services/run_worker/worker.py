@@ -17,17 +17,20 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from services.run_worker.executor import Result, RunHandle, execute
 from services.run_worker.reporter import Reporter
 from services.run_worker.tools import Tool, default_registry
+from shared.channels import aio_channel
 from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc
 from shared.logs import log_context
-from shared.settings import WorkerSettings
+from shared.settings import ClientTls, WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
-def open_channel(addr: str) -> grpc.aio.Channel:
-    """An instrumented channel to the API with keepalives, so a dead peer is noticed."""
-    return grpc.aio.insecure_channel(
+def open_channel(addr: str, tls: ClientTls, api_key: str | None) -> grpc.aio.Channel:
+    """An instrumented channel to the API with keepalives, so a dead peer is noticed; TLS and the key when set."""
+    return aio_channel(
         addr,
+        tls,
+        api_key,
         interceptors=aio_client_interceptors(),
         options=[
             ("grpc.keepalive_time_ms", 10_000),
@@ -51,8 +54,8 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, tools: dict[str, Tool] | None = None) -> None:
         self.settings = settings
-        self.tools = tools or default_registry()
-        self.channel = open_channel(settings.api_addr)
+        self.tools = tools or default_registry(settings.tools)
+        self.channel = open_channel(settings.api_addr, settings.tls, settings.api_key)
         self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
         self.reporter = Reporter(self.stub, settings.worker_id)
         self.held: dict[str, RunHandle] = {}
@@ -116,10 +119,13 @@ class Worker:
         """Extend our leases; stop runs that were canceled or are no longer ours."""
         # The answer is about the attempts we sent: apply it to those handles, not to whatever we hold
         # by the time it arrives (a newer attempt of the same run may have been claimed meanwhile).
+        if not self.reporter.session_token:
+            return  # no session yet: the claim stream that opens it is the first heartbeat
         sent = {h.run_id: (h, h.attempt) for h in self.held.values()}
         request = worker_service_pb2.HeartbeatRequest(
             worker_id=self.settings.worker_id,
             runs=[worker_service_pb2.HeldRun(run_id=r, attempt=a) for r, (_, a) in sent.items()],
+            session_token=self.reporter.session_token,
         )
         response = await self.stub.Heartbeat(request, timeout=max(self.settings.heartbeat_seconds, 1.0))
 
@@ -153,13 +159,6 @@ class Worker:
             except grpc.aio.AioRpcError as err:
                 log.warning("heartbeat failed: %s", err.code().name)
 
-    async def register(self) -> None:
-        """Heartbeat once before claiming, so the API knows our lease from the first claim on."""
-        try:
-            await self.heartbeat_once()
-        except grpc.aio.AioRpcError as err:
-            log.warning("first heartbeat failed: %s", err.code().name)
-
     # --- claiming -------------------------------------------------------------------------------
 
     def _claim_request(self, once: bool) -> worker_service_pb2.ClaimQueuedRunsRequest:
@@ -170,16 +169,28 @@ class Worker:
             batch_limit=self.settings.batch_limit,
             poll_interval_ms=self.settings.poll_ms,
             once=once,
+            session_token=self.reporter.session_token,
         )
+
+    def _take(self, message: Any) -> None:
+        """Apply one claim-stream message: the session (first message), new runs, cancel requests."""
+        if message.session_token:
+            if message.session_token != self.reporter.session_token:
+                log.info("worker session opened as %s (capacity %d, batch %d, poll %d ms)", message.worker_id,
+                         message.capacity, message.batch_limit, message.poll_interval_ms)
+            self.reporter.session_token = message.session_token
+        for claimed in message.runs:
+            self._spawn(claimed)
+        for run_id in message.cancel_run_ids:
+            if run_id in self.held:
+                self.held[run_id].cancel.set()
 
     async def run_cycle(self) -> Counter[str]:
         """One cycle: claim up to the batch limit, execute, report; returns this cycle's counters."""
         self._start_side_tasks()
-        await self.register()
         before = Counter(self.counters)
         async for message in self.stub.ClaimQueuedRuns(self._claim_request(once=True), timeout=30):
-            for claimed in message.runs:
-                self._spawn(claimed)
+            self._take(message)
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         after = Counter(self.counters)
@@ -188,11 +199,7 @@ class Worker:
 
     async def _consume(self, call: Any) -> None:
         async for message in call:
-            for claimed in message.runs:
-                self._spawn(claimed)
-            for run_id in message.cancel_run_ids:
-                if run_id in self.held:
-                    self.held[run_id].cancel.set()
+            self._take(message)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until `stop` is set, reconnecting with backoff; then drain."""
@@ -202,7 +209,6 @@ class Worker:
             log.info("worker started; claiming from %s", self.settings.api_addr)
             while not stop.is_set():
                 self._check_side_tasks()
-                await self.register()
                 call = self.stub.ClaimQueuedRuns(self._claim_request(once=False))
                 consumer = asyncio.create_task(self._consume(call))
                 stopper = asyncio.create_task(stop.wait())

@@ -157,13 +157,21 @@ class _Steps:
     """The steps and tool calls of a batch's runs, moved along as the batch's events are decided.
 
     A step event must follow its step (started after created, finished after started) and a tool
-    result must follow its invocation, all in the event's own attempt: a worker cannot record the
-    end of a step that never started.
+    result must follow its invocation, all in the event's own attempt, or in an earlier attempt the
+    same worker kept by re-adopting the run: a worker cannot record the end of a step that never
+    started.
     """
 
-    def __init__(self, steps: Sequence[Any], calls: Sequence[Any]) -> None:
+    def __init__(self, steps: Sequence[Any], calls: Sequence[Any], readopted: Sequence[Any] = ()) -> None:
         self.steps = {(r.run_id, r.step_key): (r.status, r.attempt) for r in steps}
         self.calls = {(r.run_id, r.tool_call_id): (r.status, r.attempt) for r in calls}
+        self.readopted = {(r.run_id, r.attempt) for r in readopted}
+
+    def _held_since(self, run_id: str, since: int | None, attempt: int) -> bool:
+        """Whether `since` is `attempt`, or every attempt after it up to `attempt` was a re-adoption."""
+        if since is None or since > attempt:
+            return False
+        return all((run_id, a) in self.readopted for a in range(since + 1, attempt + 1))
 
     def problem(self, event: NewEvent) -> str | None:
         """Why `event` does not follow its step or tool call, or None when it does."""
@@ -171,7 +179,7 @@ class _Steps:
         if t in _STEP_NEEDS:
             key = str(p.get("step_key", ""))
             status, attempt = self.steps.get((event.run_id, key), (None, None))
-            current = status if attempt == event.attempt else None
+            current = status if self._held_since(event.run_id, attempt, event.attempt) else None
             needed = _STEP_NEEDS[t]
             if needed is None:
                 return f"step {shorten(key)!r} was already created in attempt {event.attempt}" if current else None
@@ -182,7 +190,8 @@ class _Steps:
             return f"tool call {shorten(str(p.get('tool_call_id')))!r} was already invoked"
         if t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
             call = str(p.get("tool_call_id", ""))
-            if self.calls.get((event.run_id, call)) != (ToolCallStatus.INVOKED, event.attempt):
+            status, attempt = self.calls.get((event.run_id, call), (None, None))
+            if status != ToolCallStatus.INVOKED or not self._held_since(event.run_id, attempt, event.attempt):
                 return f"tool call {shorten(call)!r} was not invoked (or has ended) in attempt {event.attempt}"
         return None
 
@@ -206,6 +215,13 @@ async def _load_steps(conn: AsyncConnection, events: Sequence[NewEvent]) -> _Ste
     calls = sorted({str(e.payload.get("tool_call_id")) for e in events if e.type in _TOOL_EVENTS})
     steps = (await conn.execute(Q.run_steps_state, {"run_ids": runs})).all()
     found = (await conn.execute(Q.tool_calls_state, {"run_ids": runs, "tool_call_ids": calls})).all() if calls else []
+    # Only when an event continues a step or call of an earlier attempt: was the run re-adopted since?
+    earliest: dict[str, int] = {}
+    for r in [*steps, *found]:
+        earliest[r.run_id] = min(r.attempt, earliest.get(r.run_id, r.attempt))
+    if any(e.run_id in earliest and earliest[e.run_id] < e.attempt for e in events):
+        readopted = (await conn.execute(Q.run_events_readopted, {"run_ids": runs})).all()
+        return _Steps(steps, found, readopted)
     return _Steps(steps, found)
 
 

@@ -404,6 +404,14 @@ stats_runs_by_status = q("SELECT status, count(*) AS n FROM runs WHERE tenant_id
 # The steps of these runs (the projection), to check that step and tool events follow their step.
 run_steps_state = q("SELECT run_id, step_key, status, attempt FROM run_steps WHERE run_id = ANY(:run_ids)")
 
+# The attempts of these runs that their worker re-adopted (it kept executing across them).
+run_events_readopted = q(
+    """
+    SELECT run_id, attempt FROM run_events
+    WHERE run_id = ANY(:run_ids) AND type = 'run.claimed' AND (payload->>'readopted')::boolean
+    """
+)
+
 # These tool calls of these runs, to check that a tool's result follows its invocation.
 tool_calls_state = q(
     """

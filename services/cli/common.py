@@ -1,0 +1,366 @@
+"""What every command group of `runs` shares: the global flags and the connection they describe,
+exit codes, argument types, error messages, and the plain-text/JSON output helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC
+from typing import Any, TypeVar, cast
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from shared.settings import ClientTls
+
+T = TypeVar("T")
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+UNARY_DEADLINE_SECONDS = 10.0
+MAX_CELL = 60
+
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_FAILED_PRECONDITION = 4
+EXIT_UNAVAILABLE = 5
+EXIT_DENIED = 6
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = """\
+Exit codes:
+  0    success (for `start --wait`: the run SUCCEEDED)
+  1    `start --wait`: the run ended FAILED or CANCELED (the run is still printed);
+       also any error not listed below
+  2    usage error, or the API answered INVALID_ARGUMENT, ALREADY_EXISTS or RESOURCE_EXHAUSTED
+  3    NOT_FOUND (no run or key has that id)
+  4    FAILED_PRECONDITION (e.g. cancel a run that has already ended)
+  5    UNAVAILABLE or DEADLINE_EXCEEDED: the API cannot be reached or did not answer in time
+       (also `start --wait` when --timeout elapsed before the run ended, and a failed TLS handshake)
+  6    UNAUTHENTICATED or PERMISSION_DENIED: no API key, a key that is unknown, revoked or
+       expired, or a key whose role, tenant or project does not allow the call
+  130  interrupted (Ctrl-C)
+"""
+
+_EXIT_BY_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: EXIT_OK,
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_USAGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_USAGE,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_FAILED_PRECONDITION,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
+}
+
+
+def exit_code_for(code: grpc.StatusCode) -> int:
+    """The process exit code for a gRPC status code."""
+    return _EXIT_BY_CODE.get(code, EXIT_ERROR)
+
+
+# --- argument types ----------------------------------------------------------------------------
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """Parse a JSON object (argparse type); anything else is a usage error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno}): {text!r}"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"key\": 1}}', got {json_kind(value)}")
+    return value
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a decoded value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (argparse type)."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number of seconds > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+# --- global flags and the connection -----------------------------------------------------------
+
+# flag destination -> (flag, environment variable) of the connection flags that name files
+_TLS_FILES = (("tls_ca", "--tls-ca", "RUNS_TLS_CA"), ("tls_cert", "--tls-cert", "RUNS_TLS_CERT"),
+              ("tls_key", "--tls-key", "RUNS_TLS_KEY"))
+
+
+def _env(env: Mapping[str, str], name: str) -> str | None:
+    return env.get(name, "").strip() or None
+
+
+def global_flags(env: Mapping[str, str], suppress: bool) -> argparse.ArgumentParser:
+    """--addr, --json, TLS and the API key; with `suppress`, unset flags leave the top-level value alone."""
+    default_addr = _env(env, "RUN_API_ADDR") or DEFAULT_ADDR
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--addr", metavar="HOST:PORT", default=default(default_addr),
+        help=f"Run API address (RUN_API_ADDR) [{default_addr}]",
+    )
+    p.add_argument("--json", action="store_true", default=default(False), help="machine-readable JSON output")
+    p.add_argument(
+        "--tls-ca", metavar="FILE", default=default(_env(env, "RUNS_TLS_CA")),
+        help="connect with TLS, trusting this CA certificate (PEM) (RUNS_TLS_CA)",
+    )
+    p.add_argument(
+        "--tls-cert", metavar="FILE", default=default(_env(env, "RUNS_TLS_CERT")),
+        help="client certificate (PEM) for an API that requires mutual TLS (RUNS_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key", metavar="FILE", default=default(_env(env, "RUNS_TLS_KEY")),
+        help="private key (PEM) of --tls-cert (RUNS_TLS_KEY)",
+    )
+    p.add_argument(
+        "--api-key", metavar="KEY", default=default(_env(env, "RUNS_API_KEY")),
+        help="API key sent with every call; prefer the RUNS_API_KEY variable, since flags show in `ps`",
+    )
+    return p
+
+
+def connection_problem(args: argparse.Namespace) -> str | None:
+    """Why the TLS and key flags cannot be used, or None."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key (RUNS_TLS_CERT, RUNS_TLS_KEY) go together"
+    for dest, flag, variable in _TLS_FILES:
+        path = getattr(args, dest)
+        if path is not None and not os.path.isfile(path):
+            return f"{flag} ({variable}): {path!r} is not a readable file"
+    key = args.api_key
+    if key is not None and not (key.isascii() and key.isprintable() and " " not in key):
+        return "--api-key (RUNS_API_KEY) must be printable ASCII without spaces"
+    return None
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls:
+    """The TLS settings the flags describe (TLS is off when none is given)."""
+    return ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def out(text: str) -> None:
+    """Print a line (or lines) to stdout and flush at once."""
+    print(text, flush=True)
+
+
+def err(text: str) -> None:
+    """Print a line to stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """A message as JSON-able data (protobuf JSON mapping, proto field names)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def dumps(data: Any, compact: bool = False) -> str:
+    """JSON text: indented, or one line with `compact`."""
+    if compact:
+        return json.dumps(data, separators=(",", ":"))
+    return json.dumps(data, indent=2)
+
+
+def enum_name(enum: Any, value: int, prefix: str) -> str:
+    """An enum value's name without its prefix (RUN_STATUS_SUCCEEDED -> SUCCEEDED)."""
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix)
+
+
+def iso_time(message: Message, field: str) -> str:
+    """A Timestamp field as ISO-8601 UTC with milliseconds ('2025-01-31T12:00:00.000Z'), or '-' when unset."""
+    if not message.HasField(field):
+        return "-"
+    stamp = getattr(message, field).ToDatetime(tzinfo=UTC)
+    return str(stamp.isoformat(timespec="milliseconds")).replace("+00:00", "Z")
+
+
+def cell(value: str, limit: int = MAX_CELL) -> str:
+    """A table cell: one line, at most `limit` characters."""
+    text = " ".join(value.split()) if value else "-"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces, with a header row."""
+    table = [list(headers), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+def format_fields(pairs: Sequence[tuple[str, str]]) -> str:
+    """Aligned `key  value` lines; multi-line values are indented under their first line."""
+    width = max(len(k) for k, _ in pairs)
+    pad = "\n" + " " * (width + 2)
+    return "\n".join(f"{key.ljust(width)}  {pad.join((value or '-').splitlines() or ['-'])}" for key, value in pairs)
+
+
+def collect_pages(fetch: Callable[[str], tuple[Sequence[T], str]], token: str, every: bool) -> tuple[list[T], str]:
+    """Items of the page at `token`, or of it and every later page with `every`; and the next token."""
+    items: list[T] = []
+    seen: set[str] = set()
+    while True:
+        page, token = fetch(token)
+        items.extend(page)
+        if not every or not token or token in seen:
+            return items, token
+        seen.add(token)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def call_status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a failed call."""
+    code_of: Callable[[], Any] | None = getattr(error, "code", None)
+    details_of: Callable[[], Any] | None = getattr(error, "details", None)
+    code = code_of() if callable(code_of) else None
+    details = details_of() if callable(details_of) else None
+    return (code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN), str(details or "")
+
+
+def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """(field, description) of the google.rpc.BadRequest details the status carries, if any."""
+    try:
+        status = rpc_status.from_call(cast(grpc.Call, error))
+    except (ValueError, AttributeError, TypeError):
+        return []
+    if status is None:
+        return []
+    found: list[tuple[str, str]] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.extend((v.field, v.description) for v in bad.field_violations)
+    return found
+
+
+def _connection_hint(details: str, tls: ClientTls | None) -> str | None:
+    """What to check when the connection failed: a refused TLS handshake, or a server that hung up at once."""
+    text = details.lower()
+    if "handshake" in text or "certificate" in text or "ssl_error" in text:
+        return (
+            "  the TLS handshake failed: does --tls-ca (RUNS_TLS_CA) name the CA that signed the API's "
+            "certificate, and does that certificate name the host in --addr?"
+        )
+    if "socket closed" not in text:
+        return None
+    if tls is None or not tls.enabled:
+        return "  the API closed the connection: if it serves TLS, pass --tls-ca (or set RUNS_TLS_CA)"
+    if tls.cert is None:
+        return (
+            "  the API closed the connection: if it requires mutual TLS, pass --tls-cert and --tls-key "
+            "(or set RUNS_TLS_CERT and RUNS_TLS_KEY)"
+        )
+    return None
+
+
+def describe_rpc_error(
+    error: grpc.RpcError,
+    addr: str,
+    deadline: float | None = None,
+    *,
+    has_key: bool = False,
+    tls: ClientTls | None = None,
+) -> tuple[list[str], int]:
+    """The stderr lines and exit code for a failed call to the API at `addr`.
+
+    `has_key` (an API key was sent) and `tls` (how the client connected) only sharpen the hints.
+    """
+    code, details = call_status(error)
+    hints: list[str] = []
+    if code is grpc.StatusCode.UNAVAILABLE:
+        message = f"the Run API at {addr} is unavailable" + (f": {details}" if details else "")
+        hint = _connection_hint(details, tls)
+        if hint:
+            hints.append(hint)
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        within = f" within {deadline:g}s" if deadline else ""
+        message = f"the Run API at {addr} did not answer{within}" + (f": {details}" if details else "")
+    elif code is grpc.StatusCode.UNAUTHENTICATED:
+        if has_key:
+            message = f"the Run API at {addr} did not accept the API key" + (f": {details}" if details else "")
+            hints.append("  the key is unknown, revoked or expired: ask an admin for a new one (runs keys create)")
+        else:
+            message = f"the Run API at {addr} needs an API key" + (f": {details}" if details else "")
+            hints.append("  set RUNS_API_KEY to your key (or pass --api-key)")
+    elif code is grpc.StatusCode.PERMISSION_DENIED:
+        message = details or "(no details)"
+        hints.append(
+            "  the API key is valid, but its role, tenant or project does not allow this call "
+            "(`runs keys` needs an admin key)"
+        )
+    else:
+        message = details or "(no details)"
+    lines = [f"error: {code.name}: {message}"]
+    lines.extend(f"  {field}: {description}" for field, description in field_violations(error))
+    lines.extend(hints)
+    return lines, exit_code_for(code)
+
+
+class CliError(Exception):
+    """An expected failure: message lines for stderr and the exit code."""
+
+    def __init__(self, lines: list[str], exit_code: int) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+        self.exit_code = exit_code
