@@ -325,10 +325,6 @@ async def test_a_worker_with_tls_settings_completes_a_run(tls_api: TlsApi, pki: 
     assert run.run.status == run_pb2.RUN_STATUS_SUCCEEDED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/run_worker/__main__.py builds WorkerSettings without tls= and api_key= from the environment",
-)
 def test_a_worker_process_with_runs_tls_ca_completes_a_run(tls_api: TlsApi, pki: Pki) -> None:
     run_id = start_and_get(tls_api.addr, ClientTls(ca=pki.ca)).run_id
     worker = Worker(tls_api.addr, RUNS_TLS_CA=pki.ca, RUN_WORKER_POLL_MS="100")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -45,6 +46,8 @@ def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse
     p.add_argument("--tools", type=_tool_list, default=defaults.tools,
                    help="tools this worker runs, comma-separated; shell runs commands on this host "
                         f"(RUN_WORKER_TOOLS) [{','.join(defaults.tools)}]")
+    p.add_argument("--tls-ca", default=defaults.tls.ca,
+                   help="CA certificate (PEM) to trust for a TLS API (RUNS_TLS_CA); the key comes from RUNS_API_KEY")
     p.add_argument("--once", action="store_true",
                    help="claim one batch, execute it, print counters as one JSON line, and exit")
     return p.parse_args(argv)
@@ -73,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         env = WorkerSettings.from_env()
         args = parse_args(argv, env)
-        settings = WorkerSettings(
+        settings = dataclasses.replace(
+            env,
             api_addr=args.api_addr,
             worker_id=args.worker_id,
             workspace_id=args.workspace_id,
@@ -83,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             heartbeat_seconds=args.heartbeat_seconds,
             drain_seconds=args.drain_seconds,
             tools=args.tools,
-            log=env.log,
+            tls=dataclasses.replace(env.tls, ca=args.tls_ca),
         )
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
