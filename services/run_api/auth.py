@@ -27,6 +27,7 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 from ulid import ULID
 
+from services.run_api.checks import check_identifier, check_text, page_bounds
 from services.run_api.errors import (
     InvalidRequest,
     PermissionDenied,
@@ -314,8 +315,6 @@ async def create_key(uow: UnitOfWork, cmd: CreateKey, caller: Caller, now: datet
     An admin key makes keys of its own tenant; a first key of another tenant is made on the API host
     (`python -m services.run_api keys create`).
     """
-    from services.run_api.handlers import check_identifier, check_text
-
     violations: list[tuple[str, str]] = []
     if cmd.role not in ROLES:
         violations.append(("role", f"role must be one of {', '.join(ROLES)}"))
@@ -357,10 +356,8 @@ async def list_keys(
     uow: UnitOfWork, caller: Caller, page_size: int, page_token: str, include_revoked: bool
 ) -> tuple[list[Any], str]:
     """A page of the caller's tenant's keys, newest first, and the next page's token."""
-    from services.run_api.handlers import page_bounds
-
     size = page_bounds(page_size)
-    if len(page_token) > 64:
+    if len(page_token) > 64 or not page_token.isprintable():
         raise InvalidRequest.field("page_token", "page_token is not a valid page token")
     rows = (
         await uow.conn.execute(
@@ -374,8 +371,6 @@ async def list_keys(
 
 async def revoke_key(uow: UnitOfWork, key_id: str, caller: Caller, now: datetime) -> Any:
     """Revoke a key at once (within the cache time on other replicas)."""
-    from services.run_api.handlers import check_identifier
-
     check_identifier("key_id", key_id, required=True)
     params = {"key_id": key_id, "tenant_id": _tenant_scope(caller), "now": now}
     row = (await uow.conn.execute(Q.api_keys_revoke, params)).first()

@@ -13,7 +13,7 @@ import grpc
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import auth, convert, handlers, payloads
+from services.run_api import auth, checks, convert, handlers, payloads
 from services.run_api.auth import current_caller
 from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, shorten
 from services.run_api.listener import Hub
@@ -134,7 +134,7 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
     async def WatchRun(
         self, request: run_service_pb2.WatchRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[run_service_pb2.WatchRunResponse]:
-        handlers.check_identifier("run_id", request.run_id, required=True)
+        checks.check_identifier("run_id", request.run_id, required=True)
         if request.after_sequence < 0:
             raise InvalidRequest.field("after_sequence", "after_sequence must not be negative")
         caller = current_caller()
@@ -168,9 +168,9 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         self, request: worker_service_pb2.ClaimQueuedRunsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_service_pb2.ClaimQueuedRunsResponse]:
         caller = current_caller()
-        handlers.check_identifier("worker_id", request.worker_id, required=True)
-        handlers.check_identifier("workspace_id", request.workspace_id)
-        handlers.check_text("session_token", request.session_token, limit=128)
+        checks.check_identifier("worker_id", request.worker_id, required=True)
+        checks.check_identifier("workspace_id", request.workspace_id)
+        checks.check_text("session_token", request.session_token, limit=128)
         if request.capacity < 0 or request.batch_limit < 0 or request.poll_interval_ms < 0:
             raise InvalidRequest.field("capacity", "capacity, batch_limit and poll_interval_ms must not be negative")
         # Clamped to the server's limits (README): no worker hoards the queue or spins the database.
@@ -269,15 +269,15 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     @staticmethod
     def _worker_id(instance: str, session_token: str) -> str:
         """The recorded worker id of the calling worker process (its key's id and its instance name)."""
-        handlers.check_identifier("worker_id", instance, required=True)
-        handlers.check_text("session_token", session_token, limit=128)
+        checks.check_identifier("worker_id", instance, required=True)
+        checks.check_text("session_token", session_token, limit=128)
         return current_caller().worker_id(instance)
 
     @staticmethod
     def _reported(i: int, e: worker_service_pb2.ReportedEvent) -> handlers.ReportedEvent:
         where = f"events[{i}]"
-        handlers.check_identifier(f"{where}.run_id", e.run_id, required=True)
-        handlers.check_identifier(f"{where}.event_id", e.event_id, required=True)
+        checks.check_identifier(f"{where}.run_id", e.run_id, required=True)
+        checks.check_identifier(f"{where}.event_id", e.event_id, required=True)
         if e.type not in WORKER_EVENTS:
             raise InvalidRequest.field(f"{where}.type", f"{shorten(e.type)!r} is not an event a worker may report")
         if e.attempt < 1:
@@ -309,7 +309,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         if len(request.runs) > handlers.MAX_CAPACITY:
             raise InvalidRequest.field("runs", f"a worker holds at most {handlers.MAX_CAPACITY} runs")
         for i, held in enumerate(request.runs):
-            handlers.check_identifier(f"runs[{i}].run_id", held.run_id, required=True)
+            checks.check_identifier(f"runs[{i}].run_id", held.run_id, required=True)
         async with UnitOfWork(self.engine) as uow:
             await handlers.check_session(uow, worker_id, request.session_token)
             result = await handlers.heartbeat(
