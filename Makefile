@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 GEN := shared/gen/runs/v1/run_pb2.py
 PROTOS := $(wildcard protos/runs/v1/*.proto)
 
-.PHONY: up api worker proto migrate test test-features lint bench replay clean help
+.PHONY: up api worker proto migrate test test-features test-features-auth lint bench replay clean help
 
 help:
 	@echo "make up        run the API with one worker (embedded PostgreSQL unless DATABASE_URL is set)"
@@ -42,8 +42,14 @@ migrate: $(GEN)
 replay: $(GEN)
 	$(PY) -m services.run_api replay
 
+# Everything once with auth off (the default on loopback), then the acceptance and fault
+# scenarios again with every call authenticated by API keys (RUNS_TEST_AUTH=required).
 test: $(GEN)
 	$(PY) -m pytest -q
+	RUNS_TEST_AUTH=required $(PY) -m pytest -q features/
+
+test-features-auth: $(GEN)
+	RUNS_TEST_AUTH=required $(PY) -m pytest -q features/
 
 test-features: $(GEN)
 	$(PY) -m pytest -q features/

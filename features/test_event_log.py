@@ -49,7 +49,8 @@ def refused(ctx: Context) -> None:
 @given("a mixed workload of succeeded, failed, retried, canceled and queued runs")
 def mixed(stack: Stack, ctx: Context) -> None:
     """Runs in every state, with retries, made by real workers."""
-    stack.start_api(RUN_RETRY_BACKOFF_SECONDS="0", RUN_RETRY_BACKOFF_MAX_SECONDS="0")
+    stack.start_api(RUN_RETRY_BACKOFF_SECONDS="0", RUN_RETRY_BACKOFF_MAX_SECONDS="0",
+                    RUN_WORKER_TOOLS="noop,sleep,fail,shell")
     c = stack.client
     ids = [c.start().run.run_id for _ in range(5)]
     ids.append(c.start_tool("fail", {"message": "nope", "retryable": False}).run_id)

@@ -60,7 +60,7 @@ def holds(sql: psycopg.Connection, count: int) -> None:
 def concurrent_start(stack: Stack, ctx: Context, n: int, key: str) -> None:
     """n threads, each with its own channel, released together."""
     assert stack.api is not None
-    clients = [Client(stack.api.addr) for _ in range(n)]
+    clients = [Client(stack.api.addr, stack.keys.get("client")) for _ in range(n)]
     try:
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             answers = list(pool.map(lambda c: c.start(idempotency_key=key, run_input={"n": 1}), clients))
