@@ -665,6 +665,19 @@ def test_finding13_a_worker_process_works_with_its_key(auth_api: AuthApi) -> Non
         stop_all(worker)
 
 
+def test_finding13_a_worker_with_a_bad_key_exits_with_a_clear_error(auth_api: AuthApi) -> None:
+    """A worker whose key is refused stops (exit 1, naming UNAUTHENTICATED) instead of retrying forever."""
+    worker = Worker(auth_api.api.addr, RUNS_API_KEY="runs_not-a-real-key", RUN_WORKER_POLL_MS="100")
+    worker.start()
+    try:
+        wait_until(lambda: not worker.running, 30, "the worker to exit")
+        assert worker.proc is not None and worker.proc.returncode == 1
+        assert "the API refused this worker (UNAUTHENTICATED)" in worker.output(), worker.output()
+        assert "Traceback" not in worker.output()
+    finally:
+        stop_all(worker)
+
+
 def test_finding12_a_public_address_needs_auth_set(database_url: str) -> None:
     """Finding 12: the API listened on any address with no authentication and said nothing. On a non-loopback
     address without RUNS_AUTH it now refuses to start (exit 2, naming RUNS_AUTH); with RUNS_AUTH=off it starts

@@ -10,6 +10,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from services.run_worker.worker import Worker
 from shared.logs import configure_logging
 from shared.settings import STOCK_TOOLS, SettingsError, WorkerSettings
@@ -98,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_main(settings, args.once))
     except KeyboardInterrupt:
         return 130
-    except Exception as err:  # the API refused us outright (bad flags, say)
+    except grpc.aio.AioRpcError as err:  # the API refused us outright (bad flags, no or a revoked key)
+        print(f"error: the API refused this worker ({err.code().name}): {err.details()}", file=sys.stderr)
+        return 1
+    except Exception as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

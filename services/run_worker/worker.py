@@ -221,7 +221,9 @@ class Worker:
                     break
                 err = consumer.exception()
                 if isinstance(err, grpc.aio.AioRpcError):
-                    if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    # Bad settings or a missing/revoked key: retrying cannot help. (PERMISSION_DENIED can:
+                    # a live session under our id ends when its lease lapses.)
+                    if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
                         raise err
                     log.warning("claim stream ended (%s: %s); reconnecting in %.1fs",
                                 err.code().name, err.details(), delay)
