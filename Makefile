@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 GEN := shared/gen/runs/v1/run_pb2.py
 PROTOS := $(wildcard protos/runs/v1/*.proto)
 
-.PHONY: up api worker proto migrate test test-features test-features-auth lint bench replay clean help
+.PHONY: up api worker proto migrate test test-features test-features-auth fuzz lint bench replay clean help
 
 help:
 	@echo "make up        run the API with one worker (embedded PostgreSQL unless DATABASE_URL is set)"
 	@echo "make test      install what is needed and run every test"
+	@echo "make fuzz      the property-based fuzz suite of every RPC with FUZZ_EXAMPLES=2000 per group (long)"
 	@echo "make api | worker | migrate | proto | lint | bench | replay"
 
 $(STAMP): pyproject.toml
@@ -53,6 +54,11 @@ test-features-auth: $(GEN)
 
 test-features: $(GEN)
 	$(PY) -m pytest -q features/
+
+# tests/test_fuzz.py runs 40 examples per RPC group inside `make test`; this runs many more.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(GEN)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py --timeout=3600
 
 lint: $(GEN)
 	$(VENV)/bin/ruff check .

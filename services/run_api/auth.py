@@ -1,15 +1,17 @@
-"""API keys and the caller: who is calling, checked once per call by an interceptor.
+"""API keys and the caller: who is calling, checked once per call.
 
 A key is `runs_<random>`, stored only as its sha256. It has a role (client, worker, admin), a
-tenant, optional project and workspace limits and an optional expiry. The interceptor reads the
-`authorization: Bearer <key>` metadata, finds the key (cached for a few seconds, so a revocation
-takes effect within `cache_seconds`), checks the role against the service, and puts the Caller in
-a contextvar for the servicers, which hand it to the handlers. Health and reflection stay open.
-With auth off every call is the anonymous caller of tenant "default", with every role.
+tenant, optional project and workspace limits and an optional expiry. The error interceptor runs
+every /runs.v1. call inside `Authenticator.calling`, which reads the `authorization: Bearer <key>`
+metadata, finds the key (cached for a few seconds, so a revocation takes effect within the cache
+time), checks the role against the service, and puts the Caller in a contextvar for the
+servicers, which hand it to the handlers. Health and reflection stay open. With auth off every
+call is the anonymous caller of tenant "default", with every role.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -20,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -187,11 +189,24 @@ class KeyCache:
 class Authenticator:
     """Finds the caller of a call from its metadata."""
 
-    def __init__(self, engine: AsyncEngine, mode: str, cache: KeyCache | None = None) -> None:
-        self.engine, self.mode = engine, mode
+    def __init__(
+        self, engine: AsyncEngine, mode: str, cache: KeyCache | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.engine, self.mode, self.clock = engine, mode, clock
         self.cache = cache or KeyCache()
         # The embedded worker's own key: never stored, valid only inside this process's lifetime.
         self.embedded_secret = new_secret()
+
+    @contextlib.asynccontextmanager
+    async def calling(self, method: str, metadata: Any) -> AsyncIterator[Caller]:
+        """The scope of one call: its caller is found (or refused) and set for the servicer inside."""
+        caller = await self.caller(method, metadata, self.clock())
+        token = _CALLER.set(caller)
+        try:
+            yield caller
+        finally:
+            _CALLER.reset(token)
 
     async def caller(self, method: str, metadata: Any, now: datetime) -> Caller:
         """The Caller for a call to `method` (/package.Service/Method), or Unauthenticated/PermissionDenied."""
@@ -230,61 +245,6 @@ def _bearer(metadata: Any) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every /runs.v1. call and sets the caller for its servicer (runs inside ErrorInterceptor)."""
-
-    def __init__(self, authenticator: Authenticator, clock: Callable[[], datetime]) -> None:
-        self.authenticator, self.clock = authenticator, clock
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith("/runs.v1."):
-            return handler
-        metadata = handler_call_details.invocation_metadata
-        auth = self.authenticator
-
-        async def who() -> contextvars.Token[Caller | None]:
-            return _CALLER.set(await auth.caller(method, metadata, self.clock()))
-
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                token = await who()
-                try:
-                    return await unary(request, context)  # type: ignore[arg-type]
-                finally:
-                    _CALLER.reset(token)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                token = await who()
-                try:
-                    async for item in stream(request, context):  # type: ignore[arg-type,attr-defined]
-                        yield item
-                finally:
-                    _CALLER.reset(token)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
 
 
 # --- key handlers ------------------------------------------------------------------------------

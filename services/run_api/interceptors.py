@@ -128,8 +128,24 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseExcept
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+# Opens the scope of one call's caller (see auth.Authenticator.calling): (method, metadata) -> context.
+CallerScope = Callable[[str, Any], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def _no_caller(method: str, metadata: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by servicers to gRPC statuses, in one place."""
+    """Maps exceptions raised by servicers to gRPC statuses, in one place.
+
+    Inside it, each call runs in `scope(method, metadata)`: the server passes the authenticator's,
+    which finds the caller (or raises UNAUTHENTICATED / PERMISSION_DENIED, mapped here like any
+    other error) and sets it for the servicer.
+    """
+
+    def __init__(self, scope: CallerScope = _no_caller) -> None:
+        self.scope = scope
 
     async def intercept_service(
         self,
@@ -140,6 +156,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith("/runs.v1."):
             return handler
+        metadata = handler_call_details.invocation_metadata
+        scope = self.scope
         # Interceptors that run before this one (OpenTelemetry's _wrap_rpc_behavior) rebuild the
         # handler with the request_deserializer returned here, so the tolerant one stays in force.
         # Request-streaming methods keep grpc's deserializer: a sentinel there would reach the
@@ -157,7 +175,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if isinstance(request, _Undecodable):
                         await _refuse(context, method, message, request)
                     try:
-                        return await unary(request, context)  # type: ignore[arg-type]
+                        async with scope(method, metadata):
+                            return await unary(request, context)  # type: ignore[arg-type]
                     except grpc.aio.AbortError:
                         raise
                     except Exception as exc:
@@ -177,7 +196,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         await _refuse(context, method, message, request)
                     try:
                         # aclosing: when the call ends early the handler is closed here, in this task.
-                        async with contextlib.aclosing(stream(request, context)) as items:  # type: ignore[arg-type,type-var]
+                        async with scope(method, metadata), contextlib.aclosing(
+                            stream(request, context)  # type: ignore[arg-type,type-var]
+                        ) as items:
                             async for item in items:  # type: ignore[attr-defined]
                                 yield item
                     except grpc.aio.AbortError:

@@ -22,7 +22,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.run_api import db
 from services.run_api.auth import (
     Authenticator,
-    AuthInterceptor,
     KeyCache,
     ensure_bootstrap_key,
     is_loopback,
@@ -118,7 +117,9 @@ class ApiServer:
         self.database_url = database_url
         self.auth_mode = resolve_mode(settings.auth, settings.addr)  # AuthConfigError: refuse to start
         self.engine = db.make_engine(database_url, settings.db_pool_size)
-        self.authenticator = Authenticator(self.engine, self.auth_mode, KeyCache(settings.auth_cache_seconds))
+        self.authenticator = Authenticator(
+            self.engine, self.auth_mode, KeyCache(settings.auth_cache_seconds), clock=utcnow
+        )
         self.hub = Hub()
         self.stopping = asyncio.Event()  # set at the start of shutdown: streams end, loops stop
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -139,7 +140,7 @@ class ApiServer:
             ),
         )
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ErrorInterceptor(), AuthInterceptor(self.authenticator, utcnow)],
+            interceptors=[aio_server_interceptor(), ErrorInterceptor(self.authenticator.calling)],
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.so_reuseport", 0),
