@@ -84,15 +84,22 @@ STOCK_TOOLS = ("noop", "sleep", "fail", "shell")
 DEFAULT_WORKER_TOOLS = ("noop", "sleep", "fail")
 
 
+def parse_tools(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of stock tools (RUN_WORKER_TOOLS, --tools); ValueError names what is allowed."""
+    tools = tuple(dict.fromkeys(t.strip() for t in raw.split(",") if t.strip()))
+    if not tools or any(t not in STOCK_TOOLS for t in tools):
+        raise ValueError(f"must be a comma-separated list of {', '.join(STOCK_TOOLS)}, got {raw!r}")
+    return tools
+
+
 def _tools(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    tools = tuple(dict.fromkeys(t.strip() for t in raw.split(",") if t.strip()))
-    unknown = [t for t in tools if t not in STOCK_TOOLS]
-    if unknown or not tools:
-        raise SettingsError(f"{name} must be a comma-separated list of {', '.join(STOCK_TOOLS)}, got {raw!r}")
-    return tools
+    try:
+        return parse_tools(raw)
+    except ValueError as err:
+        raise SettingsError(f"{name} {err}") from None
 
 
 @dataclass(frozen=True)

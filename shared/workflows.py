@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shared.text import shorten
+
 DEFAULT_WORKFLOW = "runtime.noop"
 TOOL_WORKFLOW = "runtime.tool"
 
@@ -51,7 +53,7 @@ def plan(workflow: str, run_input: dict[str, Any]) -> list[StepSpec]:
             raise WorkflowInputError("input.tool", "runtime.tool needs input.tool, the name of a tool")
         if tool not in KNOWN_TOOLS:
             raise WorkflowInputError(
-                "input.tool", f"unknown tool {_cut(tool)!r}; known tools: {', '.join(sorted(KNOWN_TOOLS))}"
+                "input.tool", f"unknown tool {shorten(tool)!r}; known tools: {', '.join(sorted(KNOWN_TOOLS))}"
             )
         args = run_input.get("args", {})
         if not isinstance(args, dict):
@@ -59,11 +61,6 @@ def plan(workflow: str, run_input: dict[str, Any]) -> list[StepSpec]:
         check_tool_args(tool, args)
         return [StepSpec(key="runtime", tool=tool, args=args)]
     raise KeyError(workflow)
-
-
-def _cut(value: str, limit: int = 64) -> str:
-    """A client's value as far as an error message repeats it."""
-    return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
 def _is_number(value: Any) -> bool:

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import db, handlers
+from services.run_api import auth, db, handlers
 from services.run_api.auth import Caller
 from services.run_api.reaper import Reaper, ReaperConfig
 from services.run_api.store.uow import UnitOfWork
@@ -92,3 +92,110 @@ async def test_finding4_reaper_sets_aside_a_run_it_cannot_reap(engine: AsyncEngi
     assert reaper.counters["failures"] == failures
     assert state(sql, good)[:2] == ("QUEUED", 1)
     assert state(sql, bad) == bad_before
+
+
+# --- regressions of the second review -----------------------------------------------------------
+
+
+async def test_only_the_worker_that_claimed_an_attempt_can_readopt_it(
+    engine: AsyncEngine, sql: psycopg.Connection
+) -> None:
+    """Heartbeat's adopt-first path once handed a lease-expired run to any worker naming its attempt
+    (another tenant's too); now only the attempt's own worker gets it back."""
+    (run_id,) = await start(engine, 1)
+    assert await claim(engine, "w1") == [run_id]
+    await Reaper(engine, ReaperConfig()).run_once(now=handlers.utcnow() + timedelta(seconds=60))
+    assert state(sql, run_id)[:2] == ("QUEUED", 1)
+    await session(engine, "thief")
+    async with UnitOfWork(engine) as uow:
+        beat = await handlers.heartbeat(uow, "thief", [(run_id, 1)], 30)
+    assert (beat.readopted, beat.lost_run_ids) == ([], [run_id])
+    assert state(sql, run_id)[:2] == ("QUEUED", 1)
+    async with UnitOfWork(engine) as uow:
+        beat = await handlers.heartbeat(uow, "w1", [(run_id, 1)], 30)
+    assert beat.readopted == [(run_id, 2)]
+
+
+async def test_two_streams_opening_one_new_worker_id_get_one_session(engine: AsyncEngine) -> None:
+    """Two claim streams for a fresh worker id both got a session (one of them dead) before the
+    session change was serialised."""
+    import asyncio
+
+    async def open_one() -> str | Exception:
+        try:
+            async with UnitOfWork(engine) as uow:
+                return await handlers.open_session(uow, "fresh", "default", "", 30)
+        except Exception as err:
+            return err
+
+    results = await asyncio.gather(*(open_one() for _ in range(6)))
+    tokens = [r for r in results if isinstance(r, str)]
+    assert len(tokens) == 1, results
+    assert all(isinstance(r, handlers.PermissionDenied) for r in results if not isinstance(r, str))
+
+
+async def test_a_stream_whose_session_was_replaced_claims_nothing(engine: AsyncEngine) -> None:
+    """A claim stream kept claiming under a session that had been replaced; it now ends PERMISSION_DENIED."""
+    await start(engine, 2)
+    token = await session(engine, "w1")
+    stale = handlers.Claim("w1", "default", 5, 5, 30, session_token_hash=auth.hash_secret(token + "x"))
+    async with UnitOfWork(engine) as uow:
+        with pytest.raises(handlers.PermissionDenied):
+            await handlers.claim_runs(uow, stale)
+    live = handlers.Claim("w1", "default", 5, 5, 30, session_token_hash=auth.hash_secret(token))
+    async with UnitOfWork(engine) as uow:
+        assert len((await handlers.claim_runs(uow, live)).runs) == 2
+
+
+async def test_a_project_limited_worker_claims_only_its_project(engine: AsyncEngine) -> None:
+    """Worker keys' project limits were ignored by the claim query."""
+    async with UnitOfWork(engine) as uow:
+        await handlers.start_run(uow, handlers.StartRun("", {}, 2, project_id="a"), POLICY, ANON)
+    async with UnitOfWork(engine) as uow:
+        b, _ = await handlers.start_run(uow, handlers.StartRun("", {}, 2, project_id="b"), POLICY, ANON)
+    await session(engine, "wb")
+    async with UnitOfWork(engine) as uow:
+        result = await handlers.claim_runs(uow, handlers.Claim("wb", "default", 5, 5, 30, project_id="b"))
+    assert [r.run_id for r in result.runs] == [b.run_id]
+
+
+async def test_an_idempotency_key_never_reveals_another_projects_run(engine: AsyncEngine) -> None:
+    """The conflict message named (and a same request returned) a run the caller may not see."""
+    mine = Caller(key_id="k1", role="client", project_id="p1")
+    other = Caller(key_id="k2", role="client", project_id="p2")
+    async with UnitOfWork(engine) as uow:
+        row, _ = await handlers.start_run(uow, handlers.StartRun("", {}, 2, idempotency_key="k"), POLICY, mine)
+    same, different = handlers.StartRun("", {}, 2, idempotency_key="k"), handlers.StartRun("", {"x": 1}, 8, "k")
+    for cmd in (same, different):
+        async with UnitOfWork(engine) as uow:
+            with pytest.raises(handlers.IdempotencyConflict) as refused:
+                await handlers.start_run(uow, cmd, POLICY, other)
+        assert row.run_id not in refused.value.message
+
+
+async def test_limited_or_expiring_admin_keys_cannot_mint_broader_keys(engine: AsyncEngine) -> None:
+    """A project-limited admin key could make a tenant-wide admin key; an expiring one a key that never expires."""
+    now = handlers.utcnow()
+    limited = Caller(key_id="a1", role="admin", project_id="p1")
+    expiring = Caller(key_id="a2", role="admin", expires_at=now + timedelta(hours=1))
+    async with UnitOfWork(engine) as uow:
+        with pytest.raises(auth.PermissionDenied):
+            await auth.create_key(uow, auth.CreateKey(role="admin"), limited, now)
+    async with UnitOfWork(engine) as uow:
+        with pytest.raises(auth.PermissionDenied):
+            await auth.list_keys(uow, limited, 0, "", False)
+    async with UnitOfWork(engine) as uow:
+        with pytest.raises(auth.PermissionDenied):
+            await auth.create_key(uow, auth.CreateKey(role="client"), expiring, now)
+    async with UnitOfWork(engine) as uow:
+        row, _ = await auth.create_key(uow, auth.CreateKey(role="client", ttl_seconds=600), expiring, now)
+    assert row.expires_at is not None
+
+
+async def test_a_non_ascii_bearer_key_is_unauthenticated_not_internal(engine: AsyncEngine) -> None:
+    """`hmac.compare_digest` raised TypeError (INTERNAL, a traceback) for a non-ASCII key."""
+    authenticator = auth.Authenticator(engine, "required")
+    for bad in ("runs_é", "runs_\u2028x", "x" * 300):
+        with pytest.raises(auth.Unauthenticated):
+            metadata = [("authorization", f"Bearer {bad}")]
+            await authenticator.caller("/runs.v1.RunService/GetRun", metadata, handlers.utcnow())

@@ -79,7 +79,7 @@ async def _serve(settings: ApiSettings, url: str, with_worker: bool) -> int:
     if with_worker:
         host = settings.addr.rsplit(":", 1)[0]
         env = {**os.environ, "RUN_API_ADDR": f"{host}:{port}"}
-        if not env.get("RUN_WORKER_TOOLS", "").strip():
+        if not env.get("RUN_WORKER_TOOLS", "").strip() and auth.is_loopback(settings.addr):
             # A local development worker: shell is opt-in elsewhere, allowed here unless told otherwise.
             env["RUN_WORKER_TOOLS"] = ",".join(STOCK_TOOLS)
             log.info("the local worker allows the shell tool (RUN_WORKER_TOOLS=%s)", env["RUN_WORKER_TOOLS"])

@@ -69,6 +69,7 @@ class Caller:
     tenant_id: str = DEFAULT_TENANT
     project_id: str | None = None
     workspace_id: str | None = None
+    expires_at: datetime | None = None
 
     @classmethod
     def anonymous(cls) -> Caller:
@@ -159,31 +160,33 @@ class AuthConfigError(ValueError):
 def _caller_of(row: Any) -> Caller:
     return Caller(
         key_id=row.key_id, role=row.role, tenant_id=row.tenant_id, project_id=row.project_id,
-        workspace_id=row.workspace_id,
+        workspace_id=row.workspace_id, expires_at=row.expires_at,
     )
 
 
 class KeyCache:
-    """Keys by secret hash, each remembered for `ttl` seconds (unknown secrets too, so a flood of bad
-    keys costs no queries); at most `size` entries."""
+    """Keys by secret hash, each remembered for `ttl` seconds, at most `size` of them. Unknown secrets
+    are remembered too, apart: a flood of bad keys costs few queries and never pushes out good ones."""
 
     def __init__(self, ttl: float = 5.0, size: int = 10_000) -> None:
         self.ttl, self.size = ttl, size
-        self._items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._known: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._unknown: OrderedDict[str, tuple[float, Any]] = OrderedDict()
 
     def get(self, key: str) -> tuple[bool, Any]:
         """(found, row-or-None)."""
-        item = self._items.get(key)
+        item = self._known.get(key) or self._unknown.get(key)
         if item is None or item[0] < time.monotonic():
             return False, None
         return True, item[1]
 
     def put(self, key: str, row: Any) -> None:
         """Remember a lookup's answer."""
-        self._items[key] = (time.monotonic() + self.ttl, row)
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        items = self._known if row is not None else self._unknown
+        items[key] = (time.monotonic() + self.ttl, row)
+        items.move_to_end(key)
+        while len(items) > self.size:
+            items.popitem(last=False)
 
 
 class Authenticator:
@@ -221,7 +224,9 @@ class Authenticator:
             raise Unauthenticated("this API needs a key: send 'authorization: Bearer <key>'")
         if len(secret) > MAX_KEY_LENGTH:
             raise Unauthenticated("the API key is not valid")
-        if hmac.compare_digest(secret, self.embedded_secret):
+        if not secret.isascii() or not secret.isprintable():
+            raise Unauthenticated("the API key is not valid")
+        if hmac.compare_digest(secret.encode(), self.embedded_secret.encode()):
             return Caller(key_id=EMBEDDED_KEY_ID, role="worker")
         digest = hash_secret(secret)
         found, row = self.cache.get(digest)
@@ -264,6 +269,13 @@ class CreateKey:
     description: str = ""
 
 
+def _check_manager(caller: Caller) -> None:
+    """Key management is for admin keys of a whole tenant: a project- or workspace-limited one could
+    otherwise make itself a key without its limits."""
+    if caller.project_id is not None or caller.workspace_id is not None:
+        raise PermissionDenied("an admin key limited to a project or workspace cannot manage keys")
+
+
 def _tenant_scope(caller: Caller) -> str | None:
     """The tenant whose keys a caller manages: its own; every tenant for the anonymous caller (auth off)."""
     return caller.tenant_id if caller.key_id is not None else None
@@ -290,6 +302,10 @@ async def create_key(uow: UnitOfWork, cmd: CreateKey, caller: Caller, now: datet
     tenant = cmd.tenant_id or caller.tenant_id
     if scope is not None and tenant != scope:
         raise PermissionDenied("an admin key makes keys of its own tenant only")
+    _check_manager(caller)
+    expires_at = now + timedelta(seconds=cmd.ttl_seconds) if cmd.ttl_seconds else None
+    if caller.expires_at is not None and (expires_at is None or expires_at > caller.expires_at):
+        raise PermissionDenied("a key cannot outlive the admin key that makes it: set ttl_seconds")
     secret = new_secret()
     row = (
         await uow.conn.execute(
@@ -303,7 +319,7 @@ async def create_key(uow: UnitOfWork, cmd: CreateKey, caller: Caller, now: datet
                 "workspace_id": cmd.workspace_id or None,
                 "description": cmd.description,
                 "created_by": caller.key_id,
-                "expires_at": now + timedelta(seconds=cmd.ttl_seconds) if cmd.ttl_seconds else None,
+                "expires_at": expires_at,
             },
         )
     ).one()
@@ -316,6 +332,7 @@ async def list_keys(
     uow: UnitOfWork, caller: Caller, page_size: int, page_token: str, include_revoked: bool
 ) -> tuple[list[Any], str]:
     """A page of the caller's tenant's keys, newest first, and the next page's token."""
+    _check_manager(caller)
     size = page_bounds(page_size)
     if len(page_token) > 64 or not page_token.isprintable():
         raise InvalidRequest.field("page_token", "page_token is not a valid page token")
@@ -331,6 +348,7 @@ async def list_keys(
 
 async def revoke_key(uow: UnitOfWork, key_id: str, caller: Caller, now: datetime) -> Any:
     """Revoke a key at once (within the cache time on other replicas)."""
+    _check_manager(caller)
     check_identifier("key_id", key_id, required=True)
     params = {"key_id": key_id, "tenant_id": _tenant_scope(caller), "now": now}
     row = (await uow.conn.execute(Q.api_keys_revoke, params)).first()

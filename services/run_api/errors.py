@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-
-def shorten(value: str, limit: int = 64) -> str:
-    """`value` cut to at most `limit` characters (ending in "…" when cut), to echo a client's value."""
-    if len(value) <= limit:
-        return value
-    return value[: max(limit - 1, 0)] + "…"
+from shared.text import shorten as shorten  # re-exported: errors echo client values through it
 
 
 class RunsError(Exception):

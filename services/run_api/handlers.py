@@ -18,7 +18,7 @@ from typing import Any
 
 from ulid import ULID
 
-from services.run_api.auth import Caller
+from services.run_api.auth import Caller, hash_secret
 from services.run_api.checks import MAX_IDENTIFIER, check_identifier, check_text, page_bounds
 from services.run_api.errors import (
     IdempotencyConflict,
@@ -91,6 +91,8 @@ class Claim:
     batch_limit: int
     lease_seconds: float
     tenant_id: str = "default"
+    project_id: str | None = None  # a worker key limited to a project claims only its runs
+    session_token_hash: str | None = None  # the stream's session: claims stop once it is replaced
 
 
 @dataclass(frozen=True)
@@ -231,11 +233,10 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller:
         ).first()
         if existing is None:  # pragma: no cover - the conflicting row was committed before we looked
             raise IdempotencyConflict("idempotency key is being used by a concurrent request; retry")
-        if existing.request_hash != request_hash:
-            raise IdempotencyConflict(
-                "idempotency_key was already used for a different request "
-                f"(run {existing.run_id}); use a new key"
-            )
+        if existing.request_hash != request_hash or not caller.sees(existing):
+            # Another project's run is not named (nor returned): the caller may not see it.
+            shown = f" (run {existing.run_id})" if caller.sees(existing) else ""
+            raise IdempotencyConflict(f"idempotency_key was already used for a different request{shown}; use a new key")
         await uow.commit()
         return existing, True
     row = created
@@ -314,10 +315,6 @@ async def run_exists(uow: UnitOfWork, run_id: str, caller: Caller) -> Any:
 # --- worker sessions ---------------------------------------------------------------------------
 
 
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 async def open_session(
     uow: UnitOfWork, worker_id: str, tenant_id: str, token: str, lease_seconds: float, now: datetime | None = None
 ) -> str:
@@ -327,12 +324,13 @@ async def open_session(
     resumed with its token: a client that knows only the id cannot take it over.
     """
     now = now or utcnow()
+    await uow.conn.execute(Q.workers_session_serialize, {"worker_id": worker_id})
     row = (await uow.conn.execute(Q.workers_session_lock, {"worker_id": worker_id})).first()
     resumed = (
         row is not None
         and bool(token)
         and row.session_token_hash is not None
-        and hmac.compare_digest(row.session_token_hash, _token_hash(token))
+        and hmac.compare_digest(row.session_token_hash, hash_secret(token))
     )
     if row is not None and (row.tenant_id != tenant_id or (not resumed and (row.lease_expires_at >= now or row.held))):
         raise PermissionDenied(
@@ -343,7 +341,7 @@ async def open_session(
         token = secrets.token_urlsafe(32)
     await uow.conn.execute(
         Q.workers_session_open,
-        {"worker_id": worker_id, "tenant_id": tenant_id, "session_token_hash": _token_hash(token),
+        {"worker_id": worker_id, "tenant_id": tenant_id, "session_token_hash": hash_secret(token),
          "lease_expires_at": now + timedelta(seconds=lease_seconds), "now": now},
     )
     await uow.commit()
@@ -359,7 +357,7 @@ async def check_session(uow: UnitOfWork, worker_id: str, token: str) -> None:
         row is None
         or not token
         or row.session_token_hash is None
-        or not hmac.compare_digest(row.session_token_hash, _token_hash(token))
+        or not hmac.compare_digest(row.session_token_hash, hash_secret(token))
     ):
         raise PermissionDenied(
             "no session of this worker matches the session token: open a ClaimQueuedRuns stream to get one"
@@ -384,6 +382,8 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
     worker = (
         await uow.conn.execute(Q.worker_claim_state, {"worker_id": claim.worker_id, "now": now})
     ).one()
+    if claim.session_token_hash is not None and worker.session_token_hash != claim.session_token_hash:
+        raise PermissionDenied("this worker's session was replaced or has ended: open a new claim stream")
     cancels = list(worker.cancel_run_ids)
     free = 0 if worker.lapsed else max(claim.capacity - worker.held, 0)
     limit = min(claim.batch_limit, free)
@@ -392,7 +392,8 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
     rows = (
         await uow.conn.execute(
             Q.run_claim_candidates,
-            {"tenant_id": claim.tenant_id, "workspace_id": claim.workspace_id, "now": now, "limit": limit},
+            {"tenant_id": claim.tenant_id, "workspace_id": claim.workspace_id, "project_id": claim.project_id,
+             "now": now, "limit": limit},
         )
     ).all()
     if not rows:
@@ -518,6 +519,14 @@ async def report_events(
     return results
 
 
+async def _claimers(uow: UnitOfWork, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Which worker claimed each (run, attempt) pair (pairs never claimed are absent)."""
+    found = await uow.conn.execute(
+        Q.run_events_claimers, {"run_ids": [r for r, _ in pairs], "attempts": [a for _, a in pairs]}
+    )
+    return {(row.run_id, row.attempt): row.worker_id for row in found.all()}
+
+
 async def _check_holder(uow: UnitOfWork, worker_id: str, rows: dict[str, Any], reported: list[ReportedEvent]) -> None:
     """Refuse the whole report (PERMISSION_DENIED, nothing recorded) if it is about an attempt this worker never held.
 
@@ -533,10 +542,7 @@ async def _check_holder(uow: UnitOfWork, worker_id: str, rows: dict[str, Any], r
     )
     if not suspect:
         return
-    found = await uow.conn.execute(
-        Q.run_events_claimers, {"run_ids": [r for r, _ in suspect], "attempts": [a for _, a in suspect]}
-    )
-    claimers = {(row.run_id, row.attempt): row.worker_id for row in found.all()}
+    claimers = await _claimers(uow, suspect)
     foreign = [(run_id, attempt) for run_id, attempt in suspect if claimers.get((run_id, attempt)) != worker_id]
     if foreign:
         run_id, attempt = foreign[0]
@@ -575,7 +581,8 @@ async def heartbeat(
     """Extend the worker's lease (one row per worker) and say which held runs to cancel or drop.
 
     A held run whose lease lapsed and that was re-queued but not yet claimed again is adopted back
-    by the worker that still runs it ("adopt first"), under a new attempt.
+    by the worker that still runs it ("adopt first"), under a new attempt: only by the worker that
+    claimed that attempt, so no other worker (or tenant) can take a run over this way.
     """
     if not worker_id:
         raise InvalidRequest.field("worker_id", "worker_id is required")
@@ -605,6 +612,7 @@ async def heartbeat(
                 and row.cancel_requested_at is None
                 and row.attempt < row.max_attempts
                 and await _requeued_for_lease(uow, run_id)
+                and await _claimers(uow, [(run_id, attempt)]) == {(run_id, attempt): worker_id}
             ):
                 adopt.append(
                     store.NewEvent(

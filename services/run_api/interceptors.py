@@ -172,10 +172,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 with log_context(rpc=method):
-                    if isinstance(request, _Undecodable):
-                        await _refuse(context, method, message, request)
                     try:
+                        # The caller first: garbage from a caller without a key is UNAUTHENTICATED, unlogged.
                         async with scope(method, metadata):
+                            if isinstance(request, _Undecodable):
+                                await _refuse(context, method, message, request)
                             return await unary(request, context)  # type: ignore[arg-type]
                     except grpc.aio.AbortError:
                         raise
@@ -192,15 +193,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 with log_context(rpc=method):
-                    if isinstance(request, _Undecodable):
-                        await _refuse(context, method, message, request)
                     try:
-                        # aclosing: when the call ends early the handler is closed here, in this task.
-                        async with scope(method, metadata), contextlib.aclosing(
-                            stream(request, context)  # type: ignore[arg-type,type-var]
-                        ) as items:
-                            async for item in items:  # type: ignore[attr-defined]
-                                yield item
+                        async with scope(method, metadata):
+                            if isinstance(request, _Undecodable):
+                                await _refuse(context, method, message, request)
+                            # aclosing: when the call ends early the handler is closed here, in this task.
+                            async with contextlib.aclosing(
+                                stream(request, context)  # type: ignore[arg-type,type-var]
+                            ) as items:
+                                async for item in items:  # type: ignore[attr-defined]
+                                    yield item
                     except grpc.aio.AbortError:
                         raise
                     except Exception as exc:
@@ -211,6 +213,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        # Fail closed: a client-streaming method would reach its servicer with no caller checked.
+        return grpc.stream_unary_rpc_method_handler(
+            _unserved, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _unserved(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    """Client-streaming methods are not served: none passes the caller and error checks yet."""
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "client-streaming methods are not served")
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.events import EventType
+from shared.text import shorten
 
 # JSON nesting a value may have (an object or array inside another counts one level). Protobuf's
 # decoders stop at 100 message levels, and each Struct level costs three (Struct, map entry, Value),
@@ -79,7 +80,7 @@ def problems(event_type: str, payload: Mapping[str, Any]) -> list[tuple[str, str
     for name in payload:
         if name not in schema:
             allowed = ", ".join(sorted(schema)) or "no fields"
-            out.append((_cut(name), f"{event_type} does not take this field (it takes {allowed})"))
+            out.append((shorten(name, 40), f"{event_type} does not take this field (it takes {allowed})"))
     for name, (kind, required, limit) in schema.items():
         if name not in payload or payload[name] is None:
             if required:
@@ -102,5 +103,3 @@ def problems(event_type: str, payload: Mapping[str, Any]) -> list[tuple[str, str
     return out
 
 
-def _cut(name: str, limit: int = 40) -> str:
-    return name if len(name) <= limit else name[: limit - 1] + "…"

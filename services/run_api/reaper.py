@@ -20,7 +20,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.run_api.errors import StoreUnavailable
 from services.run_api.handlers import backoff_seconds, utcnow
+from services.run_api.interceptors import translate
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
@@ -129,6 +131,8 @@ class Reaper:
                 rows = await self._expire(uow, ids, now, done)
                 await uow.commit()
             except Exception as err:
+                if isinstance(translate(err), StoreUnavailable):
+                    raise  # the database is unreachable: nothing to set aside, the next cycle tries again
                 raise _BatchFailed(ids) from err
         for row in rows:
             log.warning("lease expired", extra={"run_id": row.run_id, "worker_id": row.worker_id,

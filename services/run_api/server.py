@@ -241,6 +241,9 @@ class ApiServer:
         log.info("run API listening on %s", f"{self.settings.addr.rsplit(':', 1)[0]}:{self.port}")
         if self.auth_mode == "required":
             log.info("auth required: every call but health and reflection needs an API key")
+            if self.settings.tls_cert is None and not is_loopback(self.settings.addr):
+                log.warning("API keys travel in plaintext on %s: set RUN_API_TLS_CERT and RUN_API_TLS_KEY, or "
+                            "terminate TLS in front of the API", self.settings.addr)
         elif self.settings.auth == "off" and not is_loopback(self.settings.addr):
             log.warning("auth is OFF on %s (RUNS_AUTH=off): anyone who reaches this address can start, cancel "
                         "and execute runs; set RUNS_AUTH=required", self.settings.addr)

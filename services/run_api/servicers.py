@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ tracer = trace.get_tracer("runs.api")
 _STATUS_NAMES = {v: n.removeprefix("RUN_STATUS_") for n, v in run_pb2.RunStatus.items()}
 # The largest payload one reported event may carry (a tool's output or input included).
 MAX_EVENT_PAYLOAD_BYTES = 1024 * 1024
+# The most events one ReportRunEvents call may carry (the stock worker sends at most 1,000).
+MAX_REPORT_EVENTS = 5000
 
 
 class ShuttingDown(RunsError):
@@ -182,6 +185,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             batch_limit=min(request.batch_limit or capacity, capacity, handlers.MAX_BATCH_LIMIT),
             lease_seconds=self.config.lease_seconds,
             tenant_id=caller.tenant_id,
+            project_id=caller.project_id,
         )
         poll_ms = request.poll_interval_ms or round(self.config.poll_seconds * 1000)
         poll_ms = max(handlers.MIN_POLL_MS, min(poll_ms, handlers.MAX_POLL_MS))
@@ -190,6 +194,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             token = await handlers.open_session(
                 uow, claim.worker_id, claim.tenant_id, request.session_token, self.config.lease_seconds
             )
+        claim = dataclasses.replace(claim, session_token_hash=auth.hash_secret(token))
         first: worker_service_pb2.ClaimQueuedRunsResponse | None = worker_service_pb2.ClaimQueuedRunsResponse(
             session_token=token, worker_id=claim.worker_id, capacity=claim.capacity,
             batch_limit=claim.batch_limit, poll_interval_ms=poll_ms,
@@ -242,6 +247,8 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         self, request: worker_service_pb2.ReportRunEventsRequest, context: grpc.aio.ServicerContext
     ) -> worker_service_pb2.ReportRunEventsResponse:
         worker_id = self._worker_id(request.worker_id, request.session_token)
+        if len(request.events) > MAX_REPORT_EVENTS:
+            raise RequestTooLarge([("events", f"at most {MAX_REPORT_EVENTS} events per call")])
         reported = [self._reported(i, e) for i, e in enumerate(request.events)]
         async with UnitOfWork(self.engine) as uow:
             await handlers.check_session(uow, worker_id, request.session_token)

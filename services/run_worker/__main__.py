@@ -14,15 +14,15 @@ import grpc
 
 from services.run_worker.worker import Worker
 from shared.logs import configure_logging
-from shared.settings import STOCK_TOOLS, SettingsError, WorkerSettings
+from shared.settings import SettingsError, WorkerSettings, parse_tools
 from shared.telemetry import configure_tracing
 
 
 def _tool_list(raw: str) -> tuple[str, ...]:
-    tools = tuple(dict.fromkeys(t.strip() for t in raw.split(",") if t.strip()))
-    if not tools or any(t not in STOCK_TOOLS for t in tools):
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of {', '.join(STOCK_TOOLS)}, got {raw!r}")
-    return tools
+    try:
+        return parse_tools(raw)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse.Namespace:

@@ -30,6 +30,15 @@ class StaleAttempt(Exception):
 class ReportRefused(Exception):
     """The API refused a report outright (bad or oversized event, not this worker's run); nothing was recorded."""
 
+    def __init__(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+
+    @property
+    def not_ours(self) -> bool:
+        """The refusal is about who we are (session or key), not about the events: the run is not ours to end."""
+        return self.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
 
 class ReporterClosed(Exception):
     """The reporter stopped before the events could be sent."""
@@ -172,6 +181,7 @@ class Reporter:
                         await self._send([item], stop)
                     return
                 if not retry:
+                    code = err.code() if isinstance(err, grpc.aio.AioRpcError) else None
                     if isinstance(err, grpc.aio.AioRpcError):
                         reason = f"{err.code().name}: {err.details()}"
                     else:
@@ -179,7 +189,7 @@ class Reporter:
                     log.error("report refused: %s", reason)
                     for _, future in batch:
                         if not future.done():
-                            future.set_exception(ReportRefused(reason))
+                            future.set_exception(ReportRefused(reason, code))
                     return
                 log.warning("report failed (%s); retrying in %.2fs", type(err).__name__, delay)
                 await asyncio.sleep(delay)

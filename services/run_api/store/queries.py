@@ -80,6 +80,7 @@ worker_claim_state = q(
     """
     SELECT (SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING') AS held,
            NOT EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at >= :now) AS lapsed,
+           (SELECT session_token_hash FROM workers WHERE worker_id = :worker_id) AS session_token_hash,
            ARRAY(SELECT run_id FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING'
                    AND cancel_requested_at IS NOT NULL ORDER BY run_id) AS cancel_run_ids
     """
@@ -91,6 +92,7 @@ run_claim_candidates = q(
     SELECT {RUN_COLUMNS} FROM runs
     WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND status = 'QUEUED'
       AND next_attempt_at <= :now
+      AND (CAST(:project_id AS text) IS NULL OR project_id = :project_id)
     ORDER BY next_attempt_at, run_id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -299,6 +301,9 @@ workers_heartbeat = q(
     """
 )
 
+# One session change per worker id at a time (also when its row does not exist yet).
+workers_session_serialize = q("SELECT pg_advisory_xact_lock(hashtext(:worker_id))")
+
 # A worker's session as a new claim stream sees it, locked: who may resume or replace it.
 workers_session_lock = q(
     """
@@ -309,8 +314,11 @@ workers_session_lock = q(
     """
 )
 
-# A worker's session token hash and tenant, to check a heartbeat or report against.
-workers_session_get = q("SELECT tenant_id, session_token_hash FROM workers WHERE worker_id = :worker_id")
+# A worker's session token hash and tenant, to check a heartbeat or report against (FOR SHARE: a
+# session is not replaced while a call of it is being recorded).
+workers_session_get = q(
+    "SELECT tenant_id, session_token_hash FROM workers WHERE worker_id = :worker_id FOR SHARE"
+)
 
 # Open (or resume) a worker's session: its token hash, tenant and a first heartbeat lease.
 workers_session_open = q(
