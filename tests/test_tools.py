@@ -134,3 +134,17 @@ def test_the_tools_flag_overrides_the_environment(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SystemExit) as exited:
         worker_main.main(["--tools", "noop,rm"])
     assert exited.value.code == 2
+
+
+async def test_shell_keeps_only_the_first_64_kib_of_a_noisy_command() -> None:
+    """200 MB of output: the tool keeps 64 KiB of each stream and drops the rest as it reads it
+    (communicate() held all of it in the worker's memory before cutting)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = await shell(
+        {"command": ["sh", "-c", "head -c 200000000 /dev/zero; head -c 100 /dev/zero >&2"], "timeout_seconds": 60}, CTX
+    )
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert (len(out["stdout"]), len(out["stderr"]), out["truncated"]) == (64 * 1024, 100, True)
+    assert grown_kib < 100_000, f"the worker's peak memory grew by {grown_kib} KiB"

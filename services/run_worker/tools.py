@@ -105,7 +105,9 @@ async def shell(args: Json, ctx: ToolContext) -> Json:
     except OSError as err:  # out of processes or descriptors, say: another attempt may do better
         raise ToolError(f"cannot start the command launcher: {err.strerror or err}") from None
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+        (stdout, out_cut), (stderr, err_cut), _ = await asyncio.wait_for(
+            asyncio.gather(_capture(proc.stdout), _capture(proc.stderr), proc.wait()), timeout
+        )
     except TimeoutError:
         _kill_group(proc)
         await proc.wait()
@@ -120,9 +122,9 @@ async def shell(args: Json, ctx: ToolContext) -> Json:
         raise ToolError(f"cannot start {argv[0]!r}: {reason}", retryable=False)
     output = {
         "exit_code": proc.returncode,
-        "stdout": stdout[:MAX_CAPTURE].decode(errors="replace"),
-        "stderr": stderr[:MAX_CAPTURE].decode(errors="replace"),
-        "truncated": len(stdout) > MAX_CAPTURE or len(stderr) > MAX_CAPTURE,
+        "stdout": stdout.decode(errors="replace"),
+        "stderr": stderr.decode(errors="replace"),
+        "truncated": out_cut or err_cut,
     }
     if proc.returncode != 0:
         raise ToolError(
@@ -131,6 +133,20 @@ async def shell(args: Json, ctx: ToolContext) -> Json:
             output=output,
         )
     return output
+
+
+async def _capture(stream: asyncio.StreamReader | None) -> tuple[bytes, bool]:
+    """The first MAX_CAPTURE bytes of a pipe, and whether there was more; the rest is read and dropped,
+    so a noisy command never fills the worker's memory (nor blocks on a full pipe)."""
+    if stream is None:
+        return b"", False
+    kept = bytearray()
+    cut = False
+    while chunk := await stream.read(65536):
+        room = MAX_CAPTURE - len(kept)
+        kept += chunk[:room]
+        cut = cut or len(chunk) > room
+    return bytes(kept), cut
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
