@@ -58,7 +58,8 @@ async def claim(engine: AsyncEngine, worker: str, capacity: int = 10, batch: int
 
 async def report(engine: AsyncEngine, worker: str, *events: handlers.ReportedEvent) -> list[Outcome]:
     async with UnitOfWork(engine) as uow:
-        results = await handlers.report_events(uow, worker, list(events))
+        token = _SESSIONS.get((id(engine), worker), "")
+        results = await handlers.report_events(uow, worker, token, list(events))
     return [r.outcome for r in results]
 
 

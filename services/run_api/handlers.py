@@ -353,12 +353,11 @@ async def open_session(
 async def check_session(uow: UnitOfWork, worker_id: str, token: str) -> None:
     """Refuse (PERMISSION_DENIED) a heartbeat or report that does not carry the worker's session token."""
     row = (await uow.conn.execute(Q.workers_session_get, {"worker_id": worker_id})).first()
-    if (
-        row is None
-        or not token
-        or row.session_token_hash is None
-        or not hmac.compare_digest(row.session_token_hash, hash_secret(token))
-    ):
+    _check_token(None if row is None else row.session_token_hash, token)
+
+
+def _check_token(stored_hash: str | None, token: str) -> None:
+    if not token or stored_hash is None or not hmac.compare_digest(stored_hash, hash_secret(token)):
         raise PermissionDenied(
             "no session of this worker matches the session token: open a ClaimQueuedRuns stream to get one"
         )
@@ -447,16 +446,20 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | 
 
 
 async def report_events(
-    uow: UnitOfWork, worker_id: str, reported: list[ReportedEvent], now: datetime | None = None
+    uow: UnitOfWork, worker_id: str, session_token: str, reported: list[ReportedEvent], now: datetime | None = None
 ) -> list[store.AppendResult]:
-    """Append a worker's events in one transaction; a failed attempt with attempts left is re-queued."""
+    """Append a worker's events in one transaction; a failed attempt with attempts left is re-queued.
+
+    The session, the holder and the steps are checked first: a report that fails them records nothing.
+    """
     now = now or utcnow()
-    rows = {
-        r.run_id: r
-        for r in (
-            await uow.conn.execute(Q.run_lock_many, {"run_ids": sorted({e.run_id for e in reported})})
-        ).all()
-    }
+    params = {"run_ids": sorted({e.run_id for e in reported}), "worker_id": worker_id}
+    locked = (await uow.conn.execute(Q.run_lock_many_for_report, params)).all()
+    if locked:
+        _check_token(locked[0].session_token_hash, session_token)
+    else:
+        await check_session(uow, worker_id, session_token)
+    rows = {r.run_id: r for r in locked}
     await _check_holder(uow, worker_id, rows, reported)
     new_events: list[store.NewEvent] = []
     for e in reported:
@@ -495,7 +498,7 @@ async def report_events(
                 occurred_at=e.occurred_at,
             )
         )
-    results = await store.append(uow.conn, new_events)
+    results = await store.append(uow.conn, new_events, locked=locked)
     await uow.commit()
     stale = [r for r in results if r.outcome is store.Outcome.STALE]
     if stale:

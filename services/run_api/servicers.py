@@ -251,10 +251,10 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             raise RequestTooLarge([("events", f"at most {MAX_REPORT_EVENTS} events per call")])
         reported = [self._reported(i, e) for i, e in enumerate(request.events)]
         async with UnitOfWork(self.engine) as uow:
-            await handlers.check_session(uow, worker_id, request.session_token)
             if not reported:
+                await handlers.check_session(uow, worker_id, request.session_token)
                 return worker_service_pb2.ReportRunEventsResponse()
-            results = await handlers.report_events(uow, worker_id, reported)
+            results = await handlers.report_events(uow, worker_id, request.session_token, reported)
         outcome = {
             Outcome.RECORDED: worker_service_pb2.REPORT_OUTCOME_RECORDED,
             Outcome.DUPLICATE: worker_service_pb2.REPORT_OUTCOME_DUPLICATE,

@@ -162,10 +162,33 @@ class _Steps:
     started.
     """
 
-    def __init__(self, steps: Sequence[Any], calls: Sequence[Any], readopted: Sequence[Any] = ()) -> None:
-        self.steps = {(r.run_id, r.step_key): (r.status, r.attempt) for r in steps}
-        self.calls = {(r.run_id, r.tool_call_id): (r.status, r.attempt) for r in calls}
-        self.readopted = {(r.run_id, r.attempt) for r in readopted}
+    def __init__(self, steps: Sequence[Any], calls: Sequence[Any]) -> None:
+        self.steps: dict[tuple[str, str], tuple[str, int]] = {
+            (r.run_id, r.step_key): (r.status, r.attempt) for r in steps
+        }
+        self.calls: dict[tuple[str, str], tuple[str, int]] = {
+            (r.run_id, r.tool_call_id): (r.status, r.attempt) for r in calls
+        }
+        self.readopted: set[tuple[str, int]] = set()
+
+    @classmethod
+    def from_locked(cls, rows: Sequence[Any]) -> _Steps:
+        """From the rows of run_lock_many_for_report (each run's steps and calls as JSON arrays)."""
+        out = cls([], [])
+        for row in rows:
+            out.steps.update({(row.run_id, key): (status, attempt) for key, status, attempt in row.steps})
+            out.calls.update({(row.run_id, call): (status, attempt) for call, status, attempt in row.calls})
+        return out
+
+    async def load_readopted(self, conn: AsyncConnection, events: Sequence[NewEvent]) -> None:
+        """Only when an event continues a step or call of an earlier attempt: was the run re-adopted since?"""
+        earliest: dict[str, int] = {}
+        for (run_id, _), (_, attempt) in [*self.steps.items(), *self.calls.items()]:
+            earliest[run_id] = min(attempt, earliest.get(run_id, attempt))
+        runs = sorted({e.run_id for e in events if e.run_id in earliest and earliest[e.run_id] < e.attempt})
+        if runs:
+            rows = (await conn.execute(Q.run_events_readopted, {"run_ids": runs})).all()
+            self.readopted = {(r.run_id, r.attempt) for r in rows}
 
     def _held_since(self, run_id: str, since: int | None, attempt: int) -> bool:
         """Whether `since` is `attempt`, or every attempt after it up to `attempt` was a re-adoption."""
@@ -215,13 +238,6 @@ async def _load_steps(conn: AsyncConnection, events: Sequence[NewEvent]) -> _Ste
     calls = sorted({str(e.payload.get("tool_call_id")) for e in events if e.type in _TOOL_EVENTS})
     steps = (await conn.execute(Q.run_steps_state, {"run_ids": runs})).all()
     found = (await conn.execute(Q.tool_calls_state, {"run_ids": runs, "tool_call_ids": calls})).all() if calls else []
-    # Only when an event continues a step or call of an earlier attempt: was the run re-adopted since?
-    earliest: dict[str, int] = {}
-    for r in [*steps, *found]:
-        earliest[r.run_id] = min(r.attempt, earliest.get(r.run_id, r.attempt))
-    if any(e.run_id in earliest and earliest[e.run_id] < e.attempt for e in events):
-        readopted = (await conn.execute(Q.run_events_readopted, {"run_ids": runs})).all()
-        return _Steps(steps, found, readopted)
     return _Steps(steps, found)
 
 
@@ -336,18 +352,26 @@ async def queue_run(conn: AsyncConnection, event: NewEvent) -> Any | None:
     return row
 
 
-async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool = True) -> list[AppendResult]:
+async def append(
+    conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool = True, locked: Sequence[Any] | None = None
+) -> list[AppendResult]:
     """Append events about existing runs, each checked against its run's state and attempt.
 
     One result per event, in order: RECORDED with its new sequence, DUPLICATE when its event_id is
     in the log already, STALE when its attempt or the run's state no longer allows it. Events the
-    server makes itself carry fresh ids and may skip the duplicate check (`dedupe=False`).
+    server makes itself carry fresh ids and may skip the duplicate check (`dedupe=False`). `locked`:
+    the rows of run_lock_many_for_report when the caller has locked the runs already.
     """
     if not events:
         return []
-    run_ids = sorted({e.run_id for e in events})
+    if locked is None:
+        rows = (await conn.execute(Q.run_lock_many, {"run_ids": sorted({e.run_id for e in events})})).all()
+        steps = await _load_steps(conn, events)
+    else:
+        rows, steps = list(locked), _Steps.from_locked(locked)
+    await steps.load_readopted(conn, events)
     states: dict[str, _RunState] = {}
-    for row in (await conn.execute(Q.run_lock_many, {"run_ids": run_ids})).all():
+    for row in rows:
         states[row.run_id] = _RunState(
             status=row.status,
             attempt=row.attempt,
@@ -356,7 +380,6 @@ async def append(conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool
             last_sequence=row.last_sequence,
             tenant_id=row.tenant_id,
         )
-    steps = await _load_steps(conn, events)
     known: dict[tuple[str, str], int] = {}
     if dedupe and states:
         params = {"run_ids": list(states), "event_ids": sorted({e.event_id for e in events})}

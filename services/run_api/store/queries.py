@@ -31,6 +31,20 @@ run_lock_many = q(
     f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ANY(:run_ids) ORDER BY run_id FOR UPDATE"
 )
 
+# Lock the runs a worker's report is about, with what checking it needs in the same round trip:
+# the worker's session token hash and each run's steps and tool calls (key or id, status, attempt).
+run_lock_many_for_report = q(
+    f"""
+    SELECT {RUN_COLUMNS},
+        (SELECT w.session_token_hash FROM workers w WHERE w.worker_id = :worker_id) AS session_token_hash,
+        (SELECT COALESCE(json_agg(json_build_array(s.step_key, s.status, s.attempt)), '[]')
+           FROM run_steps s WHERE s.run_id = runs.run_id) AS steps,
+        (SELECT COALESCE(json_agg(json_build_array(c.tool_call_id, c.status, c.attempt)), '[]')
+           FROM tool_calls c WHERE c.run_id = runs.run_id) AS calls
+    FROM runs WHERE run_id = ANY(:run_ids) ORDER BY run_id FOR UPDATE
+    """
+)
+
 # Find the run that holds an idempotency key in a tenant's workspace.
 run_get_by_idempotency_key = q(
     f"""
