@@ -982,7 +982,7 @@ def test_format_key_shows_scope_expiry_and_state() -> None:
         "project_id": "any",
         "workspace_id": "any",
         "created_at": "2025-01-31T12:00:00.000Z",
-        "created_by": "the API host",
+        "created_by": "no key (the API host, or auth off)",
         "expires_at": "never",
         "description": "laptop",
     }

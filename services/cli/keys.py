@@ -118,7 +118,7 @@ def _key_fields(key: key_service_pb2.ApiKey, now: datetime) -> list[tuple[str, s
         ("project_id", key.project_id or "any"),
         ("workspace_id", key.workspace_id or "any"),
         ("created_at", iso_time(key, "created_at")),
-        ("created_by", key.created_by or "the API host"),
+        ("created_by", key.created_by or "no key (the API host, or auth off)"),
         ("expires_at", iso_time(key, "expires_at") if key.HasField("expires_at") else "never"),
     ]
     if key.HasField("revoked_at"):
