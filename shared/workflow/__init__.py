@@ -1,0 +1,49 @@
+"""The workflow model: specs, validation, the DAG, input selectors and canonical hashes.
+
+Pure functions with no I/O, shared by the API, the worker and the CLI.
+"""
+
+from __future__ import annotations
+
+from shared.workflow.graph import downstream_closure, order, ready, sinks, upstream
+from shared.workflow.keys import canonical_json, spec_version_hash
+from shared.workflow.selectors import SelectorError, resolve_input, run_context
+from shared.workflow.spec import (
+    CACHE_SCOPES,
+    CachePolicy,
+    CacheScope,
+    RetryPolicy,
+    SpecError,
+    StepSpec,
+    Violation,
+    WorkflowSpec,
+    load_spec_text,
+    parse_spec,
+    spec_to_dict,
+    validate,
+)
+
+__all__ = [
+    "CACHE_SCOPES",
+    "CachePolicy",
+    "CacheScope",
+    "RetryPolicy",
+    "SelectorError",
+    "SpecError",
+    "StepSpec",
+    "Violation",
+    "WorkflowSpec",
+    "canonical_json",
+    "downstream_closure",
+    "load_spec_text",
+    "order",
+    "parse_spec",
+    "ready",
+    "resolve_input",
+    "run_context",
+    "sinks",
+    "spec_to_dict",
+    "spec_version_hash",
+    "upstream",
+    "validate",
+]
