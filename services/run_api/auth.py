@@ -209,7 +209,10 @@ class Authenticator:
         try:
             yield caller
         finally:
-            _CALLER.reset(token)
+            # A stream abandoned by its client is closed later by the event loop, in another
+            # context; there is nothing to restore then (as in shared.logs.log_context).
+            with contextlib.suppress(ValueError):
+                _CALLER.reset(token)
 
     async def caller(self, method: str, metadata: Any, now: datetime) -> Caller:
         """The Caller for a call to `method` (/package.Service/Method), or Unauthenticated/PermissionDenied."""
