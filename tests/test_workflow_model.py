@@ -796,3 +796,34 @@ def test_a_mutated_valid_spec_never_crashes(mutations: list[tuple[tuple[Any, ...
         assert spec_to_dict(parse_spec(spec_to_dict(spec))) == spec_to_dict(spec)
         spec_version_hash(spec)
         order(spec)
+
+
+# --- the proto's form ---------------------------------------------------------------------------
+
+
+def test_a_spec_sent_as_the_proto_message_hashes_like_its_yaml_file() -> None:
+    """runs.v1.WorkflowSpec and the YAML file are one schema: the same spec is the same version."""
+    from google.protobuf import json_format
+
+    from shared.gen.runs.v1 import workflow_service_pb2
+    from shared.workflow import load_spec_text, parse_spec, spec_to_dict, spec_version_hash
+    from shared.workflow.wire import from_proto_dict, to_proto_dict
+
+    text = """
+name: diamond
+description: a to b and c to d
+steps:
+  - {key: a, tool: echo, args: {x: 1}}
+  - {key: b, tool: sleep, depends_on: [a], input: {seconds: steps.a.output.x}, retry: {max_attempts: 3}}
+  - {key: c, tool: echo, depends_on: [a], timeout_seconds: 5, cache: {scope: global, ttl_seconds: 60}}
+  - {key: d, tool: echo, depends_on: [b, c]}
+change_requests:
+  redo_c: [c]
+"""
+    from_file = load_spec_text(text, "yaml")
+    message = json_format.ParseDict(to_proto_dict(spec_to_dict(from_file)), workflow_service_pb2.WorkflowSpec())
+    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    from_wire = parse_spec(from_proto_dict(as_dict))
+    assert from_wire == from_file
+    assert spec_version_hash(from_wire) == spec_version_hash(from_file)
+    assert message.change_requests["redo_c"].step_keys == ["c"]

@@ -22,6 +22,7 @@ from shared.workflow.spec import (
     spec_to_dict,
     validate,
 )
+from shared.workflow.wire import from_proto_dict, to_proto_dict
 
 __all__ = [
     "CACHE_SCOPES",
@@ -35,6 +36,7 @@ __all__ = [
     "WorkflowSpec",
     "canonical_json",
     "downstream_closure",
+    "from_proto_dict",
     "load_spec_text",
     "order",
     "parse_spec",
@@ -44,6 +46,7 @@ __all__ = [
     "sinks",
     "spec_to_dict",
     "spec_version_hash",
+    "to_proto_dict",
     "upstream",
     "validate",
 ]
