@@ -16,6 +16,7 @@ class EventType(StrEnum):
     STEP_SUCCEEDED = "step.succeeded"
     STEP_FAILED = "step.failed"
     STEP_SKIPPED = "step.skipped"
+    STEP_CANCELED = "step.canceled"
     TOOL_INVOKED = "tool.invoked"
     TOOL_SUCCEEDED = "tool.succeeded"
     TOOL_FAILED = "tool.failed"
@@ -38,6 +39,7 @@ WORKER_EVENTS = frozenset(
         EventType.STEP_SUCCEEDED,
         EventType.STEP_FAILED,
         EventType.STEP_SKIPPED,
+        EventType.STEP_CANCELED,
         EventType.TOOL_INVOKED,
         EventType.TOOL_SUCCEEDED,
         EventType.TOOL_FAILED,
@@ -62,13 +64,18 @@ TERMINAL_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.
 
 
 class StepStatus(StrEnum):
-    """Step states as stored in the run_steps table."""
+    """Step states as stored in the run_steps table (CREATED is the brief's PENDING)."""
 
     CREATED = "CREATED"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"
+    CANCELED = "CANCELED"
+
+
+# A step in one of these states is done for the run: a later attempt never runs it again.
+STEP_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
 
 
 class ToolCallStatus(StrEnum):
@@ -86,3 +93,15 @@ class StopReason(StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     LEASE_EXPIRED = "lease_expired"
+    STEP_FAILED = "step_failed"
+
+
+class StepErrorCode(StrEnum):
+    """Why a step's try failed (StepError.code)."""
+
+    TOOL_FAILED = "tool_failed"
+    TOOL_TIMEOUT = "tool_timeout"
+    TOOL_UNAVAILABLE = "tool_unavailable"
+    SELECTOR_FAILED = "selector_failed"
+    ARTIFACT_FAILED = "artifact_failed"
+    INTERRUPTED = "interrupted"

@@ -80,8 +80,11 @@ def _path(env: Mapping[str, str], name: str) -> str | None:
 
 
 # Tools every worker registers; `shell` runs commands on the worker's host, so it is opt-in.
-STOCK_TOOLS = ("noop", "sleep", "fail", "shell")
-DEFAULT_WORKER_TOOLS = ("noop", "sleep", "fail")
+STOCK_TOOLS = ("noop", "echo", "sleep", "fail", "shell")
+DEFAULT_WORKER_TOOLS = ("noop", "echo", "sleep", "fail")
+# The project's own workflows/ folder: the default RUNS_WORKFLOWS_DIR.
+PROJECT_WORKFLOWS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+DEFAULT_ARTIFACT_MAX_BYTES = 64 * 1024 * 1024
 
 
 def parse_tools(raw: str) -> tuple[str, ...]:
@@ -172,6 +175,11 @@ class ApiSettings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     auth_cache_seconds: float = 5.0
+    # Workflow specs (*.yaml, *.yml, *.json) registered as built-ins at start; "" registers none.
+    workflows_dir: str = PROJECT_WORKFLOWS_DIR
+    # The artifact store, an fsspec URL; "" means <data_dir>/artifacts.
+    artifacts_url: str = ""
+    artifact_max_bytes: int = DEFAULT_ARTIFACT_MAX_BYTES
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
@@ -214,6 +222,9 @@ class ApiSettings:
             tls_key=_path(env, "RUN_API_TLS_KEY"),
             tls_client_ca=_path(env, "RUN_API_TLS_CLIENT_CA"),
             auth_cache_seconds=_float(env, "RUNS_AUTH_CACHE_SECONDS", 5.0),
+            workflows_dir=env.get("RUNS_WORKFLOWS_DIR", PROJECT_WORKFLOWS_DIR).strip(),
+            artifacts_url=env.get("RUNS_ARTIFACTS_URL", "").strip(),
+            artifact_max_bytes=_int(env, "RUNS_ARTIFACT_MAX_BYTES", DEFAULT_ARTIFACT_MAX_BYTES, minimum=1),
             log=LogSettings.from_env(env),
         )
 
@@ -231,6 +242,10 @@ class WorkerSettings:
     heartbeat_seconds: float = 10.0
     drain_seconds: float = 30.0
     tools: tuple[str, ...] = DEFAULT_WORKER_TOOLS
+    # Steps of one run executing at once.
+    step_parallelism: int = 8
+    # Where each step try gets its fresh working directory ("": the system's temporary folder).
+    workdir: str = ""
     api_key: str | None = None
     tls: ClientTls = field(default_factory=ClientTls)
     log: LogSettings = field(default_factory=LogSettings)
@@ -240,6 +255,8 @@ class WorkerSettings:
             raise SettingsError("RUN_WORKER_CONCURRENCY must be at least 1")
         if self.batch_limit < 1:
             raise SettingsError("RUN_WORKER_BATCH_LIMIT must be at least 1")
+        if self.step_parallelism < 1:
+            raise SettingsError("RUN_WORKER_STEP_PARALLELISM must be at least 1")
         if not self.worker_id:
             object.__setattr__(self, "worker_id", default_worker_id())
 
@@ -257,6 +274,8 @@ class WorkerSettings:
             heartbeat_seconds=_float(env, "RUN_HEARTBEAT_SECONDS", lease / 3, minimum=0.05),
             drain_seconds=_float(env, "RUN_WORKER_DRAIN_SECONDS", 30.0),
             tools=_tools(env, "RUN_WORKER_TOOLS", DEFAULT_WORKER_TOOLS),
+            step_parallelism=_int(env, "RUN_WORKER_STEP_PARALLELISM", 8, minimum=1),
+            workdir=env.get("RUN_WORKER_WORKDIR", "").strip(),
             api_key=env.get("RUNS_API_KEY", "").strip() or None,
             tls=ClientTls.from_env(env),
             log=LogSettings.from_env(env),

@@ -25,6 +25,17 @@ MAX_KEY_CHARS = 128
 _STR = "string"
 _BOOL = "boolean"
 _OBJECT = "object"  # a JSON object, or null
+_INT = "integer"  # a whole number >= 1 (a try number)
+_KEYS = "keys"  # a list of at most MAX_LIST strings of at most `limit` characters
+_ARTIFACTS = "artifacts"  # a list of at most MAX_ARTIFACTS_PER_STEP artifact objects
+
+MAX_LIST = 1000
+MAX_ARTIFACTS_PER_STEP = 100
+# The fields of one artifact in step.succeeded (the API checks the blob is in the store).
+ARTIFACT_FIELDS = ("name", "uri", "sha256", "size", "media_type")
+STEP_ERROR_CODES = frozenset(
+    {"tool_failed", "tool_timeout", "tool_unavailable", "selector_failed", "artifact_failed", "interrupted"}
+)
 
 
 def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
@@ -44,23 +55,45 @@ def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
 _Field = tuple[str, bool, int]
 SCHEMAS: dict[str, dict[str, _Field]] = {
     EventType.RUN_STARTED: {},
-    EventType.RUN_COMPLETED: {},
+    EventType.RUN_COMPLETED: {"output": (_OBJECT, False, 0)},
     EventType.RUN_FAILED: {
         "error": (_STR, False, MAX_ERROR_CHARS),
         "retryable": (_BOOL, False, 0),
         "released": (_BOOL, False, 0),
+        "stop_reason": (_STR, False, MAX_KEY_CHARS),  # only "step_failed" (checked below)
+        "step_key": (_STR, False, MAX_KEY_CHARS),
     },
     EventType.RUN_CANCELED: {"reason": (_STR, False, MAX_REASON_CHARS)},
-    EventType.STEP_CREATED: {"step_key": (_STR, True, MAX_KEY_CHARS), "tool": (_STR, False, MAX_KEY_CHARS)},
-    EventType.STEP_STARTED: {"step_key": (_STR, True, MAX_KEY_CHARS)},
-    EventType.STEP_SUCCEEDED: {"step_key": (_STR, True, MAX_KEY_CHARS), "output": (_OBJECT, False, 0)},
-    EventType.STEP_FAILED: {"step_key": (_STR, True, MAX_KEY_CHARS), "error": (_STR, False, MAX_ERROR_CHARS)},
+    EventType.STEP_CREATED: {
+        "step_key": (_STR, True, MAX_KEY_CHARS),
+        "tool": (_STR, False, MAX_KEY_CHARS),
+        "depends_on": (_KEYS, False, MAX_KEY_CHARS),
+    },
+    EventType.STEP_STARTED: {"step_key": (_STR, True, MAX_KEY_CHARS), "try": (_INT, False, 0)},
+    EventType.STEP_SUCCEEDED: {
+        "step_key": (_STR, True, MAX_KEY_CHARS),
+        "output": (_OBJECT, False, 0),
+        "artifacts": (_ARTIFACTS, False, 0),
+        "try": (_INT, False, 0),
+    },
+    EventType.STEP_FAILED: {
+        "step_key": (_STR, True, MAX_KEY_CHARS),
+        "error": (_STR, False, MAX_ERROR_CHARS),
+        "code": (_STR, False, MAX_KEY_CHARS),
+        "retryable": (_BOOL, False, 0),
+        "will_retry": (_BOOL, False, 0),
+        "tool": (_STR, False, MAX_KEY_CHARS),
+        "try": (_INT, False, 0),
+    },
     EventType.STEP_SKIPPED: {"step_key": (_STR, True, MAX_KEY_CHARS), "reason": (_STR, False, MAX_REASON_CHARS)},
+    EventType.STEP_CANCELED: {"step_key": (_STR, True, MAX_KEY_CHARS), "reason": (_STR, False, MAX_REASON_CHARS)},
     EventType.TOOL_INVOKED: {
         "tool_call_id": (_STR, True, MAX_KEY_CHARS),
         "step_key": (_STR, True, MAX_KEY_CHARS),
         "tool": (_STR, True, MAX_KEY_CHARS),
         "input": (_OBJECT, False, 0),
+        "try": (_INT, False, 0),
+        "tool_version": (_STR, False, MAX_KEY_CHARS),
     },
     EventType.TOOL_SUCCEEDED: {"tool_call_id": (_STR, True, MAX_KEY_CHARS), "output": (_OBJECT, False, 0)},
     EventType.TOOL_FAILED: {
@@ -98,8 +131,52 @@ def problems(event_type: str, payload: Mapping[str, Any]) -> list[tuple[str, str
             out.append((name, f"payload.{name} must be true or false"))
         elif kind == _OBJECT and not isinstance(value, Mapping):
             out.append((name, f"payload.{name} must be an object"))
+        elif kind == _INT and (isinstance(value, bool) or not isinstance(value, int | float)
+                               or value != int(value) or not 1 <= value <= 1_000_000):
+            out.append((name, f"payload.{name} must be a whole number from 1"))
+        elif kind == _KEYS and not (
+            isinstance(value, list) and len(value) <= MAX_LIST
+            and all(isinstance(v, str) and 0 < len(v) <= limit for v in value)
+        ):
+            out.append((name, f"payload.{name} must be a list of at most {MAX_LIST} step keys"))
+        elif kind == _ARTIFACTS:
+            out.extend(_artifact_problems(name, value))
+    if event_type == EventType.RUN_FAILED and payload.get("stop_reason") not in (None, "step_failed"):
+        out.append(("stop_reason", "payload.stop_reason may only be step_failed"))
+    if event_type == EventType.STEP_FAILED and payload.get("code") not in (None, *STEP_ERROR_CODES):
+        out.append(("code", f"payload.code must be one of {', '.join(sorted(STEP_ERROR_CODES))}"))
     if json_depth(payload) > MAX_JSON_DEPTH + 1:
         out.append(("", f"the payload nests deeper than {MAX_JSON_DEPTH} levels"))
     return out
 
 
+
+
+def _artifact_problems(name: str, value: Any) -> list[tuple[str, str]]:
+    """What is wrong with a step.succeeded artifact list (its shape; the store check is the handler's)."""
+    if not isinstance(value, list):
+        return [(name, f"payload.{name} must be a list")]
+    if len(value) > MAX_ARTIFACTS_PER_STEP:
+        return [(name, f"a step may record at most {MAX_ARTIFACTS_PER_STEP} artifacts; it sent {len(value)}")]
+    out: list[tuple[str, str]] = []
+    names: set[str] = set()
+    for i, item in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(item, Mapping) or set(item) - set(ARTIFACT_FIELDS):
+            out.append((where, f"an artifact is an object with {', '.join(ARTIFACT_FIELDS)}"))
+            continue
+        sha = item.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            out.append((f"{where}.sha256", "sha256 must be 64 lowercase hex digits"))
+        size = item.get("size")
+        if isinstance(size, bool) or not isinstance(size, int | float) or size < 0:
+            out.append((f"{where}.size", "size must be a number of bytes >= 0"))
+        for text in ("name", "uri", "media_type"):
+            v = item.get(text)
+            if not isinstance(v, str) or len(v) > 1024 or "\x00" in v or (text == "name" and not v):
+                out.append((f"{where}.{text}", f"{text} must be a string of at most 1024 characters"))
+        if isinstance(item.get("name"), str):
+            if item["name"] in names:
+                out.append((f"{where}.name", f"artifact name {shorten(item['name'])!r} appears twice"))
+            names.add(item["name"])
+    return out
