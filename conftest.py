@@ -7,6 +7,7 @@ fresh database copied from a migrated template (CREATE DATABASE ... TEMPLATE).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -18,7 +19,8 @@ import pytest
 from psycopg import sql as pgsql
 from ulid import ULID
 
-from services.run_api import db
+from services.run_api import db, registry
+from shared.settings import PROJECT_WORKFLOWS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,15 @@ def pg_server() -> Iterator[str]:
             server.cleanup()  # stop it before its directory goes
 
 
+async def _load_builtins(url: str) -> None:
+    """Register the project's built-in workflows, as the API does at start (store-level tests need them)."""
+    engine = db.make_engine(url, 2)
+    try:
+        await registry.load_builtins(engine, PROJECT_WORKFLOWS_DIR)
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server: str) -> Iterator[str]:
     """A migrated database to copy for each test."""
@@ -62,6 +73,7 @@ def template_db(pg_server: str) -> Iterator[str]:
     with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
         conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
     db.migrate(db.with_database(pg_server, name))
+    asyncio.run(_load_builtins(db.with_database(pg_server, name)))
     yield name
     with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
         conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))

@@ -32,7 +32,7 @@ def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Na
     )
     p.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate", "replay"],
                    help="serve (default); migrate: apply migrations and exit; "
-                        "replay: rebuild runs/run_steps/tool_calls from run_events and exit; "
+                        "replay: rebuild workflows/runs/run_steps/tool_calls/run_artifacts from the logs and exit; "
                         "see also `keys create --help`")
     p.add_argument("--addr", default=defaults.addr, help="listen address (RUN_API_ADDR) [%(default)s]")
     p.add_argument("--database-url", default=defaults.database_url,
@@ -103,7 +103,7 @@ async def _replay(url: str) -> int:
             count = await events.replay(conn)
     finally:
         await engine.dispose()
-    print(f"replayed {count} events into runs, run_steps and tool_calls")
+    print(f"replayed {count} events into workflows, runs, run_steps, tool_calls and run_artifacts")
     return 0
 
 

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.gen.runs.v1 import key_service_pb2, run_pb2, run_service_pb2
+from shared.gen.runs.v1 import key_service_pb2, run_pb2, run_service_pb2, worker_service_pb2, workflow_service_pb2
 
 
 def ts(value: datetime | None) -> Timestamp | None:
@@ -73,23 +73,79 @@ def run(row: Any) -> run_pb2.Run:
         created_by=row.created_by or "",
         cancel_requested_by=row.cancel_requested_by or "",
         cancel_reason=row.cancel_reason or "",
+        workflow_version=row.workflow_version,
+        spec_hash=row.spec_hash or "",
+        output=struct(row.output),
+    )
+
+
+def steps_summary(counts: dict[str, int]) -> run_pb2.StepsSummary:
+    """handlers.steps_summary's counts as a StepsSummary."""
+    return run_pb2.StepsSummary(**counts)
+
+
+def artifact(run_id: str, step_key: str, item: Any) -> run_pb2.Artifact:
+    """A run_artifacts row, or one artifact of a step row's JSON list, as an Artifact."""
+    get = item.get if isinstance(item, dict) else lambda name: getattr(item, name)
+    created = get("created_at")
+    if isinstance(created, str):
+        created = datetime.fromisoformat(created)
+    return _set(
+        run_pb2.Artifact(),
+        run_id=run_id,
+        step_key=step_key,
+        name=get("name"),
+        uri=get("uri"),
+        sha256=get("sha256"),
+        size=int(get("size") or 0),
+        media_type=get("media_type") or "",
+        created_at=ts(created),
+    )
+
+
+def step_error(value: dict[str, Any] | None) -> run_pb2.StepError | None:
+    """A run_steps.step_error object as a StepError."""
+    if not value:
+        return None
+    return run_pb2.StepError(
+        code=value.get("code", ""), message=value.get("message", ""), retryable=bool(value.get("retryable")),
+        tool=value.get("tool", ""), attempt=int(value.get("attempt") or 0),
     )
 
 
 def step(row: Any) -> run_pb2.Step:
-    """A run_steps row as a Step."""
-    return _set(
+    """A run_steps row (with its artifacts) as a Step; `attempt` is the step's tries so far."""
+    out = _set(
         run_pb2.Step(),
         run_id=row.run_id,
         step_key=row.step_key,
         status=run_pb2.StepStatus.Value(f"STEP_STATUS_{row.status}"),
-        attempt=row.attempt,
+        attempt=row.tries,
+        run_attempt=row.attempt,
         tool=row.tool,
         created_at=ts(row.created_at),
         started_at=ts(row.started_at),
         finished_at=ts(row.finished_at),
         error=row.error or "",
+        output=struct(row.output),
+        reason=row.reason or "",
     )
+    out.depends_on.extend(row.depends_on or [])
+    if (err := step_error(row.step_error)) is not None:
+        out.step_error.CopyFrom(err)
+    out.artifacts.extend(artifact(row.run_id, row.step_key, a) for a in row.artifacts or [])
+    return out
+
+
+def step_state(row: Any) -> worker_service_pb2.StepState:
+    """What an earlier attempt left of a step, for a claim that resumes the run."""
+    out = worker_service_pb2.StepState(
+        step_key=row.step_key, status=run_pb2.StepStatus.Value(f"STEP_STATUS_{row.status}"), tries=row.tries
+    )
+    if (output := struct(row.output)) is not None:
+        out.output.CopyFrom(output)
+    out.artifacts.extend(artifact(row.run_id, row.step_key, a) for a in row.artifacts or [])
+    return out
 
 
 def tool_call(row: Any) -> run_pb2.ToolCall:
@@ -107,6 +163,7 @@ def tool_call(row: Any) -> run_pb2.ToolCall:
         error=row.error or "",
         invoked_at=ts(row.invoked_at),
         finished_at=ts(row.finished_at),
+        step_attempt=row.step_attempt,
     )
 
 
@@ -176,3 +233,18 @@ def api_key(row: Any) -> key_service_pb2.ApiKey:
         created_by=row.created_by or "",
         description=row.description or "",
     )
+
+
+def workflow(row: Any, spec: workflow_service_pb2.WorkflowSpec) -> workflow_service_pb2.Workflow:
+    """A workflows row (and its spec as the proto) as a Workflow."""
+    out = _set(
+        workflow_service_pb2.Workflow(),
+        name=row.name,
+        version=row.version,
+        spec_hash=row.spec_hash,
+        builtin=row.builtin,
+        created_at=ts(row.created_at),
+        created_by=row.created_by or "",
+    )
+    out.spec.CopyFrom(spec)
+    return out

@@ -47,6 +47,12 @@ class RunNotFound(RunsError):
         super().__init__(f"run {shorten(run_id)!r} not found")
 
 
+class NotFound(RunsError):
+    """Something other than a run was not found (a workflow, an artifact); the message names it."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class IllegalTransition(RunsError):
     """The run's state does not allow the request (e.g. cancel a succeeded run)."""
 

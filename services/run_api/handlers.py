@@ -18,6 +18,7 @@ from typing import Any
 
 from ulid import ULID
 
+from services.run_api import registry
 from services.run_api.auth import Caller, hash_secret
 from services.run_api.checks import MAX_IDENTIFIER, check_identifier, check_text, page_bounds
 from services.run_api.errors import (
@@ -32,8 +33,8 @@ from services.run_api.payloads import MAX_JSON_DEPTH, MAX_REASON_CHARS, json_dep
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
-from shared.events import EventType, RunStatus
-from shared.workflows import DEFAULT_WORKFLOW, WorkflowInputError, plan, workflow_names
+from shared.events import EventType, RunStatus, StepStatus
+from shared.workflows import DEFAULT_WORKFLOW, TOOL_WORKFLOW, WorkflowInputError, plan
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class StartRun:
     retry_backoff_seconds: float = 0.0
     retry_backoff_max_seconds: float = 0.0
     project_id: str = ""
+    workflow_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,15 +140,14 @@ def validate_start(cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[
         raise InvalidRequest.field("input", f"input nests deeper than {MAX_JSON_DEPTH} levels")
     if _has_nul(cmd.input):
         raise InvalidRequest.field("input", "input must not contain the character U+0000")
-    if workflow not in workflow_names():
-        violations.append(
-            ("workflow", f"unknown workflow {shorten(workflow)!r}; known workflows: {', '.join(workflow_names())}")
-        )
-    else:
+    if workflow in (DEFAULT_WORKFLOW, TOOL_WORKFLOW):
+        # The built-in one-step workflows check their input up front (the tool and its arguments).
         try:
             plan(workflow, cmd.input)
         except WorkflowInputError as err:
             violations.append((err.field, err.message))
+    if cmd.workflow_version < 0:
+        violations.append(("workflow_version", "workflow_version must be 0 (the latest) or a version number"))
     if cmd.max_attempts < 0 or cmd.max_attempts > MAX_ATTEMPTS_LIMIT:
         violations.append(("max_attempts", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"))
     for name in ("retry_backoff_seconds", "retry_backoff_max_seconds"):
@@ -174,11 +175,13 @@ def _has_nul(value: Any) -> bool:
 
 
 def _request_hash(
-    workflow: str, place: Placement, run_input: dict[str, Any], max_attempts: int, backoff: float, cap: float
+    workflow: str, place: Placement, run_input: dict[str, Any], max_attempts: int, backoff: float, cap: float,
+    version: int = 0,
 ) -> str:
     canonical = json.dumps(
         {
             "workflow": workflow,
+            **({"workflow_version": version} if version else {}),
             "workspace_id": place.workspace_id,
             "project_id": place.project_id,
             "input": run_input,
@@ -198,8 +201,10 @@ def _request_hash(
 async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
     """Queue a run (run.queued) in the caller's tenant and return (run row, deduplicated)."""
     workflow, place, max_attempts = validate_start(cmd, policy, caller)
+    pinned = await registry.resolve_for_run(uow, workflow, cmd.workflow_version, place.tenant_id)
     request_hash = _request_hash(
-        workflow, place, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds
+        workflow, place, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds,
+        cmd.workflow_version,
     )
     key = cmd.idempotency_key or None
     event = store.NewEvent(
@@ -210,6 +215,8 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller:
         occurred_at=utcnow(),
         payload={
             "workflow": workflow,
+            "workflow_version": pinned.version,
+            "spec_hash": pinned.spec_hash,
             "tenant_id": place.tenant_id,
             "project_id": place.project_id,
             "workspace_id": place.workspace_id,
@@ -246,11 +253,33 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller:
 
 
 async def get_run(uow: UnitOfWork, run_id: str, caller: Caller) -> tuple[Any, list[Any], list[Any]]:
-    """The run with its steps and tool calls."""
+    """The run with its steps (and their artifacts) and tool calls."""
     row = await run_exists(uow, run_id, caller)
-    steps = (await uow.conn.execute(Q.run_steps_for_run, {"run_id": run_id})).all()
+    steps = (await uow.conn.execute(Q.run_steps_for_run, {"run_id": run_id, "status": None})).all()
     calls = (await uow.conn.execute(Q.tool_calls_for_run, {"run_id": run_id})).all()
     return row, list(steps), list(calls)
+
+
+def steps_summary(steps: list[Any]) -> dict[str, int]:
+    """How many steps are in each state (pending: created, not started yet)."""
+    out = {"total": len(steps), "pending": 0, "running": 0, "succeeded": 0, "failed": 0, "skipped": 0, "canceled": 0}
+    names = {StepStatus.CREATED: "pending", StepStatus.RUNNING: "running", StepStatus.SUCCEEDED: "succeeded",
+             StepStatus.FAILED: "failed", StepStatus.SKIPPED: "skipped", StepStatus.CANCELED: "canceled"}
+    for step in steps:
+        out[names[StepStatus(step.status)]] += 1
+    return out
+
+
+async def list_run_steps(uow: UnitOfWork, run_id: str, status: str | None, caller: Caller) -> list[Any]:
+    """A run's steps, only those in `status` when given."""
+    await run_exists(uow, run_id, caller)
+    return list((await uow.conn.execute(Q.run_steps_for_run, {"run_id": run_id, "status": status})).all())
+
+
+async def list_run_artifacts(uow: UnitOfWork, run_id: str, caller: Caller) -> list[Any]:
+    """Every artifact of a run."""
+    await run_exists(uow, run_id, caller)
+    return list((await uow.conn.execute(Q.run_artifacts_for_run, {"run_id": run_id})).all())
 
 
 async def list_runs(
@@ -373,6 +402,7 @@ class ClaimResult:
     runs: list[Any]
     full: bool
     cancel_run_ids: list[str]
+    steps: dict[str, list[Any]] = field(default_factory=dict)  # run id -> its steps, for resumed runs
 
 
 async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> ClaimResult:
@@ -414,16 +444,28 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
         ],
         dedupe=False,
     )
-    await uow.commit()
     claimed = [
         SimpleNamespace(**{**row._mapping, "status": RunStatus.RUNNING, "attempt": row.attempt + 1,
                            "worker_id": claim.worker_id, "lease_expires_at": lease})
         for row, result in zip(rows, results, strict=True)
         if result.outcome is store.Outcome.RECORDED
     ]
+    # A resumed run gets what its earlier attempts left: done steps are not run again.
+    steps: dict[str, list[Any]] = {}
+    resumed = [run.run_id for run in claimed if run.attempt > 1]
+    if resumed:
+        for step in (await uow.conn.execute(Q.run_steps_for_claims, {"run_ids": resumed})).all():
+            steps.setdefault(step.run_id, []).append(step)
+    for run in claimed:
+        if run.spec_hash is None:  # queued before workflows had versions: the built-in's first version
+            pinned = (
+                await uow.conn.execute(Q.workflow_get, {"tenant_id": run.tenant_id, "name": run.workflow, "version": 1})
+            ).first()
+            run.spec_hash = pinned.spec_hash if pinned is not None else None
+    await uow.commit()
     for run in claimed:
         log.debug("run claimed", extra={"run_id": run.run_id, "worker_id": claim.worker_id, "attempt": run.attempt})
-    return ClaimResult(claimed, False, cancels)
+    return ClaimResult(claimed, False, cancels, steps)
 
 
 _STATUS_AFTER: dict[str, str] = {

@@ -8,13 +8,15 @@ A request that cannot be decoded (bad bytes, invalid UTF-8 in a string field) is
 with one warning line: grpc decodes before any handler runs and would answer UNKNOWN with the
 exception's class and log a traceback, so the interceptor swaps in a deserializer that cannot fail.
 Every status it sends is capped in size, so no error echoes a client's long value back whole.
+Client-streaming methods get the same: each message the handler reads is checked as it arrives.
+Bidirectional methods (runs.v1 has none) fail closed with UNIMPLEMENTED until they are wrapped too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -160,11 +162,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         scope = self.scope
         # Interceptors that run before this one (OpenTelemetry's _wrap_rpc_behavior) rebuild the
         # handler with the request_deserializer returned here, so the tolerant one stays in force.
-        # Request-streaming methods keep grpc's deserializer: a sentinel there would reach the
-        # handler's request iterator (and context.read()) unchecked. runs.v1 has none of them.
+        # Client-streaming handlers get their messages through _checked (never use context.read():
+        # it would hand them the sentinel); bidirectional ones are not served and keep grpc's.
         deserializer = handler.request_deserializer
         message = "request"
-        if deserializer is not None and not handler.request_streaming:
+        if deserializer is not None and handler.stream_stream is None:
             message = _message_name(deserializer)
             deserializer = _tolerant(deserializer)
         if handler.unary_unary is not None:
@@ -213,15 +215,47 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
-        # Fail closed: a client-streaming method would reach its servicer with no caller checked.
-        return grpc.stream_unary_rpc_method_handler(
+        if handler.stream_unary is not None:
+            client_stream = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                with log_context(rpc=method):
+                    try:
+                        # The caller first, before any message is read (or refused as garbage).
+                        async with scope(method, metadata):
+                            checked = _checked(requests, context, method, message)
+                            async with contextlib.aclosing(checked):
+                                return await client_stream(checked, context)  # type: ignore[arg-type]
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:
+                        await _abort(context, method, exc)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Fail closed: a bidirectional method would reach its servicer with no caller checked.
+        return grpc.stream_stream_rpc_method_handler(
             _unserved, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
-async def _unserved(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-    """Client-streaming methods are not served: none passes the caller and error checks yet."""
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "client-streaming methods are not served")
+async def _checked(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str, message: str
+) -> AsyncGenerator[Any, None]:
+    """A client stream's messages as they arrive; an undecodable one ends the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            await _refuse(context, method, message, request)
+        yield request
+
+
+async def _unserved(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """Bidirectional methods are not served: none passes the caller and error checks yet."""
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "bidirectional streaming methods are not served")
+    yield  # pragma: no cover - an async generator, as a stream-stream handler must be
 
 

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import db
+from services.run_api import db, registry
 from services.run_api.auth import (
     Authenticator,
     KeyCache,
@@ -31,7 +31,14 @@ from services.run_api.handlers import RetryPolicy, utcnow
 from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
 from services.run_api.reaper import Reaper, ReaperConfig
-from services.run_api.servicers import KeyService, OpsService, RunService, ServiceConfig, WorkerService
+from services.run_api.servicers import (
+    KeyService,
+    OpsService,
+    RunService,
+    ServiceConfig,
+    WorkerService,
+    WorkflowService,
+)
 from services.run_api.store import queries as Q
 from services.run_api.tls import TlsError, bind
 from shared.gen.runs.v1 import (
@@ -43,6 +50,8 @@ from shared.gen.runs.v1 import (
     run_service_pb2_grpc,
     worker_service_pb2,
     worker_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
 )
 from shared.settings import ApiSettings, WorkerSettings
 
@@ -53,6 +62,7 @@ SERVICE_NAMES = (
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     ops_service_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name,
     key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+    workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
 )
 # A health service name of its own for the lease reaper: NOT_SERVING while its cycles fail (the
 # API still serves; runs of dead workers are not being recovered meanwhile).
@@ -162,6 +172,7 @@ class ApiServer:
             OpsService(self.engine, lambda: self.reaper.counters["failures"]), self.server
         )
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(self.engine), self.server)
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(self.engine), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -205,6 +216,11 @@ class ApiServer:
         if self.settings.bootstrap_admin_key:
             await ensure_bootstrap_key(self.engine, self.settings.bootstrap_admin_key)
         try:
+            await registry.load_builtins(self.engine, self.settings.workflows_dir)
+        except RuntimeError:
+            await self.engine.dispose()
+            raise
+        try:
             self.port = bind(self.server, self.settings)  # TLS when RUN_API_TLS_CERT/KEY are set
         except TlsError as err:
             await self.engine.dispose()
@@ -231,6 +247,8 @@ class ApiServer:
                     heartbeat_seconds=worker_settings.heartbeat_seconds,
                     drain_seconds=worker_settings.drain_seconds,
                     tools=worker_settings.tools,
+                    step_parallelism=worker_settings.step_parallelism,
+                    workdir=worker_settings.workdir,
                     api_key=self.authenticator.embedded_secret if self.auth_mode == "required" else None,
                     tls=worker_settings.tls,
                 ),

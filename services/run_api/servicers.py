@@ -14,7 +14,7 @@ import grpc
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import auth, checks, convert, handlers, payloads
+from services.run_api import auth, checks, convert, handlers, payloads, registry
 from services.run_api.auth import current_caller
 from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, shorten
 from services.run_api.listener import Hub
@@ -38,6 +38,8 @@ from shared.gen.runs.v1 import (
     run_service_pb2_grpc,
     worker_service_pb2,
     worker_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
 )
 from shared.logs import log_context
 from shared.telemetry import context_from_carrier, current_trace_carrier
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("runs.api")
 
 _STATUS_NAMES = {v: n.removeprefix("RUN_STATUS_") for n, v in run_pb2.RunStatus.items()}
+_STEP_STATUS_NAMES = {v: n.removeprefix("STEP_STATUS_") for n, v in run_pb2.StepStatus.items()}
 # The largest payload one reported event may carry (a tool's output or input included).
 MAX_EVENT_PAYLOAD_BYTES = 1024 * 1024
 # The most events one ReportRunEvents call may carry (the stock worker sends at most 1,000).
@@ -96,6 +99,7 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
             retry_backoff_seconds=request.retry_backoff_seconds,
             retry_backoff_max_seconds=request.retry_backoff_max_seconds,
             project_id=request.project_id,
+            workflow_version=request.workflow_version,
         )
         async with UnitOfWork(self.engine) as uow:
             row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry, current_caller())
@@ -115,8 +119,10 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
         async with UnitOfWork(self.engine) as uow:
             row, steps, calls = await handlers.get_run(uow, request.run_id, current_caller())
             tries = await handlers.attempts(uow, request.run_id)
+        run = convert.run(row)
+        run.steps_summary.CopyFrom(convert.steps_summary(handlers.steps_summary(steps)))
         return run_service_pb2.GetRunResponse(
-            run=convert.run(row),
+            run=run,
             steps=[convert.step(s) for s in steps],
             tool_calls=[convert.tool_call(c) for c in calls],
             attempts=[convert.attempt(a) for a in tries],
@@ -133,6 +139,25 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
                 uow, current_caller(), status, request.workflow, request.page_size, request.page_token
             )
         return run_service_pb2.ListRunsResponse(runs=[convert.run(r) for r in rows], next_page_token=token)
+
+    async def ListRunSteps(
+        self, request: run_service_pb2.ListRunStepsRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.ListRunStepsResponse:
+        if request.status not in _STEP_STATUS_NAMES:
+            raise InvalidRequest.field("status", "unknown step status")
+        status = _STEP_STATUS_NAMES[request.status] if request.status else None
+        async with UnitOfWork(self.engine) as uow:
+            steps = await handlers.list_run_steps(uow, request.run_id, status, current_caller())
+        return run_service_pb2.ListRunStepsResponse(steps=[convert.step(s) for s in steps])
+
+    async def ListRunArtifacts(
+        self, request: run_service_pb2.ListRunArtifactsRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.ListRunArtifactsResponse:
+        async with UnitOfWork(self.engine) as uow:
+            rows = await handlers.list_run_artifacts(uow, request.run_id, current_caller())
+        return run_service_pb2.ListRunArtifactsResponse(
+            artifacts=[convert.artifact(r.run_id, r.step_key, r) for r in rows]
+        )
 
     async def WatchRun(
         self, request: run_service_pb2.WatchRunRequest, context: grpc.aio.ServicerContext
@@ -166,6 +191,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
 
     def __init__(self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event) -> None:
         self.engine, self.hub, self.config, self.stopping = engine, hub, config, stopping
+        self.specs = registry.SpecCache()
 
     async def ClaimQueuedRuns(
         self, request: worker_service_pb2.ClaimQueuedRunsRequest, context: grpc.aio.ServicerContext
@@ -210,12 +236,14 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 async with UnitOfWork(self.engine) as uow:
                     result = await handlers.claim_runs(uow, claim)
                 rows = result.runs
+                specs = await self.specs.get_many(self.engine, {r.spec_hash for r in rows if r.spec_hash})
                 cancels = [r for r in result.cancel_run_ids if r not in cancels_sent]
                 cancels_sent.update(cancels)
                 if rows or cancels or request.once or first is not None:
                     message = first or worker_service_pb2.ClaimQueuedRunsResponse()
                     first = None
-                    message.runs.extend(self._claimed(r) for r in rows)
+                    message.runs.extend(self._claimed(r, specs.get(r.spec_hash), result.steps.get(r.run_id, []))
+                                        for r in rows)
                     message.cancel_run_ids.extend(cancels)
                     yield message
                 if request.once:
@@ -226,7 +254,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 await (worker_news if result.full else any_news).wait(poll)
 
     @staticmethod
-    def _claimed(row: Any) -> worker_service_pb2.ClaimedRun:
+    def _claimed(row: Any, spec: Any, steps: list[Any]) -> worker_service_pb2.ClaimedRun:
         carrier = dict(row.trace_context or {})
         with tracer.start_as_current_span(
             "run.claim", context=context_from_carrier(carrier), attributes={"run.id": row.run_id}
@@ -239,6 +267,10 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 trace_context=carrier,
             )
         out.input.update(row.input or {})
+        out.workflow_version = row.workflow_version
+        if spec is not None:  # (never missing: a run pins a registered version)
+            out.spec.CopyFrom(spec)
+        out.steps.extend(convert.step_state(s) for s in steps)
         if row.lease_expires_at is not None:
             out.lease_expires_at.FromDatetime(row.lease_expires_at)
         return out
@@ -329,6 +361,54 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         )
         out.lease_expires_at.FromDatetime(result.lease_expires_at)
         return out
+
+
+class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
+    """runs.v1.WorkflowService: the registry."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def RegisterWorkflow(
+        self, request: workflow_service_pb2.RegisterWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> workflow_service_pb2.RegisterWorkflowResponse:
+        if not request.HasField("spec"):
+            raise InvalidRequest.field("spec", "spec is required")
+        caller = current_caller()
+        async with UnitOfWork(self.engine) as uow:
+            registered = await registry.register(
+                uow, registry.spec_from_proto(request.spec), caller.tenant_id, caller.key_id
+            )
+        return workflow_service_pb2.RegisterWorkflowResponse(
+            workflow=self._workflow(registered.row), created=registered.created
+        )
+
+    async def ListWorkflows(
+        self, request: workflow_service_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
+    ) -> workflow_service_pb2.ListWorkflowsResponse:
+        size = checks.page_bounds(request.page_size)
+        checks.check_text("page_token", request.page_token, limit=checks.MAX_IDENTIFIER)
+        async with UnitOfWork(self.engine) as uow:
+            rows, token = await registry.list_page(uow, current_caller(), size, request.page_token)
+        return workflow_service_pb2.ListWorkflowsResponse(
+            workflows=[self._workflow(r) for r in rows], next_page_token=token
+        )
+
+    async def GetWorkflow(
+        self, request: workflow_service_pb2.GetWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> workflow_service_pb2.GetWorkflowResponse:
+        checks.check_text("name", request.name, limit=checks.MAX_IDENTIFIER)
+        if not request.name:
+            raise InvalidRequest.field("name", "name is required")
+        if request.version < 0:
+            raise InvalidRequest.field("version", "version must be 0 (the latest) or a version number")
+        async with UnitOfWork(self.engine) as uow:
+            row = await registry.get(uow, request.name, request.version, current_caller())
+        return workflow_service_pb2.GetWorkflowResponse(workflow=self._workflow(row))
+
+    @staticmethod
+    def _workflow(row: Any) -> workflow_service_pb2.Workflow:
+        return convert.workflow(row, registry.spec_to_proto(row.spec))
 
 
 class OpsService(ops_service_pb2_grpc.OpsServiceServicer):

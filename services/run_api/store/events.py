@@ -19,7 +19,8 @@ from ulid import ULID
 
 from services.run_api.errors import EventRejected, shorten
 from services.run_api.store import queries as Q
-from shared.events import EventType, RunStatus, StepStatus, StopReason, ToolCallStatus
+from services.run_api.store import registry
+from shared.events import STEP_DONE, EventType, RunStatus, StepStatus, StopReason, ToolCallStatus
 
 CHANNEL_EVENTS = "runs_events"  # payload: run_id; wakes watchers of that run
 CHANNEL_QUEUED = "runs_queued"  # payload: queued_key(tenant_id, workspace_id); wakes claimers
@@ -132,16 +133,18 @@ class _RunState:
 
 _STEP_EVENTS = frozenset(
     {EventType.STEP_CREATED, EventType.STEP_STARTED, EventType.STEP_SUCCEEDED, EventType.STEP_FAILED,
-     EventType.STEP_SKIPPED}
+     EventType.STEP_SKIPPED, EventType.STEP_CANCELED}
 )
 _TOOL_EVENTS = frozenset({EventType.TOOL_INVOKED, EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED})
 # The state a step must be in, in the event's attempt, for each step event (None: it must not exist yet).
 _STEP_NEEDS: dict[str, frozenset[str] | None] = {
     EventType.STEP_CREATED: None,
-    EventType.STEP_STARTED: frozenset({StepStatus.CREATED}),
+    # A failed try is followed by the next one (step.failed with will_retry) in the same attempt.
+    EventType.STEP_STARTED: frozenset({StepStatus.CREATED, StepStatus.FAILED}),
     EventType.STEP_SUCCEEDED: frozenset({StepStatus.RUNNING}),
     EventType.STEP_FAILED: frozenset({StepStatus.RUNNING}),
     EventType.STEP_SKIPPED: frozenset({StepStatus.CREATED, StepStatus.RUNNING}),
+    EventType.STEP_CANCELED: frozenset({StepStatus.CREATED, StepStatus.RUNNING, StepStatus.FAILED}),
     EventType.TOOL_INVOKED: frozenset({StepStatus.RUNNING}),
 }
 _STEP_AFTER: dict[str, str] = {
@@ -150,6 +153,7 @@ _STEP_AFTER: dict[str, str] = {
     EventType.STEP_SUCCEEDED: StepStatus.SUCCEEDED,
     EventType.STEP_FAILED: StepStatus.FAILED,
     EventType.STEP_SKIPPED: StepStatus.SKIPPED,
+    EventType.STEP_CANCELED: StepStatus.CANCELED,
 }
 
 
@@ -202,6 +206,9 @@ class _Steps:
         if t in _STEP_NEEDS:
             key = str(p.get("step_key", ""))
             status, attempt = self.steps.get((event.run_id, key), (None, None))
+            if status in STEP_DONE:
+                # Succeeded (or skipped) in this run already: it is never run again, in any attempt.
+                return f"step {shorten(key)!r} is {status}; a done step takes no more events"
             current = status if self._held_since(event.run_id, attempt, event.attempt) else None
             needed = _STEP_NEEDS[t]
             if needed is None:
@@ -315,6 +322,8 @@ def _queued_params(p: Mapping[str, Any]) -> dict[str, Any]:
         "idempotency_key": p.get("idempotency_key"),
         "request_hash": p["request_hash"],
         "trace_context": _dumps(p.get("trace_context", {})),
+        "workflow_version": p.get("workflow_version", 1),
+        "spec_hash": p.get("spec_hash"),
     }
 
 
@@ -501,6 +510,7 @@ async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
                 "status": str(status),
                 "stop_reason": p.get("stop_reason") or str(reason),
                 "error": p.get("error"),
+                "output": _dumps(p.get("output")) if t == EventType.RUN_COMPLETED else None,
             },
         )
     elif t == EventType.RUN_REQUEUED:
@@ -537,26 +547,39 @@ async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None
     t = event.type
     if t == EventType.STEP_CREATED:
         await conn.execute(
-            Q.run_steps_project_created, {**base, "step_key": p["step_key"], "tool": p.get("tool", "")}
+            Q.run_steps_project_created,
+            {**base, "step_key": p["step_key"], "tool": p.get("tool", ""),
+             "depends_on": list(p.get("depends_on") or [])},
         )
     elif t == EventType.STEP_STARTED:
-        await conn.execute(Q.run_steps_project_started, {**base, "step_key": p["step_key"]})
-    elif t in (EventType.STEP_SUCCEEDED, EventType.STEP_FAILED, EventType.STEP_SKIPPED):
-        status = {
-            EventType.STEP_SUCCEEDED: StepStatus.SUCCEEDED,
-            EventType.STEP_FAILED: StepStatus.FAILED,
-            EventType.STEP_SKIPPED: StepStatus.SKIPPED,
-        }[EventType(t)]
+        await conn.execute(Q.run_steps_project_started, {**base, "step_key": p["step_key"], "try": p.get("try")})
+    elif t in _STEP_AFTER:
+        step_error = None
+        if t == EventType.STEP_FAILED:
+            step_error = {
+                "code": p.get("code") or "tool_failed",
+                "message": p.get("error") or "",
+                "retryable": bool(p.get("retryable", False)),
+                "tool": p.get("tool") or "",
+                "attempt": p.get("try") or 0,
+                "will_retry": bool(p.get("will_retry", False)),
+            }
         await conn.execute(
             Q.run_steps_project_finished,
             {
                 **base,
                 "step_key": p["step_key"],
-                "status": str(status),
+                "status": str(_STEP_AFTER[t]),
                 "error": p.get("error"),
                 "output": _dumps(p.get("output")),
+                "step_error": _dumps(step_error),
+                "reason": p.get("reason"),
             },
         )
+        if t == EventType.STEP_SUCCEEDED and p.get("artifacts"):
+            await conn.execute(
+                Q.run_artifacts_project, {**base, "step_key": p["step_key"], "artifacts": _dumps(p["artifacts"])}
+            )
     elif t == EventType.TOOL_INVOKED:
         await conn.execute(
             Q.tool_calls_project_invoked,
@@ -566,6 +589,7 @@ async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None
                 "step_key": p.get("step_key", ""),
                 "tool": p.get("tool", ""),
                 "input": _dumps(p.get("input", {})),
+                "step_attempt": p.get("try") or 1,
             },
         )
     elif t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
@@ -583,9 +607,11 @@ async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None
 
 
 async def replay(conn: AsyncConnection) -> int:
-    """Rebuild runs, run_steps and tool_calls from the log; returns how many events were applied."""
+    """Rebuild workflows (from registry_events) and runs, run_steps, tool_calls, run_artifacts (from
+    run_events); returns how many events were applied."""
+    count = await registry.replay(conn)
     await conn.execute(Q.projections_clear)
-    count, after = 0, ("", 0)
+    after = ("", 0)
     previous: StoredEvent | None = None
     while True:
         rows = (

@@ -18,7 +18,7 @@ RUN_COLUMNS = """
     retry_backoff_max_seconds, idempotency_key, request_hash, trace_context, created_at, updated_at,
     started_at, finished_at, cancel_requested_at, cancel_reason, next_attempt_at, worker_id,
     lease_expires_at, stop_reason, error, last_sequence, tenant_id, project_id, created_by,
-    cancel_requested_by
+    cancel_requested_by, workflow_version, spec_hash, output
 """
 
 # --- runs: reads -------------------------------------------------------------------------------
@@ -68,11 +68,37 @@ run_list = q(
     """
 )
 
-# Steps of a run, in the order they were created.
+STEP_COLUMNS = """
+    s.run_id, s.step_key, s.tool, s.status, s.attempt, s.created_at, s.started_at, s.finished_at, s.error,
+    s.output, s.tries, s.depends_on, s.step_error, s.reason,
+    (SELECT COALESCE(json_agg(json_build_object(
+        'name', a.name, 'uri', a.uri, 'sha256', a.sha256, 'size', a.size, 'media_type', a.media_type,
+        'created_at', a.created_at) ORDER BY a.name), '[]')
+     FROM run_artifacts a WHERE a.run_id = s.run_id AND a.step_key = s.step_key) AS artifacts
+"""
+
+# Steps of a run (only those in :status when set), in the order they were created, with their artifacts.
 run_steps_for_run = q(
+    f"""
+    SELECT {STEP_COLUMNS}
+    FROM run_steps s WHERE s.run_id = :run_id AND (CAST(:status AS text) IS NULL OR s.status = :status)
+    ORDER BY s.created_at, s.step_key
     """
-    SELECT run_id, step_key, tool, status, attempt, created_at, started_at, finished_at, error, output
-    FROM run_steps WHERE run_id = :run_id ORDER BY created_at, step_key
+)
+
+# What earlier attempts left of these runs' steps (for a claim that resumes them).
+run_steps_for_claims = q(
+    f"SELECT {STEP_COLUMNS} FROM run_steps s WHERE s.run_id = ANY(:run_ids) ORDER BY s.run_id, s.created_at"
+)
+
+# Steps of a run by state (GetRun's steps_summary).
+run_steps_summary = q("SELECT status, count(*) AS n FROM run_steps WHERE run_id = :run_id GROUP BY status")
+
+# Artifacts of a run, step by step.
+run_artifacts_for_run = q(
+    """
+    SELECT run_id, step_key, name, uri, sha256, size, media_type, created_at
+    FROM run_artifacts WHERE run_id = :run_id ORDER BY created_at, step_key, name
     """
 )
 
@@ -80,7 +106,7 @@ run_steps_for_run = q(
 tool_calls_for_run = q(
     """
     SELECT run_id, tool_call_id, step_key, tool, status, attempt, input, output, error, invoked_at,
-           finished_at
+           finished_at, step_attempt
     FROM tool_calls WHERE run_id = :run_id ORDER BY invoked_at, tool_call_id
     """
 )
@@ -183,10 +209,12 @@ runs_project_queued = q(
     f"""
     INSERT INTO runs (run_id, tenant_id, project_id, workspace_id, workflow, input, status, attempt,
         max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash,
-        trace_context, created_by, created_at, updated_at, next_attempt_at, last_sequence)
+        trace_context, created_by, created_at, updated_at, next_attempt_at, last_sequence,
+        workflow_version, spec_hash)
     SELECT :run_id, :tenant_id, :project_id, :workspace_id, :workflow, CAST(:input AS jsonb), 'QUEUED', 0,
         :max_attempts, :retry_backoff_seconds, :retry_backoff_max_seconds, :idempotency_key, :request_hash,
-        CAST(:trace_context AS jsonb), :created_by, t.at, t.at, t.at, :sequence
+        CAST(:trace_context AS jsonb), :created_by, t.at, t.at, t.at, :sequence,
+        :workflow_version, :spec_hash
     FROM (SELECT COALESCE(CAST(:recorded_at AS timestamptz), clock_timestamp()) AS at) AS t
     ON CONFLICT (tenant_id, workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING {RUN_COLUMNS}
@@ -215,7 +243,7 @@ runs_project_started = q(
 runs_project_finished = q(
     """
     UPDATE runs SET status = :status, stop_reason = :stop_reason, error = :error,
-        finished_at = :recorded_at, lease_expires_at = NULL, updated_at = :recorded_at,
+        output = CAST(:output AS jsonb), finished_at = :recorded_at, lease_expires_at = NULL, updated_at = :recorded_at,
         last_sequence = :sequence
     WHERE run_id = :run_id AND status IN ('QUEUED', 'RUNNING') AND attempt = :attempt
     """
@@ -247,40 +275,55 @@ runs_project_sequence = q(
     """
 )
 
-# step.created: the step (re)starts in this attempt.
+# step.created: the step is pending in this attempt (again, after an attempt that did not finish
+# it: its tries so far are kept).
 run_steps_project_created = q(
     """
-    INSERT INTO run_steps (run_id, step_key, tool, status, attempt, created_at)
-    VALUES (:run_id, :step_key, :tool, 'CREATED', :attempt, :recorded_at)
+    INSERT INTO run_steps (run_id, step_key, tool, status, attempt, created_at, depends_on)
+    VALUES (:run_id, :step_key, :tool, 'CREATED', :attempt, :recorded_at, :depends_on)
     ON CONFLICT (run_id, step_key) DO UPDATE SET tool = EXCLUDED.tool, status = 'CREATED',
-        attempt = EXCLUDED.attempt, created_at = EXCLUDED.created_at, started_at = NULL,
-        finished_at = NULL, error = NULL, output = NULL
+        attempt = EXCLUDED.attempt, depends_on = EXCLUDED.depends_on, started_at = NULL,
+        finished_at = NULL, error = NULL, output = NULL, step_error = NULL, reason = NULL
     """
 )
 
-# step.started.
+# step.started: a try begins (tries counts them over the whole run).
 run_steps_project_started = q(
     """
-    UPDATE run_steps SET status = 'RUNNING', started_at = :recorded_at
+    UPDATE run_steps SET status = 'RUNNING', started_at = :recorded_at, finished_at = NULL,
+        attempt = :attempt, tries = COALESCE(CAST(:try AS integer), tries + 1), error = NULL, step_error = NULL
     WHERE run_id = :run_id AND step_key = :step_key
     """
 )
 
-# step.succeeded / step.failed / step.skipped.
+# step.succeeded / step.failed / step.skipped / step.canceled.
 run_steps_project_finished = q(
     """
-    UPDATE run_steps SET status = :status, finished_at = :recorded_at, error = :error,
-        output = CAST(:output AS jsonb)
+    UPDATE run_steps SET status = :status, finished_at = :recorded_at, attempt = :attempt, error = :error,
+        output = CAST(:output AS jsonb), step_error = CAST(:step_error AS jsonb), reason = :reason
     WHERE run_id = :run_id AND step_key = :step_key
+    """
+)
+
+# step.succeeded: the artifacts it recorded.
+run_artifacts_project = q(
+    """
+    INSERT INTO run_artifacts (run_id, step_key, name, uri, sha256, size, media_type, created_at)
+    SELECT :run_id, :step_key, a.name, a.uri, a.sha256, a.size, a.media_type, :recorded_at
+    FROM jsonb_to_recordset(CAST(:artifacts AS jsonb))
+        AS a(name text, uri text, sha256 text, size bigint, media_type text)
+    ON CONFLICT (run_id, step_key, name) DO UPDATE SET uri = EXCLUDED.uri, sha256 = EXCLUDED.sha256,
+        size = EXCLUDED.size, media_type = EXCLUDED.media_type, created_at = EXCLUDED.created_at
     """
 )
 
 # tool.invoked: a new tool call.
 tool_calls_project_invoked = q(
     """
-    INSERT INTO tool_calls (run_id, tool_call_id, step_key, tool, status, attempt, input, invoked_at)
+    INSERT INTO tool_calls (run_id, tool_call_id, step_key, tool, status, attempt, input, invoked_at,
+        step_attempt)
     VALUES (:run_id, :tool_call_id, :step_key, :tool, 'INVOKED', :attempt, CAST(:input AS jsonb),
-            :recorded_at)
+            :recorded_at, :step_attempt)
     """
 )
 
@@ -293,8 +336,90 @@ tool_calls_project_finished = q(
     """
 )
 
-# Replay starts from empty projections (run_steps and tool_calls go with their runs).
+# Replay starts from empty projections (run_steps, tool_calls and run_artifacts go with their runs).
 projections_clear = q("DELETE FROM runs")
+
+# --- workflow registry -------------------------------------------------------------------------
+
+WORKFLOW_COLUMNS = "tenant_id, name, version, spec_hash, spec, builtin, created_at, created_by"
+
+# Serialize registrations of one name in one tenant (versions are numbered 1, 2, 3 ...).
+workflows_register_lock = q("SELECT pg_advisory_xact_lock(hashtext('workflow:' || :tenant_id || ':' || :name))")
+
+# Append a registry event; returns its sequence and time.
+registry_events_append = q(
+    """
+    INSERT INTO registry_events (type, tenant_id, payload) VALUES (:type, :tenant_id, CAST(:payload AS jsonb))
+    RETURNING sequence, recorded_at
+    """
+)
+
+# Replay: registry events in order, a page at a time.
+registry_events_page = q(
+    """
+    SELECT sequence, type, tenant_id, payload, recorded_at FROM registry_events
+    WHERE sequence > :after ORDER BY sequence LIMIT :limit
+    """
+)
+
+# workflow.registered: a new version.
+workflows_project_registered = q(
+    """
+    INSERT INTO workflows (tenant_id, name, version, spec_hash, spec, builtin, created_at, created_by,
+        registry_sequence)
+    VALUES (:tenant_id, :name, :version, :spec_hash, CAST(:spec AS jsonb), :builtin, :recorded_at, :created_by,
+        :sequence)
+    """
+)
+
+workflows_clear = q("DELETE FROM workflows")
+
+# The version of a name with this spec hash, in the tenant or among the built-ins.
+workflow_by_hash = q(
+    f"""
+    SELECT {WORKFLOW_COLUMNS} FROM workflows
+    WHERE tenant_id IN (:tenant_id, '*') AND name = :name AND spec_hash = :spec_hash
+    ORDER BY tenant_id = '*' LIMIT 1
+    """
+)
+
+# One version (:version 0: the latest) of a name the tenant sees (its own or a built-in).
+workflow_get = q(
+    f"""
+    SELECT {WORKFLOW_COLUMNS} FROM workflows
+    WHERE tenant_id IN (:tenant_id, '*') AND name = :name AND (:version = 0 OR version = :version)
+    ORDER BY version DESC LIMIT 1
+    """
+)
+
+# The highest version of a name in a tenant (0 when none) and whether it is a built-in name.
+workflow_latest_version = q(
+    """
+    SELECT COALESCE(max(version) FILTER (WHERE tenant_id = :tenant_id), 0) AS latest,
+           bool_or(tenant_id = '*') IS TRUE AS builtin_name
+    FROM workflows WHERE tenant_id IN (:tenant_id, '*') AND name = :name
+    """
+)
+
+# The latest version of each workflow the tenant sees, by name, a page at a time.
+workflow_list = q(
+    f"""
+    SELECT DISTINCT ON (name) {WORKFLOW_COLUMNS} FROM workflows
+    WHERE tenant_id IN (:tenant_id, '*') AND name > :after_name
+    ORDER BY name, version DESC
+    LIMIT :limit
+    """
+)
+
+# Names of the workflows a tenant may start (for an unknown-workflow error).
+workflow_names = q(
+    "SELECT DISTINCT name FROM workflows WHERE tenant_id IN (:tenant_id, '*') ORDER BY name LIMIT 50"
+)
+
+# Specs by hash (claims send the pinned spec; a hash names one content, whoever registered it).
+workflow_specs_by_hash = q(
+    "SELECT DISTINCT ON (spec_hash) spec_hash, spec FROM workflows WHERE spec_hash = ANY(:hashes)"
+)
 
 # --- notifications -----------------------------------------------------------------------------
 
