@@ -4,7 +4,9 @@ in-process fake KeyService (TLS against a real API is in test_tls.py)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
@@ -13,14 +15,25 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from features.harness import Api
 from services.cli import __main__ as cli
 from services.cli import common, keys
-from shared.gen.runs.v1 import key_service_pb2, key_service_pb2_grpc, run_pb2, run_service_pb2
+from services.cli import steps as steps_cli
+from services.cli import workflows as workflows_cli
+from shared.gen.runs.v1 import (
+    key_service_pb2,
+    key_service_pb2_grpc,
+    run_pb2,
+    run_service_pb2,
+    workflow_service_pb2,
+)
 from shared.settings import ClientTls
+from shared.workflow import from_proto_dict, load_spec_text, parse_spec, spec_version_hash
 
 ENV = {"RUN_API_ADDR": "10.0.0.1:7000"}
 
@@ -509,7 +522,7 @@ class FakeStub:
         return [name for name, _, _ in self.calls]
 
 
-def run_cli(stub: FakeStub, *argv: str) -> int:
+def run_cli(stub: Any, *argv: str) -> int:
     return cli.dispatch(stub, parse(*argv))
 
 
@@ -1178,3 +1191,618 @@ def test_main_sends_the_key_from_runs_api_key_and_maps_refusals(
     assert key_fields(captured.out)["secret"] == "rk_new_secret" and key_fields(captured.out)["state"] == "active"
     assert keys.SECRET_NOTE in captured.err
     assert [m.get("authorization") for m in servicer.metadata] == [None, "Bearer client-key", "Bearer admin-key"]
+
+
+# --- issue 7: parsing of the workflow, step and artifact commands ------------------------------
+
+
+def test_start_pins_a_workflow_version() -> None:
+    request = cli.start_request(parse("start", "--workflow", "campaign.build", "--workflow-version", "3"))
+    assert (request.workflow, request.workflow_version) == ("campaign.build", 3)
+    assert cli.start_request(parse("start", "--workflow", "w")).workflow_version == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["start", "--workflow-version", "2"], "--workflow-version needs --workflow NAME"),
+        (["start", "--tool", "noop", "--workflow-version", "2"], "--workflow-version needs --workflow NAME"),
+        (["start", "--workflow", "w", "--workflow-version", "0"], "must be at least 1"),
+        (["workflow", "w", "--version", "0"], "must be at least 1"),
+        (["workflow"], "required"),
+        (["register"], "required"),
+        (["steps"], "required"),
+        (["steps", "R", "--status", "pending"], "invalid choice"),
+        (["artifacts"], "required"),
+        (["artifact", "R", "S", "N"], "-o/--output"),
+        (["artifact", "R", "S", "-o", "f"], "required"),
+        (["workflows", "--page-size", "0"], "must be at least 1"),
+    ],
+)
+def test_bad_workflow_and_step_arguments_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
+) -> None:
+    assert fragment in usage_error(capsys, *argv)
+
+
+@pytest.mark.parametrize("status", steps_cli.STEP_STATUS_CHOICES)
+def test_every_step_status_choice_is_a_step_status(status: str) -> None:
+    stub = DagStub()
+    assert run_cli(stub, "steps", "R", "--status", status.upper()) == 0
+    assert stub.calls[0][1].status != run_pb2.STEP_STATUS_UNSPECIFIED
+
+
+def test_the_new_commands_are_in_the_docstring_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.__doc__ is not None
+    for command in ("runs steps", "runs artifacts", "runs artifact RUN STEP NAME -o FILE", "runs workflows",
+                    "runs workflow NAME", "runs register FILE", "--workflow-version"):
+        assert command in cli.__doc__
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("steps", "artifacts", "artifact", "workflows", "workflow", "register"):
+        assert f"    {command} " in out
+
+
+# --- issue 7: formatting -----------------------------------------------------------------------
+
+
+def make_step(key: str, status: Any = run_pb2.STEP_STATUS_SUCCEEDED, **extra: Any) -> run_pb2.Step:
+    return run_pb2.Step(run_id="01RUN", step_key=key, status=status, tool="shell", **extra)
+
+
+def dag_steps() -> list[run_pb2.Step]:
+    """The campaign's five steps, listed out of the DAG's order, in every interesting state."""
+    return [
+        make_step("bundle", run_pb2.STEP_STATUS_CANCELED, depends_on=["landing_page"], reason="run_failed"),
+        make_step(
+            "landing_page", run_pb2.STEP_STATUS_FAILED, attempt=2, depends_on=["copy", "images"],
+            started_at=ts("2025-01-31T12:00:03"), finished_at=ts("2025-01-31T12:02:08"), error="boom",
+            step_error=run_pb2.StepError(code="tool_failed", message="command exited with code 1", attempt=2),
+        ),
+        make_step("images", run_pb2.STEP_STATUS_RUNNING, attempt=1, depends_on=["brief"],
+                  started_at=ts("2025-01-31T12:00:01")),
+        make_step("copy", attempt=1, depends_on=["brief"], started_at=ts("2025-01-31T12:00:01"),
+                  finished_at=ts("2025-01-31T12:00:01.250")),
+        make_step("brief", attempt=1, started_at=ts("2025-01-31T12:00:00"), finished_at=ts("2025-01-31T12:00:01")),
+    ]
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """A format_table's rows as {HEADER: cell}, cut at the header's column starts."""
+    lines = text.splitlines()
+    header = lines[0]
+    names = header.split()
+    starts = [header.index(name) for name in names]
+    ends = [*starts[1:], None]
+    return [{n: line[s:e].strip() for n, s, e in zip(names, starts, ends, strict=True)} for line in lines[1:]]
+
+
+def test_steps_table_is_in_the_dags_order_with_tries_durations_and_problems() -> None:
+    now = datetime(2025, 1, 31, 12, 0, 4, 500000, tzinfo=UTC)
+    rows = table_rows(steps_cli.format_steps_table(dag_steps(), now))
+    assert [r["STEP"] for r in rows] == ["brief", "images", "copy", "landing_page", "bundle"]  # ties: as given
+    by_key = {r["STEP"]: r for r in rows}
+    assert [by_key[k]["STATUS"] for k in ("brief", "images", "landing_page", "bundle")] == [
+        "SUCCEEDED", "RUNNING", "FAILED", "CANCELED"
+    ]
+    assert by_key["landing_page"]["TRIES"] == "2" and by_key["bundle"]["TRIES"] == "0"
+    assert by_key["brief"]["DURATION"] == "1.0s" and by_key["copy"]["DURATION"] == "250ms"
+    assert by_key["images"]["DURATION"] == "3.5s+"  # still running: the time so far
+    assert by_key["landing_page"]["DURATION"] == "2m05s" and by_key["bundle"]["DURATION"] == "-"
+    assert by_key["landing_page"]["DEPENDS_ON"] == "copy,images" and by_key["brief"]["DEPENDS_ON"] == "-"
+    assert by_key["landing_page"]["ERROR"] == "tool_failed: command exited with code 1"
+    assert by_key["bundle"]["ERROR"] == "canceled: run_failed"
+    assert steps_cli.format_steps_table([], now) == "no steps"
+
+
+def test_dag_order_keeps_the_given_order_when_it_cannot_sort() -> None:
+    looped = [make_step("a", depends_on=["b"]), make_step("b", depends_on=["a"])]
+    assert [s.step_key for s in steps_cli.dag_order(looped)] == ["a", "b"]
+    twice = [make_step("a"), make_step("a")]
+    assert len(steps_cli.dag_order(twice)) == 2
+    unknown = [make_step("b", depends_on=["gone"]), make_step("a")]
+    assert [s.step_key for s in steps_cli.dag_order(unknown)] == ["b", "a"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, "0ms"), (0.85, "850ms"), (3.21, "3.2s"), (59.94, "59.9s"), (125, "2m05s"), (3720, "1h02m"), (-1, "0ms")],
+)
+def test_format_seconds(seconds: float, text: str) -> None:
+    assert steps_cli.format_seconds(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 1024 * 1024, "5.0 MiB")]
+)
+def test_format_size(size: int, text: str) -> None:
+    assert steps_cli.format_size(size) == text
+
+
+def make_artifact(step: str = "images", name: str = "hero.svg", data: bytes = b"<svg/>", **extra: Any) -> Any:
+    return run_pb2.Artifact(
+        run_id="01RUN", step_key=step, name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        media_type="image/svg+xml", **extra,
+    )
+
+
+def test_artifacts_table_shows_a_short_sha256() -> None:
+    artifact = make_artifact()
+    zipped = make_artifact("bundle", "campaign.zip", b"z" * 2048)
+    rows = table_rows(steps_cli.format_artifacts_table([artifact, zipped]))
+    assert rows[0] == {"STEP": "images", "NAME": "hero.svg", "SIZE": "6 B", "SHA256": artifact.sha256[:12],
+                       "MEDIA_TYPE": "image/svg+xml"}
+    assert rows[1]["SIZE"] == "2.0 KiB"
+    assert steps_cli.format_artifacts_table([]) == "no artifacts"
+
+
+def test_format_run_shows_the_version_steps_summary_and_output() -> None:
+    run = make_run(workflow_version=2, steps_summary=run_pb2.StepsSummary(total=5, succeeded=3, running=1, pending=1))
+    run.workflow = "campaign.build"
+    run.output.update({"bundle": {"result": {"files": ["a", "b"]}, "exit_code": 0}})
+    fields = {line.split()[0]: line.split(None, 1)[1] for line in cli.format_run(run).splitlines()}
+    assert fields["workflow"] == "campaign.build" and fields["workflow_version"] == "2"
+    assert fields["steps_summary"] == "5 steps: 3 succeeded, 1 running, 1 pending"
+    assert fields["output"] == '{"bundle":{"exit_code":0,"result":{"files":["a","b"]}}}'
+    assert cli.format_steps_summary(run_pb2.StepsSummary(total=1)) == "1 step"
+    assert cli.format_steps_summary(run_pb2.StepsSummary(total=2, failed=1, canceled=1)) == (
+        "2 steps: 1 failed, 1 canceled"
+    )
+
+
+def test_a_long_run_output_is_cut_in_text_but_whole_in_json() -> None:
+    run = make_run()
+    run.output.update({"s": {"stdout": "x" * 5000}})
+    text = cli.format_run(run)
+    assert "(5019 characters; all of it with --json)" in text and "x" * 5000 not in text
+    assert cli.get_json(run_service_pb2.GetRunResponse(run=run))["run"]["output"]["s"]["stdout"] == "x" * 5000
+
+
+def test_format_get_shows_the_dag_and_each_tool_calls_try() -> None:
+    response = run_service_pb2.GetRunResponse(
+        run=make_run(steps_summary=run_pb2.StepsSummary(total=5)),
+        steps=dag_steps(),
+        tool_calls=[run_pb2.ToolCall(tool_call_id="TC1", step_key="landing_page", step_attempt=2, attempt=1)],
+    )
+    text = cli.format_get(response)
+    steps_part = text.split("steps:\n", 1)[1].split("\n\n")[0]
+    assert [r["STEP"] for r in table_rows(steps_part)] == ["brief", "images", "copy", "landing_page", "bundle"]
+    calls = table_rows(text.split("tool calls:\n", 1)[1].split("\n\n")[0])
+    assert (calls[0]["TRY"], calls[0]["ATTEMPT"]) == ("2", "1")
+
+
+# --- issue 7: workflow specs -------------------------------------------------------------------
+
+CAMPAIGN = Path(__file__).resolve().parent.parent / "workflows" / "campaign.build.v1.yaml"
+
+
+def make_workflow(version: int = 1, **extra: Any) -> workflow_service_pb2.Workflow:
+    spec = workflows_cli.load_spec_file(str(CAMPAIGN))
+    return workflow_service_pb2.Workflow(
+        name="campaign.build", version=version, spec_hash="ab" * 32, spec=spec, created_at=ts("2025-01-31T12:00:00"),
+        **extra,
+    )
+
+
+def test_format_workflow_is_yaml_that_registers_as_the_same_spec() -> None:
+    text = workflows_cli.format_workflow(make_workflow(builtin=True))
+    lines = text.splitlines()
+    assert lines[0] == "# campaign.build version 1, built-in, 2025-01-31T12:00:00.000Z"
+    assert lines[1] == "# spec sha256 " + "ab" * 32
+    assert "  timeout_seconds: 30\n" in text and "backoff_seconds: 0.5" in text
+    assert "    - |\n      import json, os\n" in text, "scripts are YAML blocks"
+    assert "cache:" not in text, "the default cache is left out"
+    shown = load_spec_text(text, "yaml")
+    original = load_spec_text(CAMPAIGN.read_text(), "yaml")
+    assert shown == original and spec_version_hash(shown) == spec_version_hash(original)
+    text = workflows_cli.format_workflow(make_workflow(created_by="01KEY"))
+    assert text.startswith("# campaign.build version 1, registered by 01KEY, ")
+
+
+@pytest.mark.parametrize("value", ["0o17", "0x1F", "1e3", "yes", "true", "null", "12:30", "2025-01-01", ".inf", "~"])
+def test_yaml_output_keeps_strings_that_look_like_other_things(value: str) -> None:
+    spec = workflow_service_pb2.WorkflowSpec(name="w", steps=[workflow_service_pb2.WorkflowStep(key="a", tool="echo")])
+    spec.steps[0].args.update({"text": value, "n": 3, "ratio": 0.5})
+    text = workflows_cli.spec_yaml(workflows_cli.spec_file_form(spec))
+    assert load_spec_text(text, "yaml").steps[0].args == {"text": value, "n": 3, "ratio": 0.5}
+
+
+def test_workflows_table() -> None:
+    rows = table_rows(workflows_cli.format_workflows_table([make_workflow(3, builtin=True)]))
+    assert rows == [{"NAME": "campaign.build", "VERSION": "3", "STEPS": "5", "BUILTIN": "yes",
+                     "CREATED_AT": "2025-01-31T12:00:00.000Z", "DESCRIPTION": rows[0]["DESCRIPTION"]}]
+    assert rows[0]["DESCRIPTION"].startswith("Campaign build")
+    assert workflows_cli.format_workflows_table([]) == "no workflows"
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "fmt"),
+    [
+        ("a.json", "name: x", "json"),
+        ("a.YML", "{}", "yaml"),
+        ("a.yaml", "{}", "yaml"),
+        ("-", ' \n{"name": 1}', "json"),
+        ("spec", "name: x", "yaml"),
+    ],
+)
+def test_spec_format(path: str, text: str, fmt: str) -> None:
+    assert workflows_cli.spec_format(path, text) == fmt
+
+
+# --- issue 7: flows on fake stubs --------------------------------------------------------------
+
+
+class FakeWorkflowStub:
+    """WorkflowService with canned answers; records every call with its timeout."""
+
+    def __init__(self, created: bool = True, error: BaseException | None = None) -> None:
+        self.created, self.error = created, error
+        self.calls: list[tuple[str, Any, float | None]] = []
+
+    def _record(self, name: str, request: Any, timeout: float | None) -> None:
+        self.calls.append((name, request, timeout))
+        if self.error is not None:
+            raise self.error
+
+    def RegisterWorkflow(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("RegisterWorkflow", request, timeout)
+        workflow = workflow_service_pb2.Workflow(name=request.spec.name, version=4, spec=request.spec)
+        return workflow_service_pb2.RegisterWorkflowResponse(workflow=workflow, created=self.created)
+
+    def ListWorkflows(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("ListWorkflows", request, timeout)
+        pages = {
+            "": workflow_service_pb2.ListWorkflowsResponse(workflows=[make_workflow(1)], next_page_token="t1"),
+            "t1": workflow_service_pb2.ListWorkflowsResponse(workflows=[make_workflow(2)]),
+        }
+        return pages[request.page_token]
+
+    def GetWorkflow(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("GetWorkflow", request, timeout)
+        return workflow_service_pb2.GetWorkflowResponse(workflow=make_workflow(request.version or 9))
+
+
+def sent_spec(stub: FakeWorkflowStub) -> Any:
+    """The spec a RegisterWorkflow call carried, parsed back into the model."""
+    (name, request, timeout), = stub.calls
+    assert name == "RegisterWorkflow" and timeout == cli.UNARY_DEADLINE_SECONDS
+    return parse_spec(from_proto_dict(json_format.MessageToDict(request.spec, preserving_proto_field_name=True)))
+
+
+def test_register_sends_the_files_spec_and_says_created_or_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeWorkflowStub(created=True)
+    assert run_cli(stub, "register", str(CAMPAIGN)) == 0
+    assert sent_spec(stub) == load_spec_text(CAMPAIGN.read_text(), "yaml")
+    assert capsys.readouterr().out == "campaign.build version 4: created\n"
+    assert run_cli(FakeWorkflowStub(created=False), "register", str(CAMPAIGN)) == 0
+    assert capsys.readouterr().out == "campaign.build version 4: unchanged (this spec was registered before)\n"
+    assert run_cli(FakeWorkflowStub(created=False), "register", str(CAMPAIGN), "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["created"] is False and doc["workflow"]["version"] == 4 and doc["workflow"]["name"] == "campaign.build"
+
+
+def test_register_reads_json_stdin_and_a_workflow_json_document(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import io
+
+    plain = {"name": "tiny", "steps": [{"key": "a", "tool": "echo", "args": {"n": 1}}]}
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(plain)))
+    stub = FakeWorkflowStub()
+    assert run_cli(stub, "register", "-") == 0
+    assert sent_spec(stub).steps[0].args == {"n": 1}
+    # what `runs workflow NAME --json` prints registers as that workflow's spec
+    document = tmp_path / "campaign.json"
+    document.write_text(json.dumps(cli.to_dict(make_workflow(7, builtin=True))))
+    stub = FakeWorkflowStub()
+    assert run_cli(stub, "register", str(document)) == 0
+    assert sent_spec(stub) == load_spec_text(CAMPAIGN.read_text(), "yaml")
+    capsys.readouterr()
+
+
+def test_register_lists_every_local_violation_and_sends_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: ''\n"
+        "steps:\n"
+        "  - {key: a, tool: noop, depends_on: [b, zz]}\n"
+        "  - {key: b, tool: noop, depends_on: [a], input: {x: steps.c.output}, retry: {max_attempts: 0}}\n"
+    )
+    stub = FakeWorkflowStub()
+    assert run_cli(stub, "register", str(bad)) == 2
+    assert stub.calls == []
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and lines[0] == f"error: {bad} is not a valid workflow spec (5 problems):"
+    assert sorted(line.split(":")[0].strip() for line in lines[1:]) == [
+        "name", "steps[0].depends_on[0]", "steps[0].depends_on[1]", "steps[1].input.x", "steps[1].retry.max_attempts"
+    ]
+    assert "cycle: a -> b -> a" in captured.err and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("steps: [\n", "YAML does not parse"),
+        ("- a\n", "must be an object"),
+        ("name: x\nname: y\nsteps: []\n", "twice"),
+    ],
+)
+def test_register_refuses_a_file_that_does_not_parse(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, fragment: str
+) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(text)
+    assert run_cli(FakeWorkflowStub(), "register", str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not a valid workflow spec:") and fragment in err
+
+
+def test_register_a_file_it_cannot_read(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run_cli(FakeWorkflowStub(), "register", str(tmp_path / "missing.yaml")) == 2
+    assert capsys.readouterr().err == f"error: cannot read {tmp_path / 'missing.yaml'}: No such file or directory\n"
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert run_cli(FakeWorkflowStub(), "register", str(binary)) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot read {binary}: ")
+
+
+def test_register_maps_the_servers_refusal(capsys: pytest.CaptureFixture[str]) -> None:
+    error = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "spec.name: taken", [("spec.name", "taken")])
+    assert run_cli(FakeWorkflowStub(error=error), "register", str(CAMPAIGN)) == 2
+    assert capsys.readouterr().err == "error: INVALID_ARGUMENT: spec.name: taken\n  spec.name: taken\n"
+
+
+def test_workflows_lists_pages(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeWorkflowStub()
+    assert run_cli(stub, "workflows") == 0
+    out = capsys.readouterr().out
+    assert "campaign.build" in out and "next_page_token: t1  (runs workflows --page-token t1, or --all)" in out
+    stub = FakeWorkflowStub()
+    assert run_cli(stub, "workflows", "--all", "--json", "--page-size", "1") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [w["version"] for w in doc["workflows"]] == [1, 2] and doc["next_page_token"] == ""
+    assert [request.page_size for _, request, _ in stub.calls] == [1, 1]
+
+
+def test_workflow_shows_a_version(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeWorkflowStub()
+    assert run_cli(stub, "workflow", "campaign.build", "--version", "2") == 0
+    assert stub.calls[0][1] == workflow_service_pb2.GetWorkflowRequest(name="campaign.build", version=2)
+    assert capsys.readouterr().out.startswith("# campaign.build version 2, ")
+    assert run_cli(FakeWorkflowStub(), "workflow", "campaign.build", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["version"] == 9 and doc["spec"]["change_requests"]["copy_update"] == {"step_keys": ["copy"]}
+    error = FakeRpcError(grpc.StatusCode.NOT_FOUND, "workflow 'x' not found")
+    assert run_cli(FakeWorkflowStub(error=error), "workflow", "x") == 3
+    assert capsys.readouterr().err == "error: NOT_FOUND: workflow 'x' not found\n"
+
+
+def chunked(data: bytes, artifact: run_pb2.Artifact, size: int = 4) -> list[run_service_pb2.DownloadArtifactResponse]:
+    """A DownloadArtifact stream: the artifact with the first chunk, then the rest."""
+    parts = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+    first = run_service_pb2.DownloadArtifactResponse(artifact=artifact, chunk=parts[0])
+    return [first, *(run_service_pb2.DownloadArtifactResponse(chunk=p) for p in parts[1:])]
+
+
+class DagStub(FakeStub):
+    """FakeStub plus ListRunSteps, ListRunArtifacts and DownloadArtifact."""
+
+    def __init__(self, download: list[Any] | None = None, download_error: BaseException | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.download, self.download_error = download or [], download_error
+
+    def ListRunSteps(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("ListRunSteps", request, timeout)
+        return run_service_pb2.ListRunStepsResponse(steps=dag_steps())
+
+    def ListRunArtifacts(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("ListRunArtifacts", request, timeout)
+        return run_service_pb2.ListRunArtifactsResponse(artifacts=[make_artifact()])
+
+    def DownloadArtifact(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("DownloadArtifact", request, timeout)
+        stream = FakeStream(self.download, self.download_error)
+        self.streams.append(stream)
+        return stream
+
+
+def test_steps_and_artifacts_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = DagStub()
+    assert run_cli(stub, "steps", "01RUN", "--status", "failed") == 0
+    assert stub.calls[0][1] == run_service_pb2.ListRunStepsRequest(run_id="01RUN", status=run_pb2.STEP_STATUS_FAILED)
+    assert stub.calls[0][2] == cli.UNARY_DEADLINE_SECONDS
+    assert table_rows(capsys.readouterr().out)[0]["STEP"] == "brief"
+    assert run_cli(stub, "steps", "01RUN", "--json") == 0
+    assert stub.calls[1][1].status == run_pb2.STEP_STATUS_UNSPECIFIED
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["steps"][1]["step_error"]["code"] == "tool_failed"
+    assert run_cli(stub, "artifacts", "01RUN") == 0
+    assert "hero.svg" in capsys.readouterr().out
+    assert run_cli(stub, "artifacts", "01RUN", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["artifacts"][0]["size"] == "6"  # int64: a string in JSON
+
+
+def test_artifact_downloads_and_verifies(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    data = b"<svg>" + bytes(range(256)) * 10 + b"</svg>"
+    artifact = make_artifact(data=data)
+    stub = DagStub(download=chunked(data, artifact, 1000))
+    target = tmp_path / "hero.svg"
+    target.write_bytes(b"old contents")
+    assert run_cli(stub, "artifact", "01RUN", "images", "hero.svg", "-o", str(target)) == 0
+    assert stub.calls[0][1] == run_service_pb2.DownloadArtifactRequest(run_id="01RUN", step_key="images",
+                                                                        name="hero.svg")
+    assert stub.calls[0][2] == steps_cli.DOWNLOAD_DEADLINE_SECONDS
+    assert target.read_bytes() == data and stub.streams[0].canceled
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert capsys.readouterr().out == f"{target}: images/hero.svg, {len(data)} bytes, sha256 {artifact.sha256}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hero.svg"]
+    stub = DagStub(download=chunked(b"", make_artifact(data=b"")))
+    assert run_cli(stub, "artifact", "01RUN", "images", "empty", "-o", str(tmp_path / "empty"), "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["path"] == str(tmp_path / "empty") and (tmp_path / "empty").read_bytes() == b""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("stream", "fragment"),
+    [
+        (chunked(b"tampered", make_artifact(data=b"original")), "does not match the artifact: sha256"),
+        (chunked(b"short", make_artifact(data=b"short")), None),
+        ([run_service_pb2.DownloadArtifactResponse(chunk=b"x")], "bytes before describing the artifact"),
+        ([], "without sending the artifact"),
+    ],
+)
+def test_artifact_refuses_a_mismatch_and_leaves_no_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, stream: list[Any], fragment: str | None
+) -> None:
+    if fragment is None:  # the right bytes but a size that disagrees
+        stream[0].artifact.size += 1
+        fragment = "(5 bytes), expected"
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"keep me")
+    assert run_cli(DagStub(download=stream), "artifact", "R", "S", "N", "-o", str(target)) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and fragment in captured.err and "Traceback" not in captured.err
+    assert target.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"], "the partial file is removed"
+
+
+def test_artifact_error_mid_stream_leaves_no_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    data = b"0123456789"
+    stub = DagStub(
+        download=chunked(data, make_artifact(data=data))[:1],
+        download_error=FakeRpcError(grpc.StatusCode.UNAVAILABLE, "the server went away"),
+    )
+    assert run_cli(stub, "artifact", "R", "S", "N", "-o", str(tmp_path / "x")) == 5
+    assert "the server went away" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    stub = DagStub(download=chunked(data, make_artifact(data=data))[:1], download_error=KeyboardInterrupt())
+    assert run_cli(stub, "artifact", "R", "S", "N", "-o", str(tmp_path / "x")) == 130
+    assert list(tmp_path.iterdir()) == []
+    stub = DagStub(download_error=FakeRpcError(grpc.StatusCode.NOT_FOUND, "no artifact 'N' in step 'S'"))
+    assert run_cli(stub, "artifact", "R", "S", "N", "-o", str(tmp_path / "x")) == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_artifact_to_a_place_it_cannot_write(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    data = b"abc"
+    stub = DagStub(download=chunked(data, make_artifact(data=data)))
+    assert run_cli(stub, "artifact", "R", "S", "N", "-o", str(tmp_path / "no" / "such" / "dir" / "f")) == 1
+    assert capsys.readouterr().err.startswith(f"error: cannot write {tmp_path}/no/such/dir/f: ")
+    (tmp_path / "adir").mkdir()
+    stub = DagStub(download=chunked(data, make_artifact(data=data)))
+    assert run_cli(stub, "artifact", "R", "S", "N", "-o", str(tmp_path / "adir")) == 1
+    assert capsys.readouterr().err.startswith(f"error: cannot write {tmp_path / 'adir'}: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"] and list((tmp_path / "adir").iterdir()) == []
+
+
+def test_main_picks_the_workflow_stub_for_registry_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    stubs: list[tuple[str, str]] = []
+
+    def dispatch(stub: Any, args: argparse.Namespace) -> int:
+        stubs.append((args.command, type(stub).__name__))
+        return 0
+
+    monkeypatch.setattr(cli, "open_channel", FakeChannel)
+    monkeypatch.setattr(cli, "dispatch", dispatch)
+    for argv in (["workflows"], ["workflow", "w"], ["register", "f"], ["steps", "R"], ["artifacts", "R"],
+                 ["artifact", "R", "S", "N", "-o", "f"]):
+        assert cli.main(argv) == 0
+    assert stubs == [
+        ("workflows", "WorkflowServiceStub"),
+        ("workflow", "WorkflowServiceStub"),
+        ("register", "WorkflowServiceStub"),
+        ("steps", "RunServiceStub"),
+        ("artifacts", "RunServiceStub"),
+        ("artifact", "RunServiceStub"),
+    ]
+
+
+# --- issue 7: against a real API ---------------------------------------------------------------
+
+
+@pytest.fixture
+def live_api(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    """A real run API process (auth off, the project's workflows/ registered), and no key or TLS from our env."""
+    for name in ("RUNS_API_KEY", "RUNS_TLS_CA", "RUNS_TLS_CERT", "RUNS_TLS_KEY", "RUN_API_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    process = Api(database_url)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        print(f"--- api ---\n{process.output()[-6000:]}")
+        process.log_path.unlink(missing_ok=True)
+
+
+def runs(capsys: pytest.CaptureFixture[str], api: Api, *argv: str) -> tuple[int, str, str]:
+    """`runs --addr API ARGV...` in this process: (exit code, stdout, stderr)."""
+    code = cli.main(["--addr", api.addr, *argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def test_live_registry_list_show_register_and_pin(
+    live_api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = runs(capsys, live_api, "workflows", "--json")
+    assert code == 0
+    builtins = {w["name"]: w for w in json.loads(out)["workflows"]}
+    assert {"runtime.noop", "runtime.tool", "campaign.build"} <= set(builtins)
+    assert builtins["campaign.build"]["builtin"] is True and len(builtins["campaign.build"]["spec"]["steps"]) == 5
+    code, out, _ = runs(capsys, live_api, "workflows")
+    assert code == 0 and table_rows(out)[0]["NAME"] == "campaign.build"
+
+    # the YAML `runs workflow` prints registers again, here under a new name
+    code, out, _ = runs(capsys, live_api, "workflow", "campaign.build")
+    assert code == 0 and load_spec_text(out, "yaml") == load_spec_text(CAMPAIGN.read_text(), "yaml")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(out.replace("name: campaign.build", "name: team.campaign", 1))
+    assert runs(capsys, live_api, "register", str(mine))[:2] == (0, "team.campaign version 1: created\n")
+    assert runs(capsys, live_api, "register", str(mine))[:2] == (
+        0, "team.campaign version 1: unchanged (this spec was registered before)\n"
+    )
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(mine.read_text().replace("max_attempts: 2", "max_attempts: 3", 1))
+    code, out, _ = runs(capsys, live_api, "register", str(changed), "--json")
+    assert code == 0 and json.loads(out)["created"] is True and json.loads(out)["workflow"]["version"] == 2
+    code, out, _ = runs(capsys, live_api, "workflow", "team.campaign", "--version", "1", "--json")
+    assert code == 0 and json.loads(out)["version"] == 1
+    assert json.loads(out)["spec"]["steps"][0]["retry"]["max_attempts"] == 2
+    assert runs(capsys, live_api, "workflow", "team.campaign")[1].startswith("# team.campaign version 2, ")
+
+    # refused locally (nothing sent), and by the server
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: broken\nsteps:\n  - {key: a, tool: noop, depends_on: [a]}\n")
+    code, out, err = runs(capsys, live_api, "register", str(bad))
+    assert (code, out) == (2, "") and "steps[0].depends_on[0]: step 'a' depends on itself" in err
+    assert runs(capsys, live_api, "workflow", "broken")[0] == 3
+    assert runs(capsys, live_api, "workflow", "team.campaign", "--version", "9")[0] == 3
+
+    # a run pins the version it asked for
+    code, out, _ = runs(
+        capsys, live_api, "start", "--workflow", "team.campaign", "--workflow-version", "1",
+        "--input", '{"product": "P", "audience": "A"}', "--json",
+    )
+    assert code == 0
+    run = json.loads(out)
+    assert run["workflow"] == "team.campaign" and run["workflow_version"] == 1
+    code, out, _ = runs(capsys, live_api, "get", run["run_id"])
+    fields = {line.split()[0]: line.split(None, 1)[1] for line in out.split("\n\n")[0].splitlines()}
+    assert code == 0 and fields["workflow_version"] == "1" and fields["status"] == "QUEUED"
+    code, out, err = runs(capsys, live_api, "start", "--workflow", "no.such.workflow")
+    assert code == 2 and out == "" and "campaign.build" in err  # the known workflows are named
+    assert runs(capsys, live_api, "steps", run["run_id"])[:2] == (0, "no steps\n")
+    assert runs(capsys, live_api, "artifacts", run["run_id"])[:2] == (0, "no artifacts\n")
+    assert runs(capsys, live_api, "steps", "01NOSUCHRUN")[0] == 3

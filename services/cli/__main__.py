@@ -1,12 +1,18 @@
 """`runs`: the command-line client of the Run API (runs.v1.RunService and KeyService over gRPC).
 
 Commands:
-  runs start [--workflow W] [--input JSON] [--idempotency-key K] [--max-attempts N] [--project P]
-             [--tool NAME [--args JSON]] [--wait [--timeout SECONDS]]
-  runs get ID
+  runs start [--workflow W [--workflow-version N]] [--input JSON] [--idempotency-key K]
+             [--max-attempts N] [--project P] [--tool NAME [--args JSON]] [--wait [--timeout SECONDS]]
+  runs get ID                      (the run, its steps as a DAG table, tool calls, attempts)
   runs list [--status S] [--workflow W] [--page-size N] [--page-token T] [--all]
   runs watch ID [--after-sequence N]
   runs cancel ID [--reason TEXT]
+  runs steps RUN [--status S]
+  runs artifacts RUN
+  runs artifact RUN STEP NAME -o FILE
+  runs workflows [--page-size N] [--page-token T] [--all]
+  runs workflow NAME [--version N]
+  runs register FILE               (YAML or JSON; '-' reads stdin)
   runs keys create --role client|worker|admin [--tenant T] [--project P] [--workspace W]
                    [--ttl SECONDS] [--description D]
   runs keys list [--include-revoked] [--page-size N] [--page-token T] [--all]
@@ -41,13 +47,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from services.cli import keys
+from services.cli import keys, steps, workflows
 from services.cli.common import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -62,6 +69,7 @@ from services.cli.common import (
     cell,
     client_tls,
     collect_pages,
+    compact_struct,
     connection_problem,
     describe_rpc_error,
     dumps,
@@ -74,12 +82,19 @@ from services.cli.common import (
     json_object,
     non_negative_int,
     out,
+    plain_numbers,
     positive_float,
     positive_int,
     to_dict,
 )
 from shared.channels import channel as open_channel
-from shared.gen.runs.v1 import key_service_pb2_grpc, run_pb2, run_service_pb2, run_service_pb2_grpc
+from shared.gen.runs.v1 import (
+    key_service_pb2_grpc,
+    run_pb2,
+    run_service_pb2,
+    run_service_pb2_grpc,
+    workflow_service_pb2_grpc,
+)
 
 DEFAULT_WAIT_TIMEOUT_SECONDS = 300.0
 TOOL_WORKFLOW = "runtime.tool"
@@ -123,6 +138,13 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
 
     start = add("start", "Start a run (and optionally wait until it ends).")
     start.add_argument("--workflow", default="", help="workflow name [server default: runtime.noop]")
+    start.add_argument(
+        "--workflow-version",
+        type=positive_int,
+        default=0,
+        metavar="N",
+        help="pin this version of --workflow (see `runs workflow NAME`) [the latest]",
+    )
     start.add_argument("--input", type=json_object, default=None, metavar="JSON", help="run input, a JSON object")
     start.add_argument(
         "--idempotency-key", default="", metavar="KEY", help="the same key returns the same run, never a second one"
@@ -162,7 +184,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
         help=f"with --wait: give up after this many seconds [{DEFAULT_WAIT_TIMEOUT_SECONDS:g}]",
     )
 
-    get = add("get", "Show a run with its steps, tool calls and attempts.")
+    get = add("get", "Show a run with its steps (in the DAG's order), tool calls and attempts.")
     get.add_argument("run_id", metavar="ID")
 
     lst = add("list", "List runs, newest first.")
@@ -192,6 +214,9 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     cancel.add_argument("run_id", metavar="ID")
     cancel.add_argument("--reason", default="", metavar="TEXT", help="why (recorded in the run's log)")
 
+    steps.add_parsers(add)
+    workflows.add_parsers(add)
+
     group = add("keys", "Create, list and revoke API keys (needs an admin key).")
     commands.update({f"keys {name}": p for name, p in keys.add_parsers(group, common, EXIT_CODES).items()})
     return parser, commands
@@ -220,6 +245,8 @@ def start_usage_problem(args: argparse.Namespace) -> str | None:
             return "--tool cannot be combined with --workflow or --input (it sets both)"
     elif args.tool_args is not None:
         return "--args needs --tool NAME"
+    if args.workflow_version and not args.workflow:
+        return "--workflow-version needs --workflow NAME"
     if args.timeout is not None and not args.wait:
         return "--timeout applies only with --wait"
     return None
@@ -232,6 +259,7 @@ def start_request(args: argparse.Namespace) -> run_service_pb2.StartRunRequest:
         idempotency_key=args.idempotency_key,
         max_attempts=args.max_attempts,
         project_id=args.project,
+        workflow_version=args.workflow_version,
     )
     run_input: dict[str, Any] | None = args.input
     if args.tool is not None:
@@ -250,31 +278,16 @@ def run_status_name(value: int) -> str:
     return enum_name(run_pb2.RunStatus, value, "RUN_STATUS_")
 
 
-def plain_numbers(value: Any) -> Any:
-    """`value` with whole floats as ints (Struct numbers are doubles: 3.0 reads better as 3)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: plain_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_numbers(v) for v in value]
-    return value
-
-
-def compact_struct(message: Message, field: str) -> str:
-    """A Struct field as one-line JSON for reading: sorted keys, whole numbers without '.0', '{}' when unset."""
-    if not message.HasField(field):
-        return "{}"
-    data = plain_numbers(json_format.MessageToDict(getattr(message, field)))
-    return json.dumps(data, separators=(",", ":"), sort_keys=True)
-
-
 def format_run(run: run_pb2.Run) -> str:
     """A run as aligned key/value lines."""
     pairs = [
         ("run_id", run.run_id),
         ("status", run_status_name(run.status)),
         ("workflow", run.workflow),
+    ]
+    if run.workflow_version:
+        pairs.append(("workflow_version", str(run.workflow_version)))
+    pairs += [
         ("attempt", f"{run.attempt}/{run.max_attempts}"),
         ("created_at", iso_time(run, "created_at")),
     ]
@@ -306,9 +319,38 @@ def format_run(run: run_pb2.Run) -> str:
         pairs.append(("project_id", run.project_id))
     if run.workspace_id:
         pairs.append(("workspace_id", run.workspace_id))
+    if run.HasField("steps_summary"):
+        pairs.append(("steps_summary", format_steps_summary(run.steps_summary)))
     pairs.append(("input", compact_struct(run, "input")))
+    if run.HasField("output"):
+        pairs.append(("output", shown_output(compact_struct(run, "output"))))
     pairs.append(("last_sequence", str(run.last_sequence)))
     return format_fields(pairs)
+
+
+MAX_OUTPUT_SHOWN = 2000  # characters of a run's output in `runs get` (all of it with --json)
+
+
+def shown_output(text: str) -> str:
+    """A run's output for reading: cut after MAX_OUTPUT_SHOWN characters, saying where the rest is."""
+    if len(text) <= MAX_OUTPUT_SHOWN:
+        return text
+    return text[:MAX_OUTPUT_SHOWN] + f"... ({len(text)} characters; all of it with --json)"
+
+
+def format_steps_summary(summary: run_pb2.StepsSummary) -> str:
+    """'5 steps: 3 succeeded, 1 running, 1 pending' (states with no step left out)."""
+    counts = [
+        (summary.succeeded, "succeeded"),
+        (summary.running, "running"),
+        (summary.pending, "pending"),
+        (summary.failed, "failed"),
+        (summary.skipped, "skipped"),
+        (summary.canceled, "canceled"),
+    ]
+    parts = [f"{n} {state}" for n, state in counts if n]
+    total = f"{summary.total} step" + ("" if summary.total == 1 else "s")
+    return total + (": " + ", ".join(parts) if parts else "")
 
 
 def format_runs_table(runs: Sequence[run_pb2.Run]) -> str:
@@ -337,24 +379,7 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
     """A GetRunResponse: the run, then tables of its steps, tool calls and attempts."""
     parts = [format_run(response.run)]
     if response.steps:
-        parts.append(
-            "steps:\n"
-            + format_table(
-                ("STEP_KEY", "STATUS", "ATTEMPT", "TOOL", "STARTED_AT", "FINISHED_AT", "ERROR"),
-                (
-                    (
-                        cell(s.step_key),
-                        enum_name(run_pb2.StepStatus, s.status, "STEP_STATUS_"),
-                        str(s.attempt),
-                        cell(s.tool),
-                        iso_time(s, "started_at"),
-                        iso_time(s, "finished_at"),
-                        cell(s.error),
-                    )
-                    for s in response.steps
-                ),
-            )
-        )
+        parts.append("steps:\n" + steps.format_steps_table(response.steps, datetime.now(UTC)))
     else:
         parts.append("steps: none")
     if response.tool_calls:
@@ -366,6 +391,7 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
                     "STEP_KEY",
                     "TOOL",
                     "STATUS",
+                    "TRY",
                     "ATTEMPT",
                     "INVOKED_AT",
                     "FINISHED_AT",
@@ -378,6 +404,7 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
                         cell(c.step_key),
                         cell(c.tool),
                         enum_name(run_pb2.ToolCallStatus, c.status, "TOOL_CALL_STATUS_"),
+                        str(c.step_attempt or "-"),
                         str(c.attempt),
                         iso_time(c, "invoked_at"),
                         iso_time(c, "finished_at"),
@@ -575,11 +602,16 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "list": cmd_list,
     "watch": cmd_watch,
     "cancel": cmd_cancel,
+    **steps.COMMANDS,
+    **workflows.COMMANDS,
     "keys": keys.cmd_keys,
 }
 
 # The stub each command calls; the others call RunService.
-STUBS: dict[str, Callable[[grpc.Channel], Any]] = {"keys": key_service_pb2_grpc.KeyServiceStub}
+STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
+    "keys": key_service_pb2_grpc.KeyServiceStub,
+    **{name: workflow_service_pb2_grpc.WorkflowServiceStub for name in workflows.COMMANDS},
+}
 
 
 def dispatch(stub: Any, args: argparse.Namespace) -> int:

@@ -216,6 +216,25 @@ def dumps(data: Any, compact: bool = False) -> str:
     return json.dumps(data, indent=2)
 
 
+def plain_numbers(value: Any) -> Any:
+    """`value` with whole floats as ints (Struct numbers are doubles: 3.0 reads better as 3)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_numbers(v) for v in value]
+    return value
+
+
+def compact_struct(message: Message, field: str) -> str:
+    """A Struct field as one-line JSON for reading: sorted keys, whole numbers without '.0', '{}' when unset."""
+    if not message.HasField(field):
+        return "{}"
+    data = plain_numbers(json_format.MessageToDict(getattr(message, field)))
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
 def enum_name(enum: Any, value: int, prefix: str) -> str:
     """An enum value's name without its prefix (RUN_STATUS_SUCCEEDED -> SUCCEEDED)."""
     try:
