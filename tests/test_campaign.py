@@ -83,7 +83,9 @@ def run_step(spec: WorkflowSpec, key: str, run_input: Any, results: dict[str, An
     kept = base / key / "artifacts"
     artifacts: list[dict[str, Any]] = []
     for pattern in tool_input.get("artifacts", []):
-        for path in sorted(workdir.glob(pattern)):
+        matches = sorted(p for p in workdir.glob(pattern) if p.is_file())
+        assert matches, f"step {key}: artifacts pattern {pattern!r} matched no file (the shell tool fails then)"
+        for path in matches:
             name = path.relative_to(workdir).as_posix()
             if name in {a["name"] for a in artifacts}:
                 continue
