@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +44,9 @@ class Stack:
         self.api_env: dict[str, str] = (
             {"RUNS_AUTH": "required", "RUNS_BOOTSTRAP_ADMIN_KEY": self.admin_key} if self.auth == "required" else {}
         )
+        # The scenario's own artifact store (every API of the scenario shares it), removed at the end.
+        self.artifacts_dir = tempfile.mkdtemp(prefix="runs-artifacts-")
+        self.api_env["RUNS_ARTIFACTS_URL"] = self.artifacts_dir
         self.api: Api | None = None
         self.previous_apis: list[Api] = []
         self.workers: list[Worker] = []
@@ -117,6 +122,7 @@ class Stack:
             worker.stop()
         if self.api is not None:
             self.api.stop()
+        shutil.rmtree(self.artifacts_dir, ignore_errors=True)
 
     def remove_logs(self) -> None:
         """Delete the processes' log files."""

@@ -33,7 +33,7 @@ Feature: Nothing lost, nothing run twice
     Given a worker process holding a run of tool "sleep" with args {"seconds": 60}
     When I cancel the run
     Then the run ends CANCELED within 5 seconds
-    And the run's events end with: tool.failed, step.failed, run.canceled
+    And the run's events end with: tool.failed, step.canceled, run.canceled
 
   Scenario: Canceling a run whose worker is gone ends it CANCELED when the lease expires
     Given a worker process holding a run of tool "sleep" with args {"seconds": 60}

@@ -22,7 +22,16 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.channels import channel as open_channel
-from shared.gen.runs.v1 import key_service_pb2, key_service_pb2_grpc, run_pb2, run_service_pb2, run_service_pb2_grpc
+from shared.gen.runs.v1 import (
+    key_service_pb2,
+    key_service_pb2_grpc,
+    run_pb2,
+    run_service_pb2,
+    run_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
+from shared.workflow import to_proto_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -191,6 +200,7 @@ class Client:
     def __init__(self, addr: str, api_key: str | None = None) -> None:
         self.channel = open_channel(addr, api_key=api_key)
         self.stub = run_service_pb2_grpc.RunServiceStub(self.channel)
+        self.workflows = workflow_service_pb2_grpc.WorkflowServiceStub(self.channel)
 
     def close(self) -> None:
         """Close the channel."""
@@ -224,6 +234,37 @@ class Client:
         request = run_service_pb2.WatchRunRequest(run_id=run_id, after_sequence=after)
         for response in self.stub.WatchRun(request, timeout=timeout):
             yield response.event
+
+    def register(self, spec: dict[str, Any]) -> Any:
+        """RegisterWorkflow with a spec in its file form; returns the response."""
+        message = json_format.ParseDict(to_proto_dict(spec), workflow_service_pb2.WorkflowSpec())
+        return self.workflows.RegisterWorkflow(workflow_service_pb2.RegisterWorkflowRequest(spec=message), timeout=10)
+
+    def steps(self, run_id: str, status: str = "") -> dict[str, Any]:
+        """ListRunSteps, by step key (only steps in `status` when given)."""
+        value = run_pb2.StepStatus.Value(f"STEP_STATUS_{status}") if status else 0
+        response = self.stub.ListRunSteps(run_service_pb2.ListRunStepsRequest(run_id=run_id, status=value), timeout=10)
+        return {step.step_key: step for step in response.steps}
+
+    def step_status(self, run_id: str, key: str) -> str:
+        """One step's status name (CREATED, RUNNING, ...; "" while it does not exist)."""
+        step = self.steps(run_id).get(key)
+        return str(run_pb2.StepStatus.Name(step.status)).removeprefix("STEP_STATUS_") if step else ""
+
+    def artifacts(self, run_id: str) -> list[Any]:
+        """ListRunArtifacts."""
+        request = run_service_pb2.ListRunArtifactsRequest(run_id=run_id)
+        return list(self.stub.ListRunArtifacts(request, timeout=10).artifacts)
+
+    def download(self, run_id: str, step_key: str, name: str) -> tuple[Any, bytes]:
+        """DownloadArtifact: (the Artifact, its bytes)."""
+        request = run_service_pb2.DownloadArtifactRequest(run_id=run_id, step_key=step_key, name=name)
+        artifact, chunks = None, []
+        for message in self.stub.DownloadArtifact(request, timeout=30):
+            if message.HasField("artifact"):
+                artifact = message.artifact
+            chunks.append(message.chunk)
+        return artifact, b"".join(chunks)
 
     def wait_status(self, run_id: str, statuses: set[str], timeout: float) -> str:
         """Wait until the run is in one of `statuses`; returns it."""

@@ -10,11 +10,14 @@ import psycopg
 from pytest_bdd import given, scenarios, then, when
 
 from features.conftest import Context, Stack
-from features.harness import ROOT, base_env
+from features.harness import ROOT, base_env, wait_until
+from features.test_faults import SHORT_LEASES
 
 scenarios("event_log.feature")
 
 TABLES = {
+    "workflows": "SELECT * FROM workflows ORDER BY tenant_id, name, version",
+    "run_artifacts": "SELECT * FROM run_artifacts ORDER BY run_id, step_key, name",
     "runs": "SELECT * FROM runs ORDER BY run_id",
     "run_steps": "SELECT * FROM run_steps ORDER BY run_id, step_key",
     "tool_calls": "SELECT * FROM tool_calls ORDER BY run_id, tool_call_id",
@@ -80,7 +83,7 @@ def snapshot(sql: psycopg.Connection) -> dict[str, list[Any]]:
 def replay(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
     """`python -m services.run_api replay` against the scenario's database."""
     ctx.extra["before"] = snapshot(sql)
-    assert all(ctx.extra["before"].values())
+    assert all(v for k, v in ctx.extra["before"].items() if k != "run_artifacts" or ctx.extra.get("artifacts"))
     done = subprocess.run(
         [sys.executable, "-m", "services.run_api", "replay", "--database-url", stack.database_url],
         env=base_env(),
@@ -94,9 +97,47 @@ def replay(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
     assert "replayed" in done.stdout
 
 
-@then("runs, run_steps and tool_calls equal what they were before the replay")
+@then("workflows, runs, run_steps, tool_calls and run_artifacts equal what they were before the replay")
 def equal(sql: psycopg.Connection, ctx: Context) -> None:
     """Row for row."""
     after = snapshot(sql)
     for name in TABLES:
         assert after[name] == ctx.extra["before"][name], name
+
+
+DAG = {
+    "name": "replayed",
+    "steps": [
+        {"key": "a", "tool": "echo", "args": {"n": 1}},
+        {"key": "b", "tool": "fail", "depends_on": ["a"], "args": {"times": 1},
+         "retry": {"max_attempts": 2, "backoff_seconds": 0.05}},
+        {"key": "c", "tool": "sleep", "depends_on": ["a"], "input": {"seconds": "input.seconds"}},
+        {"key": "d", "tool": "echo", "depends_on": ["b", "c"], "input": {"b": "steps.b.output"}},
+    ],
+}
+
+
+@given("DAG runs that succeeded with a retried step, were resumed after a SIGKILL, failed, were canceled and "
+       "made artifacts")
+def dag_workload(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
+    """Real workers run a registered DAG (step b fails once), the campaign sample, and runs that end otherwise."""
+    stack.start_api(**SHORT_LEASES, RUN_WORKER_TOOLS="noop,echo,sleep,fail,shell")
+    c = stack.client
+    assert c.register(DAG).created
+    first = stack.start_worker(RUN_WORKER_ID="first")
+    resumed = c.start("replayed", {"seconds": 3}).run.run_id
+    wait_until(lambda: c.step_status(resumed, "c") == "RUNNING", 30, "step c of the resumed run to run")
+    first.kill()
+    stack.start_worker(RUN_WORKER_ID="second")
+    ok = c.start("replayed", {"seconds": 0}).run.run_id
+    failed = c.start("replayed", {"seconds": -1}).run.run_id  # sleep refuses a negative time: c fails
+    canceled = c.start("replayed", {"seconds": 60}).run.run_id
+    wait_until(lambda: c.step_status(canceled, "c") == "RUNNING", 30, "step c of the canceled run to run")
+    c.cancel(canceled)
+    campaign = c.start("campaign.build", {"product": "Replay", "audience": "auditors"}).run.run_id
+    for run_id, status in ((resumed, "SUCCEEDED"), (ok, "SUCCEEDED"), (failed, "FAILED"), (canceled, "CANCELED"),
+                           (campaign, "SUCCEEDED")):
+        assert c.wait_status(run_id, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == status, c.get(run_id)
+    assert c.get(resumed).run.attempt == 2
+    assert c.steps(ok)["b"].attempt == 2  # tried twice
+    ctx.extra["artifacts"] = True

@@ -20,6 +20,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api import db, registry
+from services.run_api.artifacts import ArtifactStore
 from services.run_api.auth import (
     Authenticator,
     KeyCache,
@@ -140,7 +141,9 @@ class ApiServer:
             ReaperConfig(interval_seconds=settings.reaper_interval_seconds, policy=settings.lease_policy),
             on_health=self._reaper_health,
         )
+        self.artifacts = ArtifactStore.from_settings(settings)
         config = ServiceConfig(
+            artifact_max_bytes=settings.artifact_max_bytes,
             lease_seconds=settings.lease_seconds,
             poll_seconds=settings.poll_ms / 1000,
             retry=RetryPolicy(
@@ -163,10 +166,10 @@ class ApiServer:
             ],
         )
         run_service_pb2_grpc.add_RunServiceServicer_to_server(
-            RunService(self.engine, self.hub, config, self.stopping), self.server
+            RunService(self.engine, self.hub, config, self.stopping, self.artifacts), self.server
         )
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerService(self.engine, self.hub, config, self.stopping), self.server
+            WorkerService(self.engine, self.hub, config, self.stopping, self.artifacts), self.server
         )
         ops_service_pb2_grpc.add_OpsServiceServicer_to_server(
             OpsService(self.engine, lambda: self.reaper.counters["failures"]), self.server

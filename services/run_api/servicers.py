@@ -14,7 +14,8 @@ import grpc
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import auth, checks, convert, handlers, payloads, registry
+from services.run_api import artifact_service, auth, checks, convert, handlers, payloads, registry
+from services.run_api.artifacts import ArtifactStore
 from services.run_api.auth import current_caller
 from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, shorten
 from services.run_api.listener import Hub
@@ -27,7 +28,7 @@ from services.run_api.store.events import (
     queued_key,
 )
 from services.run_api.store.uow import UnitOfWork
-from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, WORKER_EVENTS
+from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, WORKER_EVENTS, EventType
 from shared.gen.runs.v1 import (
     key_service_pb2,
     key_service_pb2_grpc,
@@ -42,6 +43,7 @@ from shared.gen.runs.v1 import (
     workflow_service_pb2_grpc,
 )
 from shared.logs import log_context
+from shared.settings import DEFAULT_ARTIFACT_MAX_BYTES
 from shared.telemetry import context_from_carrier, current_trace_carrier
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class ServiceConfig:
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
     retry: handlers.RetryPolicy = field(default_factory=handlers.RetryPolicy)
+    artifact_max_bytes: int = DEFAULT_ARTIFACT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.lease_seconds <= 0 or self.poll_seconds <= 0:
@@ -77,8 +80,16 @@ class ServiceConfig:
 class RunService(run_service_pb2_grpc.RunServiceServicer):
     """runs.v1.RunService."""
 
-    def __init__(self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event) -> None:
+    def __init__(
+        self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event, artifacts: ArtifactStore
+    ) -> None:
         self.engine, self.hub, self.config, self.stopping = engine, hub, config, stopping
+        self.artifacts = artifacts
+
+    def DownloadArtifact(
+        self, request: run_service_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[run_service_pb2.DownloadArtifactResponse]:
+        return artifact_service.download_artifact(self.engine, self.artifacts, request, context)
 
     async def StartRun(
         self, request: run_service_pb2.StartRunRequest, context: grpc.aio.ServicerContext
@@ -189,9 +200,39 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
 class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     """runs.v1.WorkerService."""
 
-    def __init__(self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event) -> None:
+    def __init__(
+        self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event, artifacts: ArtifactStore
+    ) -> None:
         self.engine, self.hub, self.config, self.stopping = engine, hub, config, stopping
+        self.artifacts = artifacts
         self.specs = registry.SpecCache()
+
+    async def UploadArtifact(
+        self, request_iterator: AsyncIterator[worker_service_pb2.UploadArtifactRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> worker_service_pb2.UploadArtifactResponse:
+        return await artifact_service.upload_artifact(
+            self.engine, self.artifacts, self.config.artifact_max_bytes, request_iterator, context
+        )
+
+    def FetchArtifact(
+        self, request: worker_service_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_service_pb2.FetchArtifactResponse]:
+        return artifact_service.fetch_artifact(self.engine, self.artifacts, request, context)
+
+    async def _check_artifacts(self, reported: list[handlers.ReportedEvent]) -> None:
+        """Every artifact a step.succeeded names must be in the tenant's store; its uri is the store's own."""
+        tenant = current_caller().tenant_id
+        for i, event in enumerate(reported):
+            if event.type != EventType.STEP_SUCCEEDED:
+                continue
+            for j, item in enumerate(event.payload.get("artifacts") or []):
+                if not await self.artifacts.exists(tenant, item["sha256"]):
+                    raise InvalidRequest.field(
+                        f"events[{i}].payload.artifacts[{j}].sha256",
+                        "no artifact with this sha256 was uploaded: upload it with UploadArtifact first",
+                    )
+                item["uri"] = self.artifacts.uri(tenant, item["sha256"])
 
     async def ClaimQueuedRuns(
         self, request: worker_service_pb2.ClaimQueuedRunsRequest, context: grpc.aio.ServicerContext
@@ -282,6 +323,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         if len(request.events) > MAX_REPORT_EVENTS:
             raise RequestTooLarge([("events", f"at most {MAX_REPORT_EVENTS} events per call")])
         reported = [self._reported(i, e) for i, e in enumerate(request.events)]
+        await self._check_artifacts(reported)
         async with UnitOfWork(self.engine) as uow:
             if not reported:
                 await handlers.check_session(uow, worker_id, request.session_token)

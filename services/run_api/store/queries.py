@@ -305,13 +305,24 @@ run_steps_project_finished = q(
     """
 )
 
+# run.failed / run.canceled: steps that were pending, running or waiting for their next try will
+# never run in this run; a worker normally records step.canceled itself, this covers a worker that
+# is gone (the reaper or the API ended the run).
+run_steps_project_run_ended = q(
+    """
+    UPDATE run_steps SET status = 'CANCELED', reason = :reason, finished_at = :recorded_at
+    WHERE run_id = :run_id AND (status IN ('CREATED', 'RUNNING')
+        OR (status = 'FAILED' AND COALESCE((step_error->>'will_retry')::boolean, false)))
+    """
+)
+
 # step.succeeded: the artifacts it recorded.
 run_artifacts_project = q(
     """
     INSERT INTO run_artifacts (run_id, step_key, name, uri, sha256, size, media_type, created_at)
-    SELECT :run_id, :step_key, a.name, a.uri, a.sha256, a.size, a.media_type, :recorded_at
+    SELECT :run_id, :step_key, a.name, a.uri, a.sha256, a.size::bigint, a.media_type, :recorded_at
     FROM jsonb_to_recordset(CAST(:artifacts AS jsonb))
-        AS a(name text, uri text, sha256 text, size bigint, media_type text)
+        AS a(name text, uri text, sha256 text, size numeric, media_type text)
     ON CONFLICT (run_id, step_key, name) DO UPDATE SET uri = EXCLUDED.uri, sha256 = EXCLUDED.sha256,
         size = EXCLUDED.size, media_type = EXCLUDED.media_type, created_at = EXCLUDED.created_at
     """
