@@ -29,9 +29,11 @@ $RUNS_TLS_KEY). The API key goes in $RUNS_API_KEY (--api-key works too, but flag
 Exit codes:
   0    success (for `start --wait`: the run SUCCEEDED)
   1    `start --wait`: the run ended FAILED or CANCELED (the run is still printed);
+       `artifact`: the bytes did not match the artifact's sha256, or FILE cannot be written;
        also any error not listed below
-  2    usage error, or the API answered INVALID_ARGUMENT, ALREADY_EXISTS or RESOURCE_EXHAUSTED
-  3    NOT_FOUND (no run or key has that id)
+  2    usage error (also a spec file `register` cannot read or finds invalid), or the API
+       answered INVALID_ARGUMENT, ALREADY_EXISTS or RESOURCE_EXHAUSTED
+  3    NOT_FOUND (no run, key, workflow, version or artifact by that name)
   4    FAILED_PRECONDITION (e.g. cancel a run that has already ended)
   5    UNAVAILABLE or DEADLINE_EXCEEDED: the API cannot be reached or did not answer in time
        (also `start --wait` when --timeout elapsed before the run ended, and a failed TLS handshake)
