@@ -88,10 +88,18 @@ DEFAULT_ARTIFACT_MAX_BYTES = 64 * 1024 * 1024
 
 
 def parse_tools(raw: str) -> tuple[str, ...]:
-    """A comma-separated list of stock tools (RUN_WORKER_TOOLS, --tools); ValueError names what is allowed."""
+    """A comma-separated list of tool names (RUN_WORKER_TOOLS, --tools); ValueError names what is wrong.
+
+    Only the form is checked here: the worker checks the names against its registry (the stock
+    tools and the `runs.tools` entry points) when it starts.
+    """
     tools = tuple(dict.fromkeys(t.strip() for t in raw.split(",") if t.strip()))
-    if not tools or any(t not in STOCK_TOOLS for t in tools):
-        raise ValueError(f"must be a comma-separated list of {', '.join(STOCK_TOOLS)}, got {raw!r}")
+    # A name as an entry point may have it: letters, digits, '.', '_', '-'.
+    bad = [t for t in tools if len(t) > 128 or not all(c.isascii() and (c.isalnum() or c in "._-") for c in t)]
+    if not tools or bad:
+        raise ValueError(
+            f"must be a comma-separated list of tool names (stock tools: {', '.join(STOCK_TOOLS)}), got {raw!r}"
+        )
     return tools
 
 

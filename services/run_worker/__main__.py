@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.run_worker.tools import Tool, UnknownTools, registry
 from services.run_worker.worker import Worker
 from shared.logs import configure_logging
 from shared.settings import SettingsError, WorkerSettings, parse_tools
@@ -46,8 +47,8 @@ def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse
     p.add_argument("--drain-seconds", type=float, default=defaults.drain_seconds,
                    help="on SIGTERM, how long held runs may finish (RUN_WORKER_DRAIN_SECONDS) [%(default)s]")
     p.add_argument("--tools", type=_tool_list, default=defaults.tools,
-                   help="tools this worker runs, comma-separated; shell runs commands on this host "
-                        f"(RUN_WORKER_TOOLS) [{','.join(defaults.tools)}]")
+                   help="tools this worker runs, comma-separated: stock ones or from the runs.tools entry points; "
+                        f"shell runs commands on this host (RUN_WORKER_TOOLS) [{','.join(defaults.tools)}]")
     p.add_argument("--tls-ca", default=defaults.tls.ca,
                    help="CA certificate (PEM) to trust for a TLS API (RUNS_TLS_CA); the key comes from RUNS_API_KEY")
     p.add_argument("--once", action="store_true",
@@ -55,8 +56,8 @@ def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse
     return p.parse_args(argv)
 
 
-async def _main(settings: WorkerSettings, once: bool) -> int:
-    worker = Worker(settings)
+async def _main(settings: WorkerSettings, once: bool, tools: dict[str, Tool]) -> int:
+    worker = Worker(settings, tools)
     try:
         if once:
             counters = await worker.run_cycle()
@@ -91,13 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             tools=args.tools,
             tls=dataclasses.replace(env.tls, ca=args.tls_ca),
         )
+        tools = registry(settings.tools)  # an unknown or broken tool fails here, naming the known ones
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UnknownTools as err:
+        print(f"error: RUN_WORKER_TOOLS (--tools): {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log, actor="worker")
     configure_tracing("runs-worker")
     try:
-        return asyncio.run(_main(settings, args.once))
+        return asyncio.run(_main(settings, args.once, tools))
     except KeyboardInterrupt:
         return 130
     except grpc.aio.AioRpcError as err:  # the API refused us outright (bad flags, no or a revoked key)

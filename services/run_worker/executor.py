@@ -1,6 +1,8 @@
-"""Executes one claimed run: plans its steps, invokes the tools, reports every lifecycle event.
+"""One try of one step: the tool call in a fresh working directory, its timeout, its artifacts' upload.
 
-The same code serves the standalone worker, `--once` and the API's embedded worker.
+Also the pieces a held run is made of: its RunHandle (attempt and stop signals), how its execution
+ended (Result), and `race`, which awaits work unless a stop signal comes first. What runs next and
+what is reported is the orchestrator's business (services/run_worker/orchestrator.py).
 """
 
 from __future__ import annotations
@@ -9,19 +11,16 @@ import asyncio
 import contextlib
 import enum
 import logging
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import json_format
 from opentelemetry import trace
-from ulid import ULID
 
-from services.run_worker.reporter import Reporter, ReporterClosed, ReportRefused, StaleAttempt, make_event, restamp
-from services.run_worker.tools import Tool, ToolContext, ToolError
-from shared.events import EventType
-from shared.logs import log_context
-from shared.telemetry import context_from_carrier
-from shared.workflows import WorkflowInputError, plan
+from services.run_worker.tools import ArtifactError, Fetcher, Json, LocalArtifact, Tool, ToolContext, ToolError
+from shared.events import StepErrorCode
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("runs.worker")
@@ -48,153 +47,112 @@ class RunHandle:
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class _Interrupted(Exception):
-    pass
+class Interrupted(Exception):
+    """A stop signal came before the work finished (the work was cancelled and awaited)."""
 
 
-async def _race(tool_call: asyncio.Task[Any], handle: RunHandle) -> Any:
-    """Await the tool unless the run is canceled, lost or released first (then the tool is cancelled)."""
-    signals = {
-        asyncio.create_task(handle.cancel.wait()),
-        asyncio.create_task(handle.lost.wait()),
-        asyncio.create_task(handle.release.wait()),
-    }
+async def race(work: asyncio.Future[Any], signals: Iterable[asyncio.Event]) -> Any:
+    """Await `work` unless one of `signals` is set first; then cancel it, await it and raise Interrupted."""
+    waiters = {asyncio.ensure_future(s.wait()) for s in signals}
     try:
-        done, _ = await asyncio.wait({tool_call, *signals}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work, *waiters}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        tool_call.cancel()  # our own task is being cancelled: the tool (a subprocess, say) goes too
+        # Our own task is being cancelled: the work (a subprocess, say) goes too, and is cleaned up first.
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
         raise
     finally:
-        for s in signals:
-            s.cancel()
-    if tool_call in done:
-        return tool_call.result()
-    tool_call.cancel()
+        for w in waiters:
+            w.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
-        await tool_call
+        await work
     current = asyncio.current_task()
     if current is not None and current.cancelling():
         raise asyncio.CancelledError()
-    raise _Interrupted()
+    raise Interrupted()
 
 
-async def _send(reporter: Reporter, handle: RunHandle, events: list[Any]) -> list[Any]:
-    """Report events; if the run was re-adopted under a new attempt meanwhile, re-send them under it."""
-    while True:
-        try:
-            return await reporter.report(events)
-        except StaleAttempt:
-            if not events or handle.lost.is_set() or handle.attempt == events[0].attempt:
-                raise
-            events = [restamp(e, handle.attempt) for e in events]
+@dataclass(frozen=True)
+class TryResult:
+    """What one try gave: the output and uploaded artifacts, or why it failed."""
+
+    output: Json | None
+    artifacts: list[Json] = field(default_factory=list)
+    error: str | None = None
+    code: StepErrorCode | None = None
+    retryable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """The try succeeded (its artifacts are uploaded)."""
+        return self.error is None
 
 
-async def execute(claimed: Any, handle: RunHandle, reporter: Reporter, tools: dict[str, Tool]) -> Result:
-    """Run one claimed run (a ClaimedRun message) to its end and report it."""
-    run_id, attempt = claimed.run_id, handle.attempt
-    run_input = json_format.MessageToDict(claimed.input)
-    parent = context_from_carrier(dict(claimed.trace_context))
-    with log_context(run_id=run_id, attempt=attempt), tracer.start_as_current_span(
-        "run.execute", context=parent, attributes={"run.id": run_id, "run.attempt": attempt}
-    ):
-        try:
-            return await _execute(claimed.workflow, run_input, run_id, handle, reporter, tools)
-        except StaleAttempt as err:
-            log.warning("attempt is no longer current; stopping the run: %s", err)
-            return Result.LOST
-        except ReportRefused as err:
-            return await _fail_refused(run_id, handle, reporter, err)
+# upload(artifact) -> {name, uri, sha256, size, media_type}; raises ArtifactError.
+Uploader = Callable[[LocalArtifact], Awaitable[Json]]
 
 
-async def _fail_refused(run_id: str, handle: RunHandle, reporter: Reporter, err: ReportRefused) -> Result:
-    """A report of the run was refused: end the run FAILED with a plain event that cannot be refused the same way."""
-    if err.not_ours:
-        log.error("the API does not accept this worker's reports for the run (%s); stopping it", err,
-                  extra={"run_id": run_id})
-        return Result.LOST  # its lease lapses and the reaper gives it to another worker
-    error = f"the worker's report was refused: {str(err)[:500]}"
-    log.error("report refused; failing the run", extra={"run_id": run_id})
+@dataclass(frozen=True)
+class TryCall:
+    """Everything one try needs besides the tool and its input."""
+
+    run_id: str
+    step_key: str
+    attempt: int  # what ToolContext.attempt says: the step's try (the run attempt for the one-step built-ins)
+    timeout_seconds: float | None = None
+    workdir_base: str = ""  # "" is the system's temporary folder
+    fetcher: Fetcher | None = None
+    upload: Uploader | None = None
+
+
+def unavailable(name: str) -> TryResult:
+    """The try of a tool this worker does not run."""
+    return TryResult(None, error=f"tool {name!r} is not enabled on this worker (RUN_WORKER_TOOLS)",
+                     code=StepErrorCode.TOOL_UNAVAILABLE, retryable=True)
+
+
+async def run_try(tool: Tool, args: Json, call: TryCall) -> TryResult:
+    """Run `tool` once with `args` in a fresh working directory; upload its artifacts if it succeeds.
+
+    Never raises for the tool's own failures (they are in the TryResult); cancellation propagates
+    once the tool is cancelled, and the directory is removed either way.
+    """
+    workdir = tempfile.mkdtemp(prefix="runs-try-", dir=call.workdir_base or None)
+    ctx = ToolContext(call.run_id, call.attempt, call.step_key, workdir, call.fetcher)
     try:
-        await _send(reporter, handle, [make_event(run_id, handle.attempt, EventType.RUN_FAILED,
-                                                  {"error": error, "retryable": False})])
-    except (StaleAttempt, ReportRefused, ReporterClosed):
-        return Result.LOST  # not ours any more, or the API refuses even that: the lease reaper ends it
-    return Result.FAILED
-
-
-async def _execute(
-    workflow: str, run_input: dict[str, Any], run_id: str, handle: RunHandle, reporter: Reporter,
-    tools: dict[str, Tool],
-) -> Result:
-    def ev(type_: str, payload: dict[str, Any] | None = None) -> Any:
-        return make_event(run_id, handle.attempt, type_, payload)
-
-    def step_failed(
-        call_id: str, step_key: str, error: str, final: str, final_payload: dict[str, Any], output: Any = None
-    ) -> list[Any]:
-        """The tool call and its step fail with `error`; then the run's own closing event."""
-        return [
-            ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": error, "output": output}),
-            ev(EventType.STEP_FAILED, {"step_key": step_key, "error": error}),
-            ev(final, final_payload),
-        ]
-
-    try:
-        steps = plan(workflow, run_input)
-    except (KeyError, WorkflowInputError) as err:
-        message = f"unknown workflow {workflow!r}" if isinstance(err, KeyError) else str(err)
-        await _send(reporter, handle, [ev(EventType.RUN_STARTED), ev(EventType.RUN_FAILED,
-                                                             {"error": message, "retryable": False})])
-        return Result.FAILED
-    pending = [ev(EventType.RUN_STARTED)]
-    for step in steps:
-        if handle.lost.is_set():
-            return Result.LOST
-        if handle.cancel.is_set():
-            await _send(reporter, handle, [*pending, ev(EventType.RUN_CANCELED, {"reason": "cancel requested"})])
-            return Result.CANCELED
-        tool = tools.get(step.tool)
-        call_id = str(ULID())
-        pending += [
-            ev(EventType.STEP_CREATED, {"step_key": step.key, "tool": step.tool}),
-            ev(EventType.STEP_STARTED, {"step_key": step.key}),
-            ev(EventType.TOOL_INVOKED,
-               {"tool_call_id": call_id, "step_key": step.key, "tool": step.tool, "input": step.args}),
-        ]
-        # Recorded before the tool runs: a stale attempt learns it here, before doing any work.
-        await _send(reporter, handle, pending)
-        pending = []
-        with tracer.start_as_current_span(f"tool.{step.tool}", attributes={"tool.name": step.tool}):
+        with tracer.start_as_current_span(f"tool.{tool.name}", attributes={"tool.name": tool.name,
+                                                                           "step.key": call.step_key}):
             try:
-                if tool is None:
-                    raise ToolError(f"tool {step.tool!r} is not enabled on this worker (RUN_WORKER_TOOLS)")
-                task = asyncio.ensure_future(tool(step.args, ToolContext(run_id, handle.attempt, step.key)))
-                output = await _race(task, handle)
-            except _Interrupted:
-                if handle.lost.is_set():
-                    return Result.LOST
-                if handle.release.is_set():
-                    await _send(reporter, handle, step_failed(
-                        call_id, step.key, "worker shutting down", EventType.RUN_FAILED,
-                        {"error": "worker shut down before the run finished", "retryable": True, "released": True},
-                    ))
-                    return Result.RELEASED
-                await _send(reporter, handle, step_failed(
-                    call_id, step.key, "canceled", EventType.RUN_CANCELED, {"reason": "cancel requested"}
-                ))
-                return Result.CANCELED
-            except Exception as err:
-                error = err.message if isinstance(err, ToolError) else f"{type(err).__name__}: {err}"
-                retryable = err.retryable if isinstance(err, ToolError) else True
-                out = err.output if isinstance(err, ToolError) else None
-                log.info("tool %s failed: %s", step.tool, error)
-                await _send(reporter, handle, step_failed(
-                    call_id, step.key, error, EventType.RUN_FAILED, {"error": error, "retryable": retryable}, out
-                ))
-                return Result.FAILED
-        pending += [
-            ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": output}),
-            ev(EventType.STEP_SUCCEEDED, {"step_key": step.key}),  # the output lives on the tool call
-        ]
-    await _send(reporter, handle, [*pending, ev(EventType.RUN_COMPLETED)])
-    return Result.SUCCEEDED
+                async with asyncio.timeout(call.timeout_seconds) as deadline:
+                    output = await tool(args, ctx)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                return TryResult(None, error=f"step timed out after {call.timeout_seconds:g}s",
+                                 code=StepErrorCode.TOOL_TIMEOUT, retryable=True)
+            if not isinstance(output, dict):
+                raise ToolError(f"tool {tool.name!r} returned {type(output).__name__}, not an object",
+                                retryable=False)
+            artifacts = []
+            for artifact in ctx.artifacts:
+                if call.upload is None:
+                    raise ArtifactError("this worker cannot upload artifacts", retryable=False, output=output)
+                try:
+                    artifacts.append(await call.upload(artifact))
+                except ArtifactError as err:
+                    err.output = output if err.output is None else err.output
+                    raise
+            return TryResult(output, artifacts)
+    except ToolError as err:
+        code = StepErrorCode.ARTIFACT_FAILED if isinstance(err, ArtifactError) else StepErrorCode.TOOL_FAILED
+        log.info("tool %s failed: %s", tool.name, err.message)
+        return TryResult(err.output, error=err.message, code=code, retryable=err.retryable)
+    except Exception as err:
+        log.info("tool %s raised %s", tool.name, type(err).__name__, exc_info=True)
+        return TryResult(None, error=f"{type(err).__name__}: {err}", code=StepErrorCode.TOOL_FAILED, retryable=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -9,14 +9,17 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from services.run_worker.executor import Result, RunHandle, execute
+from services.run_worker.artifacts import ArtifactClient
+from services.run_worker.executor import Result, RunHandle
+from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import Reporter
-from services.run_worker.tools import Tool, default_registry
+from services.run_worker.tools import Tool, as_tool, registry
 from shared.channels import aio_channel
 from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc
 from shared.logs import log_context
@@ -52,12 +55,17 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 class Worker:
     """One worker: `run(stop)` for the long-running mode, `run_cycle()` for one claim cycle."""
 
-    def __init__(self, settings: WorkerSettings, tools: dict[str, Tool] | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, tools: Mapping[str, Any] | None = None) -> None:
+        """`tools`: name -> Tool or async callable (default: the registry of `settings.tools`)."""
         self.settings = settings
-        self.tools = tools or default_registry(settings.tools)
+        self.tools: dict[str, Tool] = (
+            {name: as_tool(name, tool) for name, tool in tools.items()} if tools else registry(settings.tools)
+        )
+        self.engine = EngineConfig(step_parallelism=settings.step_parallelism, workdir=settings.workdir)
         self.channel = open_channel(settings.api_addr, settings.tls, settings.api_key)
         self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
         self.reporter = Reporter(self.stub, settings.worker_id)
+        self.artifacts = ArtifactClient(self.stub, self.reporter)
         self.held: dict[str, RunHandle] = {}
         self.tasks: set[asyncio.Task[Result]] = set()
         self.counters: Counter[str] = Counter()
@@ -103,7 +111,7 @@ class Worker:
 
     async def _execute(self, claimed: Any, handle: RunHandle) -> Result:
         try:
-            result = await execute(claimed, handle, self.reporter, self.tools)
+            result = await execute(claimed, handle, self.reporter, self.tools, self.artifacts, self.engine)
         except Exception:
             log.exception("run execution crashed", extra={"run_id": claimed.run_id})
             result = Result.LOST

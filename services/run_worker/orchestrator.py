@@ -1,0 +1,487 @@
+"""Executes one claimed run as a DAG: decides which steps run next, retries them, reports every event.
+
+The claim carries the run's pinned spec and what earlier attempts left of its steps; a step that
+succeeded (or was skipped) is never run again, its output and artifacts feed the run context.
+Ready steps run concurrently, at most `EngineConfig.step_parallelism` at once; each try is one
+tool call (services/run_worker/executor.py) announced before it runs. A step that fails for good
+stops the others and fails the run; cancel, release and a lost lease stop it too. The events of
+one step are reported in order (each report awaited before the next); steps report concurrently.
+
+`runtime.noop` and `runtime.tool` keep the run-level retries: their one step makes one try per
+run attempt and a failure fails the run with the tool's `retryable`, so the API re-queues it.
+The same code serves the standalone worker, `--once` and the API's embedded worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+from opentelemetry import trace
+from ulid import ULID
+
+from services.run_worker.artifacts import ArtifactClient
+from services.run_worker.executor import (
+    Interrupted,
+    Result,
+    RunHandle,
+    TryCall,
+    TryResult,
+    race,
+    run_try,
+    unavailable,
+)
+from services.run_worker.reporter import Reporter, ReporterClosed, ReportRefused, StaleAttempt, make_event, restamp
+from services.run_worker.tools import Json, LocalArtifact, Tool
+from shared.events import STEP_DONE, EventType, StepErrorCode, StopReason
+from shared.gen.runs.v1 import run_pb2
+from shared.logs import log_context
+from shared.telemetry import context_from_carrier
+from shared.workflow import (
+    RetryPolicy,
+    SelectorError,
+    SpecError,
+    StepSpec,
+    WorkflowSpec,
+    from_proto_dict,
+    parse_spec,
+    ready,
+    resolve_input,
+    run_context,
+    sinks,
+    upstream,
+)
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("runs.worker")
+
+# Workflows whose one step's tries are the run's attempts (run-level max_attempts and backoff).
+ONE_STEP_BUILTINS = frozenset({"runtime.noop", "runtime.tool"})
+# The pseudo-tool of runtime.tool: the step invokes the tool its resolved `tool` names, with `args`.
+DISPATCH = "runtime.dispatch"
+CANCEL_REASON = "cancel requested"
+RELEASED_ERROR = "worker shut down before the run finished"
+SHUTTING_DOWN = "worker shutting down"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the orchestrator runs steps; `sleep` and `jitter` are seams for tests."""
+
+    step_parallelism: int = 8
+    workdir: str = ""  # under which each try gets its fresh directory ("": the system's temporary folder)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    jitter: Callable[[float, float], float] = random.uniform
+
+    def __post_init__(self) -> None:
+        if self.step_parallelism < 1:
+            raise ValueError("step_parallelism must be at least 1")
+
+
+def backoff_seconds(policy: RetryPolicy, failed_try: int, jitter: Callable[[float, float], float]) -> float:
+    """The wait after try `failed_try` failed: uniform(c/2, c), c = min(max, base * 2**(failed_try - 1))."""
+    cap = min(policy.backoff_max_seconds, policy.backoff_seconds * 2 ** max(failed_try - 1, 0))
+    return max(jitter(cap / 2, cap), 0.0)
+
+
+async def execute(
+    claimed: Any, handle: RunHandle, reporter: Reporter, tools: Mapping[str, Tool],
+    artifacts: ArtifactClient | None = None, config: EngineConfig | None = None,
+) -> Result:
+    """Run one claimed run (a ClaimedRun message) to its end and report it."""
+    run_id, attempt = claimed.run_id, handle.attempt
+    parent = context_from_carrier(dict(claimed.trace_context))
+    with log_context(run_id=run_id, attempt=attempt), tracer.start_as_current_span(
+        "run.execute", context=parent, attributes={"run.id": run_id, "run.attempt": attempt}
+    ):
+        try:
+            return await _Run(claimed, handle, reporter, tools, artifacts, config or EngineConfig()).run()
+        except StaleAttempt as err:
+            log.warning("attempt is no longer current; stopping the run: %s", err)
+            return Result.LOST
+        except ReportRefused as err:
+            return await _fail_refused(run_id, handle, reporter, err)
+
+
+async def _send(reporter: Reporter, handle: RunHandle, events: list[Any]) -> list[Any]:
+    """Report events; if the run was re-adopted under a new attempt meanwhile, re-send them under it."""
+    while True:
+        try:
+            return await reporter.report(events)
+        except StaleAttempt:
+            if not events or handle.lost.is_set() or handle.attempt == events[0].attempt:
+                raise
+            events = [restamp(e, handle.attempt) for e in events]
+
+
+async def _fail_refused(run_id: str, handle: RunHandle, reporter: Reporter, err: ReportRefused) -> Result:
+    """A report of the run was refused: end the run FAILED with a plain event that cannot be refused the same way."""
+    if err.not_ours:
+        log.error("the API does not accept this worker's reports for the run (%s); stopping it", err,
+                  extra={"run_id": run_id})
+        return Result.LOST  # its lease lapses and the reaper gives it to another worker
+    error = f"the worker's report was refused: {str(err)[:500]}"
+    log.error("report refused; failing the run", extra={"run_id": run_id})
+    try:
+        await _send(reporter, handle, [make_event(run_id, handle.attempt, EventType.RUN_FAILED,
+                                                  {"error": error, "retryable": False})])
+    except (StaleAttempt, ReportRefused, ReporterClosed):
+        return Result.LOST  # not ours any more, or the API refuses even that: the lease reaper ends it
+    return Result.FAILED
+
+
+class _Stop(enum.Enum):
+    """Why the running steps are being stopped (the value is step.canceled's reason)."""
+
+    RUN_FAILED = "run_failed"
+    CANCELED = "canceled"
+    RELEASED = "released"
+    LOST = "lost"
+
+
+def _step_status(value: run_pb2.StepStatus.ValueType) -> str:
+    return str(run_pb2.StepStatus.Name(value)).removeprefix("STEP_STATUS_")
+
+
+def _artifact_dict(a: Any) -> Json:
+    return {"name": a.name, "uri": a.uri, "sha256": a.sha256, "size": a.size, "media_type": a.media_type}
+
+
+class _Run:
+    """One attempt of one run: the state of its steps and the tasks running them."""
+
+    def __init__(self, claimed: Any, handle: RunHandle, reporter: Reporter, tools: Mapping[str, Tool],
+                 artifacts: ArtifactClient | None, config: EngineConfig) -> None:
+        self.claimed = claimed
+        self.run_id = claimed.run_id
+        self.handle = handle
+        self.reporter = reporter
+        self.tools = tools
+        self.artifacts = artifacts
+        self.config = config
+        self.builtin = claimed.workflow in ONE_STEP_BUILTINS
+        self.run_input = json_format.MessageToDict(claimed.input)
+        self.spec: WorkflowSpec | None = None
+        self.results: dict[str, Json] = {}  # done steps: {"output", "artifacts"}
+        self.tries: dict[str, int] = {}  # tries so far, over every attempt
+        self.started: set[str] = set()  # steps that reported step.started in this attempt
+        self.runners: dict[str, asyncio.Task[None]] = {}
+        self.slots = asyncio.Semaphore(config.step_parallelism)
+        self.stop = asyncio.Event()
+        self.stop_reason: _Stop | None = None
+        self.failure: tuple[str, str] | None = None  # (step key, error) of the step that failed the run
+        self.closed: Result | None = None  # set when a step's report carried the run's closing event
+        self.prefix: list[Any] | None = None  # run.started and step.created: sent with the first report
+        self.prefix_sent: asyncio.Future[None] | None = None
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def ev(self, type_: str, payload: dict[str, Any] | None = None) -> Any:
+        return make_event(self.run_id, self.handle.attempt, type_, payload)
+
+    async def report(self, events: list[Any]) -> None:
+        """Report events of one step (or of the run); the first report carries run.started and step.created."""
+        if self.prefix is not None:
+            events, self.prefix = [*self.prefix, *events], None
+            self.prefix_sent = asyncio.get_running_loop().create_future()
+            self.prefix_sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+            try:
+                await _send(self.reporter, self.handle, events)
+            except BaseException as err:
+                self.prefix_sent.set_exception(err if isinstance(err, Exception) else ReporterClosed("stopped"))
+                raise
+            self.prefix_sent.set_result(None)
+            return
+        if self.prefix_sent is not None and not self.prefix_sent.done():
+            await asyncio.shield(self.prefix_sent)  # step.created must be recorded before a step's next event
+        elif self.prefix_sent is not None and self.prefix_sent.exception() is not None:
+            raise ReporterClosed("the run's first report failed")
+        await _send(self.reporter, self.handle, events)
+
+    # --- the run --------------------------------------------------------------------------------
+
+    async def run(self) -> Result:
+        if self.handle.lost.is_set():
+            return Result.LOST
+        try:
+            raw = json_format.MessageToDict(self.claimed.spec, preserving_proto_field_name=True)
+            self.spec = spec = parse_spec(from_proto_dict(raw))
+        except SpecError as err:
+            message = f"the run's workflow spec is invalid: {err}"[:4000]
+            await self.report([self.ev(EventType.RUN_STARTED),
+                               self.ev(EventType.RUN_FAILED, {"error": message, "retryable": False})])
+            return Result.FAILED
+        keys = {s.key for s in spec.steps}
+        for state in self.claimed.steps:
+            if state.step_key not in keys:
+                continue
+            self.tries[state.step_key] = state.tries
+            if _step_status(state.status) in STEP_DONE:
+                self.results[state.step_key] = {
+                    "output": json_format.MessageToDict(state.output),
+                    "artifacts": [_artifact_dict(a) for a in state.artifacts],
+                }
+        self.prefix = [self.ev(EventType.RUN_STARTED)] + [
+            self.ev(EventType.STEP_CREATED, {"step_key": s.key, "tool": self._created_tool(s),
+                                             "depends_on": list(s.depends_on)})
+            for s in spec.steps if s.key not in self.results
+        ]
+        if len(self.results) == len(spec.steps):
+            await self.report([self._completed()])
+            return Result.SUCCEEDED
+        try:
+            return await self._loop(spec)
+        finally:
+            for task in self.runners.values():
+                task.cancel()
+
+    def _created_tool(self, step: StepSpec) -> str:
+        tool = self.run_input.get("tool") if step.tool == DISPATCH else step.tool
+        return tool if isinstance(tool, str) and tool else step.tool
+
+    def _completed(self) -> Any:
+        assert self.spec is not None
+        output = {key: self.results[key]["output"] for key in sinks(self.spec)}
+        return self.ev(EventType.RUN_COMPLETED, {"output": output})
+
+    def _request_stop(self, reason: _Stop) -> bool:
+        """Stop the running steps for `reason`, unless they are stopping already (a lost lease always wins)."""
+        if self.stop_reason is not None and reason is not _Stop.LOST:
+            return False
+        self.stop_reason = reason
+        self.stop.set()
+        return True
+
+    async def _loop(self, spec: WorkflowSpec) -> Result:
+        launched: set[str] = set()
+        signals = (self.handle.lost, self.handle.release, self.handle.cancel)
+        while True:
+            self._raise_runner_errors()
+            if self.stop.is_set():
+                return await self._finish()
+            if self.closed is None:
+                for key in ready(spec, set(self.results), launched):
+                    launched.add(key)
+                    self.runners[key] = asyncio.create_task(self._runner(spec.step(key)), name=f"step-{key}")
+            live = [t for t in self.runners.values() if not t.done()]
+            if not live:
+                if self.closed is not None:  # a step's last report closed the run
+                    return self.closed
+                raise RuntimeError("no step of the run can run and the run has not ended")
+            waiters = [asyncio.ensure_future(s.wait()) for s in signals]
+            try:
+                await asyncio.wait([*live, *waiters], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+            for signal, reason in zip(signals, (_Stop.LOST, _Stop.RELEASED, _Stop.CANCELED), strict=True):
+                if signal.is_set():
+                    self._request_stop(reason)
+                    break
+
+    def _raise_runner_errors(self) -> None:
+        """A runner that raised (a stale attempt, a refused report): stop every step silently and raise it."""
+        for task in self.runners.values():
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                self._request_stop(_Stop.LOST)
+                for other in self.runners.values():
+                    other.cancel()
+                raise task.exception()  # type: ignore[misc]
+
+    async def _finish(self) -> Result:
+        """The steps are stopping: let them report how they stopped, then close the run."""
+        live = [t for t in self.runners.values() if not t.done()]
+        if live and self.stop_reason is not _Stop.LOST:
+            everything: asyncio.Future[Any] = asyncio.gather(*live, return_exceptions=True)
+            lost: asyncio.Future[Any] = asyncio.ensure_future(self.handle.lost.wait())
+            await asyncio.wait([everything, lost], return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            if self.handle.lost.is_set():
+                self._request_stop(_Stop.LOST)
+        if self.stop_reason is _Stop.LOST:
+            for task in self.runners.values():
+                task.cancel()
+            await asyncio.gather(*self.runners.values(), return_exceptions=True)
+            return Result.LOST
+        self._raise_runner_errors()
+        if self.closed is not None:
+            return self.closed
+        if self.stop_reason is _Stop.RELEASED:
+            await self.report([self.ev(EventType.RUN_FAILED,
+                                       {"error": RELEASED_ERROR, "retryable": True, "released": True})])
+            return Result.RELEASED
+        assert self.spec is not None and self.stop_reason is not None
+        pending = [s.key for s in self.spec.steps if s.key not in self.results and s.key not in self.started]
+        cancels = [self.ev(EventType.STEP_CANCELED, {"step_key": k, "reason": self.stop_reason.value})
+                   for k in pending]
+        if self.stop_reason is _Stop.CANCELED:
+            await self.report([*cancels, self.ev(EventType.RUN_CANCELED, {"reason": CANCEL_REASON})])
+            return Result.CANCELED
+        assert self.failure is not None
+        key, error = self.failure
+        await self.report([*cancels, self.ev(EventType.RUN_FAILED, {
+            "error": f"step {key!r} failed: {error}"[:8000], "stop_reason": StopReason.STEP_FAILED.value,
+            "step_key": key, "retryable": False,
+        })])
+        return Result.FAILED
+
+    # --- one step -------------------------------------------------------------------------------
+
+    async def _runner(self, step: StepSpec) -> None:
+        """Run a step's tries (bounded by its retry policy; one for the one-step built-ins) with backoff."""
+        prior = self.tries.get(step.key, 0)
+        limit = 1 if self.builtin else max(step.retry.max_attempts - prior, 1)
+        for i in range(limit):
+            try:
+                if i:
+                    delay = backoff_seconds(step.retry, self.tries[step.key], self.config.jitter)
+                    await race(asyncio.ensure_future(self.config.sleep(delay)), [self.stop])
+                await race(asyncio.ensure_future(self.slots.acquire()), [self.stop])
+            except Interrupted:
+                if i:  # the step FAILED and was waiting to retry
+                    await self._report_stopped_between_tries(step)
+                return  # else it never started: the run's closing report cancels it
+            try:
+                if self.stop.is_set():
+                    if i:
+                        await self._report_stopped_between_tries(step)
+                    return
+                if await self._try(step, last=i == limit - 1):
+                    return
+            finally:
+                self.slots.release()
+
+    async def _report_stopped_between_tries(self, step: StepSpec) -> None:
+        if self.stop_reason in (_Stop.RUN_FAILED, _Stop.CANCELED):
+            assert self.stop_reason is not None
+            await self.report([self.ev(EventType.STEP_CANCELED,
+                                       {"step_key": step.key, "reason": self.stop_reason.value})])
+
+    async def _try(self, step: StepSpec, last: bool) -> bool:
+        """One try: announce it, run the tool, report how it ended; True when the step is finished."""
+        assert self.spec is not None
+        key = step.key
+        n = self.tries[key] = self.tries.get(key, 0) + 1
+        self.started.add(key)
+        started = self.ev(EventType.STEP_STARTED, {"step_key": key, "try": n})
+        try:
+            args = resolve_input(step, run_context(self.run_input, self.results, upstream(self.spec, key)))
+            name, args = self._dispatch(step, args)
+        except SelectorError as err:
+            error = err.message
+            await self.report([started, self._step_failed(key, error, StepErrorCode.SELECTOR_FAILED, False, False,
+                                                          self._created_tool(step), n),
+                               *self._failed_for_good(key, error, False)])
+            return True
+        tool = self.tools.get(name)
+        call_id = str(ULID())
+        invoked = {"tool_call_id": call_id, "step_key": key, "tool": name, "input": args, "try": n}
+        if tool is not None:
+            invoked["tool_version"] = tool.version
+        # Recorded before the tool runs: a stale attempt learns it here, before doing any work.
+        await self.report([started, self.ev(EventType.TOOL_INVOKED, invoked)])
+        if tool is None:
+            result = unavailable(name)
+        else:
+            call = TryCall(
+                run_id=self.run_id, step_key=key, attempt=self.handle.attempt if self.builtin else n,
+                timeout_seconds=step.timeout_seconds, workdir_base=self.config.workdir,
+                fetcher=self._fetch if self.artifacts is not None else None,
+                upload=self._uploader(key) if self.artifacts is not None else None,
+            )
+            try:
+                result = await race(asyncio.ensure_future(run_try(tool, args, call)), [self.stop])
+            except Interrupted:
+                await self._report_interrupted(key, call_id, name, n)
+                return True
+        return await self._report_result(key, call_id, name, n, result, last)
+
+    def _dispatch(self, step: StepSpec, args: Json) -> tuple[str, Json]:
+        """The tool a try invokes and its input (runtime.dispatch: the resolved `tool` with the resolved `args`)."""
+        if step.tool != DISPATCH:
+            return step.tool, args
+        tool, tool_args = args.get("tool"), args.get("args", {})
+        if not isinstance(tool, str) or not tool:
+            raise SelectorError("tool", "tool", "input.tool must name a tool")
+        if not isinstance(tool_args, dict):
+            raise SelectorError("args", "args", "input.args must be an object")
+        return tool, tool_args
+
+    async def _fetch(self, artifact: Mapping[str, Any], dest: str) -> None:
+        assert self.artifacts is not None
+        await self.artifacts.fetch(self.run_id, self.handle.attempt, artifact, dest)
+
+    def _uploader(self, key: str) -> Callable[[LocalArtifact], Awaitable[Json]]:
+        async def upload(artifact: LocalArtifact) -> Json:
+            assert self.artifacts is not None
+            return await self.artifacts.upload(self.run_id, self.handle.attempt, key, artifact)
+
+        return upload
+
+    def _step_failed(self, key: str, error: str, code: str, retryable: bool, will_retry: bool, tool: str,
+                     n: int) -> Any:
+        return self.ev(EventType.STEP_FAILED, {"step_key": key, "error": error[:8000], "code": str(code),
+                                               "retryable": retryable, "will_retry": will_retry, "tool": tool,
+                                               "try": n})
+
+    async def _report_result(self, key: str, call_id: str, tool: str, n: int, result: TryResult,
+                             last: bool) -> bool:
+        if result.ok:
+            self.results[key] = {"output": result.output, "artifacts": result.artifacts}
+            events = [
+                self.ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": result.output}),
+                self.ev(EventType.STEP_SUCCEEDED, {"step_key": key, "output": result.output,
+                                                   "artifacts": result.artifacts, "try": n}),
+            ]
+            assert self.spec is not None
+            if len(self.results) == len(self.spec.steps):
+                events.append(self._completed())
+                self.closed = Result.SUCCEEDED
+            await self.report(events)
+            return True
+        assert result.error is not None and result.code is not None
+        # The same worker would not find a missing tool on a second try: that is for another attempt.
+        will_retry = result.retryable and not last and result.code != StepErrorCode.TOOL_UNAVAILABLE
+        events = [
+            self.ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": result.error[:8000],
+                                            "output": result.output}),
+            self._step_failed(key, result.error, result.code, result.retryable, will_retry, tool, n),
+        ]
+        if not will_retry:
+            events += self._failed_for_good(key, result.error, result.retryable)
+        await self.report(events)
+        return not will_retry
+
+    def _failed_for_good(self, key: str, error: str, retryable: bool) -> list[Any]:
+        """A step failed with no try left: the one-step built-ins close the run here; a DAG stops its steps."""
+        if self.builtin:
+            self.closed = Result.FAILED
+            return [self.ev(EventType.RUN_FAILED, {"error": error[:8000], "retryable": retryable})]
+        if self._request_stop(_Stop.RUN_FAILED):
+            self.failure = (key, error)
+        return []
+
+    async def _report_interrupted(self, key: str, call_id: str, tool: str, n: int) -> None:
+        """The try was stopped mid-call: say how, unless the run is no longer ours."""
+        reason = self.stop_reason
+        if reason is _Stop.RELEASED:
+            await self.report([
+                self.ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": SHUTTING_DOWN}),
+                self._step_failed(key, SHUTTING_DOWN, StepErrorCode.INTERRUPTED, True, False, tool, n),
+            ])
+        elif reason is _Stop.RUN_FAILED or reason is _Stop.CANCELED:
+            error = "canceled" if reason is _Stop.CANCELED else f"canceled: step {self._failed_key()!r} failed"
+            await self.report([
+                self.ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": error}),
+                self.ev(EventType.STEP_CANCELED, {"step_key": key, "reason": reason.value}),
+            ])
+
+    def _failed_key(self) -> str:
+        return self.failure[0] if self.failure is not None else ""
+

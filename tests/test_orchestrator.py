@@ -1,0 +1,541 @@
+"""The worker's DAG orchestrator against a fake reporter: pure logic, no server.
+
+Each test builds a ClaimedRun carrying a spec (and the steps earlier attempts left), runs
+`execute` with tools the test controls, and checks the events reported, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+
+from services.run_worker.executor import Result, RunHandle
+from services.run_worker.orchestrator import EngineConfig, backoff_seconds, execute
+from services.run_worker.reporter import StaleAttempt
+from services.run_worker.tools import STOCK, ArtifactError, LocalArtifact, Tool, ToolContext, ToolError, as_tool
+from shared.gen.runs.v1 import run_pb2, worker_service_pb2, workflow_service_pb2
+from shared.workflow import RetryPolicy, parse_spec, spec_to_dict, to_proto_dict
+
+pytestmark = pytest.mark.timeout(30)
+DEADLINE = 10.0
+
+
+# --- fakes ---------------------------------------------------------------------------------------
+
+
+class FakeReporter:
+    """Records every report as a list of (type, payload) and answers RECORDED; hooks may act on a report."""
+
+    def __init__(self) -> None:
+        self.reports: list[list[tuple[str, dict[str, Any]]]] = []
+        self.changed = asyncio.Condition()
+        self.hooks: list[Callable[[list[tuple[str, dict[str, Any]]]], None]] = []
+        self.stale_on: str | None = None  # an event type whose report comes back STALE
+
+    @property
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        return [e for report in self.reports for e in report]
+
+    def types(self, step: str | None = None) -> list[str]:
+        """Event types in order; with `step`, only those about that step (tool events by their call ids)."""
+        calls = {p["tool_call_id"] for t, p in self.events if t == "tool.invoked" and p.get("step_key") == step}
+        return [t for t, p in self.events if step is None or (
+            not t.startswith("run.") and (p.get("step_key") == step or p.get("tool_call_id") in calls))]
+
+    def of(self, type_: str, step: str | None = None) -> list[dict[str, Any]]:
+        return [p for t, p in self.events if t == type_ and (step is None or p.get("step_key") == step)]
+
+    async def report(self, events: list[Any]) -> list[Any]:
+        await asyncio.sleep(0)  # a real report yields to the loop
+        batch = [(e.type, json_format.MessageToDict(e.payload)) for e in events]
+        assert len({e.attempt for e in events}) == 1
+        if self.stale_on is not None and any(t == self.stale_on for t, _ in batch):
+            raise StaleAttempt("not current")
+        self.reports.append(batch)
+        for hook in self.hooks:
+            hook(batch)
+        async with self.changed:
+            self.changed.notify_all()
+        return [worker_service_pb2.ReportResult(event_id=e.event_id, outcome=worker_service_pb2.REPORT_OUTCOME_RECORDED)
+                for e in events]
+
+    async def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(predicate), DEADLINE)
+            except TimeoutError:
+                raise AssertionError(f"timed out waiting for {what}; events: {self.types()}") from None
+
+
+class FakeArtifacts:
+    """Stands in for ArtifactClient: 'uploads' files into a dict by sha256 and 'fetches' them back."""
+
+    def __init__(self, refuse: ArtifactError | None = None) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.refuse = refuse
+        self.uploaded: list[tuple[str, str]] = []
+
+    async def upload(self, run_id: str, attempt: int, step_key: str, artifact: LocalArtifact) -> dict[str, Any]:
+        import hashlib
+
+        if self.refuse is not None:
+            raise self.refuse
+        data = Path(artifact.path).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        self.blobs[sha] = data
+        self.uploaded.append((step_key, artifact.name))
+        return {"name": artifact.name, "uri": f"mem://{sha}", "sha256": sha, "size": len(data),
+                "media_type": artifact.media_type}
+
+    async def fetch(self, run_id: str, attempt: int, artifact: dict[str, Any], dest: str) -> None:
+        Path(dest).write_bytes(self.blobs[artifact["sha256"]])
+
+
+class Gate:
+    """A tool that waits until the test opens its step's gate; tracks how many run at once."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.entered: dict[str, asyncio.Event] = {}
+        self.running = 0
+        self.most = 0
+        self.cancelled: list[str] = []
+
+    def _event(self, table: dict[str, asyncio.Event], key: str) -> asyncio.Event:
+        return table.setdefault(key, asyncio.Event())
+
+    def open(self, key: str) -> None:
+        self._event(self.gates, key).set()
+
+    async def entered_by(self, *keys: str) -> None:
+        await asyncio.wait_for(asyncio.gather(*(self._event(self.entered, k).wait() for k in keys)), DEADLINE)
+
+    async def __call__(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        self._event(self.entered, ctx.step_key).set()
+        try:
+            await self._event(self.gates, ctx.step_key).wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(ctx.step_key)
+            raise
+        finally:
+            self.running -= 1
+        return {"step": ctx.step_key, "args": args}
+
+
+def tools(**extra: Callable[[dict[str, Any], ToolContext], Awaitable[dict[str, Any]]]) -> dict[str, Tool]:
+    out = dict(STOCK)
+    out.update({name: as_tool(name, fn) for name, fn in extra.items()})
+    return out
+
+
+def claim(spec: dict[str, Any], run_input: dict[str, Any] | None = None, *, attempt: int = 1,
+          steps: list[dict[str, Any]] | None = None, workflow: str | None = None) -> Any:
+    """A ClaimedRun of `spec` (file form) as the API sends it."""
+    proto = json_format.ParseDict(to_proto_dict(spec_to_dict(parse_spec(spec))), workflow_service_pb2.WorkflowSpec())
+    claimed = worker_service_pb2.ClaimedRun(run_id="01RUN", workflow=workflow or spec["name"], attempt=attempt,
+                                            max_attempts=3, spec=proto)
+    claimed.input.update(run_input or {})
+    for state in steps or []:
+        s = claimed.steps.add(step_key=state["key"], tries=state.get("tries", 1),
+                              status=run_pb2.StepStatus.Value(f"STEP_STATUS_{state['status']}"))
+        s.output.update(state.get("output", {}))
+        for a in state.get("artifacts", []):
+            s.artifacts.add(**a)
+    return claimed
+
+
+def spec_of(*steps: dict[str, Any], name: str = "t") -> dict[str, Any]:
+    return {"name": name, "steps": list(steps)}
+
+
+async def start(claimed: Any, reporter: FakeReporter, tool_set: dict[str, Tool], *, artifacts: Any = None,
+                config: EngineConfig | None = None) -> tuple[RunHandle, asyncio.Task[Result]]:
+    handle = RunHandle(claimed.run_id, claimed.attempt)
+    task = asyncio.create_task(execute(claimed, handle, reporter, tool_set, artifacts,  # type: ignore[arg-type]
+                                       config or EngineConfig(step_parallelism=8)))
+    return handle, task
+
+
+async def run(claimed: Any, tool_set: dict[str, Tool] | None = None, **kw: Any) -> tuple[Result, FakeReporter]:
+    reporter = FakeReporter()
+    _, task = await start(claimed, reporter, tool_set or tools(), **kw)
+    return await asyncio.wait_for(task, DEADLINE), reporter
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+async def test_a_chain_reports_every_event_in_order_with_selected_inputs() -> None:
+    spec = spec_of(
+        {"key": "a", "tool": "echo", "input": {"x": "input.x"}, "args": {"k": 1}},
+        {"key": "b", "tool": "echo", "depends_on": ["a"], "input": {"x": "input.x", "up": "steps.a.output"}},
+    )
+    result, rep = await run(claim(spec, {"x": "hello"}))
+    assert result is Result.SUCCEEDED
+    assert rep.types() == [
+        "run.started", "step.created", "step.created",
+        "step.started", "tool.invoked", "tool.succeeded", "step.succeeded",
+        "step.started", "tool.invoked", "tool.succeeded", "step.succeeded", "run.completed",
+    ]
+    # run.started and every step.created go in one report, before anything else happens
+    assert [t for t, _ in rep.reports[0]][:3] == ["run.started", "step.created", "step.created"]
+    assert rep.of("step.created") == [{"step_key": "a", "tool": "echo", "depends_on": []},
+                                      {"step_key": "b", "tool": "echo", "depends_on": ["a"]}]
+    # step.started and tool.invoked share a report: the call is recorded before the tool runs
+    assert any([t for t, _ in r] == ["step.started", "tool.invoked"] for r in rep.reports)
+    a_call, b_call = rep.of("tool.invoked")
+    assert a_call["input"] == {"x": "hello", "k": 1.0} and a_call["try"] == 1 and a_call["tool_version"] == "1"
+    assert b_call["input"] == {"x": "hello", "up": {"x": "hello", "k": 1.0}}
+    assert rep.of("step.succeeded", "b")[0] == {"step_key": "b", "output": b_call["input"], "artifacts": [], "try": 1}
+    assert rep.of("run.completed") == [{"output": {"b": b_call["input"]}}]
+
+
+async def test_independent_steps_overlap_and_a_join_waits_for_both() -> None:
+    gate = Gate()
+    spec = spec_of(
+        {"key": "a", "tool": "echo"},
+        {"key": "b", "tool": "gate", "depends_on": ["a"]},
+        {"key": "c", "tool": "gate", "depends_on": ["a"]},
+        {"key": "d", "tool": "echo", "depends_on": ["b", "c"]},
+    )
+    reporter = FakeReporter()
+    _, task = await start(claim(spec), reporter, tools(gate=gate))
+    await gate.entered_by("b", "c")  # both running at once
+    assert gate.running == 2 and not reporter.of("step.started", "d")
+    gate.open("b")
+    await reporter.wait_for(lambda: bool(reporter.of("step.succeeded", "b")), "b to succeed")
+    assert not reporter.of("step.started", "d"), "d started before c finished"
+    gate.open("c")
+    assert await asyncio.wait_for(task, DEADLINE) is Result.SUCCEEDED
+    types = reporter.types()
+    started_d = next(i for i, (t, p) in enumerate(reporter.events) if t == "step.started" and p["step_key"] == "d")
+    done = [i for i, (t, p) in enumerate(reporter.events) if t == "step.succeeded" and p["step_key"] in "bc"]
+    assert len(done) == 2 and max(done) < started_d
+    assert types[-1] == "run.completed" and reporter.of("run.completed")[0]["output"].keys() == {"d"}
+
+
+async def test_at_most_step_parallelism_steps_run_at_once() -> None:
+    gate = Gate()
+    spec = spec_of(*({"key": f"s{i}", "tool": "gate"} for i in range(5)))
+    reporter = FakeReporter()
+    _, task = await start(claim(spec), reporter, tools(gate=gate), config=EngineConfig(step_parallelism=2))
+    await gate.entered_by("s0", "s1")
+    assert gate.running == 2
+    # the others are created but not started while the two slots are taken
+    assert {p["step_key"] for p in reporter.of("step.started")} == {"s0", "s1"}
+    for i in range(5):
+        gate.open(f"s{i}")
+    assert await asyncio.wait_for(task, DEADLINE) is Result.SUCCEEDED
+    assert gate.most == 2
+    assert len(reporter.of("step.succeeded")) == 5
+
+
+async def test_a_failing_step_is_retried_with_capped_exponential_backoff_and_jitter() -> None:
+    waits: list[float] = []
+    bounds: list[tuple[float, float]] = []
+
+    async def no_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    def top(lo: float, hi: float) -> float:
+        bounds.append((lo, hi))
+        return hi
+
+    spec = spec_of({"key": "flaky", "tool": "fail", "args": {"times": 3, "message": "flaky"},
+                    "retry": {"max_attempts": 4, "backoff_seconds": 2, "backoff_max_seconds": 5}})
+    result, rep = await run(claim(spec), config=EngineConfig(sleep=no_sleep, jitter=top))
+    assert result is Result.SUCCEEDED
+    assert bounds == [(1, 2), (2, 4), (2.5, 5)]  # c = min(5, 2 * 2**(k-1)), uniform(c/2, c)
+    assert waits == [2, 4, 5]
+    failed = rep.of("step.failed", "flaky")
+    assert [(f["try"], f["will_retry"], f["code"], f["retryable"], f["tool"]) for f in failed] == [
+        (1, True, "tool_failed", True, "fail"), (2, True, "tool_failed", True, "fail"),
+        (3, True, "tool_failed", True, "fail")]
+    assert [p["try"] for p in rep.of("tool.invoked")] == [1, 2, 3, 4]
+    assert len({p["tool_call_id"] for p in rep.of("tool.invoked")}) == 4  # a new tool call per try
+    assert rep.of("step.succeeded")[0]["try"] == 4
+    assert rep.of("tool.failed")[0] == {"tool_call_id": rep.of("tool.invoked")[0]["tool_call_id"],
+                                        "error": "flaky", "output": None}
+
+
+def test_backoff_grows_doubles_and_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=9, backoff_seconds=0.5, backoff_max_seconds=3)
+    assert [backoff_seconds(policy, k, lambda lo, hi: hi) for k in (1, 2, 3, 4, 5)] == [0.5, 1, 2, 3, 3]
+    assert [backoff_seconds(policy, k, lambda lo, hi: lo) for k in (1, 4)] == [0.25, 1.5]
+
+
+async def test_a_step_out_of_tries_fails_the_run_and_cancels_the_others_keeping_outputs() -> None:
+    gate = Gate()
+    spec = spec_of(
+        {"key": "ok", "tool": "echo", "args": {"v": 1}},
+        {"key": "slow", "tool": "gate"},
+        {"key": "bad", "tool": "fail", "depends_on": ["ok"], "args": {"message": "boom"},
+         "retry": {"max_attempts": 2, "backoff_seconds": 0.001}},
+        {"key": "after", "tool": "echo", "depends_on": ["bad"]},
+    )
+    reporter = FakeReporter()
+    _, task = await start(claim(spec), reporter, tools(gate=gate))
+    assert await asyncio.wait_for(task, DEADLINE) is Result.FAILED
+    assert gate.cancelled == ["slow"]
+    assert reporter.of("step.succeeded", "ok")[0]["output"] == {"v": 1.0}
+    assert [f["will_retry"] for f in reporter.of("step.failed", "bad")] == [True, False]
+    assert reporter.types("slow") == ["step.created", "step.started", "tool.invoked", "tool.failed", "step.canceled"]
+    assert reporter.of("tool.failed")[-1]["error"] == "canceled: step 'bad' failed"
+    assert reporter.of("step.canceled") == [{"step_key": "slow", "reason": "run_failed"},
+                                            {"step_key": "after", "reason": "run_failed"}]
+    assert reporter.types("after") == ["step.created", "step.canceled"]
+    assert reporter.events[-1] == ("run.failed", {"error": "step 'bad' failed: boom", "stop_reason": "step_failed",
+                                                  "step_key": "bad", "retryable": False})
+
+
+async def test_a_non_retryable_failure_is_not_retried() -> None:
+    spec = spec_of({"key": "x", "tool": "fail", "args": {"retryable": False},
+                    "retry": {"max_attempts": 5, "backoff_seconds": 0.001}})
+    result, rep = await run(claim(spec))
+    assert result is Result.FAILED
+    assert [(f["try"], f["retryable"], f["will_retry"]) for f in rep.of("step.failed")] == [(1, False, False)]
+
+
+async def test_a_resumed_run_skips_done_steps_uses_their_outputs_and_continues_the_try_count() -> None:
+    calls: list[str] = []
+
+    async def record(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        calls.append(ctx.step_key)
+        return {"got": args, "try": ctx.attempt}
+
+    spec = spec_of(
+        {"key": "a", "tool": "record"},
+        {"key": "b", "tool": "record", "depends_on": ["a"],
+         "input": {"prev": "steps.a.output.n", "file": "steps.a.artifacts[0].name"},
+         "retry": {"max_attempts": 4, "backoff_seconds": 0.001}},
+        {"key": "c", "tool": "record", "depends_on": ["b"]},
+    )
+    artifact = {"name": "f.txt", "uri": "mem://x", "sha256": "a" * 64, "size": 3, "media_type": "text/plain"}
+    claimed = claim(spec, attempt=2, steps=[
+        {"key": "a", "status": "SUCCEEDED", "tries": 1, "output": {"n": 7}, "artifacts": [artifact]},
+        {"key": "b", "status": "FAILED", "tries": 2},
+    ])
+    result, rep = await run(claimed, tools(record=record))
+    assert result is Result.SUCCEEDED
+    assert calls == ["b", "c"]  # a is never run again
+    assert [p["step_key"] for p in rep.of("step.created")] == ["b", "c"]
+    assert rep.of("tool.invoked", "b")[0]["input"] == {"prev": 7.0, "file": "f.txt"}
+    assert rep.of("step.started", "b") == [{"step_key": "b", "try": 3}]
+    assert rep.of("step.succeeded", "b")[0]["output"]["try"] == 3  # ToolContext.attempt is the step's try
+    assert rep.of("run.completed") == [{"output": {"c": rep.of("step.succeeded", "c")[0]["output"]}}]
+
+
+async def test_a_resumed_step_out_of_tries_still_gets_one_try_and_all_done_just_completes() -> None:
+    spec = spec_of({"key": "a", "tool": "fail", "retry": {"max_attempts": 2, "backoff_seconds": 0.001}})
+    result, rep = await run(claim(spec, steps=[{"key": "a", "status": "FAILED", "tries": 2}]))
+    assert result is Result.FAILED
+    assert [(f["try"], f["will_retry"]) for f in rep.of("step.failed")] == [(3, False)]
+    done = claim(spec, steps=[{"key": "a", "status": "SUCCEEDED", "output": {"z": 1}}])
+    result, rep = await run(done)
+    assert result is Result.SUCCEEDED
+    assert rep.types() == ["run.started", "run.completed"]
+    assert rep.of("run.completed") == [{"output": {"a": {"z": 1.0}}}]
+
+
+async def test_a_selector_that_yields_nothing_fails_the_step_and_the_run() -> None:
+    spec = spec_of({"key": "a", "tool": "echo", "input": {"x": "input.missing"}})
+    result, rep = await run(claim(spec, {"y": 1}))
+    assert result is Result.FAILED
+    assert rep.types("a") == ["step.created", "step.started", "step.failed"]
+    failed = rep.of("step.failed")[0]
+    assert (failed["code"], failed["retryable"], failed["will_retry"], failed["try"]) == ("selector_failed", False,
+                                                                                          False, 1)
+    assert "input.missing" in failed["error"] and not rep.of("tool.invoked")
+    assert rep.of("run.failed")[0]["stop_reason"] == "step_failed"
+
+
+async def test_cancel_interrupts_running_steps_and_cancels_pending_ones() -> None:
+    gate = Gate()
+    spec = spec_of({"key": "a", "tool": "gate"}, {"key": "b", "tool": "echo", "depends_on": ["a"]})
+    reporter = FakeReporter()
+    handle, task = await start(claim(spec), reporter, tools(gate=gate))
+    await gate.entered_by("a")
+    handle.cancel.set()
+    assert await asyncio.wait_for(task, DEADLINE) is Result.CANCELED
+    assert gate.cancelled == ["a"]
+    assert reporter.types()[-4:] == ["tool.failed", "step.canceled", "step.canceled", "run.canceled"]
+    assert reporter.of("tool.failed")[0]["error"] == "canceled"
+    assert reporter.of("step.canceled") == [{"step_key": "a", "reason": "canceled"},
+                                            {"step_key": "b", "reason": "canceled"}]
+    assert reporter.of("run.canceled") == [{"reason": "cancel requested"}]
+
+
+async def test_cancel_during_backoff_cancels_the_failed_step() -> None:
+    sleeping = asyncio.Event()
+
+    async def long_sleep(seconds: float) -> None:
+        sleeping.set()
+        await asyncio.sleep(60)
+
+    spec = spec_of({"key": "a", "tool": "fail", "retry": {"max_attempts": 3, "backoff_seconds": 1}})
+    reporter = FakeReporter()
+    handle, task = await start(claim(spec), reporter, tools(), config=EngineConfig(sleep=long_sleep))
+    await asyncio.wait_for(sleeping.wait(), DEADLINE)
+    handle.cancel.set()
+    assert await asyncio.wait_for(task, DEADLINE) is Result.CANCELED
+    assert reporter.types("a")[-2:] == ["step.failed", "step.canceled"]
+    assert reporter.types()[-1] == "run.canceled"
+
+
+async def test_release_fails_running_steps_as_interrupted_and_gives_the_run_back() -> None:
+    gate = Gate()
+    spec = spec_of({"key": "a", "tool": "gate"}, {"key": "b", "tool": "gate"}, {"key": "c", "tool": "echo",
+                                                                                "depends_on": ["a"]})
+    reporter = FakeReporter()
+    handle, task = await start(claim(spec), reporter, tools(gate=gate))
+    await gate.entered_by("a", "b")
+    handle.release.set()
+    assert await asyncio.wait_for(task, DEADLINE) is Result.RELEASED
+    assert sorted(gate.cancelled) == ["a", "b"]
+    for key in "ab":
+        assert reporter.types(key)[-2:] == ["tool.failed", "step.failed"]
+        failed = reporter.of("step.failed", key)[0]
+        assert (failed["code"], failed["retryable"], failed["will_retry"], failed["error"]) == (
+            "interrupted", True, False, "worker shutting down")
+    assert reporter.types("c") == ["step.created"]  # pending: nothing
+    assert reporter.events[-1] == ("run.failed", {"error": "worker shut down before the run finished",
+                                                  "retryable": True, "released": True})
+
+
+async def test_a_lost_run_stops_at_once_and_reports_nothing_more() -> None:
+    gate = Gate()
+    spec = spec_of({"key": "a", "tool": "gate"}, {"key": "b", "tool": "echo", "depends_on": ["a"]})
+    reporter = FakeReporter()
+    handle, task = await start(claim(spec), reporter, tools(gate=gate))
+    await gate.entered_by("a")
+    count = len(reporter.events)
+    handle.lost.set()
+    assert await asyncio.wait_for(task, DEADLINE) is Result.LOST
+    assert gate.cancelled == ["a"] and len(reporter.events) == count
+
+
+async def test_a_stale_report_stops_the_run() -> None:
+    spec = spec_of({"key": "a", "tool": "echo"}, {"key": "b", "tool": "echo", "depends_on": ["a"]})
+    reporter = FakeReporter()
+    reporter.stale_on = "tool.succeeded"
+    _, task = await start(claim(spec), reporter, tools())
+    assert await asyncio.wait_for(task, DEADLINE) is Result.LOST
+    assert reporter.types() == ["run.started", "step.created", "step.created", "step.started", "tool.invoked"]
+
+
+async def test_a_step_timeout_fails_the_try_as_tool_timeout() -> None:
+    spec = spec_of({"key": "a", "tool": "sleep", "args": {"seconds": 30}, "timeout_seconds": 0.05})
+    started = time.monotonic()
+    result, rep = await run(claim(spec))
+    assert result is Result.FAILED and time.monotonic() - started < 5
+    failed = rep.of("step.failed")[0]
+    assert (failed["code"], failed["retryable"], failed["error"]) == ("tool_timeout", True,
+                                                                      "step timed out after 0.05s")
+
+
+async def test_a_tool_the_worker_lacks_fails_as_unavailable_without_retrying_here() -> None:
+    spec = spec_of({"key": "a", "tool": "nope", "retry": {"max_attempts": 3}})
+    result, rep = await run(claim(spec))
+    assert result is Result.FAILED
+    invoked = rep.of("tool.invoked")[0]
+    assert invoked["tool"] == "nope" and "tool_version" not in invoked
+    assert [(f["code"], f["will_retry"]) for f in rep.of("step.failed")] == [("tool_unavailable", False)]
+
+
+async def test_runtime_tool_dispatches_names_the_real_tool_and_keeps_run_level_retries() -> None:
+    spec = {"name": "runtime.tool", "steps": [{"key": "runtime", "tool": "runtime.dispatch",
+                                               "input": {"tool": "input.tool", "args": "input.args || `{}`"}}]}
+    result, rep = await run(claim(spec, {"tool": "echo", "args": {"a": 1}}))
+    assert result is Result.SUCCEEDED
+    assert rep.of("step.created") == [{"step_key": "runtime", "tool": "echo", "depends_on": []}]
+    assert rep.of("tool.invoked")[0]["input"] == {"a": 1.0} and rep.of("tool.invoked")[0]["tool"] == "echo"
+    assert rep.of("run.completed") == [{"output": {"runtime": {"a": 1.0}}}]
+    assert len(rep.reports) == 2  # as before: announce, then the result with run.completed
+
+    # a failure ends the run with the tool's retryable and no stop_reason: the API re-queues it
+    result, rep = await run(claim(spec, {"tool": "fail", "args": {"message": "flaky", "times": 1}}, attempt=1))
+    assert result is Result.FAILED
+    assert rep.of("step.failed")[0]["will_retry"] is False
+    assert rep.events[-1] == ("run.failed", {"error": "flaky", "retryable": True})
+    # the fail tool's `times` counts run attempts for the one-step built-ins
+    result, rep = await run(claim(spec, {"tool": "fail", "args": {"message": "flaky", "times": 1}}, attempt=2,
+                                  steps=[{"key": "runtime", "status": "FAILED", "tries": 1}]))
+    assert result is Result.SUCCEEDED
+    assert rep.of("step.started")[0]["try"] == 2
+
+
+async def test_runtime_tool_without_the_tool_fails_like_before() -> None:
+    spec = {"name": "runtime.tool", "steps": [{"key": "runtime", "tool": "runtime.dispatch",
+                                               "input": {"tool": "input.tool", "args": "input.args || `{}`"}}]}
+    no_shell = {name: tool for name, tool in tools().items() if name != "shell"}
+    result, rep = await run(claim(spec, {"tool": "shell", "args": {"command": ["true"]}}), no_shell)
+    assert result is Result.FAILED
+    assert rep.events[-1] == ("run.failed", {"error": "tool 'shell' is not enabled on this worker (RUN_WORKER_TOOLS)",
+                                             "retryable": True})
+
+
+async def test_artifacts_are_uploaded_recorded_and_fetched_downstream(tmp_path: Path) -> None:
+    async def make(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        (Path(ctx.workdir) / "out").mkdir()
+        (Path(ctx.workdir) / "out" / "a.txt").write_text("hello")
+        ctx.add_artifact("out/a.txt")
+        return {}
+
+    async def use(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        path = await ctx.fetch_artifact(args["file"], "in.txt")
+        return {"read": Path(path).read_text(), "inside": Path(path).parent == Path(ctx.workdir)}
+
+    spec = spec_of({"key": "a", "tool": "make"},
+                   {"key": "b", "tool": "use", "depends_on": ["a"], "input": {"file": "steps.a.artifacts[0]"}})
+    store = FakeArtifacts()
+    result, rep = await run(claim(spec), tools(make=make, use=use), artifacts=store,
+                            config=EngineConfig(workdir=str(tmp_path)))
+    assert result is Result.SUCCEEDED
+    (artifact,) = rep.of("step.succeeded", "a")[0]["artifacts"]
+    assert (artifact["name"], artifact["size"], artifact["media_type"]) == ("out/a.txt", 3 + 2, "text/plain")
+    assert rep.of("step.succeeded", "b")[0]["output"] == {"read": "hello", "inside": True}
+    assert list(tmp_path.iterdir()) == []  # each try's directory is removed after it
+
+
+async def test_a_refused_upload_fails_the_try_as_artifact_failed() -> None:
+    async def make(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        (Path(ctx.workdir) / "big.bin").write_bytes(b"x")
+        ctx.add_artifact("big.bin")
+        return {"made": True}
+
+    refused = ArtifactError("upload of artifact 'big.bin' refused: RESOURCE_EXHAUSTED: too big", retryable=False)
+    spec = spec_of({"key": "a", "tool": "make", "retry": {"max_attempts": 3}})
+    result, rep = await run(claim(spec), tools(make=make), artifacts=FakeArtifacts(refuse=refused))
+    assert result is Result.FAILED
+    failed = rep.of("step.failed")[0]
+    assert (failed["code"], failed["retryable"], failed["will_retry"]) == ("artifact_failed", False, False)
+    assert rep.of("tool.failed")[0]["output"] == {"made": True}
+
+
+async def test_a_tool_returning_a_non_object_fails_not_retryable() -> None:
+    async def bad(args: dict[str, Any], ctx: ToolContext) -> Any:
+        return [1, 2]
+
+    async def raises(args: dict[str, Any], ctx: ToolContext) -> Any:
+        raise ToolError("nope", retryable=False, output={"partial": 1})
+
+    result, rep = await run(claim(spec_of({"key": "a", "tool": "bad"})), tools(bad=bad))
+    assert result is Result.FAILED and "returned list, not an object" in rep.of("step.failed")[0]["error"]
+    result, rep = await run(claim(spec_of({"key": "a", "tool": "raises"})), tools(raises=raises))
+    assert rep.of("tool.failed")[0]["output"] == {"partial": 1.0}
+
+
+async def test_an_invalid_spec_fails_the_run() -> None:
+    claimed = worker_service_pb2.ClaimedRun(run_id="01RUN", workflow="x", attempt=1)
+    result, rep = await run(claimed)
+    assert result is Result.FAILED
+    assert rep.types() == ["run.started", "run.failed"]
+    assert rep.of("run.failed")[0]["retryable"] is False
