@@ -17,7 +17,9 @@ from features.harness import Api, Client, worker_once
 from services.run_api import db
 from shared.channels import channel as open_channel
 from shared.gen.runs.v1 import workflow_service_pb2, workflow_service_pb2_grpc
-from tests.test_security import host_key, refused, stop_all, violations
+
+# api and client are fixtures: a run API process with auth off, and a client of it.
+from tests.test_security import api, client, host_key, refused, stop_all, violations
 
 Code = grpc.StatusCode
 
@@ -25,21 +27,6 @@ Code = grpc.StatusCode
 def spec(name: str, value: int, **step: Any) -> dict[str, Any]:
     """A one-step echo workflow whose step returns {"v": value}."""
     return {"name": name, "steps": [{"key": "only", "tool": "echo", "args": {"v": value}, **step}]}
-
-
-@pytest.fixture
-def api(database_url: str) -> Iterator[Api]:
-    process = Api(database_url)
-    process.start()
-    yield process
-    stop_all(process)
-
-
-@pytest.fixture
-def client(api: Api) -> Iterator[Client]:
-    c = Client(api.addr)
-    yield c
-    c.close()
 
 
 def get(client: Client, name: str, version: int = 0) -> Any:

@@ -18,7 +18,7 @@ import grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import handlers
+from services.run_api import convert, handlers
 from services.run_api.artifacts import ArtifactMissing, ArtifactStore, check_artifact_name, check_sha256
 from services.run_api.auth import current_caller
 from services.run_api.checks import MAX_IDENTIFIER, check_identifier, check_text
@@ -105,17 +105,6 @@ async def held_run(uow: UnitOfWork, worker_id: str, session_token: str, run_id: 
         f"run {run_id} attempt {attempt} is no longer held by this worker (the run is {run.status}, "
         f"attempt {run.attempt}): a stale attempt can record nothing"
     )
-
-
-def artifact_message(row: Any) -> run_pb2.Artifact:
-    """A run_artifacts row as an Artifact."""
-    out = run_pb2.Artifact(
-        run_id=row.run_id, step_key=row.step_key, name=row.name, uri=row.uri, sha256=row.sha256,
-        size=row.size, media_type=row.media_type,
-    )
-    if row.created_at is not None:
-        out.created_at.FromDatetime(row.created_at)
-    return out
 
 
 # --- handlers ----------------------------------------------------------------------------------
@@ -207,6 +196,6 @@ async def download_artifact(
     if not await store.exists(run.tenant_id, row.sha256):
         log.error("an artifact's bytes are missing from the store", extra={"run_id": request.run_id})
         raise ArtifactMissing(row.sha256)
-    yield run_service_pb2.DownloadArtifactResponse(artifact=artifact_message(row))
+    yield run_service_pb2.DownloadArtifactResponse(artifact=convert.artifact(row.run_id, row.step_key, row))
     async for chunk in store.read(run.tenant_id, row.sha256, CHUNK_BYTES):
         yield run_service_pb2.DownloadArtifactResponse(chunk=chunk)
