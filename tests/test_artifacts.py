@@ -1,9 +1,8 @@
 """Artifacts: the content-addressed store, and the upload/fetch/download RPCs against a real API and PostgreSQL.
 
 The store tests use real fsspec filesystems (a local folder, fsspec's in-memory one). The RPC tests
-run a real API process on a fresh database: runs are started, claimed and reported through its
-WorkerService and RunService as a worker and a client would, and the artifact calls go through the
-real interceptor (caller, roles, error mapping) to services.run_api.artifact_service.
+run a real API process on a fresh database with its store in a temporary folder: runs are started,
+claimed and reported, and artifacts uploaded, fetched and downloaded, as a worker and a client would.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import pytest
 from ulid import ULID
 
 from features.harness import Api, wait_until
-from services.run_api import artifact_service, auth, db
+from services.run_api import auth, db
 from services.run_api.artifacts import (
     ArtifactMissing,
     ArtifactStore,
@@ -32,7 +31,6 @@ from services.run_api.artifacts import (
     tenant_segment,
 )
 from services.run_api.errors import InvalidRequest, RunsError
-from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.store.uow import UnitOfWork
 from shared.gen.runs.v1 import (
     run_service_pb2,
@@ -218,43 +216,6 @@ MAX_BYTES = 1_000_000
 ADMIN_KEY = f"test-admin-{secrets.token_urlsafe(24)}"
 
 
-def _handlers(engine: Any, store: ArtifactStore, max_bytes: int) -> tuple[grpc.GenericRpcHandler, ...]:
-    """The three artifact methods exactly as the servicers delegate them."""
-
-    async def upload(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await artifact_service.upload_artifact(engine, store, max_bytes, requests, context)
-
-    async def fetch(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async for message in artifact_service.fetch_artifact(engine, store, request, context):
-            yield message
-
-    async def download(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async for message in artifact_service.download_artifact(engine, store, request, context):
-            yield message
-
-    return (
-        grpc.method_handlers_generic_handler(
-            "runs.v1.WorkerService",
-            {
-                "UploadArtifact": grpc.stream_unary_rpc_method_handler(
-                    upload, W.UploadArtifactRequest.FromString, W.UploadArtifactResponse.SerializeToString
-                ),
-                "FetchArtifact": grpc.unary_stream_rpc_method_handler(
-                    fetch, W.FetchArtifactRequest.FromString, W.FetchArtifactResponse.SerializeToString
-                ),
-            },
-        ),
-        grpc.method_handlers_generic_handler(
-            "runs.v1.RunService",
-            {
-                "DownloadArtifact": grpc.unary_stream_rpc_method_handler(
-                    download, R.DownloadArtifactRequest.FromString, R.DownloadArtifactResponse.SerializeToString
-                ),
-            },
-        ),
-    )
-
-
 @dataclass
 class Held:
     """A run a worker claimed: what its artifact calls must carry."""
@@ -266,19 +227,16 @@ class Held:
 
 
 class Stack:
-    """A real API (runs, claims, reports, keys) and the artifact RPCs on the same database and store."""
+    """A real API process, its artifact store's folder, and keys made on its database (auth required)."""
 
-    def __init__(self, api: Api, artifacts_addr: str, root: Path, engine: Any, auth_mode: str) -> None:
-        self.api, self.artifacts_addr, self.root = api, artifacts_addr, root
-        self.engine, self.auth_mode = engine, auth_mode
-        self.api_channel = grpc.aio.insecure_channel(api.addr)
-        self.artifact_channel = grpc.aio.insecure_channel(artifacts_addr)
+    def __init__(self, api: Api, root: Path, engine: Any, auth_mode: str) -> None:
+        self.api, self.root, self.engine, self.auth_mode = api, root, engine, auth_mode
+        self.channel = grpc.aio.insecure_channel(api.addr)
         self.keys: dict[tuple[str, str], str] = {}
         self.sessions: dict[tuple[str, str], str] = {}  # (worker instance, tenant) -> its session token
 
     async def close(self) -> None:
-        await self.api_channel.close()
-        await self.artifact_channel.close()
+        await self.channel.close()
 
     async def key(self, role: str, tenant: str = "default") -> tuple[tuple[str, str], ...]:
         """Call metadata with a key of `role` in `tenant` (none when auth is off)."""
@@ -293,18 +251,18 @@ class Stack:
         return (("authorization", f"Bearer {self.keys[(role, tenant)]}"),)
 
     def worker(self) -> worker_service_pb2_grpc.WorkerServiceStub:
-        return worker_service_pb2_grpc.WorkerServiceStub(self.api_channel)
+        return worker_service_pb2_grpc.WorkerServiceStub(self.channel)
 
     def artifacts(self) -> worker_service_pb2_grpc.WorkerServiceStub:
-        return worker_service_pb2_grpc.WorkerServiceStub(self.artifact_channel)
+        return worker_service_pb2_grpc.WorkerServiceStub(self.channel)
 
     def downloads(self) -> run_service_pb2_grpc.RunServiceStub:
-        return run_service_pb2_grpc.RunServiceStub(self.artifact_channel)
+        return run_service_pb2_grpc.RunServiceStub(self.channel)
 
     async def held_run(self, worker: str = "w1", tenant: str = "default") -> Held:
         """Start a runtime.noop run in a fresh workspace and claim it as `worker` (its session opens)."""
         workspace = f"ws-{str(ULID()).lower()}"
-        client = run_service_pb2_grpc.RunServiceStub(self.api_channel)
+        client = run_service_pb2_grpc.RunServiceStub(self.channel)
         started = await client.StartRun(
             R.StartRunRequest(workflow="runtime.noop", workspace_id=workspace),
             metadata=await self.key("client", tenant), timeout=10,
@@ -389,18 +347,12 @@ async def _stack(database_url: str, tmp_path: Path, auth_mode: str) -> AsyncIter
         env.update(RUNS_AUTH="required", RUNS_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY, RUNS_AUTH_CACHE_SECONDS="0.2")
     api = Api(database_url, **env)
     await asyncio.to_thread(api.start)
-    engine = db.make_engine(database_url, pool_size=4)
-    store = ArtifactStore(str(root))
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(auth.Authenticator(engine, auth_mode).calling)])
-    server.add_generic_rpc_handlers(_handlers(engine, store, MAX_BYTES))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    stack = Stack(api, f"127.0.0.1:{port}", root, engine, auth_mode)
+    engine = db.make_engine(database_url, pool_size=2)
+    stack = Stack(api, root, engine, auth_mode)
     try:
         yield stack
     finally:
         await stack.close()
-        await server.stop(None)
         await engine.dispose()
         await asyncio.to_thread(_stop, api)
 
@@ -531,7 +483,7 @@ async def test_garbage_inside_an_upload_is_invalid_argument(stack: Stack) -> Non
         worker_id="w1", session_token=held.token, run_id=held.run_id, attempt=held.attempt, step_key="runtime",
         name="a.txt",
     )).SerializeToString()
-    upload = stack.artifact_channel.stream_unary("/runs.v1.WorkerService/UploadArtifact", None, None)
+    upload = stack.channel.stream_unary("/runs.v1.WorkerService/UploadArtifact", None, None)
     for garbage in (b"\xff\xff\xff", b"\x12\x05ab"):  # no such wire type; a chunk cut short
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await upload(iter([header, garbage]), timeout=10)
