@@ -822,6 +822,46 @@ list_keys = fields(
     {"page_size": int_field(0, 5), "page_token": text_field(""), "include_revoked": (st.booleans(), st.booleans())}
 ).map(lambda f: key_service_pb2.ListKeysRequest(**f))
 revoke_key = fields({"key_id": text_field("k_unknown", "")}).map(lambda f: key_service_pb2.RevokeKeyRequest(**f))
+list_run_steps = fields({"run_id": run_id_field, "status": int_field(0, 6)}).map(
+    lambda f: run_service_pb2.ListRunStepsRequest(**f)
+)
+list_run_artifacts = fields({"run_id": run_id_field}).map(lambda f: run_service_pb2.ListRunArtifactsRequest(**f))
+artifact_name_field = text_field("a.txt", "site/index.html", "../escape", "/abs", "")
+download_artifact = fields(
+    {"run_id": run_id_field, "step_key": text_field("runtime", ""), "name": artifact_name_field}
+).map(lambda f: run_service_pb2.DownloadArtifactRequest(**f))
+artifact_header = fields(
+    {
+        "worker_id": worker_id_field,
+        "session_token": session_field,
+        "run_id": held_run_id_field,
+        "attempt": int_field(1, 2),
+        "step_key": text_field("runtime", ""),
+        "name": artifact_name_field,
+        "media_type": text_field("", "text/plain", "nonsense"),
+    }
+).map(lambda f: worker_service_pb2.ArtifactHeader(**f))
+# Sent as a one-message client stream: a header (an empty artifact) or a chunk without a header.
+upload_artifact = st.one_of(
+    artifact_header.map(lambda h: worker_service_pb2.UploadArtifactRequest(header=h)),
+    st.binary(max_size=64).map(lambda b: worker_service_pb2.UploadArtifactRequest(chunk=b)),
+)
+fetch_artifact = fields(
+    {
+        "worker_id": worker_id_field,
+        "session_token": session_field,
+        "run_id": held_run_id_field,
+        "attempt": int_field(1, 2),
+        "sha256": (st.sampled_from(["0" * 64, ""]), st.from_regex(r"\A[0-9a-f]{64}\Z") | hostile_texts),
+    }
+).map(lambda f: worker_service_pb2.FetchArtifactRequest(**f))
+artifact_calls = st.one_of(
+    st.tuples(st.just("ListRunSteps"), list_run_steps.map(Req)),
+    st.tuples(st.just("ListRunArtifacts"), list_run_artifacts.map(Req)),
+    st.tuples(st.just("DownloadArtifact"), download_artifact.map(Req)),
+    st.tuples(st.just("UploadArtifact"), upload_artifact.map(Req)),
+    st.tuples(st.just("FetchArtifact"), fetch_artifact.map(Req)),
+)
 key_calls = st.one_of(
     st.tuples(st.just("CreateKey"), create_key.map(Req)),
     st.tuples(st.just("ListKeys"), list_keys.map(Req)),
@@ -841,6 +881,11 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "CreateKey": create_key,
     "ListKeys": list_keys,
     "RevokeKey": revoke_key,
+    "ListRunSteps": list_run_steps,
+    "ListRunArtifacts": list_run_artifacts,
+    "DownloadArtifact": download_artifact,
+    "UploadArtifact": upload_artifact,
+    "FetchArtifact": fetch_artifact,
 }
 
 
@@ -1011,6 +1056,13 @@ def test_get_stats(stack: Stack) -> None:
 @given(key_call=key_calls)
 def test_key_service(stack: Stack, key_call: tuple[str, Req]) -> None:
     call(stack, key_call[0], key_call[1].message)
+
+
+@FUZZ
+@given(artifact_call=artifact_calls)
+def test_steps_and_artifacts(stack: Stack, artifact_call: tuple[str, Req]) -> None:
+    name = artifact_call[0]
+    call(stack, name, artifact_call[1].message, timeout=3.0 if RPCS[name].stream else 10.0)
 
 
 @FUZZ

@@ -530,8 +530,8 @@ async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
     if result.rowcount != 1:
         raise RuntimeError(f"projection of {t} #{event.sequence} for run {event.run_id} matched no row")
     if t in (EventType.RUN_FAILED, EventType.RUN_CANCELED):
-        reason = "canceled" if t == EventType.RUN_CANCELED else "run_failed"
-        await conn.execute(Q.run_steps_project_run_ended, {**base, "reason": reason})
+        ended = "canceled" if t == EventType.RUN_CANCELED else "run_failed"
+        await conn.execute(Q.run_steps_project_run_ended, {**base, "reason": ended})
 
 
 async def _touch(conn: AsyncConnection, last: StoredEvent) -> None:
