@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from features.harness import Api
+from features.harness import Api, Worker
 from services.cli import __main__ as cli
 from services.cli import common, keys
 from services.cli import steps as steps_cli
@@ -1731,11 +1732,14 @@ def test_main_picks_the_workflow_stub_for_registry_commands(monkeypatch: pytest.
 
 
 @pytest.fixture
-def live_api(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
-    """A real run API process (auth off, the project's workflows/ registered), and no key or TLS from our env."""
+def live_api(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    """A real run API process (auth off, the project's workflows/ registered, artifacts in a temporary folder),
+    and no key or TLS from our environment."""
     for name in ("RUNS_API_KEY", "RUNS_TLS_CA", "RUNS_TLS_CERT", "RUNS_TLS_KEY", "RUN_API_ADDR"):
         monkeypatch.delenv(name, raising=False)
-    process = Api(database_url)
+    process = Api(database_url, RUNS_ARTIFACTS_URL=str(tmp_path_factory.mktemp("artifacts")))
     process.start()
     try:
         yield process
@@ -1806,3 +1810,66 @@ def test_live_registry_list_show_register_and_pin(
     assert runs(capsys, live_api, "steps", run["run_id"])[:2] == (0, "no steps\n")
     assert runs(capsys, live_api, "artifacts", run["run_id"])[:2] == (0, "no artifacts\n")
     assert runs(capsys, live_api, "steps", "01NOSUCHRUN")[0] == 3
+
+
+def test_live_campaign_run_dag_steps_and_verified_artifacts(
+    live_api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The sample end to end through the CLI: start --wait, get (the DAG), steps, artifacts, artifact -o."""
+    worker = Worker(live_api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,sleep,fail,shell")
+    worker.start()
+    try:
+        code, out, err = runs(
+            capsys, live_api, "start", "--workflow", "campaign.build", "--json", "--wait", "--timeout", "90",
+            "--input", '{"product": "Acme Rockets", "audience": "coyotes", "color": "#d9480f"}',
+        )
+        assert code == 0, err
+    finally:
+        worker.stop()
+        log = worker.output()[-6000:]
+        worker.log_path.unlink(missing_ok=True)
+    request.addfinalizer(lambda: print(f"--- worker ---\n{log}"))  # after the test's own captured output
+    run = json.loads(out)
+    run_id = run["run_id"]
+    assert run["status"] == "RUN_STATUS_SUCCEEDED" and run["workflow_version"] >= 1
+    assert run["output"]["bundle"]["result"]["files"] == ["brief.txt", "copy.txt", "hero.svg", "index.html"]
+
+    code, out, _ = runs(capsys, live_api, "get", run_id)
+    assert code == 0
+    head, steps_part = out.split("\n\nsteps:\n", 1)
+    fields = {line.split()[0]: line.split(None, 1)[1] for line in head.splitlines() if not line.startswith(" ")}
+    assert fields["steps_summary"] == "5 steps: 5 succeeded"
+    assert '"files":["brief.txt","copy.txt","hero.svg","index.html"]' in fields["output"]
+    rows = table_rows(steps_part.split("\n\n")[0])
+    keys = [r["STEP"] for r in rows]
+    assert keys[0] == "brief" and set(keys[1:3]) == {"copy", "images"} and keys[3:] == ["landing_page", "bundle"]
+    assert {(r["STATUS"], r["TRIES"]) for r in rows} == {("SUCCEEDED", "1")}
+    assert all(r["DURATION"].endswith(("ms", "s")) for r in rows)
+    assert {r["STEP"]: r["DEPENDS_ON"] for r in rows}["landing_page"] in ("copy,images", "images,copy")
+
+    code, out, _ = runs(capsys, live_api, "steps", run_id, "--status", "succeeded")
+    assert code == 0 and len(table_rows(out)) == 5
+    assert runs(capsys, live_api, "steps", run_id, "--status", "failed")[:2] == (0, "no steps\n")
+
+    code, out, _ = runs(capsys, live_api, "artifacts", run_id, "--json")
+    assert code == 0
+    artifacts = json.loads(out)["artifacts"]
+    assert sorted((a["step_key"], a["name"]) for a in artifacts) == [
+        ("brief", "brief.txt"), ("bundle", "campaign.zip"), ("copy", "copy.txt"), ("images", "hero.svg"),
+        ("landing_page", "index.html"),
+    ]
+    code, out, _ = runs(capsys, live_api, "artifacts", run_id)
+    assert code == 0 and {r["SHA256"] for r in table_rows(out)} == {a["sha256"][:12] for a in artifacts}
+
+    for artifact in artifacts:
+        target = tmp_path / artifact["name"]
+        code, out, err = runs(capsys, live_api, "artifact", run_id, artifact["step_key"], artifact["name"],
+                              "-o", str(target))
+        assert code == 0, err
+        data = target.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == artifact["sha256"] and len(data) == int(artifact["size"])
+    with zipfile.ZipFile(tmp_path / "campaign.zip") as bundle:
+        assert bundle.read("index.html") == (tmp_path / "index.html").read_bytes()
+        assert bundle.read("hero.svg").decode() in (tmp_path / "index.html").read_text()
+    code, _, err = runs(capsys, live_api, "artifact", run_id, "bundle", "nope.zip", "-o", str(tmp_path / "nope.zip"))
+    assert code == 3 and err.startswith("error: NOT_FOUND: ") and not (tmp_path / "nope.zip").exists()

@@ -35,6 +35,7 @@ from shared.workflow import StepSpec, WorkflowSpec, order
 
 STEP_STATUS_CHOICES = ("created", "running", "succeeded", "failed", "skipped", "canceled")
 SHA256_SHOWN = 12  # hex digits of a sha256 in tables
+MAX_ERROR_CELL = 100  # a step's error is the cell people read the table for
 DOWNLOAD_DEADLINE_SECONDS = 600.0  # a whole download (artifacts are at most 64 MiB by default)
 
 
@@ -132,7 +133,7 @@ def format_steps_table(steps: Sequence[run_pb2.Step], now: datetime) -> str:
                 cell(",".join(s.depends_on)),
                 cell(s.tool),
                 iso_time(s, "started_at"),
-                cell(step_problem(s)),
+                cell(step_problem(s), MAX_ERROR_CELL),
             )
             for s in dag_order(steps)
         ),
