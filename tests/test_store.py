@@ -17,6 +17,7 @@ from services.run_api.auth import Caller
 from services.run_api.reaper import Reaper, ReaperConfig
 from services.run_api.store.events import Outcome
 from services.run_api.store.uow import UnitOfWork
+from shared.backoff import backoff_seconds
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,7 +125,7 @@ async def test_a_failed_attempt_with_attempts_left_is_requeued(engine: AsyncEngi
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     rng = random.Random(7)
-    delays = [handlers.backoff_seconds(a, 1.0, 10.0, rng) for a in range(1, 8)]
+    delays = [backoff_seconds(a, 1.0, 10.0, rng.uniform) for a in range(1, 8)]
     assert 0.5 <= delays[0] <= 1.0
     assert 2.0 <= delays[2] <= 4.0
     assert all(d <= 10.0 for d in delays)

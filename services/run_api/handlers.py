@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from services.run_api.payloads import MAX_JSON_DEPTH, MAX_REASON_CHARS, json_dep
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
+from shared.backoff import backoff_seconds
 from shared.events import EventType, RunStatus, StepStatus
 from shared.workflows import DEFAULT_WORKFLOW, TOOL_WORKFLOW, WorkflowInputError, plan
 
@@ -479,12 +479,6 @@ _STOP_REASON: dict[str, str] = {
     EventType.RUN_FAILED: "failed",
     EventType.RUN_CANCELED: "canceled",
 }
-
-
-def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: a random delay up to min(cap, base * 2**(attempt-1))."""
-    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
-    return (rng or random).uniform(ceiling / 2, ceiling) if ceiling > 0 else 0.0
 
 
 async def report_events(

@@ -21,11 +21,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api.errors import StoreUnavailable
-from services.run_api.handlers import backoff_seconds, utcnow
+from services.run_api.handlers import utcnow
 from services.run_api.interceptors import translate
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
+from shared.backoff import backoff_seconds
 from shared.events import EventType, StopReason
 
 log = logging.getLogger(__name__)
