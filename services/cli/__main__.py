@@ -1,4 +1,4 @@
-"""`runs`: the command-line client of the Run API (runs.v1.RunService and KeyService over gRPC).
+"""`runs`: the command-line client of the Run API (runs.v1.RunService, WorkflowService and KeyService over gRPC).
 
 Commands:
   runs start [--workflow W [--workflow-version N]] [--input JSON] [--idempotency-key K]
@@ -118,7 +118,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="runs",
-        description="Start, inspect, watch and cancel runs of the Run API; manage its API keys.",
+        description="Start, inspect, watch and cancel runs of the Run API; register workflows; manage API keys.",
         epilog=EXIT_CODES,
         formatter_class=formatter,
         parents=[global_flags(environ, suppress=False)],

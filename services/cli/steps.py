@@ -52,8 +52,8 @@ def add_parsers(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
 
     artifact = add("artifact", "Download one artifact to a file, checking its sha256.")
     artifact.add_argument("run_id", metavar="RUN")
-    artifact.add_argument("step_key", metavar="STEP")
-    artifact.add_argument("name", metavar="NAME")
+    artifact.add_argument("step_key", metavar="STEP", help="the step that produced it")
+    artifact.add_argument("name", metavar="NAME", help="its name in that step (see `runs artifacts RUN`)")
     artifact.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write it (replaced)")
 
 
