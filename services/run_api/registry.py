@@ -144,11 +144,19 @@ class SpecCache:
         return {h: self._specs[h] for h in hashes if h in self._specs}
 
 
-async def load_builtins(engine: AsyncEngine, folder: str) -> list[Registered]:
-    """Register every spec file in `folder` as a built-in; a bad file stops the start with its name and problems."""
+async def load_builtins(engine: AsyncEngine, folder: str, required: bool = True) -> list[Registered]:
+    """Register every spec file in `folder` as a built-in; a bad file stops the start with its name and problems.
+
+    A missing folder stops the start too, unless `required` is false (the default folder of a
+    source checkout, absent from an installed package): then only a warning is logged.
+    """
     if not folder:
         return []
     if not os.path.isdir(folder):
+        if not required:
+            log.warning("no workflows folder at %s: no built-in workflows registered (set RUNS_WORKFLOWS_DIR)",
+                        folder)
+            return []
         raise RuntimeError(f"RUNS_WORKFLOWS_DIR {folder!r} is not a folder")
     out: list[Registered] = []
     for name in sorted(os.listdir(folder)):

@@ -54,7 +54,7 @@ from shared.gen.runs.v1 import (
     workflow_service_pb2,
     workflow_service_pb2_grpc,
 )
-from shared.settings import ApiSettings, WorkerSettings
+from shared.settings import PROJECT_WORKFLOWS_DIR, ApiSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,9 @@ class ApiServer:
         if self.settings.bootstrap_admin_key:
             await ensure_bootstrap_key(self.engine, self.settings.bootstrap_admin_key)
         try:
-            await registry.load_builtins(self.engine, self.settings.workflows_dir)
+            await registry.load_builtins(
+                self.engine, self.settings.workflows_dir, required=self.settings.workflows_dir != PROJECT_WORKFLOWS_DIR
+            )
         except RuntimeError:
             await self.engine.dispose()
             raise
