@@ -198,10 +198,9 @@ class _Run:
                 raise
             self.prefix_sent.set_result(None)
             return
-        if self.prefix_sent is not None and not self.prefix_sent.done():
-            await asyncio.shield(self.prefix_sent)  # step.created must be recorded before a step's next event
-        elif self.prefix_sent is not None and self.prefix_sent.exception() is not None:
-            raise ReporterClosed("the run's first report failed")
+        if self.prefix_sent is not None:
+            # step.created must be recorded before a step's next event; if that report failed, so does this one
+            await asyncio.shield(self.prefix_sent)
         await _send(self.reporter, self.handle, events)
 
     # --- the run --------------------------------------------------------------------------------
