@@ -7,14 +7,17 @@ Each test builds a ClaimedRun carrying a spec (and the steps earlier attempts le
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import json_format
 
+from services.run_worker.artifacts import CHUNK_BYTES, ArtifactClient
 from services.run_worker.executor import Result, RunHandle
 from services.run_worker.orchestrator import EngineConfig, backoff_seconds, execute
 from services.run_worker.reporter import StaleAttempt
@@ -82,8 +85,6 @@ class FakeArtifacts:
         self.uploaded: list[tuple[str, str]] = []
 
     async def upload(self, run_id: str, attempt: int, step_key: str, artifact: LocalArtifact) -> dict[str, Any]:
-        import hashlib
-
         if self.refuse is not None:
             raise self.refuse
         data = Path(artifact.path).read_bytes()
@@ -539,3 +540,83 @@ async def test_an_invalid_spec_fails_the_run() -> None:
     assert result is Result.FAILED
     assert rep.types() == ["run.started", "run.failed"]
     assert rep.of("run.failed")[0]["retryable"] is False
+
+
+# --- the artifact client against a fake stub ----------------------------------------------------
+
+
+class FakeStub:
+    """UploadArtifact and FetchArtifact as the API answers them, recording what the worker sent."""
+
+    def __init__(self, fetch_chunks: list[bytes] | None = None, error: Any = None) -> None:
+        self.sent: list[Any] = []
+        self.fetch_chunks = fetch_chunks or []
+        self.error = error
+        self.fetch_request: Any = None
+
+    async def UploadArtifact(self, requests: Any, timeout: float) -> Any:
+        async for r in requests:
+            self.sent.append(r)
+        if self.error is not None:
+            raise self.error
+        data = b"".join(r.chunk for r in self.sent[1:])
+        sha = hashlib.sha256(data).hexdigest()
+        return worker_service_pb2.UploadArtifactResponse(artifact=run_pb2.Artifact(
+            name=self.sent[0].header.name, uri=f"file:///store/{sha}", sha256=sha, size=len(data),
+            media_type=self.sent[0].header.media_type))
+
+    def FetchArtifact(self, request: Any, timeout: float) -> Any:
+        self.fetch_request = request
+        chunks, error = self.fetch_chunks, self.error
+
+        async def stream() -> Any:
+            for c in chunks:
+                yield worker_service_pb2.FetchArtifactResponse(chunk=c)
+            if error is not None:
+                raise error
+
+        return stream()
+
+
+def _rpc_error(code: Any, details: str) -> Any:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+async def test_the_artifact_client_streams_a_header_then_256_kib_chunks_and_checks_fetched_bytes(
+    tmp_path: Path,
+) -> None:
+    class Session:
+        worker_id, session_token = "w-1", "tok"
+
+    data = bytes(range(256)) * 2049  # a little over two chunks
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    stub = FakeStub()
+    client = ArtifactClient(stub, Session())  # type: ignore[arg-type]
+    stored = await client.upload("01RUN", 3, "a", LocalArtifact(str(path), "out/blob.bin", "application/x"))
+    header = stub.sent[0].header
+    assert (header.worker_id, header.session_token, header.run_id, header.attempt, header.step_key, header.name,
+            header.media_type) == ("w-1", "tok", "01RUN", 3, "a", "out/blob.bin", "application/x")
+    assert [len(r.chunk) for r in stub.sent[1:]] == [CHUNK_BYTES, CHUNK_BYTES, len(data) - 2 * CHUNK_BYTES]
+    assert stored == {"name": "out/blob.bin", "uri": f"file:///store/{hashlib.sha256(data).hexdigest()}",
+                      "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "media_type": "application/x"}
+
+    refused = FakeStub(error=_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"))
+    with pytest.raises(ArtifactError, match="RESOURCE_EXHAUSTED: too big") as info:
+        await ArtifactClient(refused, Session()).upload("01RUN", 3, "a",  # type: ignore[arg-type]
+                                                        LocalArtifact(str(path), "b", "x/y"))
+    assert info.value.retryable is False
+    flaky = FakeStub(error=_rpc_error(grpc.StatusCode.UNAVAILABLE, "down"))
+    with pytest.raises(ArtifactError) as info:
+        await ArtifactClient(flaky, Session()).upload("01RUN", 3, "a",  # type: ignore[arg-type]
+                                                      LocalArtifact(str(path), "b", "x/y"))
+    assert info.value.retryable is True
+
+    good = {"name": "x", "sha256": hashlib.sha256(b"hello").hexdigest()}
+    fetcher = FakeStub(fetch_chunks=[b"hel", b"lo"])
+    await ArtifactClient(fetcher, Session()).fetch("01RUN", 3, good, str(tmp_path / "x"))  # type: ignore[arg-type]
+    assert (tmp_path / "x").read_bytes() == b"hello" and fetcher.fetch_request.sha256 == good["sha256"]
+    liar = FakeStub(fetch_chunks=[b"bye"])
+    with pytest.raises(ArtifactError, match="arrived with sha256"):
+        await ArtifactClient(liar, Session()).fetch("01RUN", 3, good, str(tmp_path / "y"))  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "x"]  # no partial file left behind
