@@ -19,11 +19,11 @@ from google.protobuf import json_format
 
 from services.run_worker.artifacts import CHUNK_BYTES, ArtifactClient
 from services.run_worker.executor import Result, RunHandle
-from services.run_worker.orchestrator import EngineConfig, backoff_seconds, execute
+from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import StaleAttempt
 from services.run_worker.tools import STOCK, ArtifactError, LocalArtifact, Tool, ToolContext, ToolError, as_tool
 from shared.gen.runs.v1 import run_pb2, worker_service_pb2, workflow_service_pb2
-from shared.workflow import RetryPolicy, parse_spec, spec_to_dict, to_proto_dict
+from shared.workflow import parse_spec, spec_to_dict, to_proto_dict
 
 pytestmark = pytest.mark.timeout(30)
 DEADLINE = 10.0
@@ -265,12 +265,6 @@ async def test_a_failing_step_is_retried_with_capped_exponential_backoff_and_jit
     assert rep.of("step.succeeded")[0]["try"] == 4
     assert rep.of("tool.failed")[0] == {"tool_call_id": rep.of("tool.invoked")[0]["tool_call_id"],
                                         "error": "flaky", "output": None}
-
-
-def test_backoff_grows_doubles_and_is_capped() -> None:
-    policy = RetryPolicy(max_attempts=9, backoff_seconds=0.5, backoff_max_seconds=3)
-    assert [backoff_seconds(policy, k, lambda lo, hi: hi) for k in (1, 2, 3, 4, 5)] == [0.5, 1, 2, 3, 3]
-    assert [backoff_seconds(policy, k, lambda lo, hi: lo) for k in (1, 4)] == [0.25, 1.5]
 
 
 async def test_a_step_out_of_tries_fails_the_run_and_cancels_the_others_keeping_outputs() -> None:

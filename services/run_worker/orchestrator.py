@@ -39,12 +39,12 @@ from services.run_worker.executor import (
 )
 from services.run_worker.reporter import Reporter, ReporterClosed, ReportRefused, StaleAttempt, make_event, restamp
 from services.run_worker.tools import Json, LocalArtifact, Tool
+from shared.backoff import Uniform, backoff_seconds
 from shared.events import STEP_DONE, EventType, StepErrorCode, StopReason
 from shared.gen.runs.v1 import run_pb2
 from shared.logs import log_context
 from shared.telemetry import context_from_carrier
 from shared.workflow import (
-    RetryPolicy,
     SelectorError,
     SpecError,
     StepSpec,
@@ -77,17 +77,11 @@ class EngineConfig:
     step_parallelism: int = 8
     workdir: str = ""  # under which each try gets its fresh directory ("": the system's temporary folder)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    jitter: Callable[[float, float], float] = random.uniform
+    jitter: Uniform = random.uniform
 
     def __post_init__(self) -> None:
         if self.step_parallelism < 1:
             raise ValueError("step_parallelism must be at least 1")
-
-
-def backoff_seconds(policy: RetryPolicy, failed_try: int, jitter: Callable[[float, float], float]) -> float:
-    """The wait after try `failed_try` failed: uniform(c/2, c), c = min(max, base * 2**(failed_try - 1))."""
-    cap = min(policy.backoff_max_seconds, policy.backoff_seconds * 2 ** max(failed_try - 1, 0))
-    return max(jitter(cap / 2, cap), 0.0)
 
 
 async def execute(
@@ -339,7 +333,8 @@ class _Run:
         for i in range(limit):
             try:
                 if i:
-                    delay = backoff_seconds(step.retry, self.tries[step.key], self.config.jitter)
+                    delay = backoff_seconds(self.tries[step.key], step.retry.backoff_seconds,
+                                            step.retry.backoff_max_seconds, self.config.jitter)
                     await race(asyncio.ensure_future(self.config.sleep(delay)), [self.stop])
                 await race(asyncio.ensure_future(self.slots.acquire()), [self.stop])
             except Interrupted:
