@@ -56,6 +56,11 @@ class _AioBearerStream(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request)
 
 
+class _AioBearerClientStream(_AioBearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
 def aio_channel(
     addr: str,
     tls: ClientTls | None = None,
@@ -66,13 +71,15 @@ def aio_channel(
     """An asyncio channel to the API: TLS when `tls` says so, the API key on every call."""
     extra: list[grpc.aio.ClientInterceptor] = [*interceptors]
     if api_key:
-        extra += [_AioBearerUnary(api_key), _AioBearerStream(api_key)]  # type: ignore[list-item]
+        extra += [_AioBearerUnary(api_key), _AioBearerStream(api_key), _AioBearerClientStream(api_key)]  # type: ignore[list-item]
     if tls is not None and tls.enabled:
         return grpc.aio.secure_channel(addr, credentials(tls), options=list(options), interceptors=extra)
     return grpc.aio.insecure_channel(addr, options=list(options), interceptors=extra)
 
 
-class _SyncBearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class _SyncBearerKey(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor
+):
     """Adds `authorization: Bearer <key>` to every call of a blocking channel."""
 
     def __init__(self, api_key: str) -> None:
@@ -89,6 +96,9 @@ class _SyncBearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
 
     def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 class _CallDetails(grpc.ClientCallDetails):

@@ -14,7 +14,7 @@ DEFAULT_WORKFLOW = "runtime.noop"
 TOOL_WORKFLOW = "runtime.tool"
 
 # Tools the stock worker registers; the API accepts runtime.tool runs only for these.
-KNOWN_TOOLS = frozenset({"noop", "sleep", "fail", "shell"})
+KNOWN_TOOLS = frozenset({"noop", "echo", "sleep", "fail", "shell"})
 
 
 @dataclass(frozen=True)

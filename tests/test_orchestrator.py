@@ -548,8 +548,7 @@ class FakeStub:
         self.error = error
         self.fetch_request: Any = None
 
-    async def UploadArtifact(self, requests: Any, timeout: float, metadata: Any = None) -> Any:
-        self.metadata = metadata
+    async def UploadArtifact(self, requests: Any, timeout: float) -> Any:
         async for r in requests:
             self.sent.append(r)
         if self.error is not None:
@@ -587,12 +586,11 @@ async def test_the_artifact_client_streams_a_header_then_256_kib_chunks_and_chec
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
     stub = FakeStub()
-    client = ArtifactClient(stub, Session(), upload_metadata=[("authorization", "Bearer k")])  # type: ignore[arg-type]
+    client = ArtifactClient(stub, Session())  # type: ignore[arg-type]
     stored = await client.upload("01RUN", 3, "a", LocalArtifact(str(path), "out/blob.bin", "application/x"))
     header = stub.sent[0].header
     assert (header.worker_id, header.session_token, header.run_id, header.attempt, header.step_key, header.name,
             header.media_type) == ("w-1", "tok", "01RUN", 3, "a", "out/blob.bin", "application/x")
-    assert stub.metadata == (("authorization", "Bearer k"),)
     assert [len(r.chunk) for r in stub.sent[1:]] == [CHUNK_BYTES, CHUNK_BYTES, len(data) - 2 * CHUNK_BYTES]
     assert stored == {"name": "out/blob.bin", "uri": f"file:///store/{hashlib.sha256(data).hexdigest()}",
                       "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "media_type": "application/x"}

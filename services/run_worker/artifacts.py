@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -31,13 +31,11 @@ class ArtifactClient:
     """Uploads a try's files and fetches upstream ones for the runs this worker holds."""
 
     def __init__(self, stub: worker_service_pb2_grpc.WorkerServiceStub, reporter: Reporter,
-                 timeout_seconds: float = 300.0, upload_metadata: Sequence[tuple[str, str]] = ()) -> None:
-        """`upload_metadata`: the API key's metadata; the channel's bearer interceptors (shared/channels.py)
-        cover unary and server-streaming calls only, so the client-streaming upload sends it itself."""
+                 timeout_seconds: float = 300.0) -> None:
+        """The channel under `stub` carries the API key on every kind of call (shared/channels.py)."""
         self.stub = stub
         self.reporter = reporter
         self.timeout_seconds = timeout_seconds
-        self.upload_metadata = tuple(upload_metadata)
 
     async def upload(self, run_id: str, attempt: int, step_key: str, artifact: LocalArtifact) -> dict[str, Any]:
         """Stream one file; returns what step.succeeded records of it: {name, uri, sha256, size, media_type}."""
@@ -53,8 +51,7 @@ class ArtifactClient:
                     yield worker_service_pb2.UploadArtifactRequest(chunk=chunk)
 
         try:
-            response = await self.stub.UploadArtifact(requests(), timeout=self.timeout_seconds,
-                                                      metadata=self.upload_metadata or None)
+            response = await self.stub.UploadArtifact(requests(), timeout=self.timeout_seconds)
         except grpc.aio.AioRpcError as err:
             raise _refused(f"upload of artifact {artifact.name!r}", err) from None
         except OSError as err:

@@ -20,7 +20,7 @@ from services.run_worker.executor import Result, RunHandle
 from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import Reporter
 from services.run_worker.tools import Tool, as_tool, registry
-from shared.channels import aio_channel, auth_metadata
+from shared.channels import aio_channel
 from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc
 from shared.logs import log_context
 from shared.settings import ClientTls, WorkerSettings
@@ -65,7 +65,7 @@ class Worker:
         self.channel = open_channel(settings.api_addr, settings.tls, settings.api_key)
         self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
         self.reporter = Reporter(self.stub, settings.worker_id)
-        self.artifacts = ArtifactClient(self.stub, self.reporter, upload_metadata=auth_metadata(settings.api_key))
+        self.artifacts = ArtifactClient(self.stub, self.reporter)
         self.held: dict[str, RunHandle] = {}
         self.tasks: set[asyncio.Task[Result]] = set()
         self.counters: Counter[str] = Counter()
