@@ -15,14 +15,13 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import grpc
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api import convert, handlers
 from services.run_api.artifacts import ArtifactMissing, ArtifactStore, check_artifact_name, check_sha256
 from services.run_api.auth import current_caller
 from services.run_api.checks import MAX_IDENTIFIER, check_identifier, check_text
-from services.run_api.errors import IllegalTransition, InvalidRequest, PermissionDenied, RunsError, shorten
+from services.run_api.errors import IllegalTransition, InvalidRequest, NotFound, PermissionDenied, shorten
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
 from shared.events import RunStatus
@@ -35,23 +34,8 @@ DEFAULT_MEDIA_TYPE = "application/octet-stream"
 MAX_MEDIA_TYPE_CHARS = 255
 MAX_SESSION_TOKEN_CHARS = 128
 
-_ARTIFACT_COLUMNS = "run_id, step_key, name, uri, sha256, size, media_type, created_at"
-
-# One artifact of a run by its step and name (a client's download).
-run_artifacts_get = text(
-    f"SELECT {_ARTIFACT_COLUMNS} FROM run_artifacts WHERE run_id = :run_id AND step_key = :step_key AND name = :name"
-)
-
-# Any artifact of a run with these bytes (a worker's fetch of an upstream step's file).
-run_artifacts_by_sha256 = text(
-    f"SELECT {_ARTIFACT_COLUMNS} FROM run_artifacts WHERE run_id = :run_id AND sha256 = :sha256 LIMIT 1"
-)
-
-
-class ArtifactNotFound(RunsError):
+class ArtifactNotFound(NotFound):
     """No artifact of the run answers the request."""
-
-    code = grpc.StatusCode.NOT_FOUND
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -167,7 +151,7 @@ async def fetch_artifact(
     async with UnitOfWork(engine) as uow:
         run = await held_run(uow, worker_id, request.session_token, request.run_id, request.attempt)
         params = {"run_id": request.run_id, "sha256": request.sha256}
-        row = (await uow.conn.execute(run_artifacts_by_sha256, params)).first()
+        row = (await uow.conn.execute(Q.run_artifacts_by_sha256, params)).first()
     if row is None:
         raise ArtifactNotFound(f"run {request.run_id} has no artifact with sha256 {request.sha256}")
     async for chunk in store.read(run.tenant_id, request.sha256, CHUNK_BYTES):
@@ -188,7 +172,7 @@ async def download_artifact(
     async with UnitOfWork(engine) as uow:
         run = await handlers.run_exists(uow, request.run_id, current_caller())
         params = {"run_id": request.run_id, "step_key": request.step_key, "name": request.name}
-        row = (await uow.conn.execute(run_artifacts_get, params)).first()
+        row = (await uow.conn.execute(Q.run_artifacts_get, params)).first()
     if row is None:
         raise ArtifactNotFound(
             f"run {request.run_id} has no artifact {shorten(request.name)!r} of step {shorten(request.step_key)!r}"

@@ -94,12 +94,21 @@ run_steps_for_claims = q(
 # Steps of a run by state (GetRun's steps_summary).
 run_steps_summary = q("SELECT status, count(*) AS n FROM run_steps WHERE run_id = :run_id GROUP BY status")
 
+ARTIFACT_COLUMNS = "run_id, step_key, name, uri, sha256, size, media_type, created_at"
+
+# One artifact of a run by its step and name (a client's download).
+run_artifacts_get = q(
+    f"SELECT {ARTIFACT_COLUMNS} FROM run_artifacts WHERE run_id = :run_id AND step_key = :step_key AND name = :name"
+)
+
+# Any artifact of a run with these bytes (a worker's fetch of an upstream step's file).
+run_artifacts_by_sha256 = q(
+    f"SELECT {ARTIFACT_COLUMNS} FROM run_artifacts WHERE run_id = :run_id AND sha256 = :sha256 LIMIT 1"
+)
+
 # Artifacts of a run, step by step.
 run_artifacts_for_run = q(
-    """
-    SELECT run_id, step_key, name, uri, sha256, size, media_type, created_at
-    FROM run_artifacts WHERE run_id = :run_id ORDER BY created_at, step_key, name
-    """
+    f"SELECT {ARTIFACT_COLUMNS} FROM run_artifacts WHERE run_id = :run_id ORDER BY created_at, step_key, name"
 )
 
 # Tool calls of a run, in the order they were invoked.
