@@ -60,6 +60,9 @@ def test_same_spec_same_version_changed_spec_next_version(client: Client) -> Non
     assert listed["reg"].version == 2
     assert {"runtime.noop", "runtime.tool", "campaign.build"} <= set(listed)
     assert listed["runtime.noop"].builtin and not listed["reg"].builtin
+    campaign = get(client, "campaign.build")  # change requests are stored and returned
+    assert {k: list(v.step_keys) for k, v in campaign.spec.change_requests.items()} == {
+        "brief_update": ["brief"], "copy_update": ["copy"], "image_update": ["images"]}
     with pytest.raises(grpc.RpcError) as missing:
         get(client, "reg", 3)
     assert missing.value.code() == Code.NOT_FOUND and "version 3" in (missing.value.details() or "")
@@ -111,6 +114,21 @@ def test_every_problem_of_a_spec_is_named_and_nothing_is_stored(client: Client, 
     assert "spec.steps[0].timeout_seconds" in fields and any(f.startswith("spec.steps[1].key") for f in fields), fields
     assert sql.execute("SELECT count(*) FROM registry_events").fetchone() == before
 
+
+def test_specs_the_database_or_the_hash_refused_are_invalid_arguments(client: Client, sql: psycopg.Connection) -> None:
+    """Found by tests/test_fuzz.py: U+0000 (jsonb), a TTL past 2**53 - 1 (RFC 8785) and NaN in args (the proto's
+    JSON form) were INTERNAL; a spec over a spec file's 1 MiB is refused before validation, whose time grows with it."""
+    before = sql.execute("SELECT count(*) FROM registry_events").fetchone()
+    for bad, field in (
+        ({**spec("nul", 1), "description": "a\x00b"}, "spec.description"),
+        (spec("nul", 1, args={"v\x00": "x"}), "spec.steps[0].args.v\x00"),
+        (spec("ttl", 1, cache={"ttl_seconds": 2**60}), "spec.steps[0].cache.ttl_seconds"),
+        (spec("nan", 1, args={"v": 1, "x": [{"y": float("nan")}]}), "spec.steps[0].args.x[0].y"),
+        ({**spec("big", 1), "description": "d" * (1024 * 1024)}, "spec"),
+    ):
+        assert violations(refused(Code.INVALID_ARGUMENT, lambda bad=bad: client.register(bad))) == [field], field
+    assert sql.execute("SELECT count(*) FROM registry_events").fetchone() == before
+    assert client.register(spec("ttl", 1, cache={"ttl_seconds": 2**53 - 1})).created
 
 def test_a_builtin_name_is_not_a_tenants_to_take(client: Client) -> None:
     noop = get(client, "runtime.noop")
