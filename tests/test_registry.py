@@ -130,6 +130,7 @@ def test_specs_the_database_or_the_hash_refused_are_invalid_arguments(client: Cl
     assert sql.execute("SELECT count(*) FROM registry_events").fetchone() == before
     assert client.register(spec("ttl", 1, cache={"ttl_seconds": 2**53 - 1})).created
 
+
 def test_a_builtin_name_is_not_a_tenants_to_take(client: Client) -> None:
     noop = get(client, "runtime.noop")
     err = refused(Code.INVALID_ARGUMENT, lambda: client.register(spec("runtime.noop", 1)))

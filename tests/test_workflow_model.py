@@ -34,6 +34,7 @@ from shared.workflow import (
     upstream,
     validate,
 )
+from shared.workflow.spec import MAX_SELECTOR_CHARS, MAX_STEPS
 
 
 def diamond() -> dict[str, Any]:
@@ -827,3 +828,53 @@ change_requests:
     assert from_wire == from_file
     assert spec_version_hash(from_wire) == spec_version_hash(from_file)
     assert message.change_requests["redo_c"].step_keys == ["c"]
+
+
+# --- found by fuzzing RegisterWorkflow (tests/test_fuzz.py::test_workflow_service) ---------------
+
+
+def test_every_accepted_spec_has_a_version_hash_ttl_seconds_included() -> None:
+    """A cache TTL past 2**53 - 1 passed validation, then RFC 8785 refused to hash it (INTERNAL)."""
+
+    def spec(ttl: Any) -> dict[str, Any]:
+        return {"name": "w", "steps": [{"key": "a", "tool": "t", "cache": {"ttl_seconds": ttl}}]}
+
+    for ttl in (2**53, "100000000000000000", 10**17):  # proto3 JSON writes int64 as a string
+        assert fields(validate(spec(ttl))) == ["steps[0].cache.ttl_seconds"], ttl
+    spec_version_hash(parse_spec(spec(2**53 - 1)))
+
+
+def test_text_postgresql_cannot_store_is_refused_where_it_is() -> None:
+    """U+0000 anywhere in a spec passed validation, then PostgreSQL refused the jsonb (INTERNAL)."""
+    data = diamond()
+    data["description"] = "a\x00b"
+    data["steps"][0]["args"] = {"t\x00": "x", "nested": {"k\x00": 1, "list": ["\x00"]}, "v": "\x00"}
+    data["steps"][1]["input"] = {"a\x00": "input.x", "b": "input.x || '\x00'"}
+    violations = validate(data)
+    assert fields(violations) == [
+        "description",
+        "steps[0].args.t\x00",
+        "steps[0].args.nested.k\x00",
+        "steps[0].args.nested.list[0]",
+        "steps[0].args.v",
+        "steps[1].input.a\x00",
+        "steps[1].input.b",
+    ]
+    assert all("U+0000" in v.description for v in violations), violations
+
+
+def test_sizes_that_made_validation_hang_are_refused_at_once() -> None:
+    """A 7,000-step chain with selectors took the API's event loop for over 10 s (steps x edges)."""
+    chain = [{"key": f"s{i}", "tool": "t", "depends_on": [f"s{i - 1}"] if i else [],
+              "input": {"x": f"steps.s{i - 1}.output" if i else "input.x"}} for i in range(5000)]
+    assert fields(validate({"name": "w", "steps": chain})) == ["steps"]
+    assert validate({"name": "w", "steps": chain[:MAX_STEPS]}) == []
+    unknown = [f"u{i}" for i in range(MAX_STEPS + 1)]
+    assert fields(validate({"name": "w", "steps": [{"key": "a", "tool": "t", "depends_on": unknown}]})) == [
+        "steps[0].depends_on"
+    ]
+    # jmespath keeps the last 128 parsed expressions: a 600 KB selector cost 76 MB of them, each
+    long = "input" + ".a" * MAX_SELECTOR_CHARS
+    violation = only(validate({"name": "w", "steps": [{"key": "a", "tool": "t", "input": {"x": long}}]}),
+                      "steps[0].input.x")
+    assert violation.description == f"a selector is at most {MAX_SELECTOR_CHARS} characters, not {len(long)}"

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api.auth import Caller
@@ -49,7 +49,29 @@ class Registered:
 
 def spec_from_proto(message: workflow_service_pb2.WorkflowSpec) -> dict[str, Any]:
     """The plain (file) form of a proto spec, for validation."""
-    return from_proto_dict(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    # MessageToDict raises on NaN and Infinity in a Struct; args are converted here, so that
+    # validation names the field that holds one.
+    without_args = workflow_service_pb2.WorkflowSpec()
+    without_args.CopyFrom(message)
+    for step in without_args.steps:
+        step.ClearField("args")
+    data = json_format.MessageToDict(without_args, preserving_proto_field_name=True)
+    for plain, step in zip(data.get("steps", []), message.steps, strict=True):
+        if step.HasField("args"):
+            plain["args"] = {name: _plain_value(value) for name, value in step.args.fields.items()}
+    return from_proto_dict(data)
+
+
+def _plain_value(value: struct_pb2.Value) -> Any:
+    """A google.protobuf.Value as a plain Python value, NaN and Infinity kept (as floats)."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {name: _plain_value(item) for name, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain_value(item) for item in value.list_value.values]
+    if kind in (None, "null_value"):
+        return None
+    return getattr(value, kind)
 
 
 def spec_to_proto(plain: dict[str, Any]) -> workflow_service_pb2.WorkflowSpec:

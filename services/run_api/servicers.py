@@ -416,6 +416,9 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     ) -> workflow_service_pb2.RegisterWorkflowResponse:
         if not request.HasField("spec"):
             raise InvalidRequest.field("spec", "spec is required")
+        size = request.spec.ByteSize()
+        if size > registry.MAX_SPEC_FILE_BYTES:  # the bound of a spec file; validation time grows with it
+            raise InvalidRequest.field("spec", f"spec is {size} bytes; at most {registry.MAX_SPEC_FILE_BYTES}")
         caller = current_caller()
         async with UnitOfWork(self.engine) as uow:
             registered = await registry.register(

@@ -35,6 +35,10 @@ MAX_ATTEMPTS = 100
 MAX_SECONDS = 86400.0  # one day: the cap of a backoff and of a step's timeout
 MAX_SAFE_INTEGER = 2**53 - 1  # RFC 8785 numbers are IEEE doubles; larger integers cannot be hashed exactly
 MAX_CYCLES_REPORTED = 20
+# Bounds that keep validation fast on anything one request holds (the graph checks grow with
+# steps times edges) and jmespath's parse cache small.
+MAX_STEPS = 256
+MAX_SELECTOR_CHARS = 1024
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 _NAME_RULE = f"1..{MAX_NAME_CHARS} characters, each a letter, digit, '.', '_' or '-'"
@@ -400,8 +404,9 @@ class _Validator:
         if not isinstance(value, str):
             self.add(path, f"must be a string, not {_kind(value)}")
             return False
-        if not _is_unicode(value):
-            self.add(path, "must be valid Unicode text (it holds a lone surrogate)")
+        problem = _text_problem(value)
+        if problem:
+            self.add(path, problem)
             return False
         return True
 
@@ -474,8 +479,9 @@ class _Validator:
             if not math.isfinite(value):
                 self.add(path, f"must be a finite number, not {value}")
         elif isinstance(value, str):
-            if not _is_unicode(value):
-                self.add(path, "must be valid Unicode text (it holds a lone surrogate)")
+            problem = _text_problem(value)
+            if problem:
+                self.add(path, problem)
         elif isinstance(value, list | tuple):
             for i, item in enumerate(value):
                 self.json_value(f"{path}[{i}]", item, depth + 1)
@@ -483,6 +489,8 @@ class _Validator:
             for key, item in value.items():
                 if not isinstance(key, str):
                     self.add(_join(path, key), f"object keys must be strings, not {_kind(key)}")
+                elif _text_problem(key):
+                    self.add(_join(path, key), f"object keys {_text_problem(key)}")
                 else:
                     self.json_value(_join(path, key), item, depth + 1)
         else:
@@ -499,6 +507,9 @@ class _Validator:
             return []
         if not raw:
             self.add("steps", "a workflow needs at least one step")
+            return []
+        if len(raw) > MAX_STEPS:
+            self.add("steps", f"a workflow has at most {MAX_STEPS} steps, not {len(raw)}")
             return []
         steps = []
         for i, item in enumerate(raw):
@@ -536,6 +547,9 @@ class _Validator:
                 )
         depends_on = []
         deps = self.sequence(f"{path}.depends_on", data.get("depends_on"))
+        if deps is not None and len(deps) > MAX_STEPS:
+            self.add(f"{path}.depends_on", f"lists at most {MAX_STEPS} steps, not {len(deps)}")
+            deps = None
         for j, dep in enumerate(deps or []):
             if self.string(f"{path}.depends_on[{j}]", dep):
                 depends_on.append((j, dep))
@@ -550,8 +564,17 @@ class _Validator:
             if not arg:
                 self.add(where, "argument names must not be empty")
                 continue
+            if _text_problem(arg):
+                self.add(where, f"argument names {_text_problem(arg)}")
+                continue
             if not isinstance(expression, str):
                 self.add(where, f"a selector must be a string (a JMESPath expression), not {_kind(expression)}")
+                continue
+            if _text_problem(expression):
+                self.add(where, f"a selector {_text_problem(expression)}")
+                continue
+            if len(expression) > MAX_SELECTOR_CHARS:
+                self.add(where, f"a selector is at most {MAX_SELECTOR_CHARS} characters, not {len(expression)}")
                 continue
             parsed = _parse_selector(expression)
             if isinstance(parsed, str):
@@ -566,6 +589,8 @@ class _Validator:
                 self.add(where, f"argument names must be strings, not {_kind(arg)}")
             elif not arg:
                 self.add(where, "argument names must not be empty")
+            elif _text_problem(arg):
+                self.add(where, f"argument names {_text_problem(arg)}")
             else:
                 self.json_value(where, value)
         self.retry(f"{path}.retry", data.get("retry"))
@@ -604,12 +629,13 @@ class _Validator:
             shown = shorten(scope) if isinstance(scope, str) else _kind(scope)
             self.add(f"{path}.scope", f"must be one of {', '.join(CACHE_SCOPES)}, not {shown!r}")
         if cache.get("ttl_seconds") is not None:
-            self.integer(f"{path}.ttl_seconds", cache["ttl_seconds"], 0, None)
+            self.integer(f"{path}.ttl_seconds", cache["ttl_seconds"], 0, MAX_SAFE_INTEGER)  # RFC 8785 hashes no more
 
     # -- the graph -----------------------------------------------------------------------------
 
     def graph(self, steps: list[_Step]) -> None:
         keys = {s.key for s in steps if s.key is not None}
+        known = shorten(", ".join(sorted(keys)) or "none", 200)
         index_of: dict[str, int] = {}
         edges: dict[str, list[str]] = {}
         for step in steps:
@@ -621,8 +647,7 @@ class _Validator:
                 elif step.key is not None and dep == step.key:
                     self.add(where, f"step {step.key!r} depends on itself")
                 elif dep not in keys:
-                    known = ", ".join(sorted(keys)) or "none"
-                    self.add(where, f"names no step: {shorten(dep)!r} (steps: {shorten(known, 200)})")
+                    self.add(where, f"names no step: {shorten(dep)!r} (steps: {known})")
                 seen.add(dep)
             if step.key is not None:
                 index_of.setdefault(step.key, step.index)
@@ -875,6 +900,15 @@ def _range_text(low: int | None, high: int | None) -> str:
     if low is not None:
         return f">= {low}"
     return f"<= {high}"
+
+
+def _text_problem(text: str) -> str | None:
+    """Why `text` cannot be stored (PostgreSQL's jsonb holds no U+0000) or hashed (no lone surrogate); None if fine."""
+    if "\x00" in text:
+        return "must not contain the character U+0000"
+    if not _is_unicode(text):
+        return "must be valid Unicode text (it holds a lone surrogate)"
+    return None
 
 
 def _is_unicode(text: str) -> bool:
