@@ -16,15 +16,16 @@ import pytest
 from google.protobuf import json_format
 
 from features.harness import Api, Client
+from services.run_api import db, registry
 from services.run_worker.executor import Result, RunHandle
 from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import Reporter
 from services.run_worker.tools import STOCK, Tool, ToolContext, as_tool
 from shared.channels import aio_channel
-from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc
+from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc, workflow_service_pb2
 
 # api and client are fixtures: a run API process with auth off, and a client of it.
-from tests.test_security import api, client  # noqa: F401
+from tests.test_security import api, auth_api, client, host_key  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
 W = worker_service_pb2
@@ -116,3 +117,53 @@ async def test_run_completed_is_never_recorded_before_a_sibling_steps_success(
     assert status is not None and status[0] == "SUCCEEDED"
     assert steps == {"a": "SUCCEEDED", "b": "SUCCEEDED"}, f"a SUCCEEDED run with steps {steps}"
     assert result is Result.SUCCEEDED
+
+
+# --- Finding 2: the built-ins' tenant '*' is also a tenant id any key may have --------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "store/registry.BUILTIN_TENANT '*' shares the namespace of tenant ids: keys create --tenant '*' is "
+    "accepted (check_identifier), and that tenant's RegisterWorkflow writes rows with tenant_id '*', which "
+    "every other tenant then lists, gets and starts as if they were built-ins (and may no longer register)"))
+def test_a_tenant_named_star_cannot_publish_workflows_to_every_tenant(auth_api: Any) -> None:  # noqa: F811
+    _, star_secret = host_key(auth_api.url, "client", tenant="*")
+    _, acme_secret = host_key(auth_api.url, "client", tenant="acme")
+    star, acme = Client(auth_api.api.addr, api_key=star_secret), Client(auth_api.api.addr, api_key=acme_secret)
+    try:
+        star.register({"name": "review7.star", "steps": [{"key": "only", "tool": "echo", "args": {"v": 1}}]})
+        seen = acme.workflows.ListWorkflows(workflow_service_pb2.ListWorkflowsRequest(page_size=500), timeout=10)
+        names = {w.name for w in seen.workflows}
+        code = None
+        try:
+            acme.start("review7.star")
+        except grpc.RpcError as err:
+            code = err.code()
+        assert "review7.star" not in names, "tenant acme sees a workflow tenant '*' registered"
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, "tenant acme started a workflow tenant '*' registered"
+    finally:
+        star.close()
+        acme.close()
+
+
+# --- Finding 3: a built-in loaded later silently takes over a tenant's workflow of the same name -----
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "registry.load_builtins registers a built-in whose name a tenant already uses, and queries.workflow_get "
+    "resolves (tenant_id IN (tenant, '*') ORDER BY version DESC) across both: the tenant's StartRun of its "
+    "own workflow pins the operator's built-in spec instead, and GetWorkflow(name, n) is ambiguous"))
+async def test_a_later_builtin_does_not_take_over_a_tenants_workflow(
+    database_url: str, api: Api, client: Client, tmp_path: Any,  # noqa: F811
+) -> None:
+    mine = client.register({"name": "review7.shadow", "steps": [{"key": "only", "tool": "echo", "args": {"v": 1}}]})
+    for v in (10, 20):  # the operator ships two versions of a built-in with that name, and restarts the API
+        (tmp_path / f"shadow{v}.yaml").write_text(
+            f"name: review7.shadow\nsteps:\n  - key: only\n    tool: echo\n    args: {{v: {v}}}\n")
+    engine = db.make_engine(database_url, 2)
+    try:
+        await registry.load_builtins(engine, str(tmp_path))
+    finally:
+        await engine.dispose()
+    run = client.start("review7.shadow").run
+    assert run.spec_hash == mine.workflow.spec_hash, "the tenant's run pinned the built-in, not its own workflow"
