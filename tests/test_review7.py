@@ -22,10 +22,11 @@ from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import Reporter
 from services.run_worker.tools import STOCK, Tool, ToolContext, as_tool
 from shared.channels import aio_channel
-from shared.gen.runs.v1 import worker_service_pb2, worker_service_pb2_grpc, workflow_service_pb2
+from shared.gen.runs.v1 import run_pb2, worker_service_pb2, worker_service_pb2_grpc, workflow_service_pb2
 
 # api and client are fixtures: a run API process with auth off, and a client of it.
-from tests.test_security import api, auth_api, client, host_key  # noqa: F401
+from tests.test_artifacts import stack
+from tests.test_security import api, auth_api, client, host_key
 
 pytestmark = pytest.mark.timeout(90)
 W = worker_service_pb2
@@ -49,7 +50,7 @@ class HoldReportOf:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    async def ReportRunEvents(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
+    async def ReportRunEvents(self, request: Any, timeout: float | None = None) -> Any:
         if self.step in _step_keys(request, "step.succeeded"):
             self.held.set()
             with contextlib.suppress(TimeoutError):
@@ -77,7 +78,7 @@ async def _claim_one(stub: worker_service_pb2_grpc.WorkerServiceStub, worker: st
     "the reporter sends the two in concurrent calls, run.completed can commit first, X's step.succeeded is "
     "then STALE: the run is SUCCEEDED with step X RUNNING forever and the worker calls the run LOST"))
 async def test_run_completed_is_never_recorded_before_a_sibling_steps_success(
-    api: Api, client: Client, sql: psycopg.Connection,  # noqa: F811
+    api: Api, client: Client, sql: psycopg.Connection,
 ) -> None:
     client.register({"name": "review7.siblings", "steps": [{"key": "a", "tool": "once_b_runs"},
                                                            {"key": "b", "tool": "after_a"}]})
@@ -126,7 +127,7 @@ async def test_run_completed_is_never_recorded_before_a_sibling_steps_success(
     "store/registry.BUILTIN_TENANT '*' shares the namespace of tenant ids: keys create --tenant '*' is "
     "accepted (check_identifier), and that tenant's RegisterWorkflow writes rows with tenant_id '*', which "
     "every other tenant then lists, gets and starts as if they were built-ins (and may no longer register)"))
-def test_a_tenant_named_star_cannot_publish_workflows_to_every_tenant(auth_api: Any) -> None:  # noqa: F811
+def test_a_tenant_named_star_cannot_publish_workflows_to_every_tenant(auth_api: Any) -> None:
     _, star_secret = host_key(auth_api.url, "client", tenant="*")
     _, acme_secret = host_key(auth_api.url, "client", tenant="acme")
     star, acme = Client(auth_api.api.addr, api_key=star_secret), Client(auth_api.api.addr, api_key=acme_secret)
@@ -154,7 +155,7 @@ def test_a_tenant_named_star_cannot_publish_workflows_to_every_tenant(auth_api: 
     "resolves (tenant_id IN (tenant, '*') ORDER BY version DESC) across both: the tenant's StartRun of its "
     "own workflow pins the operator's built-in spec instead, and GetWorkflow(name, n) is ambiguous"))
 async def test_a_later_builtin_does_not_take_over_a_tenants_workflow(
-    database_url: str, api: Api, client: Client, tmp_path: Any,  # noqa: F811
+    database_url: str, api: Api, client: Client, tmp_path: Any,
 ) -> None:
     mine = client.register({"name": "review7.shadow", "steps": [{"key": "only", "tool": "echo", "args": {"v": 1}}]})
     for v in (10, 20):  # the operator ships two versions of a built-in with that name, and restarts the API
@@ -167,3 +168,22 @@ async def test_a_later_builtin_does_not_take_over_a_tenants_workflow(
         await engine.dispose()
     run = client.start("review7.shadow").run
     assert run.spec_hash == mine.workflow.spec_hash, "the tenant's run pinned the built-in, not its own workflow"
+
+
+# --- Finding 4: step.succeeded's artifact size and media type are taken from the worker unchecked --------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "servicers.WorkerService._check_artifacts checks only that the sha256 is in the tenant's store and "
+    "rewrites uri; size (and media_type) are recorded as the worker wrote them, so run_artifacts, "
+    "ListRunArtifacts and DownloadArtifact's Artifact can describe bytes that are not what is streamed"))
+async def test_a_recorded_artifact_size_is_the_stored_size(stack: Any) -> None:
+    held = await stack.held_run("w1")
+    uploaded = await stack.upload(held, "w1", "out.txt", b"hello")
+    lie = run_pb2.Artifact()
+    lie.CopyFrom(uploaded)
+    lie.size = 10**12  # what a buggy or hostile worker says
+    await stack.succeed(held, "w1", lie)
+    described, chunks = await stack.download(held.run_id, "runtime", "out.txt")
+    assert b"".join(chunks) == b"hello"
+    assert described.size == 5, f"the API records size {described.size} for a 5-byte artifact"
