@@ -23,6 +23,7 @@ from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import StaleAttempt
 from services.run_worker.tools import STOCK, ArtifactError, LocalArtifact, Tool, ToolContext, ToolError, as_tool
 from shared.gen.runs.v1 import run_pb2, worker_service_pb2, workflow_service_pb2
+from shared.limits import MAX_EVENT_PAYLOAD_BYTES, MAX_JSON_DEPTH
 from shared.workflow import parse_spec, spec_to_dict, to_proto_dict
 
 pytestmark = pytest.mark.timeout(30)
@@ -614,3 +615,24 @@ async def test_the_artifact_client_streams_a_header_then_256_kib_chunks_and_chec
     with pytest.raises(ArtifactError, match="arrived with sha256"):
         await ArtifactClient(liar, Session()).fetch("01RUN", 3, good, str(tmp_path / "y"))  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "x"]  # no partial file left behind
+
+
+async def test_an_output_the_api_would_refuse_fails_its_step_not_the_report() -> None:
+    """An output past the event limits (too deep, too large) is a step failure with a clear error; the other
+    steps' outputs stay and the run fails by step_failed, never by a refused report."""
+    deep: Any = "leaf"
+    for _ in range(MAX_JSON_DEPTH + 5):
+        deep = {"d": deep}
+    for output, words in ((deep, "nests deeper than"), ({"blob": "x" * MAX_EVENT_PAYLOAD_BYTES}, "bytes of JSON")):
+        async def returns(args: dict[str, Any], ctx: ToolContext, value: Any = output) -> dict[str, Any]:
+            return value  # type: ignore[no-any-return]
+
+        spec = spec_of({"key": "ok", "tool": "echo", "args": {"kept": True}},
+                       {"key": "big", "tool": "returns", "depends_on": ["ok"]})
+        result, rep = await run(claim(spec), tools(returns=returns))
+        assert result is Result.FAILED
+        failed = rep.of("step.failed", "big")
+        assert len(failed) == 1 and words in failed[0]["error"] and failed[0]["retryable"] is False, failed
+        assert rep.of("step.succeeded", "ok")[0]["output"] == {"kept": True}
+        assert rep.of("run.failed")[0]["stop_reason"] == "step_failed"
+        assert [t for t, _ in rep.events].count("tool.succeeded") == 1  # ok's; big's call ended tool.failed

@@ -72,11 +72,6 @@ async def _claim_one(stub: worker_service_pb2_grpc.WorkerServiceStub, worker: st
 # --- Finding 1: run.completed can be recorded before a sibling step's step.succeeded --------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "orchestrator._report_result puts step X in self.results before X's step.succeeded is recorded, so the "
-    "last sibling to finish appends run.completed to its own report while X's report is still in flight; "
-    "the reporter sends the two in concurrent calls, run.completed can commit first, X's step.succeeded is "
-    "then STALE: the run is SUCCEEDED with step X RUNNING forever and the worker calls the run LOST"))
 async def test_run_completed_is_never_recorded_before_a_sibling_steps_success(
     api: Api, client: Client, sql: psycopg.Connection,
 ) -> None:

@@ -28,12 +28,13 @@ from services.run_api.errors import (
     RequestTooLarge,
     shorten,
 )
-from services.run_api.payloads import MAX_JSON_DEPTH, MAX_REASON_CHARS, json_depth
+from services.run_api.payloads import MAX_REASON_CHARS
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
 from shared.backoff import backoff_seconds
 from shared.events import EventType, RunStatus, StepStatus
+from shared.limits import MAX_JSON_DEPTH, json_depth
 from shared.workflows import DEFAULT_WORKFLOW, TOOL_WORKFLOW, WorkflowInputError, plan
 
 log = logging.getLogger(__name__)

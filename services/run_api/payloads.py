@@ -12,12 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.events import EventType
+from shared.limits import MAX_JSON_DEPTH, json_depth
 from shared.text import shorten
 
-# JSON nesting a value may have (an object or array inside another counts one level). Protobuf's
-# decoders stop at 100 message levels, and each Struct level costs three (Struct, map entry, Value),
-# so 20 leaves room for the messages a run's input travels in later (claims, reports, watch events).
-MAX_JSON_DEPTH = 20
 MAX_ERROR_CHARS = 8192
 MAX_REASON_CHARS = 1024
 MAX_KEY_CHARS = 128
@@ -36,19 +33,6 @@ ARTIFACT_FIELDS = ("name", "uri", "sha256", "size", "media_type")
 STEP_ERROR_CODES = frozenset(
     {"tool_failed", "tool_timeout", "tool_unavailable", "selector_failed", "artifact_failed", "interrupted"}
 )
-
-
-def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
-    """How deep `value` nests (a scalar is 0); stops counting once past `limit`, so it is cheap on hostile input."""
-    depth = 0
-    level = [value]
-    while depth <= limit:
-        containers = [i for i in level if isinstance(i, Mapping | list | tuple)]
-        if not containers:
-            break
-        depth += 1
-        level = [c for i in containers for c in (i.values() if isinstance(i, Mapping) else i)]
-    return depth
 
 
 # Per event type: field -> (kind, required, max characters for strings).

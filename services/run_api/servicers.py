@@ -42,6 +42,7 @@ from shared.gen.runs.v1 import (
     workflow_service_pb2,
     workflow_service_pb2_grpc,
 )
+from shared.limits import MAX_EVENT_PAYLOAD_BYTES
 from shared.logs import log_context
 from shared.settings import DEFAULT_ARTIFACT_MAX_BYTES
 from shared.telemetry import context_from_carrier, current_trace_carrier
@@ -51,8 +52,6 @@ tracer = trace.get_tracer("runs.api")
 
 _STATUS_NAMES = {v: n.removeprefix("RUN_STATUS_") for n, v in run_pb2.RunStatus.items()}
 _STEP_STATUS_NAMES = {v: n.removeprefix("STEP_STATUS_") for n, v in run_pb2.StepStatus.items()}
-# The largest payload one reported event may carry (a tool's output or input included).
-MAX_EVENT_PAYLOAD_BYTES = 1024 * 1024
 # The most events one ReportRunEvents call may carry (the stock worker sends at most 1,000).
 MAX_REPORT_EVENTS = 5000
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,6 +43,7 @@ from services.run_worker.tools import Json, LocalArtifact, Tool
 from shared.backoff import Uniform, backoff_seconds
 from shared.events import STEP_DONE, EventType, StepErrorCode, StopReason
 from shared.gen.runs.v1 import run_pb2
+from shared.limits import MAX_EVENT_PAYLOAD_BYTES, MAX_JSON_DEPTH, json_depth
 from shared.logs import log_context
 from shared.telemetry import context_from_carrier
 from shared.workflow import (
@@ -65,6 +67,12 @@ tracer = trace.get_tracer("runs.worker")
 ONE_STEP_BUILTINS = frozenset({"runtime.noop", "runtime.tool"})
 # The pseudo-tool of runtime.tool: the step invokes the tool its resolved `tool` names, with `args`.
 DISPATCH = "runtime.dispatch"
+# A step's output travels in tool.succeeded and in step.succeeded (with its artifacts): keep it well under the
+# API's limit of one event's payload.
+MAX_OUTPUT_BYTES = MAX_EVENT_PAYLOAD_BYTES - 64 * 1024
+# ... and it nests two levels down in run.completed's payload ({"output": {sink: output}}).
+MAX_OUTPUT_DEPTH = MAX_JSON_DEPTH - 1
+RUNNER_CLEANUP_SECONDS = 10.0
 CANCEL_REASON = "cancel requested"
 RELEASED_ERROR = "worker shut down before the run finished"
 SHUTTING_DOWN = "worker shutting down"
@@ -137,6 +145,20 @@ class _Stop(enum.Enum):
     CANCELED = "canceled"
     RELEASED = "released"
     LOST = "lost"
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+
+
+def _output_problem(output: Any) -> str | None:
+    """Why a tool's output cannot be recorded (the API's event limits), or None."""
+    if json_depth(output) > MAX_OUTPUT_DEPTH:
+        return f"the tool's output nests deeper than {MAX_OUTPUT_DEPTH} levels"
+    size = _json_size(output)
+    if size > MAX_OUTPUT_BYTES:
+        return f"the tool's output is {size} bytes of JSON; at most {MAX_OUTPUT_BYTES} are recorded"
+    return None
 
 
 def _step_status(value: run_pb2.StepStatus.ValueType) -> str:
@@ -233,14 +255,20 @@ class _Run:
         finally:
             for task in self.runners.values():
                 task.cancel()
+            if self.runners:  # a cancelled tool cleans up (shell kills its process group) before the slot frees
+                await asyncio.wait(list(self.runners.values()), timeout=RUNNER_CLEANUP_SECONDS)
 
     def _created_tool(self, step: StepSpec) -> str:
         tool = self.run_input.get("tool") if step.tool == DISPATCH else step.tool
         return tool if isinstance(tool, str) and tool else step.tool
 
-    def _completed(self) -> Any:
+    def _completed(self, last: dict[str, Json] | None = None) -> Any:
+        """run.completed with the sinks' outputs (`last`: a step whose success rides in the same report)."""
         assert self.spec is not None
-        output = {key: self.results[key]["output"] for key in sinks(self.spec)}
+        results = {**self.results, **(last or {})}
+        output = {key: results[key]["output"] for key in sinks(self.spec)}
+        if _json_size(output) > MAX_OUTPUT_BYTES:  # many large sinks: each keeps its output on its step
+            output = {key: {"truncated": True, "bytes": _json_size(value)} for key, value in output.items()}
         return self.ev(EventType.RUN_COMPLETED, {"output": output})
 
     def _request_stop(self, reason: _Stop) -> bool:
@@ -266,6 +294,9 @@ class _Run:
             if not live:
                 if self.closed is not None:  # a step's last report closed the run
                     return self.closed
+                if len(self.results) == len(spec.steps):  # the last steps' successes came back together
+                    await self.report([self._completed()])
+                    return Result.SUCCEEDED
                 raise RuntimeError("no step of the run can run and the run has not ended")
             waiters = [asyncio.ensure_future(s.wait()) for s in signals]
             try:
@@ -426,18 +457,24 @@ class _Run:
 
     async def _report_result(self, key: str, call_id: str, tool: str, n: int, result: TryResult,
                              last: bool) -> bool:
+        if result.ok and (too_big := _output_problem(result.output)):
+            result = TryResult(output=None, error=too_big, code=StepErrorCode.TOOL_FAILED, retryable=False)
         if result.ok:
-            self.results[key] = {"output": result.output, "artifacts": result.artifacts}
+            done = {"output": result.output, "artifacts": result.artifacts}
             events = [
                 self.ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": result.output}),
                 self.ev(EventType.STEP_SUCCEEDED, {"step_key": key, "output": result.output,
                                                    "artifacts": result.artifacts, "try": n}),
             ]
             assert self.spec is not None
-            if len(self.results) == len(self.spec.steps):
-                events.append(self._completed())
+            # A step counts as done (for its downstream steps and for run.completed) only once its success
+            # is recorded. run.completed rides in this report only when every other step's success already
+            # is: else the loop sends it after the last report comes back, so it is never recorded first.
+            if all(k in self.results for k in self.spec.keys if k != key):
+                events.append(self._completed({key: done}))
                 self.closed = Result.SUCCEEDED
             await self.report(events)
+            self.results[key] = done
             return True
         assert result.error is not None and result.code is not None
         # The same worker would not find a missing tool on a second try: that is for another attempt.
