@@ -199,3 +199,33 @@ async def test_a_non_ascii_bearer_key_is_unauthenticated_not_internal(engine: As
         with pytest.raises(auth.Unauthenticated):
             metadata = [("authorization", f"Bearer {bad}")]
             await authenticator.caller("/runs.v1.RunService/GetRun", metadata, handlers.utcnow())
+
+
+async def test_run_completed_is_refused_while_a_step_has_not_succeeded(
+    engine: AsyncEngine, sql: psycopg.Connection
+) -> None:
+    """A run succeeds when every step has: a report closing the run while a step runs is refused whole."""
+    from services.run_api.errors import EventRejected
+    from shared.events import EventType
+
+    (run_id,) = await start(engine, 1)
+    token = await session(engine, "w1")
+    async with UnitOfWork(engine) as uow:
+        await handlers.claim_runs(uow, handlers.Claim("w1", "default", 1, 1, 30))
+
+    def ev(i: int, type_: str, **payload: object) -> handlers.ReportedEvent:
+        return handlers.ReportedEvent(run_id, 1, f"e{i}", type_, None, dict(payload))
+
+    async with UnitOfWork(engine) as uow:
+        await handlers.report_events(uow, "w1", token, [ev(1, EventType.RUN_STARTED),
+                                                          ev(2, EventType.STEP_CREATED, step_key="runtime"),
+                                                          ev(3, EventType.STEP_STARTED, step_key="runtime")])
+    before = state(sql, run_id)
+    with pytest.raises(EventRejected, match=r"run\.completed while step 'runtime' has not succeeded"):
+        async with UnitOfWork(engine) as uow:
+            await handlers.report_events(uow, "w1", token, [ev(4, EventType.RUN_COMPLETED)])
+    assert state(sql, run_id) == before == ("RUNNING", 1, before[2])
+    async with UnitOfWork(engine) as uow:  # after the step's success, the same close is recorded
+        await handlers.report_events(uow, "w1", token, [ev(5, EventType.STEP_SUCCEEDED, step_key="runtime"),
+                                                          ev(6, EventType.RUN_COMPLETED)])
+    assert state(sql, run_id)[0] == "SUCCEEDED"

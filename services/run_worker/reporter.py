@@ -116,8 +116,9 @@ class Reporter:
     async def run(self, stop: asyncio.Event) -> None:
         """Send batches until `stop` is set and nothing is pending.
 
-        Up to `max_in_flight` calls run at once; they never share a run, because a run awaits each
-        report before it makes the next.
+        Up to `max_in_flight` calls run at once. Two of them may carry events of one run (its steps
+        report concurrently), never two of one step: each step awaits its report before the next, and
+        the orchestrator sends run.completed only once no other report of the run can overtake it.
         """
         slots = asyncio.Semaphore(self.config.max_in_flight)
         sending: set[asyncio.Task[None]] = set()

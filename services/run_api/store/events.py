@@ -216,6 +216,12 @@ class _Steps:
             if current not in needed:
                 state = f"is {current}" if current else "was never created"
                 return f"step {shorten(key)!r} {state} in attempt {event.attempt}"
+        if t == EventType.RUN_COMPLETED:
+            # A run succeeds when every step has: never before a step's success is recorded.
+            unfinished = sorted(k for (run, k), (status, _) in self.steps.items()
+                                if run == event.run_id and status not in STEP_DONE)
+            if unfinished:
+                return f"run.completed while step {shorten(unfinished[0])!r} has not succeeded"
         if t == EventType.TOOL_INVOKED and (event.run_id, str(p.get("tool_call_id"))) in self.calls:
             return f"tool call {shorten(str(p.get('tool_call_id')))!r} was already invoked"
         if t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
