@@ -235,8 +235,9 @@ async def _poll(predicate: Callable[[], bool], timeout: float, what: str) -> Non
 
 async def test_finding1_a_refused_report_fails_only_its_run(database_url: str) -> None:
     """Finding 1 (reporter): a tool output nested 40 levels cannot even be encoded into a report. The reporter
-    used to fail the whole batch (every run in it) and retry forever; now only that run ends FAILED with an
-    error about the refused report, the runs batched with it succeed, and the worker holds nothing after."""
+    used to fail the whole batch (every run in it) and retry forever; now only that run ends FAILED (the
+    worker checks an output against the event limits first, issue 7: the error says what is wrong with it),
+    the runs batched with it succeed, and the worker holds nothing after."""
 
     async def noop(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
         return nested(40) if args.get("poison") else {"ok": True}
@@ -260,7 +261,7 @@ async def test_finding1_a_refused_report_fails_only_its_run(database_url: str) -
             )
             assert final == ["FAILED", "SUCCEEDED", "SUCCEEDED"], final
             error = (await asyncio.to_thread(client.get, poison.run_id)).run.error
-            assert "refused" in error, error
+            assert "the tool's output nests deeper than" in error, error
             await _poll(lambda: not worker.held, 10, "the worker to hold no run")  # type: ignore[union-attr]
         finally:
             stop.set()

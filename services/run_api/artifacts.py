@@ -106,6 +106,13 @@ class ArtifactStore:
         """Whether the store holds the object."""
         return bool(await asyncio.to_thread(self.fs.exists, self.path(tenant, sha256)))
 
+    async def size(self, tenant: str, sha256: str) -> int | None:
+        """The object's size in bytes, or None when the store does not hold it."""
+        try:
+            return int(await asyncio.to_thread(self.fs.size, self.path(tenant, sha256)))
+        except FileNotFoundError:
+            return None
+
     async def put(self, tenant: str, chunks: AsyncIterable[bytes], max_bytes: int) -> tuple[str, int, str]:
         """Store the bytes of `chunks`; returns (sha256, size, uri). Over `max_bytes`: ArtifactTooLarge.
 

@@ -39,6 +39,7 @@ from services.run_api.errors import (
     shorten,
 )
 from services.run_api.store import queries as Q
+from services.run_api.store.registry import BUILTIN_TENANT
 from services.run_api.store.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,8 @@ async def create_key(uow: UnitOfWork, cmd: CreateKey, caller: Caller, now: datet
     for name in ("tenant_id", "project_id", "workspace_id"):
         if getattr(cmd, name):
             check_identifier(name, getattr(cmd, name))
+    if cmd.tenant_id == BUILTIN_TENANT:
+        raise InvalidRequest.field("tenant_id", f"{BUILTIN_TENANT!r} is reserved (the built-in workflows' owner)")
     check_text("description", cmd.description, limit=500)
     scope = _tenant_scope(caller)
     tenant = cmd.tenant_id or caller.tenant_id

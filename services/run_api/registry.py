@@ -91,27 +91,34 @@ async def register(uow: UnitOfWork, data: dict[str, Any], tenant_id: str, create
     plain, spec_hash = spec_to_dict(spec), spec_version_hash(spec)
     tenant = BUILTIN_TENANT if builtin else tenant_id
     await uow.conn.execute(Q.workflows_register_lock, {"tenant_id": tenant, "name": spec.name})
-    found = (
-        await uow.conn.execute(Q.workflow_by_hash, {"tenant_id": tenant, "name": spec.name, "spec_hash": spec_hash})
-    ).first()
+    state = (await uow.conn.execute(Q.workflow_latest_version, {"tenant_id": tenant, "name": spec.name})).one()
+    if builtin:
+        found = await _version_with_hash(uow, tenant, spec.name, spec_hash, builtin=True)
+        version = state.latest_builtin + 1
+    else:
+        found = (await uow.conn.execute(
+            Q.workflow_by_hash, {"tenant_id": tenant, "name": spec.name, "spec_hash": spec_hash})).first()
+        if found is None and state.latest_builtin and not state.latest_own:
+            raise InvalidRequest.field(
+                f"{field_prefix}.name", f"{shorten(spec.name)!r} is a built-in workflow's name; choose another name"
+            )
+        version = state.latest_own + 1
     if found is not None:
         await uow.commit()
         return Registered(found, False)
-    state = (await uow.conn.execute(Q.workflow_latest_version, {"tenant_id": tenant, "name": spec.name})).one()
-    if not builtin and state.builtin_name:
-        raise InvalidRequest.field(
-            f"{field_prefix}.name", f"{shorten(spec.name)!r} is a built-in workflow's name; choose another name"
-        )
-    version = state.latest + 1
     payload = {"name": spec.name, "version": version, "spec_hash": spec_hash, "spec": plain,
                "builtin": builtin, "created_by": created_by}
     await log_store.append_registered(uow.conn, tenant, payload)
-    row = (
-        await uow.conn.execute(Q.workflow_get, {"tenant_id": tenant, "name": spec.name, "version": version})
-    ).one()
+    row = await _version_with_hash(uow, tenant, spec.name, spec_hash, builtin=builtin)
     await uow.commit()
     log.info("workflow %s registered as version %d", spec.name, version, extra={"tenant_id": tenant})
     return Registered(row, True)
+
+
+async def _version_with_hash(uow: UnitOfWork, tenant: str, name: str, spec_hash: str, builtin: bool) -> Any:
+    """The stored version of a name with this hash: a built-in, or the tenant's own (None when there is none)."""
+    params = {"tenant_id": tenant, "name": name, "spec_hash": spec_hash, "builtin": builtin}
+    return (await uow.conn.execute(Q.workflow_own_by_hash, params)).first()
 
 
 async def get(uow: UnitOfWork, name: str, version: int, caller: Caller) -> Any:

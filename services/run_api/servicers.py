@@ -220,18 +220,23 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         return artifact_service.fetch_artifact(self.engine, self.artifacts, request, context)
 
     async def _check_artifacts(self, reported: list[handlers.ReportedEvent]) -> None:
-        """Every artifact a step.succeeded names must be in the tenant's store; its uri is the store's own."""
+        """Every artifact a step.succeeded names must be in the tenant's store; its uri and size are the store's."""
         tenant = current_caller().tenant_id
+        sizes: dict[str, int | None] = {}
         for i, event in enumerate(reported):
             if event.type != EventType.STEP_SUCCEEDED:
                 continue
             for j, item in enumerate(event.payload.get("artifacts") or []):
-                if not await self.artifacts.exists(tenant, item["sha256"]):
+                sha = item["sha256"]
+                if sha not in sizes:
+                    sizes[sha] = await self.artifacts.size(tenant, sha)
+                if sizes[sha] is None:
                     raise InvalidRequest.field(
                         f"events[{i}].payload.artifacts[{j}].sha256",
                         "no artifact with this sha256 was uploaded: upload it with UploadArtifact first",
                     )
-                item["uri"] = self.artifacts.uri(tenant, item["sha256"])
+                # What is recorded describes the stored bytes, whatever the worker wrote.
+                item["uri"], item["size"] = self.artifacts.uri(tenant, sha), sizes[sha]
 
     async def ClaimQueuedRuns(
         self, request: worker_service_pb2.ClaimQueuedRunsRequest, context: grpc.aio.ServicerContext

@@ -394,46 +394,59 @@ workflows_project_registered = q(
 
 workflows_clear = q("DELETE FROM workflows")
 
-# The version of a name with this spec hash, in the tenant or among the built-ins.
-workflow_by_hash = q(
+# Which rows of a name a tenant sees: its own, if it has registered the name at all; else the
+# built-ins' (a built-in shipped later never takes over a tenant's workflow of the same name).
+_WORKFLOW_VISIBLE = """
+    name = :name AND CASE
+        WHEN EXISTS (SELECT 1 FROM workflows o WHERE o.tenant_id = :tenant_id AND o.name = :name AND NOT o.builtin)
+        THEN tenant_id = :tenant_id AND NOT builtin
+        ELSE builtin END
+"""
+
+# The version of a name with this spec hash that the tenant sees.
+workflow_by_hash = q(f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE {_WORKFLOW_VISIBLE} AND spec_hash = :spec_hash")
+
+# The version of a name with this hash among the built-ins (:builtin) or the tenant's own.
+workflow_own_by_hash = q(
     f"""
     SELECT {WORKFLOW_COLUMNS} FROM workflows
-    WHERE tenant_id IN (:tenant_id, '*') AND name = :name AND spec_hash = :spec_hash
-    ORDER BY tenant_id = '*' LIMIT 1
+    WHERE name = :name AND spec_hash = :spec_hash AND builtin = :builtin
+      AND (:builtin OR tenant_id = :tenant_id)
     """
 )
 
-# One version (:version 0: the latest) of a name the tenant sees (its own or a built-in).
+# One version (:version 0: the latest) of a name the tenant sees.
 workflow_get = q(
     f"""
     SELECT {WORKFLOW_COLUMNS} FROM workflows
-    WHERE tenant_id IN (:tenant_id, '*') AND name = :name AND (:version = 0 OR version = :version)
+    WHERE {_WORKFLOW_VISIBLE} AND (:version = 0 OR version = :version)
     ORDER BY version DESC LIMIT 1
     """
 )
 
-# The highest version of a name in a tenant (0 when none) and whether it is a built-in name.
+# The built-in versions of a name, and (for a tenant) its own: what a new registration numbers from.
 workflow_latest_version = q(
     """
-    SELECT COALESCE(max(version) FILTER (WHERE tenant_id = :tenant_id), 0) AS latest,
-           bool_or(tenant_id = '*') IS TRUE AS builtin_name
-    FROM workflows WHERE tenant_id IN (:tenant_id, '*') AND name = :name
+    SELECT COALESCE(max(version) FILTER (WHERE builtin), 0) AS latest_builtin,
+           COALESCE(max(version) FILTER (WHERE tenant_id = :tenant_id AND NOT builtin), 0) AS latest_own
+    FROM workflows WHERE name = :name AND (builtin OR tenant_id = :tenant_id)
     """
 )
 
-# The latest version of each workflow the tenant sees, by name, a page at a time.
+# The latest version of each workflow the tenant sees (its own before a built-in of the same name),
+# by name, a page at a time.
 workflow_list = q(
     f"""
     SELECT DISTINCT ON (name) {WORKFLOW_COLUMNS} FROM workflows
-    WHERE tenant_id IN (:tenant_id, '*') AND name > :after_name
-    ORDER BY name, version DESC
+    WHERE (builtin OR tenant_id = :tenant_id) AND name > :after_name
+    ORDER BY name, (tenant_id = :tenant_id AND NOT builtin) DESC, version DESC
     LIMIT :limit
     """
 )
 
 # Names of the workflows a tenant may start (for an unknown-workflow error).
 workflow_names = q(
-    "SELECT DISTINCT name FROM workflows WHERE tenant_id IN (:tenant_id, '*') ORDER BY name LIMIT 50"
+    "SELECT DISTINCT name FROM workflows WHERE builtin OR tenant_id = :tenant_id ORDER BY name LIMIT 50"
 )
 
 # Specs by hash (claims send the pinned spec; a hash names one content, whoever registered it).
