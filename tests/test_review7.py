@@ -1,7 +1,8 @@
 """Review of issue 7 (workflows as DAGs): each test reproduces one finding against a real API and PostgreSQL.
 
-Every test is marked xfail(strict=True) with the finding it shows, so the suite stays green until the
-defect is fixed (then the test passes and strict xfail asks for the marker to go).
+Each failed before its fix (they were committed as strict xfails first): run.completed recorded before
+a sibling's success, tenant '*' publishing to everyone, a later built-in taking over a tenant's workflow,
+an artifact size taken from the worker.
 """
 
 from __future__ import annotations
