@@ -1,14 +1,22 @@
 """Property-based fuzzing of every RPC against a real API process with a real worker (hypothesis).
 
-Every RPC of runs.v1 (RunService, WorkerService, OpsService, KeyService) is driven with generated
+Every RPC of runs.v1 (RunService, WorkerService, OpsService, KeyService, WorkflowService) is driven with generated
 messages that mix plausible values (real run ids in every state, known workflows, tools and event
 types, small attempts) with hostile ones (huge and negative numbers, out-of-range timestamps, NUL,
 non-BMP and 10 KB strings, Structs nested 20 to 60 levels, NaN and infinities, big lists), and
 with raw bytes (random, truncated, invalid UTF-8 in any string field, nesting past the decoder's
 limit, corrupt wire format). Every answer must carry a documented status code (never INTERNAL or
-UNKNOWN), status details of at most 2 KB without internals, and a body a standard client decodes.
+UNKNOWN), status details of at most 2 KB (the google.rpc.Status beside them at most 3000 bytes)
+without internals, and a body a standard client decodes.
 Afterwards the API still serves, logged no traceback, and every run it accepted reaches a
 terminal state while the worker keeps running.
+
+WorkflowService gets specs that are mostly valid (random step counts and keys, DAGs, chains, rings
+and dense graphs, depends_on with cycles and unknown keys, selectors valid, nonsense, nested
+thousands deep, 100 KB long or in any script, args with odd JSON values, retry/timeout/cache edges,
+change_requests): each answer is OK or INVALID_ARGUMENT whose violations all name `spec…`, and an
+accepted spec registered again, as sent or as the registry returned it, gets the same version
+and hash.
 
 FUZZ_EXAMPLES sets the examples per RPC group: 40 inside `make test`, 2000 with `make fuzz`.
 """
@@ -16,6 +24,7 @@ FUZZ_EXAMPLES sets the examples per RPC group: 40 inside `make test`, 2000 with 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -30,9 +39,9 @@ import pytest
 from google.protobuf import json_format, message_factory, struct_pb2, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from psycopg import sql as pgsql
 from ulid import ULID
@@ -44,6 +53,7 @@ from shared.gen.runs.v1 import (
     ops_service_pb2,
     run_service_pb2,
     worker_service_pb2,
+    workflow_service_pb2,
 )
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
@@ -77,7 +87,16 @@ DOCUMENTED = frozenset(
     }
 )
 STREAMING = DOCUMENTED | {C.DEADLINE_EXCEEDED}  # only where the suite sets a short deadline on purpose
+# The registry's documented outcomes (README "Workflows"): a spec is stored or refused field by field.
+REGISTRY = {
+    "RegisterWorkflow": frozenset({C.OK, C.INVALID_ARGUMENT}),
+    "ListWorkflows": frozenset({C.OK, C.INVALID_ARGUMENT}),
+    "GetWorkflow": frozenset({C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND}),
+}
 MAX_DETAILS = 2048
+# The serialized google.rpc.Status in grpc-status-details-bin: the error interceptor budgets it at
+# 3000 bytes (services/run_api/interceptors.py MAX_DETAILS_BYTES), field violations past it left out.
+MAX_RICH_DETAILS = 3000
 LEAKS = ("Traceback", 'File "', "DecodeError", "sqlalchemy", "psycopg", "asyncpg", "Exception", "SELECT ", "INSERT ")
 
 LEASE_SECONDS = 2
@@ -133,11 +152,13 @@ def _rpcs() -> dict[str, Rpc]:
         (worker_service_pb2, "WorkerService"),
         (ops_service_pb2, "OpsService"),
         (key_service_pb2, "KeyService"),
+        (workflow_service_pb2, "WorkflowService"),
     ):
         descriptor = module.DESCRIPTOR.services_by_name[service]
         for method in descriptor.methods:
             stream = method.server_streaming
             allowed = STREAMING if stream else DOCUMENTED  # KeyService too: auth off means every role
+            allowed = REGISTRY.get(method.name, allowed)
             out[method.name] = Rpc(
                 path=f"/{descriptor.full_name}/{method.name}",
                 request=message_factory.GetMessageClass(method.input_type),
@@ -175,6 +196,7 @@ class Stack:
         self.channel, self.client, self.seeds = channel, client, seeds
         self.accepted: dict[str, bool] = {}  # run id -> whether it finishes without a cancel
         self.tokens: dict[str, str] = {}  # worker id -> session token
+        self.workflows: dict[tuple[str, int], str] = {}  # (name, version) -> spec hash, as registered
 
     def __repr__(self) -> str:
         return f"Stack(api={self.api.addr}, accepted runs={len(self.accepted)})"
@@ -382,7 +404,7 @@ def check(
     size = len(answer.details.encode())
     assert size <= MAX_DETAILS, f"status details are {size} bytes (at most {MAX_DETAILS}): {where}"
     rich = answer.trailing.get("grpc-status-details-bin", b"")
-    assert len(rich) <= MAX_DETAILS, f"grpc-status-details-bin is {len(rich)} bytes: {where}"
+    assert len(rich) <= MAX_RICH_DETAILS, f"grpc-status-details-bin is {len(rich)} bytes: {where}"
     if rich:
         status = status_pb2.Status.FromString(rich)
         assert status.code == answer.code.value[0], f"rich status code {status.code} differs: {where}"
@@ -600,9 +622,9 @@ EVENT_TYPES = [
 
 
 @st.composite
-def fields(draw: st.DrawFn, spec: dict[str, Field]) -> dict[str, Any]:
-    """Values for a message's fields: all plausible, exactly one hostile, or any mix."""
-    mode = draw(st.sampled_from(["plausible", "one hostile", "mixed"]))
+def fields(draw: st.DrawFn, spec: dict[str, Field], plausible: bool = False) -> dict[str, Any]:
+    """Values for a message's fields: all plausible (always when `plausible`), exactly one hostile, or any mix."""
+    mode = "plausible" if plausible else draw(st.sampled_from(["plausible", "one hostile", "mixed"]))
     bad = draw(st.sampled_from(sorted(spec))) if mode == "one hostile" else None
     out: dict[str, Any] = {}
     for name, (good, evil) in spec.items():
@@ -868,6 +890,256 @@ key_calls = st.one_of(
     st.tuples(st.just("RevokeKey"), revoke_key.map(Req)),
 )
 
+# --- strategies: workflow specs (WorkflowService) ------------------------------------------------
+#
+# A spec is built as the proto a client sends. Plausible specs are DAGs listed in order: each step
+# depends on some earlier ones and its selectors read the run input or an upstream step. Hostile
+# parts: keys that are not names or repeat, dependencies on later, unknown or own keys (cycles),
+# selectors that do not parse, nest thousands deep, run 100 KB long or read a step not upstream,
+# args no canonical JSON holds, retry/timeout/cache values at and past their edges. Large shapes
+# (long chains, rings, dense DAGs, thousands of unknown dependencies) check that validation stays
+# fast on what fits in one request.
+
+WF_NAMES = ("fuzz.wf", "fuzz.wf-2", "fuzz_wf.3")
+STEP_KEYS = ("a", "b", "c", "d", "e", "f", "x.y", "a-b", "g_1", "Z9")
+step_key_plain = st.sampled_from(STEP_KEYS) | st.from_regex(r"\A[A-Za-z0-9._-]{1,12}\Z")
+step_key_evil = hostile_texts | st.sampled_from(["", " a", "a b", "é", "k" * 129, "*", "steps", "a\x00"])
+wf_name_field: Field = (
+    st.sampled_from(WF_NAMES) | st.from_regex(r"\Afuzz\.[A-Za-z0-9._-]{1,20}\Z"),
+    hostile_texts | st.sampled_from(["", "runtime.noop", "campaign.build", "n" * 129, "a b", "fuzz/wf"]),
+)
+tool_field = text_field("noop", "echo", "sleep", "fail", "shell")
+
+
+def selector_of(template: str, key: str, bare: bool) -> str:
+    """`template` with {k} as the key: bare (steps.a) when it is a JMESPath identifier, else quoted."""
+    return template.format(k=key if bare and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else json.dumps(key))
+
+
+INPUT_SELECTORS = [
+    "input", "input.x", "input.items[0]", "input.x || `1`", "length(input.items)", "input.items[?v > `1`].v",
+    "{x: input.x}", "[input.x, input.y]", "input.x | [0]", "input.\"é\"", "sort_by(input.items, &v)[0]",
+]
+STEP_SELECTORS = [
+    "steps.{k}.output", "steps.{k}.output.x", "steps.{k}.artifacts[0].sha256", "steps.{k}.artifacts[*].name",
+    "{{a: input.x, b: steps.{k}.output}}", "input.x || steps.{k}.output", "length(steps.{k}.artifacts)",
+    "steps.{k}.output | keys(@)", "[steps.{k}.output, input]",
+]
+NONSENSE_SELECTORS = [
+    "", " ", "steps", "steps.*", "steps.*.output", "@", "*", "input.[", "foo", "foo.bar", "`{`", "&input.x",
+    "input.x |", "steps.a.nope", "steps.zz.output", "steps.a", "input.x[?", "'\x00'", '`"\\u0000"`',
+    'input."\\u0000"', 'input."\\ud800"', "input.\x00", "`1e999`", "`-0`", "`123456789012345678901234567890`",
+    "input.x[-9223372036854775809]", "input.x[99999999999999999999]", "input.x[::0]", "to_number('1e400')",
+    'input."steps"', '"steps".a.output', "@.steps.a.output", "$", "steps.a.output[?@ == steps.b.output]",
+    "input.x.`1`", "\u202einput.x", "input.\U0001f600", "`" + "[" * 40 + "]" * 40 + "`", "steps.\"\".output",
+]
+
+
+def deep_selector(kind: str, n: int) -> str:
+    """A selector nested or repeated `n` times (parsers recurse on most of these)."""
+    return {
+        "parens": "(" * n + "input.x" + ")" * n,
+        "lists": "[" * n + "input.x" + "]" * n,
+        "nots": "!" * n + "input.x",
+        "calls": "not_null(" * n + "input.x" + ")" * n,
+        "hashes": "{a: " * n + "input.x" + "}" * n,
+        "literal": "`" + "[" * n + "]" * n + "`",
+        "dots": "input" + ".a" * n,
+        "indexes": "input.x" + "[0]" * n,
+        "ors": " || ".join(["input.x"] * n),
+        "pipes": " | ".join(["input.x"] * n),
+        "long": "input." + "a" * n,
+    }[kind]
+
+
+DEEP_KINDS = ["parens", "lists", "nots", "calls", "hashes", "literal", "dots", "indexes", "ors", "pipes", "long"]
+deep_selectors = st.builds(
+    deep_selector, st.sampled_from(DEEP_KINDS), st.sampled_from([30, 100, 300, 1000, 3000, 20_000, 100_000])
+)
+evil_selectors = st.one_of(st.sampled_from(NONSENSE_SELECTORS), deep_selectors, hostile_texts)
+
+
+def selectors(upstream: list[str], everyone: list[str]) -> Field:
+    """Selectors reading the input or an upstream step; hostile ones also read any key, or nonsense."""
+    good: st.SearchStrategy[str] = st.sampled_from(INPUT_SELECTORS)
+    if upstream:
+        good = good | st.builds(selector_of, st.sampled_from(STEP_SELECTORS), st.sampled_from(upstream), st.booleans())
+    evil = evil_selectors
+    if everyone:
+        evil = evil | st.builds(selector_of, st.sampled_from(STEP_SELECTORS), st.sampled_from(everyone), st.booleans())
+    return good, evil
+
+
+ODD_NUMBERS = [math.nan, math.inf, -math.inf, -0.0, 1e308, -1e308, 5e-324, 2.0**53, 2.0**53 + 2, -(2.0**63), 1e-7,
+               0.1 + 0.2, 1e21, 123456789.125]
+odd_values = st.one_of(
+    st.sampled_from(ODD_NUMBERS),
+    st.sampled_from(["", "\x00", "a\x00b", "\U0010ffff", "\u202e", "\ufeff", {}, [], [[]], {"": None}, {"\x00": 1.0}]),
+    deep_values,
+    st.builds(nest, st.integers(18, 22), st.sampled_from(["dict", "list", "mixed"]), st.just(1.0)),
+)
+arg_names = texts("x", "seconds", "message", "times", "retryable", "")
+args_field: Field = (
+    st.dictionaries(st.sampled_from(["x", "seconds", "v"]), clean_scalars, max_size=3),
+    st.dictionaries(arg_names, json_values | odd_values, max_size=4) | json_objects,
+)
+
+
+retry_field: Field = (
+    st.none() | st.builds(
+        lambda m, b, c: workflow_service_pb2.StepRetry(max_attempts=m, backoff_seconds=b, backoff_max_seconds=c),
+        st.integers(0, 5), st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from([0.0, 1.0, 60.0]),
+    ),
+    fields(
+        {
+            "max_attempts": (st.sampled_from([1, 100]), int32s(0, 101)),
+            "backoff_seconds": (st.sampled_from([0.0, 86400.0]), doubles(0, 86400)),
+            "backoff_max_seconds": (st.sampled_from([0.0, 86400.0]), doubles(0, 86400)),
+        }
+    ).map(lambda f: workflow_service_pb2.StepRetry(**f)),
+)
+cache_field: Field = (
+    st.none() | st.builds(
+        lambda s, t: workflow_service_pb2.StepCache(scope=s, ttl_seconds=t),
+        st.sampled_from(["", "none", "global", "run_only"]), st.sampled_from([0, 60, 3600]),
+    ),
+    st.builds(
+        lambda s, t: workflow_service_pb2.StepCache(scope=s, ttl_seconds=t),
+        texts("", "none", "global", "run_only", "GLOBAL"),
+        st.one_of(int64s(0, 3600), st.sampled_from([2**53 - 1, 2**53, 2**53 + 1, 10**17, 10**18 - 1, 10**18])),
+    ),
+)
+
+
+@st.composite
+def workflow_step(draw: st.DrawFn, i: int, keys: list[str], hostile: bool) -> workflow_service_pb2.WorkflowStep:
+    """Step `i` of a spec whose keys are `keys`: plausibly depending on earlier steps only."""
+    earlier, key = keys[:i], keys[i]
+    deps_good = st.lists(st.sampled_from(earlier), unique=True, max_size=3) if earlier else st.just([])
+    deps_evil = st.lists(st.sampled_from(keys) | step_key_plain | step_key_evil, max_size=5)
+    f = draw(
+        fields(
+            {
+                "tool": tool_field,
+                "depends_on": (deps_good, deps_evil),
+                "input": (st.just(0), st.just(1)),  # which selectors: drawn below, once the deps are known
+                "args": args_field,
+                "retry": retry_field,
+                "timeout_seconds": (st.sampled_from([0.0, 0.5, 30.0, 86400.0]), doubles(0, 86400)),
+                "cache": cache_field,
+            },
+            plausible=not hostile,
+        )
+    )
+    upstream = [k for k in earlier if k in f["depends_on"]]  # direct dependencies are surely upstream
+    good, evil = selectors(upstream, keys)
+    names = st.sampled_from(["x", "seconds", "message", "v"])
+    inputs = draw(st.dictionaries(names, good, max_size=3) if not f.pop("input") else st.dictionaries(
+        names | arg_names, good | evil, max_size=4))
+    step = workflow_service_pb2.WorkflowStep(key=key, tool=f["tool"], depends_on=f["depends_on"],
+                                             timeout_seconds=f["timeout_seconds"])
+    for name, expression in inputs.items():
+        step.input[name] = expression
+    if f["args"]:
+        fill_struct(step.args, f["args"])
+    for part in ("retry", "cache"):
+        if f[part] is not None:
+            getattr(step, part).CopyFrom(f[part])
+    return step
+
+
+def big_spec(shape: str, n: int) -> workflow_service_pb2.WorkflowSpec:
+    """A spec with many steps: a chain, a ring (one long cycle), a dense DAG, or unknown dependencies."""
+    spec = workflow_service_pb2.WorkflowSpec(name=f"fuzz.{shape}")
+    for i in range(n):
+        step = spec.steps.add(key=f"s{i}", tool="noop")
+        if shape == "chain" and i:
+            step.depends_on.append(f"s{i - 1}")
+            step.input["x"] = f"steps.s{i - 1}.output"
+        elif shape == "ring":
+            step.depends_on.append(f"s{(i + 1) % n}")
+        elif shape == "dense":
+            step.depends_on.extend(f"s{j}" for j in range(i))
+            step.input["x"] = "steps.zz.output" if i % 2 else "input.x"
+        elif shape == "unknown":
+            step.depends_on.extend([f"u{i}", f"u{i}"])
+            step.input["x"] = f"steps.u{i}.output"
+        elif shape == "fan":
+            step.depends_on.extend(f"u{j}" for j in range(n) if i == 0)
+    return spec
+
+
+big_specs = st.one_of(
+    st.builds(big_spec, st.sampled_from(["chain", "ring", "unknown", "fan"]), st.integers(100, 20_000)),
+    st.builds(big_spec, st.just("dense"), st.integers(50, 1000)),  # 1000: 3.5 MB, under the 4 MiB limit
+)
+
+
+@st.composite
+def workflow_spec(draw: st.DrawFn) -> workflow_service_pb2.WorkflowSpec:
+    """A spec: a valid DAG half the time, else with one hostile step or hostile parts anywhere (see above)."""
+    mode = draw(st.sampled_from(["valid", "valid", "one hostile step", "hostile"]))
+    n = draw(st.integers(1, 5) | st.integers(0 if mode == "hostile" else 1, 12) | st.sampled_from([30, 256, 257]))
+    keys = draw(st.lists(step_key_plain, min_size=min(n, 8), max_size=min(n, 8), unique=True))
+    keys += [f"k{i}" for i in range(len(keys), n)]
+    if n and mode == "hostile" and draw(st.booleans()):  # keys hostile, repeated, or a later one made earlier
+        for _ in range(draw(st.integers(1, 2))):
+            keys[draw(st.integers(0, n - 1))] = draw(st.sampled_from(keys) | step_key_evil)
+    f = draw(fields({"name": wf_name_field, "description": text_field("", "a fuzzed workflow")}, mode != "hostile"))
+    spec = workflow_service_pb2.WorkflowSpec(**f)
+    odd = draw(st.integers(0, n - 1)) if n and mode == "one hostile step" else -1
+    for i in range(n):
+        spec.steps.add().CopyFrom(draw(workflow_step(i, keys, hostile=mode == "hostile" or i == odd)))
+    if mode == "hostile" and draw(st.booleans()) and n > 1:  # a back edge: the first step depends on a later one
+        spec.steps[0].depends_on.append(keys[draw(st.integers(1, n - 1))])
+    names = st.sampled_from(["redo_a", "copy_update", "x"])
+    targets = st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True) if keys else st.nothing()
+    if mode == "hostile":
+        names, targets = names | hostile_texts, targets | st.lists(step_key_plain | step_key_evil, max_size=3)
+    requests = draw(st.dictionaries(names, targets, max_size=3))
+    for name, targets in requests.items():
+        spec.change_requests[name].step_keys.extend(targets)
+    return spec
+
+
+
+
+def register_request(spec: workflow_service_pb2.WorkflowSpec) -> workflow_service_pb2.RegisterWorkflowRequest:
+    request = workflow_service_pb2.RegisterWorkflowRequest()
+    request.spec.CopyFrom(spec)  # not spec=...: that re-parses, with the client's depth limit
+    return request
+
+
+register_workflow = st.one_of(
+    workflow_spec().map(register_request),
+    workflow_spec().map(register_request),
+    big_specs.map(register_request),
+    st.just(workflow_service_pb2.RegisterWorkflowRequest()),
+)
+WF_LOOKUP = (*WF_NAMES, "runtime.noop", "runtime.tool", "campaign.build", "")
+list_workflows = fields(
+    {"page_size": int_field(0, 5), "page_token": text_field("", *WF_LOOKUP)}
+).map(lambda f: workflow_service_pb2.ListWorkflowsRequest(**f))
+get_workflow = fields({"name": text_field(*WF_LOOKUP), "version": int_field(0, 3)}).map(
+    lambda f: workflow_service_pb2.GetWorkflowRequest(**f)
+)
+
+
+@st.composite
+def workflow_call(draw: st.DrawFn) -> tuple[str, Req, tuple[Any, ...]]:
+    """(method, request, how to send it): mostly as is, sometimes as raw garbage made from it."""
+    name = draw(st.sampled_from(["RegisterWorkflow"] * 6 + ["ListWorkflows", "GetWorkflow"]))
+    request = Req(draw(MESSAGES[name]))
+    if draw(st.integers(0, 5)):
+        return name, request, ("as_is",)
+    how = draw(
+        st.builds(lambda f: ("truncate", f), st.floats(0, 1, exclude_max=True))
+        | st.builds(lambda r, b: ("append", r, b), bad_utf8_record(RPCS[name].request.DESCRIPTOR), st.booleans())
+        | st.builds(lambda b: ("bytes", b), st.binary(max_size=256))
+    )
+    return name, request, how
+
+
 MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "StartRun": start_run(),
     "CancelRun": cancel_run,
@@ -886,6 +1158,9 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "DownloadArtifact": download_artifact,
     "UploadArtifact": upload_artifact,
     "FetchArtifact": fetch_artifact,
+    "RegisterWorkflow": register_workflow,
+    "ListWorkflows": list_workflows,
+    "GetWorkflow": get_workflow,
 }
 
 
@@ -938,6 +1213,8 @@ def deep_record(name: str, depth: int) -> bytes:
         return record(2, struct)
     if name == "ReportRunEvents":
         return record(2, record(1, b"x") + record(6, struct))
+    if name == "RegisterWorkflow":  # spec.steps[0].args
+        return record(1, record(1, b"fuzz.deep") + record(3, record(1, b"a") + record(2, b"noop") + record(5, struct)))
     return record(15, struct)  # unknown field: not decoded, must be ignored
 
 
@@ -1065,6 +1342,73 @@ def test_steps_and_artifacts(stack: Stack, artifact_call: tuple[str, Req]) -> No
     call(stack, name, artifact_call[1].message, timeout=3.0 if RPCS[name].stream else 10.0)
 
 
+# Internals a refused spec must not show: the libraries it passes through and PostgreSQL's text.
+REGISTRY_LEAKS = ("jmespath.", "rfc8785", "graphlib", "IntegerDomainError", "CycleError", "jsonb", "DETAIL:",
+                  "unsupported Unicode", "invalid input syntax", "Error parsing")
+
+
+def field_violations(answer: Answer) -> list[tuple[str, str]]:
+    """The google.rpc.BadRequest field violations an answer carries."""
+    status = status_pb2.Status.FromString(answer.trailing.get("grpc-status-details-bin", b""))
+    out: list[tuple[str, str]] = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            out += [(v.field, v.description) for v in bad.field_violations]
+    return out
+
+
+def registered(stack: Stack, request: Message, answer: Answer) -> None:
+    """An accepted spec is accepted again, as sent and as returned, with the same version and hash."""
+    assert isinstance(request, workflow_service_pb2.RegisterWorkflowRequest)
+    first = workflow_service_pb2.RegisterWorkflowResponse.FromString(answer.bodies[0]).workflow
+    where = f"{first.name!r} v{first.version} {first.spec_hash}"
+    assert first.name == request.spec.name and first.version >= 1 and re.fullmatch(r"[0-9a-f]{64}", first.spec_hash)
+    known = stack.workflows.setdefault((first.name, first.version), first.spec_hash)
+    assert known == first.spec_hash, f"version {first.version} of {first.name!r} changed hash: {known} -> {where}"
+    for label, again in (
+        ("the same request", request),
+        ("the spec the registry returned", register_request(first.spec)),
+    ):
+        answer = call(stack, "RegisterWorkflow", again)
+        assert answer.code is C.OK, f"{label} was refused after {where} was accepted: {answer.code} {answer.details}"
+        second = workflow_service_pb2.RegisterWorkflowResponse.FromString(answer.bodies[0])
+        assert not second.created, f"{label} created a new version: {second.workflow.version} after {where}"
+        assert (second.workflow.version, second.workflow.spec_hash) == (first.version, first.spec_hash), label
+    answer = call(stack, "GetWorkflow", workflow_service_pb2.GetWorkflowRequest(name=first.name, version=first.version))
+    assert answer.code is C.OK, f"GetWorkflow of {where}: {answer.code} {answer.details}"
+    got = workflow_service_pb2.GetWorkflowResponse.FromString(answer.bodies[0]).workflow
+    assert got.spec_hash == first.spec_hash and got.spec == first.spec, f"GetWorkflow differs from {where}"
+
+
+@FUZZ
+@given(workflow=workflow_call())
+def test_workflow_service(stack: Stack, workflow: tuple[str, Req, tuple[Any, ...]]) -> None:
+    name, request, how = workflow
+    rpc = RPCS[name]
+    if how[0] != "as_is":
+        payload = encode(resolve(stack, request.message).SerializeToString(), how)
+        answer = stack.invoke(rpc.path, payload, False, 10.0)
+        check(stack, rpc, rpc.path, answer, rpc.allowed, payload)
+    else:
+        answer = call(stack, name, request.message)
+        payload = request.message.SerializeToString()
+    event(f"{name} {how[0]}: {answer.code.name}")  # pytest --hypothesis-show-statistics shows the mix
+    leaked = [marker for marker in REGISTRY_LEAKS if marker in answer.details and marker.encode() not in payload]
+    assert not leaked, f"{name} details show internals {leaked}: {_short(fold(answer.details))!r}"
+    if name != "RegisterWorkflow" or how[0] != "as_is":
+        return
+    if answer.code is C.INVALID_ARGUMENT:
+        found = field_violations(answer)
+        assert found, f"INVALID_ARGUMENT without field violations: {_short(fold(answer.details))!r}"
+        # A spec nested past protobuf's decoder limit is an undecodable request, named as such.
+        undecodable = found == [("request", found[0][1])] and "is not a valid" in found[0][1]
+        strays = [f for f, _ in found if not re.fullmatch(r"spec(\..*)?", f, re.S)]
+        assert undecodable or not strays, f"violations must name spec…, not {strays}: {_short(fold(answer.details))!r}"
+    else:
+        registered(stack, request.message, answer)
+
+
 @FUZZ
 @given(raw=raw_call())
 def test_raw_bytes(stack: Stack, raw: tuple[str, Req | None, tuple[Any, ...]]) -> None:
@@ -1152,13 +1496,72 @@ def test_raw_edge(stack: Stack, edge: str) -> None:
     check(stack, rpc, rpc.path, stack.invoke(rpc.path, payload, rpc.stream, 3.0), rpc.allowed, payload)
 
 
+def _spec(*steps: dict[str, Any], name: str = "fuzz.edge", **extra: Any) -> Message:
+    """A RegisterWorkflowRequest of steps given as plain dicts (args as JSON values, NaN and all)."""
+    spec = workflow_service_pb2.WorkflowSpec(name=name, **extra)
+    for plain in steps or ({"key": "a"},):
+        plain = {"tool": "noop", **plain}
+        args = plain.pop("args", None)
+        step = spec.steps.add(**{k: v for k, v in plain.items() if k not in ("retry", "cache", "input")})
+        step.input.update(plain.get("input", {}))
+        if "retry" in plain:
+            step.retry.CopyFrom(workflow_service_pb2.StepRetry(**plain["retry"]))
+        if "cache" in plain:
+            step.cache.CopyFrom(workflow_service_pb2.StepCache(**plain["cache"]))
+        if args is not None:
+            fill_struct(step.args, args)
+    return register_request(spec)
+
+
+def _chain(n: int) -> Message:
+    return _spec(*({"key": f"s{i}", "depends_on": [f"s{i - 1}"] if i else []} for i in range(n)))
+
+
+REGISTRY_EDGES: dict[str, Any] = {
+    "NaN in args": lambda: _spec({"key": "a", "args": {"x": math.nan}}),
+    "-Infinity deep in args": lambda: _spec({"key": "a", "args": {"x": [{"y": -math.inf}]}}),
+    "-0 and 1e308 and 5e-324 in args": lambda: _spec({"key": "a", "args": {"x": [-0.0, 1e308, 5e-324, 2.0**53 + 2]}}),
+    "args nested 20 deep": lambda: _spec({"key": "a", "args": {"d": nest(19, "dict", 1.0)}}),
+    "args nested 30 deep": lambda: _spec({"key": "a", "args": {"d": nest(29, "dict", 1.0)}}),
+    "args lists nested 45 deep": lambda: _spec({"key": "a", "args": {"d": nest(44, "list", 1.0)}}),
+    "U+0000 in description": lambda: _spec(description="a\x00b"),
+    "U+0000 in an args key": lambda: _spec({"key": "a", "args": {"k\x00": 1.0}}),
+    "U+0000 in a selector": lambda: _spec({"key": "a", "input": {"x": "input.x || '\x00'"}}),
+    "cache ttl 2**53": lambda: _spec({"key": "a", "cache": {"ttl_seconds": 2**53}}),
+    "cache ttl 2**53 - 1": lambda: _spec({"key": "a", "cache": {"ttl_seconds": 2**53 - 1}}),
+    "cache ttl 2**63 - 1": lambda: _spec({"key": "a", "cache": {"ttl_seconds": 2**63 - 1}}),
+    "retry at its edges": lambda: _spec(
+        {"key": "a", "retry": {"max_attempts": 100, "backoff_seconds": 86400, "backoff_max_seconds": 86400}}
+    ),
+    "timeout 5e-324": lambda: _spec({"key": "a", "timeout_seconds": 5e-324}),
+    "256 steps": lambda: _chain(256),
+    "257 steps": lambda: _chain(257),
+    "a 1024-character selector": lambda: _spec({"key": "a", "input": {"x": "input" + ".a" * 509 + "b"}}),
+    "a 100 KB selector": lambda: _spec({"key": "a", "input": {"x": "input" + ".a" * 50_000}}),
+    "a selector nested 5000 deep": lambda: _spec({"key": "a", "input": {"x": deep_selector("parens", 5000)}}),
+    "a spec of 1 MiB + 1": lambda: _spec(description="d" * (1024 * 1024 - 16)),
+    "a 3 MB description": lambda: _spec(description="d" * 3_000_000),
+    "a cycle of 200": lambda: _spec(*({"key": f"s{i}", "depends_on": [f"s{(i + 1) % 200}"]} for i in range(200))),
+}
+
+
+@pytest.mark.parametrize("edge", list(REGISTRY_EDGES))
+def test_registry_edge(stack: Stack, edge: str) -> None:
+    request = REGISTRY_EDGES[edge]()
+    answer = call(stack, "RegisterWorkflow", request)
+    if answer.code is C.OK:
+        registered(stack, request, answer)
+    else:
+        assert [f for f, _ in field_violations(answer) if not f.startswith("spec")] == [], answer.details
+
+
 # --- after the fuzzing: the service is still whole -----------------------------------------------
 
 
 def test_api_still_serving(stack: Stack) -> None:
     assert stack.api.running, f"the API process exited:\n{stack.api.output()[-4000:]}"
     health = health_pb2_grpc.HealthStub(stack.channel)
-    for service in ("", "runs.v1.RunService", "runs.v1.WorkerService", "runs.v1.OpsService"):
+    for service in ("", "runs.v1.RunService", "runs.v1.WorkerService", "runs.v1.OpsService", "runs.v1.WorkflowService"):
         answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING, f"health of {service!r}: {answer}"
 
@@ -1206,6 +1609,24 @@ def test_touched_runs_still_readable(stack: Stack) -> None:
         if statuses.get(run_id) in TERMINAL:  # a finished run's log streams to its end at once
             call(stack, "WatchRun", run_service_pb2.WatchRunRequest(run_id=run_id), timeout=5.0)
     call(stack, "ListRuns", run_service_pb2.ListRunsRequest(page_size=500))
+
+
+def test_registered_workflows_still_readable(stack: Stack) -> None:
+    """Every version the fuzzing registered reads back with its hash, and the listing pages through all."""
+    for (name, version), spec_hash in stack.workflows.items():
+        answer = call(stack, "GetWorkflow", workflow_service_pb2.GetWorkflowRequest(name=name, version=version))
+        assert answer.code is C.OK, f"GetWorkflow {name!r} v{version}: {answer.code} {answer.details}"
+        assert workflow_service_pb2.GetWorkflowResponse.FromString(answer.bodies[0]).workflow.spec_hash == spec_hash
+    listed, token = set(), ""
+    for _ in range(10_000):
+        answer = call(stack, "ListWorkflows", workflow_service_pb2.ListWorkflowsRequest(page_size=7, page_token=token))
+        assert answer.code is C.OK, f"ListWorkflows: {answer.code} {answer.details}"
+        page = workflow_service_pb2.ListWorkflowsResponse.FromString(answer.bodies[0])
+        listed |= {w.name for w in page.workflows}
+        token = page.next_page_token
+        if not token:
+            break
+    assert {name for name, _ in stack.workflows} <= listed, "a registered workflow is missing from ListWorkflows"
 
 
 def test_no_traceback_in_the_logs(stack: Stack) -> None:
