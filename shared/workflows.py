@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.text import shorten
+from shared.tool_args import STOCK_TOOL_ARGS, ArgError
 
 DEFAULT_WORKFLOW = "runtime.noop"
 TOOL_WORKFLOW = "runtime.tool"
 
 # Tools the stock worker registers; the API accepts runtime.tool runs only for these.
-KNOWN_TOOLS = frozenset({"noop", "echo", "sleep", "fail", "shell"})
+KNOWN_TOOLS = frozenset(STOCK_TOOL_ARGS)
 
 
 @dataclass(frozen=True)
@@ -63,29 +64,15 @@ def plan(workflow: str, run_input: dict[str, Any]) -> list[StepSpec]:
     raise KeyError(workflow)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def check_tool_args(tool: str, args: dict[str, Any]) -> None:
-    """Refuse arguments a stock tool could never run with, naming the field (input.args.NAME)."""
+    """Refuse arguments a stock tool could never run with, naming the field (input.args.NAME).
 
-    def bad(name: str, message: str) -> WorkflowInputError:
-        return WorkflowInputError(f"input.args.{name}", message)
-
-    if tool == "sleep" and "seconds" in args and not (_is_number(args["seconds"]) and args["seconds"] >= 0):
-        raise bad("seconds", "seconds must be a number >= 0")
-    if tool == "fail":
-        if "times" in args and not (_is_number(args["times"]) and args["times"] >= 0):
-            raise bad("times", "times must be a number >= 0")
-        if "retryable" in args and not isinstance(args["retryable"], bool):
-            raise bad("retryable", "retryable must be true or false")
-    if tool == "shell":
-        command = args.get("command")
-        if args.get("shell") is True:
-            if not isinstance(command, str) or not command:
-                raise bad("command", "with shell: true, command must be a non-empty string")
-        elif not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
-            raise bad("command", "command must be a non-empty list of strings (program and arguments)")
-        if "timeout_seconds" in args and not (_is_number(args["timeout_seconds"]) and args["timeout_seconds"] > 0):
-            raise bad("timeout_seconds", "timeout_seconds must be a number > 0")
+    The rules are the tools' own schemas (shared/tool_args.py), which the tools check again.
+    """
+    schema = STOCK_TOOL_ARGS.get(tool)
+    if schema is None:
+        return
+    try:
+        schema.check(args)
+    except ArgError as err:
+        raise WorkflowInputError(f"input.args.{err.name}", err.message) from None

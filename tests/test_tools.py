@@ -17,20 +17,23 @@ import pytest
 
 from services.run_worker import __main__ as worker_main
 from services.run_worker.tools import (
+    STOCK,
     ArtifactError,
     Tool,
     ToolContext,
     ToolError,
     UnknownTools,
-    echo,
-    fail,
     known_tools,
     registry,
-    shell,
-    sleep,
 )
+from services.run_worker.tools.echo import echo
+from services.run_worker.tools.fail import fail
+from services.run_worker.tools.shell import shell
+from services.run_worker.tools.sleep import sleep
 from services.run_worker.worker import Worker
 from shared.settings import STOCK_TOOLS, WorkerSettings
+from shared.tool_args import STOCK_TOOL_ARGS
+from shared.workflows import WorkflowInputError, check_tool_args
 
 pytestmark = pytest.mark.timeout(30)
 CTX = ToolContext(run_id="r", attempt=1, step_key="runtime")
@@ -85,6 +88,25 @@ async def test_sleep_is_cancellable_and_fail_fails_only_the_first_attempts() -> 
         await fail({"message": "no", "times": 1, "retryable": False}, CTX)
     assert (info.value.message, info.value.retryable) == ("no", False)
     assert await fail({"times": 1}, ToolContext("r", 2, "runtime")) == {"ok": True, "attempt": 2}
+
+
+async def test_stock_tools_refuse_what_the_api_refuses_in_the_same_words() -> None:
+    """One schema a tool (shared/tool_args.py): the API's up-front check and the tool itself read the same rules."""
+    assert {name: tool.schema for name, tool in STOCK.items()} == dict(STOCK_TOOL_ARGS)
+    for tool, args, field in [
+        ("sleep", {"seconds": -1}, "seconds"),
+        ("fail", {"times": None}, "times"),
+        ("fail", {"retryable": "no"}, "retryable"),
+        ("shell", {"command": "ls"}, "command"),
+        ("shell", {"command": ["ls"], "shell": True}, "command"),
+        ("shell", {"command": ["ls"], "timeout_seconds": 0}, "timeout_seconds"),
+    ]:
+        with pytest.raises(WorkflowInputError) as api:
+            check_tool_args(tool, args)
+        with pytest.raises(ToolError) as refused:
+            await STOCK[tool](args, CTX)
+        assert api.value.field == f"input.args.{field}"
+        assert (refused.value.message, refused.value.retryable) == (api.value.message, False)
 
 
 async def test_shell_reports_a_program_it_cannot_start_as_not_retryable(tmp_path: Path) -> None:
