@@ -636,3 +636,17 @@ async def test_an_output_the_api_would_refuse_fails_its_step_not_the_report() ->
         assert rep.of("step.succeeded", "ok")[0]["output"] == {"kept": True}
         assert rep.of("run.failed")[0]["stop_reason"] == "step_failed"
         assert [t for t, _ in rep.events].count("tool.succeeded") == 1  # ok's; big's call ended tool.failed
+
+
+async def test_a_resolved_input_past_the_event_limits_fails_its_step_with_a_clear_error() -> None:
+    """A selector can pull a large or deep part of the run input into a step: the step fails (selector_failed)
+    before tool.invoked is sent, instead of a refused report failing the run."""
+    deep: Any = "leaf"
+    for _ in range(MAX_JSON_DEPTH):
+        deep = {"d": deep}
+    spec = spec_of({"key": "a", "tool": "echo", "input": {"x": "input.deep"}})
+    result, rep = await run(claim(spec, {"deep": deep}))
+    assert result is Result.FAILED
+    (failed,) = rep.of("step.failed", "a")
+    assert failed["code"] == "selector_failed" and "nests deeper than" in failed["error"], failed
+    assert rep.of("tool.invoked") == []

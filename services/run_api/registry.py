@@ -8,8 +8,11 @@ cannot register a name a built-in uses.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ from services.run_api.store.uow import UnitOfWork
 from shared.gen.runs.v1 import workflow_service_pb2
 from shared.workflow import (
     SpecError,
+    WorkflowSpec,
     from_proto_dict,
     load_spec_text,
     parse_spec,
@@ -79,16 +83,29 @@ def spec_to_proto(plain: dict[str, Any]) -> workflow_service_pb2.WorkflowSpec:
     return json_format.ParseDict(to_proto_dict(plain), workflow_service_pb2.WorkflowSpec())
 
 
+@functools.cache
+def _validator() -> ThreadPoolExecutor:
+    """The one thread that validates specs (made on first use, not at import)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="spec-validation")
+
+
+def _checked(data: dict[str, Any]) -> tuple[WorkflowSpec, dict[str, Any], str]:
+    """The spec of plain data with its canonical form and version hash; SpecError lists every problem."""
+    spec = parse_spec(data)
+    return spec, spec_to_dict(spec), spec_version_hash(spec)
+
+
 async def register(uow: UnitOfWork, data: dict[str, Any], tenant_id: str, created_by: str | None,
                    builtin: bool = False, field_prefix: str = "spec") -> Registered:
     """Validate and store a spec (plain form) for a tenant; the same spec again returns its version."""
     try:
-        spec = parse_spec(data)
+        # Validation of a large spec takes CPU time (up to about 2 s at the limits): off the event loop,
+        # one at a time (jmespath's parser cache is not meant for threads).
+        spec, plain, spec_hash = await asyncio.get_running_loop().run_in_executor(_validator(), _checked, data)
     except SpecError as err:
         raise InvalidRequest(
             [(f"{field_prefix}.{v.field}" if v.field else field_prefix, v.description) for v in err.violations]
         ) from None
-    plain, spec_hash = spec_to_dict(spec), spec_version_hash(spec)
     tenant = BUILTIN_TENANT if builtin else tenant_id
     await uow.conn.execute(Q.workflows_register_lock, {"tenant_id": tenant, "name": spec.name})
     state = (await uow.conn.execute(Q.workflow_latest_version, {"tenant_id": tenant, "name": spec.name})).one()

@@ -161,6 +161,15 @@ def _output_problem(output: Any) -> str | None:
     return None
 
 
+def _input_problem(args: Any) -> str | None:
+    """Why a step's resolved input cannot travel in its tool.invoked event, or None."""
+    if json_depth(args) > MAX_JSON_DEPTH:
+        return f"the step's resolved input nests deeper than {MAX_JSON_DEPTH} levels"
+    if (size := _json_size(args)) > MAX_OUTPUT_BYTES:
+        return f"the step's resolved input is {size} bytes of JSON; at most {MAX_OUTPUT_BYTES} are recorded"
+    return None
+
+
 def _step_status(value: run_pb2.StepStatus.ValueType) -> str:
     return str(run_pb2.StepStatus.Name(value)).removeprefix("STEP_STATUS_")
 
@@ -398,6 +407,8 @@ class _Run:
         try:
             args = resolve_input(step, run_context(self.run_input, self.results, upstream(self.spec, key)))
             name, args = self._dispatch(step, args)
+            if problem := _input_problem(args):
+                raise SelectorError("", "", problem)
         except SelectorError as err:
             error = err.message
             await self.report([started, self._step_failed(key, error, StepErrorCode.SELECTOR_FAILED, False, False,

@@ -25,6 +25,7 @@ import jmespath.exceptions
 import yaml
 from jmespath.parser import Parser
 
+from shared.limits import MAX_JSON_DEPTH
 from shared.text import shorten
 
 CacheScope = Literal["none", "global", "run_only"]
@@ -33,6 +34,9 @@ CACHE_SCOPES: tuple[str, ...] = ("none", "global", "run_only")
 MAX_NAME_CHARS = 128
 MAX_ATTEMPTS = 100
 MAX_SECONDS = 86400.0  # one day: the cap of a backoff and of a step's timeout
+# An argument sits up to four levels down in the events it travels in (tool.invoked's input, an echoed
+# output in run.completed), which nest at most MAX_JSON_DEPTH levels.
+MAX_ARG_DEPTH = MAX_JSON_DEPTH - 4
 MAX_SAFE_INTEGER = 2**53 - 1  # RFC 8785 numbers are IEEE doubles; larger integers cannot be hashed exactly
 MAX_CYCLES_REPORTED = 20
 # Bounds that keep validation fast on anything one request holds (the graph checks grow with
@@ -468,8 +472,8 @@ class _Validator:
 
     def json_value(self, path: str, value: Any, depth: int = 0) -> None:
         """Refuse what canonical JSON cannot hold: NaN, Infinity, huge integers, non-JSON types."""
-        if depth > 64:
-            self.add(path, "nests deeper than 64 levels")
+        if depth > MAX_ARG_DEPTH:
+            self.add(path, f"nests deeper than {MAX_ARG_DEPTH} levels (a step's input travels inside events)")
         elif value is None or isinstance(value, bool):
             return
         elif isinstance(value, int):
