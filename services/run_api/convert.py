@@ -76,6 +76,9 @@ def run(row: Any) -> run_pb2.Run:
         workflow_version=row.workflow_version,
         spec_hash=row.spec_hash or "",
         output=struct(row.output),
+        trigger=row.trigger or "start",
+        base_run_id=row.base_run_id or "",
+        change_request=row.change_request or "",
     )
 
 
@@ -129,6 +132,11 @@ def step(row: Any) -> run_pb2.Step:
         error=row.error or "",
         output=struct(row.output),
         reason=row.reason or "",
+        cache_key=row.cache_key or "",
+        cache_display=row.cache_display or "",
+        cache_result=row.cache_result or "",
+        cache_reason=row.cache_reason or "",
+        source_run_id=row.source_run_id or "",
     )
     out.depends_on.extend(row.depends_on or [])
     if (err := step_error(row.step_error)) is not None:

@@ -451,11 +451,13 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
         for row, result in zip(rows, results, strict=True)
         if result.outcome is store.Outcome.RECORDED
     ]
-    # A resumed run gets what its earlier attempts left: done steps are not run again.
+    # A resumed run gets what its earlier attempts left: done steps are not run again. A rebuild gets
+    # its base run's steps too: those it does not re-execute are reused with their exact results.
     steps: dict[str, list[Any]] = {}
     resumed = [run.run_id for run in claimed if run.attempt > 1]
-    if resumed:
-        for step in (await uow.conn.execute(Q.run_steps_for_claims, {"run_ids": resumed})).all():
+    bases = sorted({run.base_run_id for run in claimed if run.base_run_id})
+    if resumed or bases:
+        for step in (await uow.conn.execute(Q.run_steps_for_claims, {"run_ids": resumed + bases})).all():
             steps.setdefault(step.run_id, []).append(step)
     for run in claimed:
         if run.spec_hash is None:  # queued before workflows had versions: the built-in's first version

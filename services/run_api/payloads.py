@@ -53,12 +53,15 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "tool": (_STR, False, MAX_KEY_CHARS),
         "depends_on": (_KEYS, False, MAX_KEY_CHARS),
     },
-    EventType.STEP_STARTED: {"step_key": (_STR, True, MAX_KEY_CHARS), "try": (_INT, False, 0)},
+    # cache: {result: "miss", reason, detail, components, scope} when the step is cacheable
+    EventType.STEP_STARTED: {"step_key": (_STR, True, MAX_KEY_CHARS), "try": (_INT, False, 0),
+                             "cache": (_OBJECT, False, 0)},
     EventType.STEP_SUCCEEDED: {
         "step_key": (_STR, True, MAX_KEY_CHARS),
         "output": (_OBJECT, False, 0),
         "artifacts": (_ARTIFACTS, False, 0),
         "try": (_INT, False, 0),
+        "cache": (_OBJECT, False, 0),  # {components, scope, ttl_seconds}: the API keys and stores it
     },
     EventType.STEP_FAILED: {
         "step_key": (_STR, True, MAX_KEY_CHARS),
@@ -69,7 +72,15 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "tool": (_STR, False, MAX_KEY_CHARS),
         "try": (_INT, False, 0),
     },
-    EventType.STEP_SKIPPED: {"step_key": (_STR, True, MAX_KEY_CHARS), "reason": (_STR, False, MAX_REASON_CHARS)},
+    EventType.STEP_SKIPPED: {
+        "step_key": (_STR, True, MAX_KEY_CHARS),
+        "reason": (_STR, False, MAX_REASON_CHARS),  # cache_hit or reused_from_base
+        "output": (_OBJECT, False, 0),
+        "artifacts": (_ARTIFACTS, False, 0),
+        "cache": (_OBJECT, False, 0),  # a hit: {key, display, layer}
+        "source_run_id": (_STR, False, MAX_KEY_CHARS),
+        "source_step_key": (_STR, False, MAX_KEY_CHARS),
+    },
     EventType.STEP_CANCELED: {"step_key": (_STR, True, MAX_KEY_CHARS), "reason": (_STR, False, MAX_REASON_CHARS)},
     EventType.TOOL_INVOKED: {
         "tool_call_id": (_STR, True, MAX_KEY_CHARS),
@@ -127,6 +138,10 @@ def problems(event_type: str, payload: Mapping[str, Any]) -> list[tuple[str, str
             out.extend(_artifact_problems(name, value))
     if event_type == EventType.RUN_FAILED and payload.get("stop_reason") not in (None, "step_failed"):
         out.append(("stop_reason", "payload.stop_reason may only be step_failed"))
+    if event_type == EventType.STEP_SKIPPED and payload.get("reason") not in ("cache_hit", "reused_from_base"):
+        out.append(("reason", "payload.reason must be cache_hit or reused_from_base"))
+    if isinstance(payload.get("cache"), Mapping):
+        out.extend(_cache_problems(event_type, payload["cache"]))
     if event_type == EventType.STEP_FAILED and payload.get("code") not in (None, *STEP_ERROR_CODES):
         out.append(("code", f"payload.code must be one of {', '.join(sorted(STEP_ERROR_CODES))}"))
     if json_depth(payload) > MAX_JSON_DEPTH + 1:
@@ -163,4 +178,35 @@ def _artifact_problems(name: str, value: Any) -> list[tuple[str, str]]:
             if item["name"] in names:
                 out.append((f"{where}.name", f"artifact name {shorten(item['name'])!r} appears twice"))
             names.add(item["name"])
+    return out
+
+
+CACHE_SCOPES = ("global", "run_only")
+CACHE_MISS_REASONS = ("no_entry", "expired", "artifact_missing", "artifact_changed", "scope_run_only", "refresh")
+CACHE_LAYERS = ("hot", "cold")
+_COMPONENT_FIELDS = ("workflow", "step", "tool", "tool_version", "spec", "input", "input_artifacts", "run_id")
+
+
+def _cache_problems(event_type: str, cache: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What is wrong with a payload's `cache` object (its shape; the API computes keys itself)."""
+    out: list[tuple[str, str]] = []
+    components = cache.get("components")
+    if event_type == EventType.STEP_SUCCEEDED or components is not None:
+        if not isinstance(components, Mapping) or set(components) - set(_COMPONENT_FIELDS) or not all(
+            isinstance(components.get(k), str) and components.get(k) for k in ("workflow", "step", "tool")
+        ):
+            out.append(("cache.components", f"cache.components must be an object of {', '.join(_COMPONENT_FIELDS)}"))
+        if cache.get("scope") not in CACHE_SCOPES:
+            out.append(("cache.scope", "cache.scope must be global or run_only"))
+    ttl = cache.get("ttl_seconds")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0):
+        out.append(("cache.ttl_seconds", "cache.ttl_seconds must be a number >= 0"))
+    if event_type == EventType.STEP_STARTED and cache.get("reason") not in (None, *CACHE_MISS_REASONS):
+        out.append(("cache.reason", f"cache.reason must be one of {', '.join(CACHE_MISS_REASONS)}"))
+    if event_type == EventType.STEP_SKIPPED and cache.get("layer") not in (None, *CACHE_LAYERS):
+        out.append(("cache.layer", "cache.layer must be hot or cold"))
+    for name in ("key", "display", "detail", "reason", "layer"):
+        value = cache.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_REASON_CHARS):
+            out.append((f"cache.{name}", f"cache.{name} must be a string of at most {MAX_REASON_CHARS} characters"))
     return out

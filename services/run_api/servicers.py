@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.run_api import artifact_service, auth, checks, convert, handlers, payloads, registry
 from services.run_api.artifacts import ArtifactStore
 from services.run_api.auth import current_caller
+from services.run_api.cache import keys_for as cache_keys_for
 from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, shorten
 from services.run_api.listener import Hub
 from services.run_api.store.events import (
@@ -196,6 +197,15 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
                 await waiter.wait(self.config.poll_seconds)
 
 
+def _key_cache_entries(reported: list[handlers.ReportedEvent], tenant: str) -> None:
+    """A step.succeeded with cache components gets its keys from the API (tenant included), never the worker's."""
+    for event in reported:
+        cache = event.payload.get("cache")
+        if event.type == EventType.STEP_SUCCEEDED and isinstance(cache, dict):
+            keys = cache_keys_for(cache["components"], tenant)
+            cache.update({"key": keys.key, "base_key": keys.base_key, "display": keys.display})
+
+
 class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     """runs.v1.WorkerService."""
 
@@ -287,8 +297,11 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 if rows or cancels or request.once or first is not None:
                     message = first or worker_service_pb2.ClaimQueuedRunsResponse()
                     first = None
-                    message.runs.extend(self._claimed(r, specs.get(r.spec_hash), result.steps.get(r.run_id, []))
-                                        for r in rows)
+                    message.runs.extend(
+                        self._claimed(r, specs.get(r.spec_hash), result.steps.get(r.run_id, []),
+                                      result.steps.get(r.base_run_id, []) if r.base_run_id else None)
+                        for r in rows
+                    )
                     message.cancel_run_ids.extend(cancels)
                     yield message
                 if request.once:
@@ -299,7 +312,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 await (worker_news if result.full else any_news).wait(poll)
 
     @staticmethod
-    def _claimed(row: Any, spec: Any, steps: list[Any]) -> worker_service_pb2.ClaimedRun:
+    def _claimed(row: Any, spec: Any, steps: list[Any], base_steps: list[Any] | None) -> worker_service_pb2.ClaimedRun:
         carrier = dict(row.trace_context or {})
         with tracer.start_as_current_span(
             "run.claim", context=context_from_carrier(carrier), attributes={"run.id": row.run_id}
@@ -316,6 +329,11 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         if spec is not None:  # (never missing: a run pins a registered version)
             out.spec.CopyFrom(spec)
         out.steps.extend(convert.step_state(s) for s in steps)
+        if base_steps is not None:  # a rebuild: re-execute `rerun`, reuse the base run's other steps
+            rerun = set(row.rebuild_rerun or [])
+            out.rebuild.base_run_id = row.base_run_id
+            out.rebuild.rerun.extend(sorted(rerun))
+            out.rebuild.reuse.extend(convert.step_state(s) for s in base_steps if s.step_key not in rerun)
         if row.lease_expires_at is not None:
             out.lease_expires_at.FromDatetime(row.lease_expires_at)
         return out
@@ -328,6 +346,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             raise RequestTooLarge([("events", f"at most {MAX_REPORT_EVENTS} events per call")])
         reported = [self._reported(i, e) for i, e in enumerate(request.events)]
         await self._check_artifacts(reported)
+        _key_cache_entries(reported, current_caller().tenant_id)
         async with UnitOfWork(self.engine) as uow:
             if not reported:
                 await handlers.check_session(uow, worker_id, request.session_token)

@@ -6,7 +6,15 @@ Pure functions with no I/O, shared by the API, the worker and the CLI.
 from __future__ import annotations
 
 from shared.workflow.graph import downstream_closure, order, ready, sinks, upstream
-from shared.workflow.keys import canonical_json, spec_version_hash
+from shared.workflow.keys import (
+    cache_components,
+    cache_display,
+    cache_key,
+    canonical_json,
+    input_artifact_hashes,
+    input_hash,
+    spec_version_hash,
+)
 from shared.workflow.selectors import SelectorError, resolve_input, run_context
 from shared.workflow.spec import (
     CACHE_SCOPES,
@@ -34,9 +42,14 @@ __all__ = [
     "StepSpec",
     "Violation",
     "WorkflowSpec",
+    "cache_components",
+    "cache_display",
+    "cache_key",
     "canonical_json",
     "downstream_closure",
     "from_proto_dict",
+    "input_artifact_hashes",
+    "input_hash",
     "load_spec_text",
     "order",
     "parse_spec",

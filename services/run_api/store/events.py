@@ -11,7 +11,7 @@ import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -330,6 +330,10 @@ def _queued_params(p: Mapping[str, Any]) -> dict[str, Any]:
         "trace_context": _dumps(p.get("trace_context", {})),
         "workflow_version": p.get("workflow_version", 1),
         "spec_hash": p.get("spec_hash"),
+        "trigger": p.get("trigger") or "start",
+        "base_run_id": p.get("base_run_id"),
+        "change_request": p.get("change_request"),
+        "rebuild_rerun": p.get("rebuild_rerun"),
     }
 
 
@@ -550,6 +554,20 @@ async def _touch(conn: AsyncConnection, last: StoredEvent) -> None:
         raise RuntimeError(f"run {last.run_id} attempt {last.attempt} matched no row")
 
 
+def _cache_columns(p: Mapping[str, Any]) -> dict[str, Any]:
+    """The run_steps cache columns a step event sets (None leaves a column as it is)."""
+    cache = p.get("cache") if isinstance(p.get("cache"), Mapping) else {}
+    assert isinstance(cache, Mapping)
+    hit = p.get("reason") == "cache_hit"
+    result = "hit" if hit else ("miss" if cache.get("reason") else None)
+    return {
+        "cache_key": cache.get("key"),
+        "cache_display": cache.get("display"),
+        "cache_result": result,
+        "cache_reason": cache.get("layer") if hit else cache.get("reason"),
+    }
+
+
 async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None:
     p = event.payload
     base = {"run_id": event.run_id, "attempt": event.attempt, "recorded_at": event.recorded_at}
@@ -561,7 +579,9 @@ async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None
              "depends_on": list(p.get("depends_on") or [])},
         )
     elif t == EventType.STEP_STARTED:
-        await conn.execute(Q.run_steps_project_started, {**base, "step_key": p["step_key"], "try": p.get("try")})
+        await conn.execute(
+            Q.run_steps_project_started, {**base, "step_key": p["step_key"], "try": p.get("try"), **_cache_columns(p)}
+        )
     elif t in _STEP_AFTER:
         step_error = None
         if t == EventType.STEP_FAILED:
@@ -583,12 +603,29 @@ async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None
                 "output": _dumps(p.get("output")),
                 "step_error": _dumps(step_error),
                 "reason": p.get("reason"),
+                "source_run_id": p.get("source_run_id"),
+                **_cache_columns(p),
             },
         )
-        if t == EventType.STEP_SUCCEEDED and p.get("artifacts"):
+        if t in (EventType.STEP_SUCCEEDED, EventType.STEP_SKIPPED) and p.get("artifacts"):
             await conn.execute(
                 Q.run_artifacts_project, {**base, "step_key": p["step_key"], "artifacts": _dumps(p["artifacts"])}
             )
+        cache = p.get("cache")
+        if t == EventType.STEP_SUCCEEDED and isinstance(cache, Mapping) and cache.get("key"):
+            ttl = cache.get("ttl_seconds")
+            components = cache.get("components") or {}
+            await conn.execute(Q.step_cache_project_written, {
+                "run_id": event.run_id, "step_key": p["step_key"], "recorded_at": event.recorded_at,
+                "cache_key": cache["key"], "base_key": cache.get("base_key") or cache["key"],
+                "scope": cache.get("scope") or "global", "workflow": components.get("workflow", ""),
+                "display": cache.get("display") or "", "components": _dumps(components),
+                "output": _dumps(p.get("output")), "artifacts": _dumps(p.get("artifacts") or []),
+                "expires_at": event.recorded_at + timedelta(seconds=float(ttl)) if ttl else None,
+            })
+        if t == EventType.STEP_SKIPPED and p.get("reason") == "cache_hit" and isinstance(cache, Mapping):
+            await conn.execute(Q.step_cache_project_hit, {"run_id": event.run_id, "cache_key": cache.get("key"),
+                                                          "recorded_at": event.recorded_at})
     elif t == EventType.TOOL_INVOKED:
         await conn.execute(
             Q.tool_calls_project_invoked,
@@ -620,6 +657,7 @@ async def replay(conn: AsyncConnection) -> int:
     run_events); returns how many events were applied."""
     count = await registry.replay(conn)
     await conn.execute(Q.projections_clear)
+    await conn.execute(Q.step_cache_clear)
     after = ("", 0)
     previous: StoredEvent | None = None
     while True:
@@ -631,6 +669,7 @@ async def replay(conn: AsyncConnection) -> int:
         if not rows:
             if previous is not None and previous.type not in RUN_PROJECTED:
                 await _touch(conn, previous)
+            await _replay_cache(conn)
             return count
         for row in rows:
             event = StoredEvent.from_row(row)
@@ -640,3 +679,13 @@ async def replay(conn: AsyncConnection) -> int:
             previous = event
         count += len(rows)
         after = (rows[-1].run_id, rows[-1].sequence)
+
+
+async def _replay_cache(conn: AsyncConnection) -> None:
+    """After the runs' events: apply the invalidations in order, then count each entry's hits again."""
+    for row in (await conn.execute(Q.cache_invalidations_all)).all():
+        await conn.execute(Q.step_cache_invalidate, {
+            "tenant_id": row.tenant_id, "workflow": row.workflow, "step_key": row.step_key,
+            "cache_key": row.cache_key, "recorded_at": row.recorded_at,
+        })
+    await conn.execute(Q.step_cache_recount_hits)

@@ -18,7 +18,8 @@ RUN_COLUMNS = """
     retry_backoff_max_seconds, idempotency_key, request_hash, trace_context, created_at, updated_at,
     started_at, finished_at, cancel_requested_at, cancel_reason, next_attempt_at, worker_id,
     lease_expires_at, stop_reason, error, last_sequence, tenant_id, project_id, created_by,
-    cancel_requested_by, workflow_version, spec_hash, output
+    cancel_requested_by, workflow_version, spec_hash, output, trigger, base_run_id, change_request,
+    rebuild_rerun
 """
 
 # --- runs: reads -------------------------------------------------------------------------------
@@ -70,7 +71,8 @@ run_list = q(
 
 STEP_COLUMNS = """
     s.run_id, s.step_key, s.tool, s.status, s.attempt, s.created_at, s.started_at, s.finished_at, s.error,
-    s.output, s.tries, s.depends_on, s.step_error, s.reason,
+    s.output, s.tries, s.depends_on, s.step_error, s.reason, s.cache_key, s.cache_display, s.cache_result,
+    s.cache_reason, s.source_run_id,
     (SELECT COALESCE(json_agg(json_build_object(
         'name', a.name, 'uri', a.uri, 'sha256', a.sha256, 'size', a.size, 'media_type', a.media_type,
         'created_at', a.created_at) ORDER BY a.name), '[]')
@@ -219,11 +221,11 @@ runs_project_queued = q(
     INSERT INTO runs (run_id, tenant_id, project_id, workspace_id, workflow, input, status, attempt,
         max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash,
         trace_context, created_by, created_at, updated_at, next_attempt_at, last_sequence,
-        workflow_version, spec_hash)
+        workflow_version, spec_hash, trigger, base_run_id, change_request, rebuild_rerun)
     SELECT :run_id, :tenant_id, :project_id, :workspace_id, :workflow, CAST(:input AS jsonb), 'QUEUED', 0,
         :max_attempts, :retry_backoff_seconds, :retry_backoff_max_seconds, :idempotency_key, :request_hash,
         CAST(:trace_context AS jsonb), :created_by, t.at, t.at, t.at, :sequence,
-        :workflow_version, :spec_hash
+        :workflow_version, :spec_hash, :trigger, :base_run_id, :change_request, :rebuild_rerun
     FROM (SELECT COALESCE(CAST(:recorded_at AS timestamptz), clock_timestamp()) AS at) AS t
     ON CONFLICT (tenant_id, workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING {RUN_COLUMNS}
@@ -300,7 +302,9 @@ run_steps_project_created = q(
 run_steps_project_started = q(
     """
     UPDATE run_steps SET status = 'RUNNING', started_at = :recorded_at, finished_at = NULL,
-        attempt = :attempt, tries = COALESCE(CAST(:try AS integer), tries + 1), error = NULL, step_error = NULL
+        attempt = :attempt, tries = COALESCE(CAST(:try AS integer), tries + 1), error = NULL, step_error = NULL,
+        cache_key = COALESCE(:cache_key, cache_key), cache_display = COALESCE(:cache_display, cache_display),
+        cache_result = COALESCE(:cache_result, cache_result), cache_reason = COALESCE(:cache_reason, cache_reason)
     WHERE run_id = :run_id AND step_key = :step_key
     """
 )
@@ -309,7 +313,10 @@ run_steps_project_started = q(
 run_steps_project_finished = q(
     """
     UPDATE run_steps SET status = :status, finished_at = :recorded_at, attempt = :attempt, error = :error,
-        output = CAST(:output AS jsonb), step_error = CAST(:step_error AS jsonb), reason = :reason
+        output = CAST(:output AS jsonb), step_error = CAST(:step_error AS jsonb), reason = :reason,
+        cache_key = COALESCE(:cache_key, cache_key), cache_display = COALESCE(:cache_display, cache_display),
+        cache_result = COALESCE(:cache_result, cache_result), cache_reason = COALESCE(:cache_reason, cache_reason),
+        source_run_id = COALESCE(:source_run_id, source_run_id)
     WHERE run_id = :run_id AND step_key = :step_key
     """
 )
@@ -358,6 +365,111 @@ tool_calls_project_finished = q(
 
 # Replay starts from empty projections (run_steps, tool_calls and run_artifacts go with their runs).
 projections_clear = q("DELETE FROM runs")
+step_cache_clear = q("DELETE FROM step_cache")
+
+# --- step cache (the cold layer) ---------------------------------------------------------------
+
+STEP_CACHE_COLUMNS = """
+    tenant_id, cache_key, base_key, scope, workflow, step_key, display, components, output, artifacts,
+    source_run_id, source_step_key, created_at, expires_at, hit_count, last_hit_at
+"""
+
+# step.succeeded with cache components: the entry (a newer result for the key replaces an older one,
+# whichever order a replay applies them in).
+step_cache_project_written = q(
+    """
+    INSERT INTO step_cache (tenant_id, cache_key, base_key, scope, workflow, step_key, display, components,
+        output, artifacts, source_run_id, source_step_key, created_at, expires_at)
+    SELECT r.tenant_id, :cache_key, :base_key, :scope, :workflow, :step_key, :display,
+        CAST(:components AS jsonb), CAST(:output AS jsonb), CAST(:artifacts AS jsonb), :run_id, :step_key,
+        :recorded_at, :expires_at
+    FROM runs r WHERE r.run_id = :run_id
+    ON CONFLICT (tenant_id, cache_key) DO UPDATE SET base_key = EXCLUDED.base_key, scope = EXCLUDED.scope,
+        workflow = EXCLUDED.workflow, step_key = EXCLUDED.step_key, display = EXCLUDED.display,
+        components = EXCLUDED.components, output = EXCLUDED.output, artifacts = EXCLUDED.artifacts,
+        source_run_id = EXCLUDED.source_run_id, source_step_key = EXCLUDED.source_step_key,
+        created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at, hit_count = 0, last_hit_at = NULL
+    WHERE step_cache.created_at < EXCLUDED.created_at
+    """
+)
+
+# step.skipped with reason cache_hit: the entry it used counts one more hit.
+step_cache_project_hit = q(
+    """
+    UPDATE step_cache SET hit_count = hit_count + 1, last_hit_at = :recorded_at
+    WHERE tenant_id = (SELECT tenant_id FROM runs WHERE run_id = :run_id) AND cache_key = :cache_key
+      AND created_at <= :recorded_at
+    """
+)
+
+# One entry of a tenant.
+step_cache_get = q(
+    f"SELECT {STEP_CACHE_COLUMNS} FROM step_cache WHERE tenant_id = :tenant_id AND cache_key = :cache_key"
+)
+
+# The newest entry with these components in scope global (a run_only miss: another run has it).
+step_cache_by_base = q(
+    f"""
+    SELECT {STEP_CACHE_COLUMNS} FROM step_cache WHERE tenant_id = :tenant_id AND base_key = :base_key
+    ORDER BY created_at DESC LIMIT 1
+    """
+)
+
+# The newest entries of a workflow's step before a time (ExplainStep's nearest earlier entry).
+step_cache_nearest = q(
+    f"""
+    SELECT {STEP_CACHE_COLUMNS} FROM step_cache
+    WHERE tenant_id = :tenant_id AND workflow = :workflow AND step_key = :step_key AND created_at < :before
+    ORDER BY created_at DESC LIMIT 20
+    """
+)
+
+# A page of a tenant's entries (optionally one workflow, one step), newest first.
+step_cache_list = q(
+    f"""
+    SELECT {STEP_CACHE_COLUMNS} FROM step_cache
+    WHERE tenant_id = :tenant_id
+      AND (CAST(:workflow AS text) IS NULL OR workflow = :workflow)
+      AND (CAST(:step_key AS text) IS NULL OR step_key = :step_key)
+      AND (CAST(:after_key AS text) IS NULL OR (created_at, cache_key) < (:after_created_at, :after_key))
+    ORDER BY created_at DESC, cache_key DESC
+    LIMIT :limit
+    """
+)
+
+# InvalidateCache: record it (append-only), then remove the matching entries that exist now.
+cache_invalidations_append = q(
+    """
+    INSERT INTO cache_invalidations (tenant_id, workflow, step_key, cache_key, requested_by)
+    VALUES (:tenant_id, :workflow, :step_key, :cache_key, :requested_by)
+    RETURNING sequence, recorded_at
+    """
+)
+step_cache_invalidate = q(
+    """
+    DELETE FROM step_cache
+    WHERE tenant_id = :tenant_id AND workflow = :workflow
+      AND (CAST(:step_key AS text) IS NULL OR step_key = :step_key)
+      AND (CAST(:cache_key AS text) IS NULL OR cache_key = :cache_key)
+      AND created_at <= :recorded_at
+    RETURNING cache_key
+    """
+)
+
+# Replay: the invalidations in order.
+cache_invalidations_all = q(
+    "SELECT tenant_id, workflow, step_key, cache_key, recorded_at FROM cache_invalidations ORDER BY sequence"
+)
+
+# Replay: hit counts from the steps that hit each entry after it was written.
+step_cache_recount_hits = q(
+    """
+    UPDATE step_cache c SET (hit_count, last_hit_at) = (
+        SELECT count(*), max(s.finished_at) FROM run_steps s JOIN runs r ON r.run_id = s.run_id
+        WHERE r.tenant_id = c.tenant_id AND s.cache_key = c.cache_key AND s.reason = 'cache_hit'
+          AND s.finished_at >= c.created_at)
+    """
+)
 
 # --- workflow registry -------------------------------------------------------------------------
 
