@@ -190,4 +190,6 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-TOOL = Tool("shell", shell, version="1", deterministic=False, schema=SHELL)
+# A command is as deterministic as its author makes it: a step is cached only when its spec asks for it
+# (cache.scope global or run_only; the default, none, never caches), so the step's spec decides.
+TOOL = Tool("shell", shell, version="1", deterministic=True, schema=SHELL)
