@@ -188,6 +188,8 @@ class ApiSettings:
     # The artifact store, an fsspec URL; "" means <data_dir>/artifacts.
     artifacts_url: str = ""
     artifact_max_bytes: int = DEFAULT_ARTIFACT_MAX_BYTES
+    # The step cache's hot layer (a Redis URL); None: the cache works from PostgreSQL alone.
+    redis_url: str | None = None
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
@@ -233,6 +235,7 @@ class ApiSettings:
             workflows_dir=env.get("RUNS_WORKFLOWS_DIR", PROJECT_WORKFLOWS_DIR).strip(),
             artifacts_url=env.get("RUNS_ARTIFACTS_URL", "").strip(),
             artifact_max_bytes=_int(env, "RUNS_ARTIFACT_MAX_BYTES", DEFAULT_ARTIFACT_MAX_BYTES, minimum=1),
+            redis_url=env.get("REDIS_URL", "").strip() or None,
             log=LogSettings.from_env(env),
         )
 
