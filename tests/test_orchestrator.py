@@ -17,14 +17,16 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
+from services.run_api.payloads import problems
 from services.run_worker.artifacts import CHUNK_BYTES, ArtifactClient
 from services.run_worker.executor import Result, RunHandle
 from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import StaleAttempt
+from services.run_worker.step_cache import StepCacheClient
 from services.run_worker.tools import STOCK, ArtifactError, LocalArtifact, Tool, ToolContext, ToolError, as_tool
 from shared.gen.runs.v1 import run_pb2, worker_service_pb2, workflow_service_pb2
 from shared.limits import MAX_EVENT_PAYLOAD_BYTES, MAX_JSON_DEPTH
-from shared.workflow import parse_spec, spec_to_dict, to_proto_dict
+from shared.workflow import cache_components, cache_display, parse_spec, spec_to_dict, to_proto_dict
 
 pytestmark = pytest.mark.timeout(30)
 DEADLINE = 10.0
@@ -41,6 +43,7 @@ class FakeReporter:
         self.changed = asyncio.Condition()
         self.hooks: list[Callable[[list[tuple[str, dict[str, Any]]]], None]] = []
         self.stale_on: str | None = None  # an event type whose report comes back STALE
+        self.worker_id, self.session_token = "w-1", "token-1"  # what fenced calls carry
 
     @property
     def events(self) -> list[tuple[str, dict[str, Any]]]:
@@ -59,6 +62,8 @@ class FakeReporter:
         await asyncio.sleep(0)  # a real report yields to the loop
         batch = [(e.type, json_format.MessageToDict(e.payload)) for e in events]
         assert len({e.attempt for e in events}) == 1
+        for type_, payload in batch:  # every payload is one the API accepts
+            assert not problems(type_, payload), (type_, problems(type_, payload))
         if self.stale_on is not None and any(t == self.stale_on for t, _ in batch):
             raise StaleAttempt("not current")
         self.reports.append(batch)
@@ -138,19 +143,28 @@ def tools(**extra: Callable[[dict[str, Any], ToolContext], Awaitable[dict[str, A
     return out
 
 
+def _add_states(target: Any, states: list[dict[str, Any]]) -> None:
+    for state in states:
+        s = target.add(step_key=state["key"], tries=state.get("tries", 1),
+                       status=run_pb2.StepStatus.Value(f"STEP_STATUS_{state['status']}"))
+        s.output.update(state.get("output", {}))
+        for a in state.get("artifacts", []):
+            s.artifacts.add(**a)
+
+
 def claim(spec: dict[str, Any], run_input: dict[str, Any] | None = None, *, attempt: int = 1,
-          steps: list[dict[str, Any]] | None = None, workflow: str | None = None) -> Any:
-    """A ClaimedRun of `spec` (file form) as the API sends it."""
+          steps: list[dict[str, Any]] | None = None, workflow: str | None = None,
+          rebuild: dict[str, Any] | None = None) -> Any:
+    """A ClaimedRun of `spec` (file form) as the API sends it (`rebuild`: base_run_id, rerun, reuse states)."""
     proto = json_format.ParseDict(to_proto_dict(spec_to_dict(parse_spec(spec))), workflow_service_pb2.WorkflowSpec())
     claimed = worker_service_pb2.ClaimedRun(run_id="01RUN", workflow=workflow or spec["name"], attempt=attempt,
                                             max_attempts=3, spec=proto)
     claimed.input.update(run_input or {})
-    for state in steps or []:
-        s = claimed.steps.add(step_key=state["key"], tries=state.get("tries", 1),
-                              status=run_pb2.StepStatus.Value(f"STEP_STATUS_{state['status']}"))
-        s.output.update(state.get("output", {}))
-        for a in state.get("artifacts", []):
-            s.artifacts.add(**a)
+    _add_states(claimed.steps, steps or [])
+    if rebuild is not None:
+        claimed.rebuild.base_run_id = rebuild["base_run_id"]
+        claimed.rebuild.rerun.extend(rebuild.get("rerun", []))
+        _add_states(claimed.rebuild.reuse, rebuild.get("reuse", []))
     return claimed
 
 
@@ -159,10 +173,10 @@ def spec_of(*steps: dict[str, Any], name: str = "t") -> dict[str, Any]:
 
 
 async def start(claimed: Any, reporter: FakeReporter, tool_set: dict[str, Tool], *, artifacts: Any = None,
-                config: EngineConfig | None = None) -> tuple[RunHandle, asyncio.Task[Result]]:
+                config: EngineConfig | None = None, cache: Any = None) -> tuple[RunHandle, asyncio.Task[Result]]:
     handle = RunHandle(claimed.run_id, claimed.attempt)
     task = asyncio.create_task(execute(claimed, handle, reporter, tool_set, artifacts,  # type: ignore[arg-type]
-                                       config or EngineConfig(step_parallelism=8)))
+                                       config or EngineConfig(step_parallelism=8), cache))
     return handle, task
 
 
@@ -650,3 +664,254 @@ async def test_a_resolved_input_past_the_event_limits_fails_its_step_with_a_clea
     (failed,) = rep.of("step.failed", "a")
     assert failed["code"] == "selector_failed" and "nests deeper than" in failed["error"], failed
     assert rep.of("tool.invoked") == []
+
+
+# --- the step cache and rebuilds ------------------------------------------------------------------
+
+
+SESSION = type("Session", (), {"worker_id": "w-1", "session_token": "token-1"})()
+ART = {"name": "f.txt", "uri": "mem://f", "sha256": "f" * 64, "size": 3, "media_type": "text/plain"}
+
+
+class FakeCacheStub:
+    """LookupStepCache as the API answers it: a hit for the step keys in `hits`, else a miss; or errors first."""
+
+    def __init__(self, hits: dict[str, dict[str, Any]] | None = None, errors: list[Any] | None = None,
+                 miss: tuple[str, str] = ("no_entry", "")) -> None:
+        self.hits = hits or {}
+        self.errors = list(errors or [])
+        self.miss = miss
+        self.requests: list[Any] = []
+
+    async def LookupStepCache(self, request: Any, timeout: float) -> Any:
+        self.requests.append(request)
+        if self.errors:
+            raise self.errors.pop(0)
+        components = json_format.MessageToDict(request.components)
+        answer = worker_service_pb2.LookupStepCacheResponse(cache_key=f"key-{request.step_key}",
+                                                            display=cache_display(components))
+        if request.step_key in self.hits:
+            hit = self.hits[request.step_key]
+            answer.hit, answer.layer = True, hit.get("layer", "cold")
+            answer.output.update(hit["output"])
+            answer.source_run_id, answer.source_step_key = "01BASE", request.step_key
+            for a in hit.get("artifacts", []):
+                answer.artifacts.add(**a)
+        else:
+            answer.miss_reason, answer.detail = self.miss
+        return answer
+
+    @property
+    def keys(self) -> list[str]:
+        return [r.step_key for r in self.requests]
+
+
+def cache_client(stub: FakeCacheStub) -> StepCacheClient:
+    async def no_wait(_: float) -> None:
+        return None
+
+    return StepCacheClient(stub, SESSION, sleep=no_wait)
+
+
+def counting(calls: list[str]) -> Tool:
+    async def record(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        calls.append(ctx.step_key)
+        return {"step": ctx.step_key, "got": args}
+
+    return Tool("record", record, version="3")
+
+
+CACHED_CHAIN = spec_of(
+    {"key": "a", "tool": "record", "input": {"x": "input.x"}, "args": {"k": 1}, "cache": {"scope": "global"}},
+    {"key": "b", "tool": "record", "depends_on": ["a"], "input": {"up": "steps.a.output", "f": "steps.a.artifacts"},
+     "cache": {"scope": "run_only", "ttl_seconds": 60}},
+)
+
+
+async def test_a_cache_hit_skips_the_step_with_the_cached_result_and_runs_no_tool() -> None:
+    calls: list[str] = []
+    stub = FakeCacheStub(hits={"a": {"output": {"cached": "yes"}, "artifacts": [ART], "layer": "hot"}})
+    result, rep = await run(claim(CACHED_CHAIN, {"x": "hi"}), {"record": counting(calls)}, cache=cache_client(stub))
+    assert result is Result.SUCCEEDED
+    assert calls == ["b"]  # a's result came from the cache
+    assert rep.types("a") == ["step.created", "step.skipped"]
+    assert rep.of("step.skipped") == [{
+        "step_key": "a", "reason": "cache_hit", "output": {"cached": "yes"}, "artifacts": [ART],
+        "cache": {"key": "key-a", "layer": "hot",
+                  "display": cache_display({"workflow": "t", "step": "a", "input": {"x": "hi", "k": 1}})},
+        "source_run_id": "01BASE", "source_step_key": "a",
+    }]
+    # the fenced lookup: who asks, for which attempt, with the key's components (no run id for global)
+    request = stub.requests[0]
+    assert (request.worker_id, request.session_token, request.run_id, request.attempt, request.scope) == (
+        "w-1", "token-1", "01RUN", 1, "global")
+    assert json_format.MessageToDict(request.components) == cache_components(
+        "t", parse_spec(CACHED_CHAIN).step("a"), "record", "3", {"x": "hi", "k": 1})
+    # downstream steps see the cached output and artifacts
+    assert rep.of("tool.invoked", "b")[0]["input"] == {"up": {"cached": "yes"}, "f": [ART]}
+    assert rep.of("run.completed")[0]["output"]["b"]["got"] == {"up": {"cached": "yes"}, "f": [ART]}
+
+
+async def test_a_miss_rides_on_step_started_and_step_succeeded_carries_the_components() -> None:
+    calls: list[str] = []
+    stub = FakeCacheStub(miss=("artifact_missing", "f.txt"))
+    result, rep = await run(claim(CACHED_CHAIN, {"x": "hi"}), {"record": counting(calls)}, cache=cache_client(stub))
+    assert result is Result.SUCCEEDED and calls == ["a", "b"]
+    assert stub.keys == ["a", "b"]
+    started_a, = rep.of("step.started", "a")
+    assert started_a == {"step_key": "a", "try": 1, "cache": {
+        "key": "key-a", "display": cache_display({"workflow": "t", "step": "a", "input": {"x": "hi", "k": 1}}),
+        "reason": "artifact_missing", "detail": "f.txt"}}
+    spec = parse_spec(CACHED_CHAIN)
+    succeeded_a, succeeded_b = rep.of("step.succeeded", "a")[0], rep.of("step.succeeded", "b")[0]
+    assert succeeded_a["cache"] == {"scope": "global", "components": cache_components(
+        "t", spec.step("a"), "record", "3", {"x": "hi", "k": 1})}
+    b_input = rep.of("tool.invoked", "b")[0]["input"]
+    assert succeeded_b["cache"] == {"scope": "run_only", "ttl_seconds": 60, "components": cache_components(
+        "t", spec.step("b"), "record", "3", b_input, "01RUN")}
+    assert json_format.MessageToDict(stub.requests[1].components)["run_id"] == "01RUN"
+
+
+async def test_only_the_first_try_asks_the_cache_and_every_success_writes_it() -> None:
+    async def flaky(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        if ctx.attempt == 1:
+            raise ToolError("flaky", retryable=True)
+        return {"ok": True}
+
+    spec = spec_of({"key": "a", "tool": "flaky", "cache": {"scope": "global"},
+                    "retry": {"max_attempts": 2, "backoff_seconds": 0.001}})
+    stub = FakeCacheStub()
+    result, rep = await run(claim(spec), tools(flaky=flaky), cache=cache_client(stub))
+    assert result is Result.SUCCEEDED and stub.keys == ["a"]
+    first, second = rep.of("step.started", "a")
+    assert first["cache"]["reason"] == "no_entry" and "cache" not in second
+    assert rep.of("step.succeeded", "a")[0]["cache"]["scope"] == "global"
+
+
+async def test_a_non_deterministic_tool_or_scope_none_never_asks_the_cache() -> None:
+    spec = spec_of({"key": "a", "tool": "echo", "args": {"v": 1}},  # scope none
+                   {"key": "b", "tool": "sleep", "args": {"seconds": 0}, "cache": {"scope": "global"}},
+                   {"key": "c", "tool": "nope", "cache": {"scope": "global"}})  # not on this worker
+    stub = FakeCacheStub(hits={"a": {"output": {}}, "b": {"output": {}}})
+    result, rep = await run(claim(spec), cache=cache_client(stub))
+    assert result is Result.FAILED  # c's tool is missing
+    assert stub.requests == []
+    assert not any("cache" in p for _, p in rep.events)
+    assert rep.of("step.succeeded", "a")[0]["output"] == {"v": 1}
+
+
+async def test_a_lookup_that_fails_runs_the_step_without_the_cache_and_logs_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+    unavailable = [_rpc_error(grpc.StatusCode.UNAVAILABLE, "down")] * 3  # the short retry gives up after 3
+    stub = FakeCacheStub(errors=[*unavailable, _rpc_error(grpc.StatusCode.UNIMPLEMENTED, "old API")])
+    result, rep = await run(claim(CACHED_CHAIN, {"x": "hi"}), {"record": counting(calls)}, cache=cache_client(stub))
+    assert result is Result.SUCCEEDED and calls == ["a", "b"]
+    assert stub.keys == ["a", "a", "a", "b"]
+    assert not any("cache" in p for _, p in rep.events)  # no cache fields: an older API would refuse them
+    warnings = [r.getMessage() for r in caplog.records if "step cache lookups fail" in r.getMessage()]
+    assert len(warnings) == 2 and "UNAVAILABLE" in warnings[0] and "UNIMPLEMENTED" in warnings[1]
+
+    # a short outage: the retry rides it out, and the lookup answers
+    stub = FakeCacheStub(errors=[_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "slow")],
+                         hits={"a": {"output": {"n": 1}}, "b": {"output": {"n": 2}}})
+    calls.clear()
+    result, rep = await run(claim(CACHED_CHAIN, {"x": "hi"}), {"record": counting(calls)}, cache=cache_client(stub))
+    assert result is Result.SUCCEEDED and calls == [] and stub.keys == ["a", "a", "b"]
+    assert rep.of("run.completed") == [{"output": {"b": {"n": 2.0}}}]
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION])
+async def test_a_lookup_refused_as_not_our_attempt_stops_the_run_like_a_stale_report(code: Any) -> None:
+    calls: list[str] = []
+    stub = FakeCacheStub(errors=[_rpc_error(code, "not yours")])
+    result, rep = await run(claim(CACHED_CHAIN, {"x": "hi"}), {"record": counting(calls)}, cache=cache_client(stub))
+    assert result is Result.LOST and calls == []
+    assert rep.types() == []  # nothing was reported: the lookup came first
+
+
+async def test_a_hit_on_the_last_step_closes_the_run_in_the_same_report() -> None:
+    stub = FakeCacheStub(hits={"b": {"output": {"from": "cache"}}})
+    result, rep = await run(claim(CACHED_CHAIN, {"x": "hi"}), {"record": counting([])}, cache=cache_client(stub))
+    assert result is Result.SUCCEEDED
+    assert [t for t, _ in rep.reports[-1]] == ["step.skipped", "run.completed"]
+    assert rep.of("run.completed") == [{"output": {"b": {"from": "cache"}}}]
+
+
+async def test_cancel_during_a_lookup_cancels_the_step_that_never_started() -> None:
+    entered, never = asyncio.Event(), asyncio.Event()
+
+    class Hanging(FakeCacheStub):
+        async def LookupStepCache(self, request: Any, timeout: float) -> Any:
+            entered.set()
+            await never.wait()
+
+    reporter = FakeReporter()
+    handle, task = await start(claim(CACHED_CHAIN, {"x": "hi"}), reporter, {"record": counting([])},
+                               cache=cache_client(Hanging()))
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+    handle.cancel.set()
+    assert await asyncio.wait_for(task, DEADLINE) is Result.CANCELED
+    assert reporter.types("a") == ["step.created", "step.canceled"]
+    assert reporter.events[-1][0] == "run.canceled"
+
+
+REBUILD_SPEC = spec_of(
+    {"key": "brief", "tool": "record", "cache": {"scope": "global"}},
+    {"key": "copy", "tool": "record", "depends_on": ["brief"], "input": {"b": "steps.brief.output"},
+     "cache": {"scope": "global"}},
+    {"key": "images", "tool": "record", "depends_on": ["brief"], "input": {"b": "steps.brief.output"},
+     "cache": {"scope": "global"}},
+    {"key": "bundle", "tool": "record", "depends_on": ["copy", "images"],
+     "input": {"copy": "steps.copy.output", "images": "steps.images.artifacts"}, "cache": {"scope": "global"}},
+)
+
+
+async def test_a_rebuild_records_reused_steps_first_and_reruns_the_rest_with_refresh() -> None:
+    calls: list[str] = []
+    stub = FakeCacheStub(hits={"copy": {"output": {"stale": True}}, "bundle": {"output": {"stale": True}}})
+    reuse = [{"key": "brief", "status": "SUCCEEDED", "output": {"headline": "H"}},
+             {"key": "images", "status": "SUCCEEDED", "output": {"svg": 1}, "artifacts": [ART]}]
+    claimed = claim(REBUILD_SPEC, rebuild={"base_run_id": "01BASE", "rerun": ["copy", "bundle"], "reuse": reuse})
+    result, rep = await run(claimed, {"record": counting(calls)}, cache=cache_client(stub))
+    assert result is Result.SUCCEEDED
+    assert sorted(calls) == ["bundle", "copy"] and stub.requests == []  # rerun steps skip the lookup
+    # the first report: run.started, every step.created, then the reused steps
+    assert [t for t, _ in rep.reports[0]] == ["run.started", *["step.created"] * 4, "step.skipped", "step.skipped"]
+    assert rep.of("step.skipped") == [
+        {"step_key": "brief", "reason": "reused_from_base", "output": {"headline": "H"}, "artifacts": [],
+         "source_run_id": "01BASE", "source_step_key": "brief"},
+        {"step_key": "images", "reason": "reused_from_base", "output": {"svg": 1.0}, "artifacts": [ART],
+         "source_run_id": "01BASE", "source_step_key": "images"},
+    ]
+    assert rep.of("step.started", "copy") == [{"step_key": "copy", "try": 1, "cache": {"reason": "refresh"}}]
+    assert rep.of("tool.invoked", "copy")[0]["input"] == {"b": {"headline": "H"}}
+    assert rep.of("tool.invoked", "bundle")[0]["input"]["images"] == [ART]  # the base's exact artifacts
+    for key in ("copy", "bundle"):  # their new results refresh the cache
+        assert rep.of("step.succeeded", key)[0]["cache"]["scope"] == "global"
+
+
+async def test_a_resumed_rebuild_does_not_reuse_again_and_steps_in_neither_set_ask_the_cache() -> None:
+    calls: list[str] = []
+    stub = FakeCacheStub(hits={"images": {"output": {"svg": 2}}})
+    reuse = [{"key": "brief", "status": "SUCCEEDED", "output": {"headline": "H"}}]
+    claimed = claim(REBUILD_SPEC, attempt=2, rebuild={"base_run_id": "01BASE", "rerun": ["copy"], "reuse": reuse},
+                    steps=[{"key": "brief", "status": "SKIPPED", "output": {"headline": "H"}},
+                           {"key": "copy", "status": "FAILED", "tries": 1}])
+    result, rep = await run(claimed, {"record": counting(calls)}, cache=cache_client(stub))
+    assert result is Result.SUCCEEDED
+    assert [p["step_key"] for p in rep.of("step.skipped")] == ["images"]  # brief was recorded by attempt 1
+    assert rep.of("step.skipped", "images")[0]["reason"] == "cache_hit"
+    assert sorted(stub.keys) == ["bundle", "images"]
+    assert rep.of("step.started", "copy") == [{"step_key": "copy", "try": 2, "cache": {"reason": "refresh"}}]
+    assert sorted(calls) == ["bundle", "copy"]
+
+
+async def test_a_rebuild_reusing_every_step_just_completes() -> None:
+    spec = spec_of({"key": "a", "tool": "echo", "args": {"v": 1}})
+    claimed = claim(spec, rebuild={"base_run_id": "01BASE", "reuse": [
+        {"key": "a", "status": "SUCCEEDED", "output": {"v": 1}}]})
+    result, rep = await run(claimed)
+    assert result is Result.SUCCEEDED
+    assert rep.types() == ["run.started", "step.created", "step.skipped", "run.completed"]
+    assert rep.of("run.completed") == [{"output": {"a": {"v": 1.0}}}]

@@ -7,6 +7,13 @@ tool call (services/run_worker/executor.py) announced before it runs. A step tha
 stops the others and fails the run; cancel, release and a lost lease stop it too. The events of
 one step are reported in order (each report awaited before the next); steps report concurrently.
 
+A cacheable step (spec cache.scope global or run_only, and a deterministic tool) asks the step
+cache before its first try in an attempt (services/run_worker/step_cache.py): a hit is recorded as
+step.skipped with the cached output and artifacts and runs no tool; a miss rides on step.started
+with its reason, and step.succeeded carries the key's components so the API stores the result. A
+rebuild (ClaimedRun.rebuild) first records the base run's reused steps as step.skipped
+(reused_from_base); the steps it re-runs skip the lookup (reason refresh) and refresh the cache.
+
 `runtime.noop` and `runtime.tool` keep the run-level retries: their one step makes one try per
 run attempt and a failure fails the run with the tool's `retryable`, so the API re-queues it.
 The same code serves the standalone worker, `--once` and the API's embedded worker.
@@ -19,6 +26,7 @@ import enum
 import json
 import logging
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +47,7 @@ from services.run_worker.executor import (
     unavailable,
 )
 from services.run_worker.reporter import Reporter, ReporterClosed, ReportRefused, StaleAttempt, make_event, restamp
+from services.run_worker.step_cache import CacheHit, CacheMiss, StepCache, StepCacheClient, artifact_dict
 from services.run_worker.tools import Json, LocalArtifact, Tool
 from shared.backoff import Uniform, backoff_seconds
 from shared.events import STEP_DONE, EventType, StepErrorCode, StopReason
@@ -51,6 +60,7 @@ from shared.workflow import (
     SpecError,
     StepSpec,
     WorkflowSpec,
+    cache_components,
     from_proto_dict,
     parse_spec,
     ready,
@@ -94,21 +104,39 @@ class EngineConfig:
 
 async def execute(
     claimed: Any, handle: RunHandle, reporter: Reporter, tools: Mapping[str, Tool],
-    artifacts: ArtifactClient | None = None, config: EngineConfig | None = None,
+    artifacts: ArtifactClient | None = None, config: EngineConfig | None = None, cache: StepCache | None = None,
 ) -> Result:
-    """Run one claimed run (a ClaimedRun message) to its end and report it."""
+    """Run one claimed run (a ClaimedRun message) to its end and report it.
+
+    `cache` answers the step cache lookups; by default LookupStepCache over the reporter's stub (no
+    cache at all, hence no lookups and no cache fields in events, for a reporter without one).
+    """
+    if cache is None and getattr(reporter, "stub", None) is not None:
+        cache = _default_cache(reporter)
     run_id, attempt = claimed.run_id, handle.attempt
     parent = context_from_carrier(dict(claimed.trace_context))
     with log_context(run_id=run_id, attempt=attempt), tracer.start_as_current_span(
         "run.execute", context=parent, attributes={"run.id": run_id, "run.attempt": attempt}
     ):
         try:
-            return await _Run(claimed, handle, reporter, tools, artifacts, config or EngineConfig()).run()
+            return await _Run(claimed, handle, reporter, tools, artifacts, config or EngineConfig(), cache).run()
         except StaleAttempt as err:
             log.warning("attempt is no longer current; stopping the run: %s", err)
             return Result.LOST
         except ReportRefused as err:
             return await _fail_refused(run_id, handle, reporter, err)
+
+
+# One lookup client per reporter, i.e. per worker (an outage is logged once per worker, not once per run).
+_CACHES: weakref.WeakKeyDictionary[Reporter, StepCache] = weakref.WeakKeyDictionary()
+
+
+def _default_cache(reporter: Reporter) -> StepCache:
+    """LookupStepCache over the reporter's stub, with its worker id and session token."""
+    cache = _CACHES.get(reporter)
+    if cache is None:
+        cache = _CACHES[reporter] = StepCacheClient(reporter.stub, reporter)
+    return cache
 
 
 async def _send(reporter: Reporter, handle: RunHandle, events: list[Any]) -> list[Any]:
@@ -174,15 +202,32 @@ def _step_status(value: run_pb2.StepStatus.ValueType) -> str:
     return str(run_pb2.StepStatus.Name(value)).removeprefix("STEP_STATUS_")
 
 
-def _artifact_dict(a: Any) -> Json:
-    return {"name": a.name, "uri": a.uri, "sha256": a.sha256, "size": a.size, "media_type": a.media_type}
+def _fits(payload: Mapping[str, Any]) -> bool:
+    """Whether an event payload stays within what the API records (its size and nesting)."""
+    return json_depth(payload, MAX_JSON_DEPTH + 2) <= MAX_JSON_DEPTH + 1 and _json_size(payload) <= MAX_OUTPUT_BYTES
+
+
+@dataclass(frozen=True)
+class _Cacheable:
+    """A cacheable step's try: the components of its key (the API adds the tenant and hashes them)."""
+
+    components: Json
+    scope: str
+    ttl_seconds: int | None
+
+    def written(self) -> Json:
+        """step.succeeded's `cache`: the API keys the result and stores it."""
+        out: Json = {"components": self.components, "scope": self.scope}
+        if self.ttl_seconds is not None:
+            out["ttl_seconds"] = self.ttl_seconds
+        return out
 
 
 class _Run:
     """One attempt of one run: the state of its steps and the tasks running them."""
 
     def __init__(self, claimed: Any, handle: RunHandle, reporter: Reporter, tools: Mapping[str, Tool],
-                 artifacts: ArtifactClient | None, config: EngineConfig) -> None:
+                 artifacts: ArtifactClient | None, config: EngineConfig, cache: StepCache | None = None) -> None:
         self.claimed = claimed
         self.run_id = claimed.run_id
         self.handle = handle
@@ -190,6 +235,10 @@ class _Run:
         self.tools = tools
         self.artifacts = artifacts
         self.config = config
+        self.cache = cache
+        self.rebuild = claimed.rebuild if claimed.HasField("rebuild") else None
+        self.rerun = frozenset(self.rebuild.rerun) if self.rebuild is not None else frozenset()
+        self.uncached: set[str] = set()  # steps whose lookup failed: they run without the cache in this attempt
         self.builtin = claimed.workflow in ONE_STEP_BUILTINS
         self.run_input = json_format.MessageToDict(claimed.input)
         self.spec: WorkflowSpec | None = None
@@ -249,13 +298,14 @@ class _Run:
             if _step_status(state.status) in STEP_DONE:
                 self.results[state.step_key] = {
                     "output": json_format.MessageToDict(state.output),
-                    "artifacts": [_artifact_dict(a) for a in state.artifacts],
+                    "artifacts": [artifact_dict(a) for a in state.artifacts],
                 }
         self.prefix = [self.ev(EventType.RUN_STARTED)] + [
             self.ev(EventType.STEP_CREATED, {"step_key": s.key, "tool": self._created_tool(s),
                                              "depends_on": list(s.depends_on)})
             for s in spec.steps if s.key not in self.results
         ]
+        await self._reuse_from_base(keys)
         if len(self.results) == len(spec.steps):
             await self.report([self._completed()])
             return Result.SUCCEEDED
@@ -266,6 +316,26 @@ class _Run:
                 task.cancel()
             if self.runners:  # a cancelled tool cleans up (shell kills its process group) before the slot frees
                 await asyncio.wait(list(self.runners.values()), timeout=RUNNER_CLEANUP_SECONDS)
+
+    async def _reuse_from_base(self, keys: set[str]) -> None:
+        """A rebuild: record the base run's steps it reuses, with their exact outputs and artifacts, first."""
+        if self.rebuild is None:
+            return
+        reused: dict[str, Json] = {}
+        events = []
+        for state in self.rebuild.reuse:
+            key = state.step_key
+            if key not in keys or key in self.results or key in self.rerun or key in reused:
+                continue
+            done = reused[key] = {"output": json_format.MessageToDict(state.output),
+                                  "artifacts": [artifact_dict(a) for a in state.artifacts]}
+            events.append(self.ev(EventType.STEP_SKIPPED, {
+                "step_key": key, "reason": "reused_from_base", **done,
+                "source_run_id": self.rebuild.base_run_id, "source_step_key": key,
+            }))
+        if events:
+            await self.report(events)  # with run.started and step.created: the first report
+            self.results.update(reused)  # done only once recorded
 
     def _created_tool(self, step: StepSpec) -> str:
         tool = self.run_input.get("tool") if step.tool == DISPATCH else step.tool
@@ -386,7 +456,7 @@ class _Run:
                     if i:
                         await self._report_stopped_between_tries(step)
                     return
-                if await self._try(step, last=i == limit - 1):
+                if await self._try(step, first=i == 0, last=i == limit - 1):
                     return
             finally:
                 self.slots.release()
@@ -397,13 +467,14 @@ class _Run:
             await self.report([self.ev(EventType.STEP_CANCELED,
                                        {"step_key": step.key, "reason": self.stop_reason.value})])
 
-    async def _try(self, step: StepSpec, last: bool) -> bool:
-        """One try: announce it, run the tool, report how it ended; True when the step is finished."""
+    async def _try(self, step: StepSpec, first: bool, last: bool) -> bool:
+        """One try: announce it, run the tool, report how it ended; True when the step is finished.
+
+        The first try of a cacheable step in this attempt asks the cache first: a hit finishes the
+        step with the cached result (step.skipped, no tool call), a miss rides on step.started.
+        """
         assert self.spec is not None
         key = step.key
-        n = self.tries[key] = self.tries.get(key, 0) + 1
-        self.started.add(key)
-        started = self.ev(EventType.STEP_STARTED, {"step_key": key, "try": n})
         try:
             args = resolve_input(step, run_context(self.run_input, self.results, upstream(self.spec, key)))
             name, args = self._dispatch(step, args)
@@ -411,17 +482,38 @@ class _Run:
                 raise SelectorError("", "", problem)
         except SelectorError as err:
             error = err.message
-            await self.report([started, self._step_failed(key, error, StepErrorCode.SELECTOR_FAILED, False, False,
-                                                          self._created_tool(step), n),
+            n = self._next_try(key)
+            await self.report([self.ev(EventType.STEP_STARTED, {"step_key": key, "try": n}),
+                               self._step_failed(key, error, StepErrorCode.SELECTOR_FAILED, False, False,
+                                                 self._created_tool(step), n),
                                *self._failed_for_good(key, error, False)])
             return True
         tool = self.tools.get(name)
+        cacheable = self._cacheable(step, name, tool, args)
+        started: Json = {"step_key": key}
+        if cacheable is not None and first:
+            if key in self.rerun:  # a rebuild re-executes it: no lookup, its new result refreshes the cache
+                started["cache"] = {"reason": "refresh"}
+            else:
+                try:
+                    found = await race(asyncio.ensure_future(self._lookup(key, cacheable)), [self.stop])
+                except Interrupted:
+                    return True  # never started: the run's closing report cancels it
+                if isinstance(found, CacheHit):
+                    await self._report_hit(key, found)
+                    return True
+                if isinstance(found, CacheMiss):
+                    started["cache"] = _miss(found)
+                else:
+                    self.uncached.add(key)
+                    cacheable = None
+        n = started["try"] = self._next_try(key)
         call_id = str(ULID())
         invoked = {"tool_call_id": call_id, "step_key": key, "tool": name, "input": args, "try": n}
         if tool is not None:
             invoked["tool_version"] = tool.version
         # Recorded before the tool runs: a stale attempt learns it here, before doing any work.
-        await self.report([started, self.ev(EventType.TOOL_INVOKED, invoked)])
+        await self.report([self.ev(EventType.STEP_STARTED, started), self.ev(EventType.TOOL_INVOKED, invoked)])
         if tool is None:
             result = unavailable(name)
         else:
@@ -436,7 +528,59 @@ class _Run:
             except Interrupted:
                 await self._report_interrupted(key, call_id, name, n)
                 return True
-        return await self._report_result(key, call_id, name, n, result, last)
+        return await self._report_result(key, call_id, name, n, result, last, cacheable)
+
+    def _next_try(self, key: str) -> int:
+        """Number the step's next try (across attempts) and count the step as started in this attempt."""
+        n = self.tries[key] = self.tries.get(key, 0) + 1
+        self.started.add(key)
+        return n
+
+    def _cacheable(self, step: StepSpec, name: str, tool: Tool | None, args: Json) -> _Cacheable | None:
+        """The key components of a try whose result may be cached, or None (scope none, no tool, not deterministic)."""
+        if (self.cache is None or step.cache.scope not in ("global", "run_only") or tool is None
+                or not tool.deterministic or step.key in self.uncached):
+            return None
+        run_only = step.cache.scope == "run_only"
+        components = cache_components(self.claimed.workflow, step, name, tool.version, args,
+                                      self.run_id if run_only else None)
+        if not _fits({"cache": {"components": components}}):
+            log.warning("step %s is not cached: its key's components are past the event limits", step.key)
+            return None
+        return _Cacheable(components, step.cache.scope, step.cache.ttl_seconds)
+
+    async def _lookup(self, key: str, cacheable: _Cacheable) -> CacheHit | CacheMiss | None:
+        """Ask the cache under the current attempt (again under a newer one, if the run was re-adopted meanwhile)."""
+        assert self.cache is not None
+        while True:
+            attempt = self.handle.attempt
+            try:
+                return await self.cache.lookup(self.run_id, attempt, key, cacheable.components, cacheable.scope)
+            except StaleAttempt:
+                if self.handle.lost.is_set() or self.handle.attempt == attempt:
+                    raise
+
+    async def _report_hit(self, key: str, hit: CacheHit) -> None:
+        """A valid cached result: the step is skipped with it, and counts as done once that is recorded."""
+        log.info("step %s: cache hit %s (%s, %s layer) from run %s", key, hit.display, hit.key, hit.layer,
+                 hit.source_run_id)
+        done = {"output": hit.output, "artifacts": hit.artifacts}
+        await self._report_done(key, done, [self.ev(EventType.STEP_SKIPPED, {
+            "step_key": key, "reason": "cache_hit", **done,
+            "cache": {"key": hit.key, "display": hit.display, "layer": hit.layer},
+            "source_run_id": hit.source_run_id, "source_step_key": hit.source_step_key,
+        })])
+
+    async def _report_done(self, key: str, done: Json, events: list[Any]) -> None:
+        """Report a step's success or skip; the step counts as done (downstream, run.completed) once recorded."""
+        assert self.spec is not None
+        # run.completed rides in this report only when every other step's success already is recorded:
+        # else the loop sends it after the last report comes back, so it is never recorded first.
+        if all(k in self.results for k in self.spec.keys if k != key):
+            events.append(self._completed({key: done}))
+            self.closed = Result.SUCCEEDED
+        await self.report(events)
+        self.results[key] = done
 
     def _dispatch(self, step: StepSpec, args: Json) -> tuple[str, Json]:
         """The tool a try invokes and its input (runtime.dispatch: the resolved `tool` with the resolved `args`)."""
@@ -467,25 +611,22 @@ class _Run:
                                                "try": n})
 
     async def _report_result(self, key: str, call_id: str, tool: str, n: int, result: TryResult,
-                             last: bool) -> bool:
+                             last: bool, cacheable: _Cacheable | None = None) -> bool:
         if result.ok and (too_big := _output_problem(result.output)):
             result = TryResult(output=None, error=too_big, code=StepErrorCode.TOOL_FAILED, retryable=False)
         if result.ok:
             done = {"output": result.output, "artifacts": result.artifacts}
-            events = [
+            succeeded: Json = {"step_key": key, **done, "try": n}
+            if cacheable is not None:
+                if _fits({**succeeded, "cache": cacheable.written()}):
+                    succeeded["cache"] = cacheable.written()
+                else:
+                    log.warning("step %s's result is not cached: with its key's components it is past the event "
+                                "limits", key)
+            await self._report_done(key, done, [
                 self.ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": result.output}),
-                self.ev(EventType.STEP_SUCCEEDED, {"step_key": key, "output": result.output,
-                                                   "artifacts": result.artifacts, "try": n}),
-            ]
-            assert self.spec is not None
-            # A step counts as done (for its downstream steps and for run.completed) only once its success
-            # is recorded. run.completed rides in this report only when every other step's success already
-            # is: else the loop sends it after the last report comes back, so it is never recorded first.
-            if all(k in self.results for k in self.spec.keys if k != key):
-                events.append(self._completed({key: done}))
-                self.closed = Result.SUCCEEDED
-            await self.report(events)
-            self.results[key] = done
+                self.ev(EventType.STEP_SUCCEEDED, succeeded),
+            ])
             return True
         assert result.error is not None and result.code is not None
         # The same worker would not find a missing tool on a second try: that is for another attempt.
@@ -526,4 +667,12 @@ class _Run:
 
     def _failed_key(self) -> str:
         return self.failure[0] if self.failure is not None else ""
+
+
+def _miss(miss: CacheMiss) -> Json:
+    """step.started's `cache` for a miss: the key the API computed and why nothing was reused."""
+    out: Json = {"key": miss.key, "display": miss.display, "reason": miss.reason}
+    if miss.detail:
+        out["detail"] = miss.detail
+    return out
 
