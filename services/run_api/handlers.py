@@ -137,10 +137,7 @@ def validate_start(cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[
     check_text("idempotency_key", cmd.idempotency_key, limit=MAX_IDEMPOTENCY_KEY)
     for name in ("workspace_id", "project_id"):
         check_identifier(name, getattr(cmd, name))
-    if json_depth(cmd.input) > MAX_JSON_DEPTH:
-        raise InvalidRequest.field("input", f"input nests deeper than {MAX_JSON_DEPTH} levels")
-    if _has_nul(cmd.input):
-        raise InvalidRequest.field("input", "input must not contain the character U+0000")
+    check_input_value(cmd.input)
     if workflow in (DEFAULT_WORKFLOW, TOOL_WORKFLOW):
         # The built-in one-step workflows check their input up front (the tool and its arguments).
         try:
@@ -165,6 +162,14 @@ def validate_start(cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[
     return workflow, placement, cmd.max_attempts or policy.max_attempts
 
 
+def check_input_value(run_input: Any, field: str = "input") -> None:
+    """Refuse a run input that nests too deep or holds U+0000, naming `field`."""
+    if json_depth(run_input) > MAX_JSON_DEPTH:
+        raise InvalidRequest.field(field, f"{field} nests deeper than {MAX_JSON_DEPTH} levels")
+    if _has_nul(run_input):
+        raise InvalidRequest.field(field, f"{field} must not contain the character U+0000")
+
+
 def _has_nul(value: Any) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -175,10 +180,11 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _request_hash(
+def run_request_hash(
     workflow: str, place: Placement, run_input: dict[str, Any], max_attempts: int, backoff: float, cap: float,
     version: int = 0,
 ) -> str:
+    """What identifies a run request (an idempotency key's reuse must match it): sha256 of its fields."""
     canonical = json.dumps(
         {
             "workflow": workflow,
@@ -196,19 +202,13 @@ def _request_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# --- run API -----------------------------------------------------------------------------------
-
-
-async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
-    """Queue a run (run.queued) in the caller's tenant and return (run row, deduplicated)."""
-    workflow, place, max_attempts = validate_start(cmd, policy, caller)
-    pinned = await registry.resolve_for_run(uow, workflow, cmd.workflow_version, place.tenant_id)
-    request_hash = _request_hash(
-        workflow, place, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds,
-        cmd.workflow_version,
-    )
-    key = cmd.idempotency_key or None
-    event = store.NewEvent(
+def queued_event(
+    workflow: str, version: int, spec_hash: str | None, place: Placement, caller: Caller, run_input: dict[str, Any],
+    max_attempts: int, backoff: tuple[float, float], request_hash: str, trace_context: dict[str, str],
+    idempotency_key: str | None = None, **extra: Any,
+) -> store.NewEvent:
+    """A new run's run.queued event (StartRun's; a rebuild adds its fields through `extra`)."""
+    return store.NewEvent(
         run_id=str(ULID()),
         type=EventType.RUN_QUEUED,
         attempt=0,
@@ -216,20 +216,41 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller:
         occurred_at=utcnow(),
         payload={
             "workflow": workflow,
-            "workflow_version": pinned.version,
-            "spec_hash": pinned.spec_hash,
+            "workflow_version": version,
+            "spec_hash": spec_hash,
             "tenant_id": place.tenant_id,
             "project_id": place.project_id,
             "workspace_id": place.workspace_id,
             "created_by": caller.key_id,
-            "input": cmd.input,
+            "input": run_input,
             "max_attempts": max_attempts,
-            "retry_backoff_seconds": cmd.retry_backoff_seconds or policy.backoff_seconds,
-            "retry_backoff_max_seconds": cmd.retry_backoff_max_seconds or policy.backoff_max_seconds,
-            "idempotency_key": key,
+            "retry_backoff_seconds": backoff[0],
+            "retry_backoff_max_seconds": backoff[1],
+            "idempotency_key": idempotency_key,
             "request_hash": request_hash,
-            "trace_context": cmd.trace_context,
+            "trace_context": trace_context,
+            **extra,
         },
+    )
+
+
+# --- run API -----------------------------------------------------------------------------------
+
+
+async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
+    """Queue a run (run.queued) in the caller's tenant and return (run row, deduplicated)."""
+    workflow, place, max_attempts = validate_start(cmd, policy, caller)
+    pinned = await registry.resolve_for_run(uow, workflow, cmd.workflow_version, place.tenant_id)
+    request_hash = run_request_hash(
+        workflow, place, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds,
+        cmd.workflow_version,
+    )
+    key = cmd.idempotency_key or None
+    backoff = (cmd.retry_backoff_seconds or policy.backoff_seconds,
+               cmd.retry_backoff_max_seconds or policy.backoff_max_seconds)
+    event = queued_event(
+        workflow, pinned.version, pinned.spec_hash, place, caller, cmd.input, max_attempts, backoff, request_hash,
+        cmd.trace_context, idempotency_key=key,
     )
     created = await store.queue_run(uow.conn, event)
     if created is None:
