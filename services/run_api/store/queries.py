@@ -762,3 +762,16 @@ api_keys_revoke = q(
     RETURNING {API_KEY_COLUMNS}
     """
 )
+
+# --- rebuild and explain (services/run_api/rebuild.py) -----------------------------------------
+
+# A run's step events that carry the cache decisions (started, succeeded, skipped), of one step when
+# :step_key is set, in log order.
+run_events_step_decisions = q(
+    """
+    SELECT sequence, type, attempt, recorded_at, payload FROM run_events
+    WHERE run_id = :run_id AND type IN ('step.started', 'step.succeeded', 'step.skipped')
+      AND (CAST(:step_key AS text) IS NULL OR payload->>'step_key' = :step_key)
+    ORDER BY sequence
+    """
+)
