@@ -775,3 +775,25 @@ run_events_step_decisions = q(
     ORDER BY sequence
     """
 )
+
+# --- step cache counters (helper api-cache: services/run_api/cache_service.cache_stats) -------------
+
+# A tenant's cache hits by layer (hot, cold): the steps recorded skipped with reason cache_hit.
+stats_cache_hits_by_layer = q(
+    """
+    SELECT COALESCE(e.payload->'cache'->>'layer', '') AS layer, count(*) AS n
+    FROM run_events e JOIN runs r ON r.run_id = e.run_id
+    WHERE r.tenant_id = :tenant_id AND e.type = 'step.skipped' AND e.payload->>'reason' = 'cache_hit'
+    GROUP BY 1
+    """
+)
+
+# A tenant's cache misses by reason: the step tries whose step.started carries a cache reason.
+stats_cache_misses_by_reason = q(
+    """
+    SELECT e.payload->'cache'->>'reason' AS reason, count(*) AS n
+    FROM run_events e JOIN runs r ON r.run_id = e.run_id
+    WHERE r.tenant_id = :tenant_id AND e.type = 'step.started' AND e.payload->'cache'->>'reason' IS NOT NULL
+    GROUP BY 1
+    """
+)
