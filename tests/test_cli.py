@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 from features.harness import Api, Worker
 from services.cli import __main__ as cli
 from services.cli import common, keys
+from services.cli import runs as runs_cli
 from services.cli import steps as steps_cli
 from services.cli import workflows as workflows_cli
 from shared.gen.runs.v1 import (
@@ -34,7 +35,7 @@ from shared.gen.runs.v1 import (
     workflow_service_pb2,
 )
 from shared.settings import ClientTls
-from shared.workflow import from_proto_dict, load_spec_text, parse_spec, spec_version_hash
+from shared.workflow import from_proto_dict, load_spec_text, parse_spec, spec_to_dict, spec_version_hash, to_proto_dict
 
 ENV = {"RUN_API_ADDR": "10.0.0.1:7000"}
 
@@ -151,7 +152,7 @@ def test_start_request_from_plain_flags() -> None:
         )
     )
     assert request.workflow == "runtime.noop"
-    assert cli.json_format.MessageToDict(request.input) == {"a": 1.0, "b": {"c": [True]}}
+    assert json_format.MessageToDict(request.input) == {"a": 1.0, "b": {"c": [True]}}
     assert request.idempotency_key == "k" and request.max_attempts == 4
 
 
@@ -164,13 +165,13 @@ def test_start_request_defaults_leave_everything_to_the_server() -> None:
 def test_tool_and_args_map_to_runtime_tool() -> None:
     request = cli.start_request(parse("start", "--tool", "sleep", "--args", '{"seconds": 1}'))
     assert request.workflow == "runtime.tool"
-    assert cli.json_format.MessageToDict(request.input) == {"tool": "sleep", "args": {"seconds": 1.0}}
+    assert json_format.MessageToDict(request.input) == {"tool": "sleep", "args": {"seconds": 1.0}}
 
 
 def test_tool_args_default_to_an_empty_object() -> None:
     request = cli.start_request(parse("start", "--tool", "noop"))
     assert request.workflow == "runtime.tool"
-    assert cli.json_format.MessageToDict(request.input) == {"tool": "noop", "args": {}}
+    assert json_format.MessageToDict(request.input) == {"tool": "noop", "args": {}}
 
 
 @pytest.mark.parametrize(
@@ -592,7 +593,7 @@ def test_start_sends_the_tool_request() -> None:
     run_cli(stub, "start", "--tool", "sleep", "--args", '{"seconds": 2}')
     request = stub.calls[0][1]
     assert request.workflow == "runtime.tool"
-    assert cli.json_format.MessageToDict(request.input) == {"tool": "sleep", "args": {"seconds": 2.0}}
+    assert json_format.MessageToDict(request.input) == {"tool": "sleep", "args": {"seconds": 2.0}}
 
 
 @pytest.mark.parametrize(
@@ -670,7 +671,7 @@ def test_cancel_sends_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plain_numbers() -> None:
-    assert cli.plain_numbers({"a": 1.0, "b": [2.0, 2.5], "c": True, "d": "3.0"}) == {
+    assert common.plain_numbers({"a": 1.0, "b": [2.0, 2.5], "c": True, "d": "3.0"}) == {
         "a": 1,
         "b": [2, 2.5],
         "c": True,
@@ -1345,8 +1346,8 @@ def test_format_run_shows_the_version_steps_summary_and_output() -> None:
     assert fields["workflow"] == "campaign.build" and fields["workflow_version"] == "2"
     assert fields["steps_summary"] == "5 steps: 3 succeeded, 1 running, 1 pending"
     assert fields["output"] == '{"bundle":{"exit_code":0,"result":{"files":["a","b"]}}}'
-    assert cli.format_steps_summary(run_pb2.StepsSummary(total=1)) == "1 step"
-    assert cli.format_steps_summary(run_pb2.StepsSummary(total=2, failed=1, canceled=1)) == (
+    assert runs_cli.format_steps_summary(run_pb2.StepsSummary(total=1)) == "1 step"
+    assert runs_cli.format_steps_summary(run_pb2.StepsSummary(total=2, failed=1, canceled=1)) == (
         "2 steps: 1 failed, 1 canceled"
     )
 
@@ -1392,7 +1393,11 @@ def test_format_workflow_is_yaml_that_registers_as_the_same_spec() -> None:
     assert lines[1] == "# spec sha256 " + "ab" * 32
     assert "  timeout_seconds: 30\n" in text and "backoff_seconds: 0.5" in text
     assert "    - |\n      import json, os\n" in text, "scripts are YAML blocks"
-    assert "cache:" not in text, "the default cache is left out"
+    assert "  cache:\n    scope: global\n" in text, "a declared cache is shown"
+    bare = parse_spec({"name": "one", "steps": [{"key": "a", "tool": "noop"}]})
+    spec = json_format.ParseDict(to_proto_dict(spec_to_dict(bare)), workflow_service_pb2.WorkflowSpec())
+    bare_text = workflows_cli.format_workflow(workflow_service_pb2.Workflow(name="one", version=1, spec=spec))
+    assert "cache:" not in bare_text, "the default cache is left out"
     shown = load_spec_text(text, "yaml")
     original = load_spec_text(CAMPAIGN.read_text(), "yaml")
     assert shown == original and spec_version_hash(shown) == spec_version_hash(original)
