@@ -13,9 +13,9 @@ Feature: The event log is the truth
   Scenario: Replayed projections equal the live ones after a mixed workload
     Given a mixed workload of succeeded, failed, retried, canceled and queued runs
     When I rebuild the projections with the replay command
-    Then workflows, runs, run_steps, tool_calls and run_artifacts equal what they were before the replay
+    Then workflows, runs, run_steps, tool_calls, run_artifacts and step_cache equal what they were before the replay
 
   Scenario: Replayed projections equal the live ones after DAG runs
     Given DAG runs that succeeded with a retried step, were resumed after a SIGKILL, failed, were canceled and made artifacts
     When I rebuild the projections with the replay command
-    Then workflows, runs, run_steps, tool_calls and run_artifacts equal what they were before the replay
+    Then workflows, runs, run_steps, tool_calls, run_artifacts and step_cache equal what they were before the replay

@@ -12,12 +12,14 @@ from pytest_bdd import given, scenarios, then, when
 from features.conftest import Context, Stack
 from features.harness import ROOT, base_env, wait_until
 from features.test_faults import SHORT_LEASES
+from shared.gen.runs.v1 import run_service_pb2
 
 scenarios("event_log.feature")
 
 TABLES = {
     "workflows": "SELECT * FROM workflows ORDER BY tenant_id, name, version",
     "run_artifacts": "SELECT * FROM run_artifacts ORDER BY run_id, step_key, name",
+    "step_cache": "SELECT * FROM step_cache ORDER BY tenant_id, cache_key",
     "runs": "SELECT * FROM runs ORDER BY run_id",
     "run_steps": "SELECT * FROM run_steps ORDER BY run_id, step_key",
     "tool_calls": "SELECT * FROM tool_calls ORDER BY run_id, tool_call_id",
@@ -83,7 +85,8 @@ def snapshot(sql: psycopg.Connection) -> dict[str, list[Any]]:
 def replay(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
     """`python -m services.run_api replay` against the scenario's database."""
     ctx.extra["before"] = snapshot(sql)
-    assert all(v for k, v in ctx.extra["before"].items() if k != "run_artifacts" or ctx.extra.get("artifacts"))
+    assert all(v for k, v in ctx.extra["before"].items()
+               if k not in ("run_artifacts", "step_cache") or ctx.extra.get("artifacts"))
     done = subprocess.run(
         [sys.executable, "-m", "services.run_api", "replay", "--database-url", stack.database_url],
         env=base_env(),
@@ -97,7 +100,7 @@ def replay(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
     assert "replayed" in done.stdout
 
 
-@then("workflows, runs, run_steps, tool_calls and run_artifacts equal what they were before the replay")
+@then("workflows, runs, run_steps, tool_calls, run_artifacts and step_cache equal what they were before the replay")
 def equal(sql: psycopg.Connection, ctx: Context) -> None:
     """Row for row."""
     after = snapshot(sql)
@@ -108,7 +111,7 @@ def equal(sql: psycopg.Connection, ctx: Context) -> None:
 DAG = {
     "name": "replayed",
     "steps": [
-        {"key": "a", "tool": "echo", "args": {"n": 1}},
+        {"key": "a", "tool": "echo", "args": {"n": 1}, "cache": {"scope": "global"}},
         {"key": "b", "tool": "fail", "depends_on": ["a"], "args": {"times": 1},
          "retry": {"max_attempts": 2, "backoff_seconds": 0.05}},
         {"key": "c", "tool": "sleep", "depends_on": ["a"], "input": {"seconds": "input.seconds"}},
@@ -140,4 +143,17 @@ def dag_workload(stack: Stack, ctx: Context, sql: psycopg.Connection) -> None:
         assert c.wait_status(run_id, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == status, c.get(run_id)
     assert c.get(resumed).run.attempt == 2
     assert c.steps(ok)["b"].attempt == 2  # tried twice
+    # The step cache: campaign steps and step a hit on a second run; one workflow's entries invalidated
+    # (a later run writes them again); a rebuild reuses its base's steps.
+    again = c.start("campaign.build", {"product": "Replay", "audience": "auditors"}).run.run_id
+    assert c.wait_status(again, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "SUCCEEDED"
+    assert c.steps(again)["brief"].reason == "cache_hit" and c.steps(ok)["a"].reason == "cache_hit"
+    removed = c.stub.InvalidateCache(run_service_pb2.InvalidateCacheRequest(workflow="replayed"), timeout=10)
+    assert removed.removed >= 1
+    request = run_service_pb2.RebuildRunRequest(base_run_id=campaign, change_request_type="copy_update")
+    rebuilt = c.stub.RebuildRun(request, timeout=10).run.run_id
+    assert c.wait_status(rebuilt, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "SUCCEEDED"
+    assert c.steps(rebuilt)["brief"].reason == "reused_from_base"
+    after = c.start("replayed", {"seconds": 0}).run.run_id
+    assert c.wait_status(after, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "SUCCEEDED"
     ctx.extra["artifacts"] = True

@@ -28,6 +28,7 @@ from services.run_api.auth import (
     is_loopback,
     resolve_mode,
 )
+from services.run_api.cache import CacheLayers
 from services.run_api.handlers import RetryPolicy, utcnow
 from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
@@ -142,6 +143,7 @@ class ApiServer:
             on_health=self._reaper_health,
         )
         self.artifacts = ArtifactStore.from_settings(settings)
+        self.cache = CacheLayers.from_settings(settings, self.artifacts)  # Redis in front of step_cache when set
         config = ServiceConfig(
             artifact_max_bytes=settings.artifact_max_bytes,
             lease_seconds=settings.lease_seconds,
@@ -166,10 +168,10 @@ class ApiServer:
             ],
         )
         run_service_pb2_grpc.add_RunServiceServicer_to_server(
-            RunService(self.engine, self.hub, config, self.stopping, self.artifacts), self.server
+            RunService(self.engine, self.hub, config, self.stopping, self.artifacts, self.cache), self.server
         )
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerService(self.engine, self.hub, config, self.stopping, self.artifacts), self.server
+            WorkerService(self.engine, self.hub, config, self.stopping, self.artifacts, self.cache), self.server
         )
         ops_service_pb2_grpc.add_OpsServiceServicer_to_server(
             OpsService(self.engine, lambda: self.reaper.counters["failures"]), self.server
@@ -309,5 +311,6 @@ class ApiServer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.cache.close()
         await self.engine.dispose()
         log.info("run API stopped")

@@ -11,12 +11,24 @@ from datetime import UTC
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.run_api import artifact_service, auth, checks, convert, handlers, payloads, registry
+from services.run_api import (
+    artifact_service,
+    auth,
+    cache_service,
+    checks,
+    convert,
+    handlers,
+    payloads,
+    rebuild,
+    registry,
+)
 from services.run_api.artifacts import ArtifactStore
 from services.run_api.auth import current_caller
+from services.run_api.cache import CacheLayers
 from services.run_api.cache import keys_for as cache_keys_for
 from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, shorten
 from services.run_api.listener import Hub
@@ -81,10 +93,52 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
     """runs.v1.RunService."""
 
     def __init__(
-        self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event, artifacts: ArtifactStore
+        self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event, artifacts: ArtifactStore,
+        layers: CacheLayers,
     ) -> None:
         self.engine, self.hub, self.config, self.stopping = engine, hub, config, stopping
-        self.artifacts = artifacts
+        self.artifacts, self.layers = artifacts, layers
+
+    async def RebuildRun(
+        self, request: run_service_pb2.RebuildRunRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.RebuildRunResponse:
+        handlers.check_input_size(request.input_patch.ByteSize())
+        try:
+            patch = convert.to_dict(request.input_patch)
+        except (ValueError, RecursionError):
+            raise InvalidRequest.field("input_patch", "input_patch must be JSON: no NaN or Infinity") from None
+        cmd = rebuild.RebuildRun(
+            base_run_id=request.base_run_id, change_request_type=request.change_request_type, input_patch=patch,
+            steps=tuple(request.steps), dry_run=request.dry_run, trace_context=current_trace_carrier(),
+        )
+        async with UnitOfWork(self.engine) as uow:
+            row, plan = await rebuild.rebuild_run(uow, cmd, current_caller())
+        out = run_service_pb2.RebuildRunResponse(
+            plan=[run_service_pb2.RebuildPlanStep(step_key=p.step_key, action=p.action, reason=p.reason) for p in plan]
+        )
+        if row is not None:
+            out.run.CopyFrom(convert.run(row))
+        return out
+
+    async def ExplainStep(
+        self, request: run_service_pb2.ExplainStepRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.ExplainStepResponse:
+        async with UnitOfWork(self.engine) as uow:
+            items = await rebuild.explain_steps(uow, request.run_id, request.step_key, current_caller())
+        out = run_service_pb2.ExplainStepResponse()
+        for item in items:
+            json_format.ParseDict({k: v for k, v in item.items() if v is not None}, out.steps.add())
+        return out
+
+    async def ListCacheEntries(
+        self, request: run_service_pb2.ListCacheEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.ListCacheEntriesResponse:
+        return await cache_service.list_cache_entries(self.engine, request, current_caller())
+
+    async def InvalidateCache(
+        self, request: run_service_pb2.InvalidateCacheRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.InvalidateCacheResponse:
+        return await cache_service.invalidate_cache(self.engine, self.layers, request, current_caller())
 
     def DownloadArtifact(
         self, request: run_service_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
@@ -210,11 +264,17 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     """runs.v1.WorkerService."""
 
     def __init__(
-        self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event, artifacts: ArtifactStore
+        self, engine: AsyncEngine, hub: Hub, config: ServiceConfig, stopping: asyncio.Event, artifacts: ArtifactStore,
+        layers: CacheLayers,
     ) -> None:
         self.engine, self.hub, self.config, self.stopping = engine, hub, config, stopping
-        self.artifacts = artifacts
+        self.artifacts, self.layers = artifacts, layers
         self.specs = registry.SpecCache()
+
+    async def LookupStepCache(
+        self, request: worker_service_pb2.LookupStepCacheRequest, context: grpc.aio.ServicerContext
+    ) -> worker_service_pb2.LookupStepCacheResponse:
+        return await cache_service.lookup_step_cache(self.engine, self.layers, request, current_caller())
 
     async def UploadArtifact(
         self, request_iterator: AsyncIterator[worker_service_pb2.UploadArtifactRequest],
@@ -352,6 +412,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 await handlers.check_session(uow, worker_id, request.session_token)
                 return worker_service_pb2.ReportRunEventsResponse()
             results = await handlers.report_events(uow, worker_id, request.session_token, reported)
+        await self.layers.after_report(results, current_caller().tenant_id)  # Redis after the commit
         outcome = {
             Outcome.RECORDED: worker_service_pb2.REPORT_OUTCOME_RECORDED,
             Outcome.DUPLICATE: worker_service_pb2.REPORT_OUTCOME_DUPLICATE,
@@ -492,8 +553,11 @@ class OpsService(ops_service_pb2_grpc.OpsServiceServicer):
         tenant = current_caller().tenant_id
         async with UnitOfWork(self.engine) as uow:
             stats = await handlers.stats(uow, tenant)
+            hits, misses = await cache_service.cache_stats(uow, tenant)
         e = stats.events
         return ops_service_pb2.GetStatsResponse(
+            cache_hits_by_layer=hits,
+            cache_misses_by_reason=misses,
             claimed=e.get("run.claimed", 0),
             completed=e.get("run.completed", 0),
             failed=e.get("run.failed", 0),
