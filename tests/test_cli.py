@@ -23,7 +23,8 @@ from grpc_status import rpc_status
 
 from features.harness import Api, Worker
 from services.cli import __main__ as cli
-from services.cli import common, keys
+from services.cli import cache as cache_cli
+from services.cli import common, keys, rebuild
 from services.cli import runs as runs_cli
 from services.cli import steps as steps_cli
 from services.cli import workflows as workflows_cli
@@ -1731,6 +1732,238 @@ def test_main_picks_the_workflow_stub_for_registry_commands(monkeypatch: pytest.
         ("artifacts", "RunServiceStub"),
         ("artifact", "RunServiceStub"),
     ]
+
+
+# --- issue 8: rebuild, explain, cache (fake stubs) ------------------------------------------------
+
+
+def plan_steps() -> list[run_service_pb2.RebuildPlanStep]:
+    rows = [("brief", "reuse", "unaffected"), ("copy", "rerun", "named by change request copy_update"),
+            ("images", "reuse", "unaffected"), ("landing_page", "rerun", "downstream of copy"),
+            ("bundle", "rerun", "downstream of copy")]
+    return [run_service_pb2.RebuildPlanStep(step_key=k, action=a, reason=r) for k, a, r in rows]
+
+
+class CacheStub(FakeStub):
+    """FakeStub plus RebuildRun, ExplainStep, ListCacheEntries and InvalidateCache."""
+
+    def __init__(self, explained: list[run_service_pb2.StepExplanation] | None = None,
+                 entries: dict[str, run_service_pb2.ListCacheEntriesResponse] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.explained, self.entries = explained or [], entries or {}
+
+    def RebuildRun(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("RebuildRun", request, timeout)
+        response = run_service_pb2.RebuildRunResponse(plan=plan_steps())
+        if not request.dry_run:
+            response.run.CopyFrom(make_run(status=self.started, run_id="01NEW", trigger="rebuild",
+                                           base_run_id=request.base_run_id,
+                                           change_request=request.change_request_type))
+        return response
+
+    def ExplainStep(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("ExplainStep", request, timeout)
+        return run_service_pb2.ExplainStepResponse(steps=self.explained)
+
+    def ListCacheEntries(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("ListCacheEntries", request, timeout)
+        return self.entries[request.page_token]
+
+    def InvalidateCache(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("InvalidateCache", request, timeout)
+        return run_service_pb2.InvalidateCacheResponse(removed=3 if not request.cache_key else 1)
+
+
+def test_rebuild_arguments_map_to_the_request() -> None:
+    args = parse("rebuild", "01BASE", "--change", "copy_update", "--input-patch", '{"audience": "x", "color": null}',
+                 "--steps", "copy, images", "--dry-run")
+    request = rebuild.rebuild_request(args)
+    assert (request.base_run_id, request.change_request_type, list(request.steps), request.dry_run) == (
+        "01BASE", "copy_update", ["copy", "images"], True)
+    assert json_format.MessageToDict(request.input_patch) == {"audience": "x", "color": None}
+    bare = rebuild.rebuild_request(parse("rebuild", "01BASE", "--steps", "bundle"))
+    assert bare.change_request_type == "" and not bare.HasField("input_patch") and not bare.dry_run
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["rebuild", "R"], "give --change TYPE or --steps a,b"),
+        (["rebuild", "R", "--change", "c", "--dry-run", "--wait"], "--wait does not apply to --dry-run"),
+        (["rebuild", "R", "--change", "c", "--timeout", "5"], "--timeout applies only with --wait"),
+        (["rebuild", "R", "--steps", "a,,b"], "must be step keys separated by commas"),
+        (["rebuild", "R", "--change", "c", "--input-patch", "[1]"], "must be a JSON object"),
+        (["cache", "rm"], "--workflow"),
+        (["cache"], "CACHE_COMMAND"),
+        (["explain"], "RUN"),
+    ],
+)
+def test_rebuild_explain_and_cache_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                 fragment: str) -> None:
+    assert fragment in usage_error(capsys, *argv)
+
+
+def test_rebuild_prints_the_plan_and_the_new_run(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = CacheStub()
+    assert run_cli(stub, "rebuild", "01BASE", "--change", "copy_update") == 0
+    text = capsys.readouterr().out
+    table, last = text.split("\n\n")
+    rows = table_rows(table)
+    assert [(r["STEP"], r["ACTION"], r["REASON"]) for r in rows][:2] == [
+        ("brief", "reuse", "unaffected"), ("copy", "rerun", "named by change request copy_update")]
+    assert last == "run 01NEW QUEUED (follow it with: runs watch 01NEW)\n"
+    assert stub.names() == ["RebuildRun"] and stub.calls[0][2] == common.UNARY_DEADLINE_SECONDS
+
+
+def test_rebuild_dry_run_says_nothing_was_created(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(CacheStub(), "rebuild", "01BASE", "--change", "copy_update", "--dry-run") == 0
+    assert capsys.readouterr().out.endswith("\n\ndry run: nothing was created\n")
+    assert run_cli(CacheStub(), "rebuild", "01BASE", "--change", "copy_update", "--dry-run", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["run"] is None and doc["plan"][3] == {
+        "step_key": "landing_page", "action": "rerun", "reason": "downstream of copy"}
+
+
+def test_rebuild_wait_follows_the_new_run_like_start_wait(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = CacheStub(final=make_run(run_id="01NEW", trigger="rebuild", base_run_id="01BASE",
+                                    change_request="copy_update"))
+    assert run_cli(stub, "rebuild", "01BASE", "--change", "copy_update", "--wait", "--timeout", "7") == 0
+    assert stub.names() == ["RebuildRun", "WatchRun", "GetRun"] and stub.calls[1][2] == 7
+    run_part = capsys.readouterr().out.split("\n\n")[1]
+    fields = {line.split()[0]: line.split(None, 1)[1] for line in run_part.splitlines()}
+    assert (fields["status"], fields["trigger"], fields["change_request"]) == (
+        "SUCCEEDED", "rebuild of run 01BASE", "copy_update")
+
+    failed = CacheStub(final=make_run(status=run_pb2.RUN_STATUS_FAILED, run_id="01NEW"))
+    assert run_cli(failed, "rebuild", "01BASE", "--steps", "copy", "--wait", "--json") == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["run"]["status"] == "RUN_STATUS_FAILED" and len(doc["plan"]) == 5
+
+
+def test_rebuild_refusals_keep_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    refused = FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION, "run 01BASE is FAILED; only a SUCCEEDED run can be "
+                           "rebuilt")
+    assert run_cli(CacheStub(error=refused), "rebuild", "01BASE", "--change", "copy_update") == 4
+    assert "is FAILED" in capsys.readouterr().err
+    unknown = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "change_request_type: unknown",
+                           [("change_request_type", "unknown change request type 'x'; workflow w declares: a, b")])
+    assert run_cli(CacheStub(error=unknown), "rebuild", "01BASE", "--change", "x") == 2
+    assert "  change_request_type: unknown change request type 'x'; workflow w declares: a, b" in (
+        capsys.readouterr().err)
+
+
+def explanation(**fields: Any) -> run_service_pb2.StepExplanation:
+    return json_format.ParseDict(fields, run_service_pb2.StepExplanation())
+
+
+def test_explain_reads_decision_key_reason_and_differences(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = CacheStub(explained=[
+        explanation(step_key="brief", decision="executed", summary="executed: cache miss (no_entry): ...",
+                    cache_key="ab" * 32, cache_display="campaign.build:brief:0123456789ab", cache_reason="no_entry",
+                    components={"input": {"product": "B", "n": 2.0}, "tool_version": "1"},
+                    nearest_cache_key="cd" * 32, nearest_source_run_id="01OLD",
+                    differences=[{"path": "input.product", "before": "A", "after": "B"},
+                                 {"path": "input.n", "before": None, "after": 2}]),
+        explanation(step_key="copy", decision="cache_hit", summary="skipped: cache hit in the hot layer",
+                    cache_reason="hot", source_run_id="01OLD"),
+    ])
+    assert run_cli(stub, "explain", "01RUN") == 0
+    first, second = capsys.readouterr().out.split("\n\n")
+    assert first.splitlines() == [
+        "brief: executed",
+        "  summary      executed: cache miss (no_entry): ...",
+        f"  key          campaign.build:brief:0123456789ab  (sha256 {'ab' * 32})",
+        "  cache        no_entry",
+        '  components   {"input":{"n":2,"product":"B"},"tool_version":"1"}',
+        f"  nearest      {'cd' * 32} (run 01OLD)",
+        '  differences  input.product: "A" -> "B"',
+        "               input.n: null -> 2",
+    ]
+    assert second.splitlines()[0] == "copy: cache_hit" and "  source_run  01OLD" in second
+    assert stub.calls[0][1] == run_service_pb2.ExplainStepRequest(run_id="01RUN")
+
+    assert run_cli(stub, "explain", "01RUN", "brief", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["steps"][0]["differences"][0] == {"path": "input.product", "before": "A", "after": "B"}
+    assert stub.calls[-1][1].step_key == "brief"
+    assert run_cli(CacheStub(), "explain", "01RUN") == 0 and capsys.readouterr().out == "no steps\n"
+
+
+def test_explain_same_components_and_long_components(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = CacheStub(explained=[explanation(step_key="s", decision="executed", summary="x",
+                                            components={"input": {"text": "y" * 1000}},
+                                            nearest_cache_key="k", nearest_source_run_id="R")])
+    assert run_cli(stub, "explain", "01RUN") == 0
+    text = capsys.readouterr().out
+    assert "differences  none: the same components" in text and "characters; all of them with --json" in text
+
+
+def cache_entry(n: int, **extra: Any) -> run_pb2.CacheEntry:
+    return run_pb2.CacheEntry(cache_key=f"{n:02d}" * 32, display=f"campaign.build:brief:{n:012d}", scope="global",
+                              workflow="campaign.build", step_key="brief", source_run_id=f"01RUN{n}", hit_count=n,
+                              created_at=ts("2025-01-31T12:00:00"), **extra)
+
+
+def test_cache_ls_table_pages_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    pages = {
+        "": run_service_pb2.ListCacheEntriesResponse(entries=[cache_entry(1, expires_at=ts("2025-02-01T00:00:00"))],
+                                                     next_page_token="t2"),
+        "t2": run_service_pb2.ListCacheEntriesResponse(entries=[cache_entry(2, last_hit_at=ts("2025-01-31T13:00:00"))]),
+    }
+    stub = CacheStub(entries=pages)
+    assert run_cli(stub, "cache", "ls", "--workflow", "campaign.build", "--step", "brief") == 0
+    text = capsys.readouterr().out
+    rows = table_rows(text.splitlines()[0] + "\n" + text.splitlines()[1])
+    assert rows == [{"DISPLAY": "campaign.build:brief:000000000001", "KEY": "01" * 6, "SCOPE": "global", "HITS": "1",
+                     "CREATED_AT": "2025-01-31T12:00:00.000Z", "EXPIRES_AT": "2025-02-01T00:00:00.000Z",
+                     "LAST_HIT_AT": "-", "SOURCE_RUN": "01RUN1"}]
+    assert text.splitlines()[-1].startswith("next_page_token: t2")
+    request = stub.calls[0][1]
+    assert (request.workflow, request.step_key, request.page_token) == ("campaign.build", "brief", "")
+
+    assert run_cli(CacheStub(entries=pages), "cache", "ls", "--all", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [e["source_run_id"] for e in doc["entries"]] == ["01RUN1", "01RUN2"] and doc["next_page_token"] == ""
+    empty = CacheStub(entries={"": run_service_pb2.ListCacheEntriesResponse()})
+    assert run_cli(empty, "cache", "ls") == 0 and capsys.readouterr().out == "no cache entries\n"
+    never = table_rows(cache_cli.format_entries([cache_entry(3)]))
+    assert never[0]["EXPIRES_AT"] == "never"
+
+
+def test_cache_rm_sends_the_filters_and_says_how_many(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = CacheStub()
+    assert run_cli(stub, "cache", "rm", "--workflow", "campaign.build", "--step", "copy") == 0
+    assert capsys.readouterr().out == "removed 3 cache entries\n"
+    assert stub.calls[0][1] == run_service_pb2.InvalidateCacheRequest(workflow="campaign.build", step_key="copy")
+    assert run_cli(stub, "cache", "rm", "--workflow", "w", "--key", "k", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"removed": 1}
+    assert run_cli(stub, "cache", "rm", "--workflow", "w", "--key", "k") == 0
+    assert capsys.readouterr().out == "removed 1 cache entry\n"
+    denied = CacheStub(error=FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
+    assert run_cli(denied, "cache", "rm", "--workflow", "w") == 6
+
+
+def test_steps_table_says_what_the_cache_did() -> None:
+    def step(key: str, **extra: Any) -> run_pb2.Step:
+        return run_pb2.Step(step_key=key, status=run_pb2.STEP_STATUS_SKIPPED, **extra)
+
+    rows = table_rows(steps_cli.format_steps_table([
+        step("a", reason="cache_hit", cache_result="hit", cache_reason="cold", source_run_id="01OLD"),
+        step("b", reason="reused_from_base", source_run_id="01BASE"),
+        step("c", cache_result="miss", cache_reason="artifact_missing"),
+        step("d"),
+    ], datetime.now(UTC)))
+    assert [r["CACHE"] for r in rows] == ["hit (cold) from 01OLD", "reused from 01BASE", "miss (artifact_missing)", "-"]
+
+
+def test_main_picks_the_run_stub_for_rebuild_explain_and_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    stubs: list[str] = []
+    monkeypatch.setattr(cli, "open_channel", FakeChannel)
+    monkeypatch.setattr(cli, "dispatch", lambda stub, args: stubs.append(type(stub).__name__) or 0)
+    for argv in (["rebuild", "R", "--change", "c"], ["explain", "R"], ["cache", "ls"],
+                 ["cache", "rm", "--workflow", "w"]):
+        assert cli.main(argv) == 0
+    assert stubs == ["RunServiceStub"] * 4
 
 
 # --- issue 7: against a real API ---------------------------------------------------------------

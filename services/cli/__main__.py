@@ -10,6 +10,10 @@ Commands:
   runs steps RUN [--status S]
   runs artifacts RUN
   runs artifact RUN STEP NAME -o FILE
+  runs rebuild RUN --change TYPE [--input-patch JSON] [--steps a,b] [--dry-run] [--wait [--timeout SECONDS]]
+  runs explain RUN [STEP]          (why each step ran, hit the cache or was reused)
+  runs cache ls [--workflow W] [--step S] [--page-size N] [--page-token T] [--all]
+  runs cache rm --workflow W [--step S] [--key K]
   runs workflows [--page-size N] [--page-token T] [--all]
   runs workflow NAME [--version N]
   runs register FILE               (YAML or JSON; '-' reads stdin)
@@ -53,7 +57,7 @@ from typing import Any
 
 import grpc
 
-from services.cli import keys, steps, workflows
+from services.cli import cache, keys, rebuild, steps, workflows
 from services.cli.common import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -79,6 +83,7 @@ from services.cli.common import (
     out,
     positive_float,
     positive_int,
+    print_page,
     to_dict,
 )
 from services.cli.runs import (
@@ -116,7 +121,10 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="runs",
-        description="Start, inspect, watch and cancel runs of the Run API; register workflows; manage API keys.",
+        description=(
+            "Start, inspect, watch, cancel and rebuild runs of the Run API; explain their steps; manage the step "
+            "cache; register workflows; manage API keys."
+        ),
         epilog=EXIT_CODES,
         formatter_class=formatter,
         parents=[global_flags(environ, suppress=False)],
@@ -215,7 +223,11 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     cancel.add_argument("--reason", default="", metavar="TEXT", help="why (recorded in the run's log)")
 
     steps.add_parsers(add)
+    rebuild.add_parsers(add)
     workflows.add_parsers(add)
+
+    group = add("cache", "List or remove step cache entries of your tenant.")
+    commands.update({f"cache {name}": p for name, p in cache.add_parsers(group, common, EXIT_CODES).items()})
 
     group = add("keys", "Create, list and revoke API keys (needs an admin key).")
     commands.update({f"keys {name}": p for name, p in keys.add_parsers(group, common, EXIT_CODES).items()})
@@ -233,6 +245,10 @@ def parse_args(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
         problem = start_usage_problem(args)
         if problem:
             commands["start"].error(problem)
+    if args.command == "rebuild":
+        problem = rebuild.usage_problem(args)
+        if problem:
+            commands["rebuild"].error(problem)
     return args
 
 
@@ -424,12 +440,7 @@ def cmd_list(stub: Any, args: argparse.Namespace) -> int:
         return response.runs, response.next_page_token
 
     runs, token = collect_pages(fetch, args.page_token, args.all)
-    if args.json:
-        out(dumps(list_json(runs, token)))
-    else:
-        out(format_runs_table(runs))
-        if token:
-            out(f"next_page_token: {token}  (runs list --page-token {token}, or --all)")
+    print_page(args, list_json(runs, token), format_runs_table(runs), "runs list")
     return EXIT_OK
 
 
@@ -468,7 +479,9 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "watch": cmd_watch,
     "cancel": cmd_cancel,
     **steps.COMMANDS,
+    **rebuild.COMMANDS,
     **workflows.COMMANDS,
+    "cache": cache.cmd_cache,
     "keys": keys.cmd_keys,
 }
 

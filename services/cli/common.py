@@ -274,6 +274,34 @@ def format_fields(pairs: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{key.ljust(width)}  {pad.join((value or '-').splitlines() or ['-'])}" for key, value in pairs)
 
 
+def print_page(args: argparse.Namespace, document: Mapping[str, Any], table: str, again: str) -> None:
+    """A listing: with --json its document; else its table and, when a next page exists, the command for it."""
+    if args.json:
+        out(dumps(document))
+        return
+    out(table)
+    token = document.get("next_page_token")
+    if token:
+        out(f"next_page_token: {token}  ({again} --page-token {token}, or --all)")
+
+
+def subcommands(
+    group: argparse.ArgumentParser, common: argparse.ArgumentParser, epilog: str, dest: str
+) -> tuple[dict[str, argparse.ArgumentParser], Callable[[str, str], argparse.ArgumentParser]]:
+    """The subcommands of a command group (`keys`, `cache`): their parsers by name, and `add(name, help)`."""
+    sub = group.add_subparsers(dest=dest, required=True, metavar=dest.upper())
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        parsers[name] = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
+        )
+        return parsers[name]
+
+    return parsers, add
+
+
 def collect_pages(fetch: Callable[[str], tuple[Sequence[T], str]], token: str, every: bool) -> tuple[list[T], str]:
     """Items of the page at `token`, or of it and every later page with `every`; and the next token."""
     items: list[T] = []

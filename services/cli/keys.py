@@ -23,6 +23,8 @@ from services.cli.common import (
     iso_time,
     out,
     positive_int,
+    print_page,
+    subcommands,
     to_dict,
 )
 from shared.gen.runs.v1 import key_service_pb2
@@ -38,15 +40,7 @@ def add_parsers(
     keys: argparse.ArgumentParser, common: argparse.ArgumentParser, epilog: str
 ) -> dict[str, argparse.ArgumentParser]:
     """Add `create`, `list` and `revoke` under the `keys` parser; returns them by name."""
-    sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
-    parsers: dict[str, argparse.ArgumentParser] = {}
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        parsers[name] = sub.add_parser(
-            name, help=help_text, description=help_text, epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
-        )
-        return parsers[name]
+    parsers, add = subcommands(keys, common, epilog, "keys_command")
 
     create = add("create", "Create an API key and print its secret (shown this once only).")
     create.add_argument("--role", type=str.lower, choices=ROLE_CHOICES, required=True,
@@ -193,12 +187,7 @@ def cmd_list(stub: Any, args: argparse.Namespace) -> int:
         return response.keys, response.next_page_token
 
     keys, token = collect_pages(fetch, args.page_token, args.all)
-    if args.json:
-        out(dumps(list_json(keys, token)))
-    else:
-        out(format_keys_table(keys, _now()))
-        if token:
-            out(f"next_page_token: {token}  (runs keys list --page-token {token}, or --all)")
+    print_page(args, list_json(keys, token), format_keys_table(keys, _now()), "runs keys list")
     return EXIT_OK
 
 

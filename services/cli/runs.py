@@ -45,6 +45,9 @@ def format_run(run: run_pb2.Run) -> str:
     ]
     if run.workflow_version:
         pairs.append(("workflow_version", str(run.workflow_version)))
+    if run.trigger == "rebuild":
+        pairs.append(("trigger", f"rebuild of run {run.base_run_id}"))
+        pairs.append(("change_request", run.change_request or "(explicit steps)"))
     pairs += [
         ("attempt", f"{run.attempt}/{run.max_attempts}"),
         ("created_at", iso_time(run, "created_at")),

@@ -101,6 +101,17 @@ def step_problem(step: run_pb2.Step) -> str:
     return ""
 
 
+def step_cache(step: run_pb2.Step) -> str:
+    """What the step cache did: 'hit (cold) from RUN', 'miss (no_entry)', 'reused from RUN'; '' when not looked up."""
+    if step.reason == "reused_from_base":
+        return f"reused from {step.source_run_id or 'the base run'}"
+    if step.cache_result == "hit":
+        return f"hit ({step.cache_reason or '?'})" + (f" from {step.source_run_id}" if step.source_run_id else "")
+    if step.cache_result == "miss":
+        return f"miss ({step.cache_reason or '?'})"
+    return ""
+
+
 def dag_order(steps: Sequence[run_pb2.Step]) -> list[run_pb2.Step]:
     """The steps in a topological order of their depends_on (ties: the order given); as given if it has a cycle."""
     spec = WorkflowSpec(
@@ -119,11 +130,12 @@ def dag_order(steps: Sequence[run_pb2.Step]) -> list[run_pb2.Step]:
 
 
 def format_steps_table(steps: Sequence[run_pb2.Step], now: datetime) -> str:
-    """Steps in the DAG's order: key, status, tries, duration, what each depends on, its tool and problem."""
+    """Steps in the DAG's order: key, status, tries, duration, what each depends on, its tool, what the cache
+    did and its problem."""
     if not steps:
         return "no steps"
     return format_table(
-        ("STEP", "STATUS", "TRIES", "DURATION", "DEPENDS_ON", "TOOL", "STARTED_AT", "ERROR"),
+        ("STEP", "STATUS", "TRIES", "DURATION", "DEPENDS_ON", "TOOL", "STARTED_AT", "CACHE", "ERROR"),
         (
             (
                 cell(s.step_key),
@@ -133,6 +145,7 @@ def format_steps_table(steps: Sequence[run_pb2.Step], now: datetime) -> str:
                 cell(",".join(s.depends_on)),
                 cell(s.tool),
                 iso_time(s, "started_at"),
+                cell(step_cache(s)),
                 cell(step_problem(s), MAX_ERROR_CELL),
             )
             for s in dag_order(steps)

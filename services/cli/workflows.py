@@ -31,6 +31,7 @@ from services.cli.common import (
     out,
     plain_numbers,
     positive_int,
+    print_page,
     to_dict,
 )
 from shared.gen.runs.v1 import workflow_service_pb2
@@ -204,12 +205,8 @@ def cmd_list(stub: Any, args: argparse.Namespace) -> int:
         return response.workflows, response.next_page_token
 
     found, token = collect_pages(fetch, args.page_token, args.all)
-    if args.json:
-        out(dumps({"workflows": [to_dict(w) for w in found], "next_page_token": token}))
-    else:
-        out(format_workflows_table(found))
-        if token:
-            out(f"next_page_token: {token}  (runs workflows --page-token {token}, or --all)")
+    document = {"workflows": [to_dict(w) for w in found], "next_page_token": token}
+    print_page(args, document, format_workflows_table(found), "runs workflows")
     return EXIT_OK
 
 
