@@ -1140,6 +1140,62 @@ def workflow_call(draw: st.DrawFn) -> tuple[str, Req, tuple[Any, ...]]:
     return name, request, how
 
 
+# --- strategies: issue 8 (the step cache and rebuilds) -------------------------------------------
+
+step_key_field = text_field("runtime", "brief", "copy", "")
+workflow_name_field = text_field("runtime.noop", "campaign.build", "no.such.flow", "")
+
+
+@st.composite
+def rebuild_run(draw: st.DrawFn) -> run_service_pb2.RebuildRunRequest:
+    f = draw(fields({"base_run_id": run_id_field,
+                     "change_request_type": text_field("copy_update", "brief_update", "nope", "")}))
+    request = run_service_pb2.RebuildRunRequest(**f, dry_run=draw(st.booleans()))
+    request.steps.extend(draw(st.lists(st.sampled_from(["runtime", "copy", "x"]) | hostile_texts, max_size=4)))
+    if draw(st.booleans()):
+        fill_struct(request.input_patch, draw(json_objects))
+    return request
+
+
+explain_step = fields({"run_id": run_id_field, "step_key": step_key_field}).map(
+    lambda f: run_service_pb2.ExplainStepRequest(**f)
+)
+list_cache_entries = fields(
+    {"workflow": workflow_name_field, "step_key": step_key_field, "page_size": int_field(0, 50),
+     "page_token": text_field("", "not-a-token")}
+).map(lambda f: run_service_pb2.ListCacheEntriesRequest(**f))
+invalidate_cache = fields(
+    {"workflow": workflow_name_field, "step_key": step_key_field,
+     "cache_key": (st.sampled_from(["", "0" * 64]), st.from_regex(r"\A[0-9a-f]{64}\Z") | hostile_texts)}
+).map(lambda f: run_service_pb2.InvalidateCacheRequest(**f))
+
+
+@st.composite
+def lookup_step_cache(draw: st.DrawFn) -> worker_service_pb2.LookupStepCacheRequest:
+    f = draw(fields({"worker_id": worker_id_field, "session_token": session_field, "run_id": held_run_id_field,
+                     "attempt": int_field(1, 2), "step_key": step_key_field,
+                     "scope": text_field("global", "run_only", "none", "")}))
+    request = worker_service_pb2.LookupStepCacheRequest(**f)
+    components = draw(st.one_of(
+        st.fixed_dictionaries({"workflow": st.sampled_from(["runtime.noop", "campaign.build"]),
+                               "step": st.sampled_from(["runtime", "brief"]), "tool": st.just("noop"),
+                               "tool_version": st.just("1"), "input": json_objects,
+                               "input_artifacts": st.lists(st.from_regex(r"\A[0-9a-f]{64}\Z"), max_size=2)}),
+        json_objects,
+    ))
+    fill_struct(request.components, components)
+    return request
+
+
+cache_calls = st.one_of(
+    st.tuples(st.just("RebuildRun"), rebuild_run().map(Req)),
+    st.tuples(st.just("ExplainStep"), explain_step.map(Req)),
+    st.tuples(st.just("ListCacheEntries"), list_cache_entries.map(Req)),
+    st.tuples(st.just("InvalidateCache"), invalidate_cache.map(Req)),
+    st.tuples(st.just("LookupStepCache"), lookup_step_cache().map(Req)),
+)
+
+
 MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "StartRun": start_run(),
     "CancelRun": cancel_run,
@@ -1161,6 +1217,11 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "RegisterWorkflow": register_workflow,
     "ListWorkflows": list_workflows,
     "GetWorkflow": get_workflow,
+    "RebuildRun": rebuild_run(),
+    "ExplainStep": explain_step,
+    "ListCacheEntries": list_cache_entries,
+    "InvalidateCache": invalidate_cache,
+    "LookupStepCache": lookup_step_cache(),
 }
 
 
@@ -1340,6 +1401,12 @@ def test_key_service(stack: Stack, key_call: tuple[str, Req]) -> None:
 def test_steps_and_artifacts(stack: Stack, artifact_call: tuple[str, Req]) -> None:
     name = artifact_call[0]
     call(stack, name, artifact_call[1].message, timeout=3.0 if RPCS[name].stream else 10.0)
+
+
+@FUZZ
+@given(cache_call=cache_calls)
+def test_cache_and_rebuild(stack: Stack, cache_call: tuple[str, Req]) -> None:
+    call(stack, cache_call[0], cache_call[1].message)
 
 
 # Internals a refused spec must not show: the libraries it passes through and PostgreSQL's text.
