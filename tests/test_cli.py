@@ -4,6 +4,7 @@ in-process fake KeyService (TLS against a real API is in test_tls.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -1987,6 +1988,20 @@ def live_api(
         process.log_path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def live_worker(api: Api, request: pytest.FixtureRequest) -> Iterator[None]:
+    """A worker with the stock tools while the body runs; its log is printed after the test's own output."""
+    worker = Worker(api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,sleep,fail,shell")
+    worker.start()
+    try:
+        yield
+    finally:
+        worker.stop()
+        log = worker.output()[-6000:]
+        worker.log_path.unlink(missing_ok=True)
+        request.addfinalizer(lambda: print(f"--- worker ---\n{log}"))
+
+
 def runs(capsys: pytest.CaptureFixture[str], api: Api, *argv: str) -> tuple[int, str, str]:
     """`runs --addr API ARGV...` in this process: (exit code, stdout, stderr)."""
     code = cli.main(["--addr", api.addr, *argv])
@@ -2054,19 +2069,12 @@ def test_live_campaign_run_dag_steps_and_verified_artifacts(
     live_api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The sample end to end through the CLI: start --wait, get (the DAG), steps, artifacts, artifact -o."""
-    worker = Worker(live_api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,sleep,fail,shell")
-    worker.start()
-    try:
+    with live_worker(live_api, request):
         code, out, err = runs(
             capsys, live_api, "start", "--workflow", "campaign.build", "--json", "--wait", "--timeout", "90",
             "--input", '{"product": "Acme Rockets", "audience": "coyotes", "color": "#d9480f"}',
         )
         assert code == 0, err
-    finally:
-        worker.stop()
-        log = worker.output()[-6000:]
-        worker.log_path.unlink(missing_ok=True)
-    request.addfinalizer(lambda: print(f"--- worker ---\n{log}"))  # after the test's own captured output
     run = json.loads(out)
     run_id = run["run_id"]
     assert run["status"] == "RUN_STATUS_SUCCEEDED" and run["workflow_version"] >= 1
@@ -2111,3 +2119,64 @@ def test_live_campaign_run_dag_steps_and_verified_artifacts(
         assert bundle.read("hero.svg").decode() in (tmp_path / "index.html").read_text()
     code, _, err = runs(capsys, live_api, "artifact", run_id, "bundle", "nope.zip", "-o", str(tmp_path / "nope.zip"))
     assert code == 3 and err.startswith("error: NOT_FOUND: ") and not (tmp_path / "nope.zip").exists()
+
+
+def test_live_rebuild_explain_and_cache(
+    live_api: Api, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    """Issue 8 through the CLI: a campaign run, a copy_update rebuild that reuses brief and images, explain,
+    refusals (unknown type, a FAILED base), a dry run that creates nothing, cache ls and rm."""
+    with live_worker(live_api, request):
+        code, out, err = runs(
+            capsys, live_api, "start", "--workflow", "campaign.build", "--json", "--wait", "--timeout", "90",
+            "--input", '{"product": "Acme Rockets", "audience": "coyotes"}',
+        )
+        assert code == 0, err
+        base = json.loads(out)["run_id"]
+        code, out, err = runs(capsys, live_api, "rebuild", base, "--change", "copy_update", "--json", "--wait",
+                              "--timeout", "90", "--input-patch", '{"color": "#d9480f"}')
+        assert code == 0, err
+        code, failed_out, _ = runs(capsys, live_api, "start", "--tool", "fail", "--max-attempts", "1", "--wait",
+                                   "--json", "--timeout", "60")
+        assert code == 1
+    doc = json.loads(out)
+    assert [(p["step_key"], p["action"]) for p in doc["plan"]] == [
+        ("brief", "reuse"), ("copy", "rerun"), ("images", "reuse"), ("landing_page", "rerun"), ("bundle", "rerun")]
+    new = doc["run"]
+    assert new["status"] == "RUN_STATUS_SUCCEEDED" and new["trigger"] == "rebuild" and new["base_run_id"] == base
+    assert new["change_request"] == "copy_update" and new["input"]["color"] == "#d9480f"
+
+    code, out, _ = runs(capsys, live_api, "steps", new["run_id"])
+    cache_cells = {r["STEP"]: r["CACHE"] for r in table_rows(out)}
+    assert cache_cells["brief"] == cache_cells["images"] == f"reused from {base}"
+    assert cache_cells["copy"] == "miss (refresh)"
+
+    code, out, _ = runs(capsys, live_api, "explain", new["run_id"], "--json")
+    explained = {s["step_key"]: s for s in json.loads(out)["steps"]}
+    assert code == 0 and explained["brief"]["decision"] == "reused_from_base"
+    assert explained["brief"]["source_run_id"] == base
+    assert explained["copy"]["decision"] == "executed" and explained["copy"]["cache_reason"] == "refresh"
+    code, out, _ = runs(capsys, live_api, "explain", base, "brief")
+    assert code == 0 and out.startswith("brief: executed\n") and "campaign.build:brief:" in out
+
+    code, _, err = runs(capsys, live_api, "rebuild", base, "--change", "nope")
+    assert code == 2 and "brief_update, copy_update, image_update" in err
+    code, _, err = runs(capsys, live_api, "rebuild", json.loads(failed_out)["run_id"], "--steps", "runtime")
+    assert code == 4 and "is FAILED" in err
+    before = json.loads(runs(capsys, live_api, "list", "--json")[1])["runs"]
+    code, out, _ = runs(capsys, live_api, "rebuild", base, "--change", "image_update", "--dry-run")
+    assert code == 0 and out.endswith("dry run: nothing was created\n")
+    assert json.loads(runs(capsys, live_api, "list", "--json")[1])["runs"] == before
+
+    code, out, _ = runs(capsys, live_api, "cache", "ls", "--workflow", "campaign.build", "--json")
+    entries = json.loads(out)["entries"]
+    assert code == 0 and {e["step_key"] for e in entries} == set(KEYS_OF_CAMPAIGN)
+    code, out, _ = runs(capsys, live_api, "cache", "rm", "--workflow", "campaign.build", "--step", "copy")
+    removed = sum(1 for e in entries if e["step_key"] == "copy")
+    assert code == 0 and out == f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}\n"
+    code, out, _ = runs(capsys, live_api, "cache", "ls", "--workflow", "campaign.build", "--step", "copy")
+    assert (code, out) == (0, "no cache entries\n")
+    assert runs(capsys, live_api, "cache", "rm")[0] == 2  # --workflow is required
+
+
+KEYS_OF_CAMPAIGN = ("brief", "copy", "images", "landing_page", "bundle")
