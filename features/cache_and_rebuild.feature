@@ -76,3 +76,10 @@ Feature: Step cache and partial rebuilds
     When I run the campaign with {"product": "Typo", "audience": "spellers"}
     And I rebuild that run with change request nope_update
     Then the rebuild is refused with INVALID_ARGUMENT listing brief_update, copy_update, image_update
+
+  Scenario: Explain says why a step ran and what changed since the nearest entry
+    When I run the campaign with {"product": "One", "audience": "readers"}
+    And I run the campaign with {"product": "Two", "audience": "readers"}
+    Then explain says step brief of the last run executed after a no_entry miss because input.product changed from "One" to "Two"
+    When I run the campaign with {"product": "Two", "audience": "readers"}
+    Then explain says step brief of the last run is a cache_hit from the second run

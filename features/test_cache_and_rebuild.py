@@ -335,3 +335,27 @@ def refused_listing(ctx: Context, code: str, types: str) -> None:
     assert ctx.error is not None and ctx.error.code().name == code, ctx.error
     for name in types.split(", "):
         assert name in ctx.error.details(), ctx.error.details()
+
+
+def _explain(stack: Stack, run_id: str, key: str) -> Any:
+    request = run_service_pb2.ExplainStepRequest(run_id=run_id, step_key=key)
+    (explanation,) = stack.client.stub.ExplainStep(request, timeout=10).steps
+    return explanation
+
+
+@then(parsers.parse('explain says step {key} of the last run executed after a {reason} miss because {path} '
+                    'changed from "{before}" to "{after}"'))
+def explained_miss(stack: Stack, ctx: Context, key: str, reason: str, path: str, before: str, after: str) -> None:
+    got = _explain(stack, runs(ctx)[-1], key)
+    assert (got.decision, got.cache_reason) == ("executed", reason), got
+    assert got.nearest_source_run_id == runs(ctx)[0] and got.summary, got
+    diffs = {d.path: (d.before.string_value, d.after.string_value) for d in got.differences}
+    assert diffs.get(path) == (before, after), got
+    assert got.components["input"]["product"] == after and len(got.cache_key) == 64
+
+
+@then(parsers.parse("explain says step {key} of the last run is a cache_hit from the second run"))
+def explained_hit(stack: Stack, ctx: Context, key: str) -> None:
+    got = _explain(stack, runs(ctx)[-1], key)
+    assert (got.decision, got.source_run_id) == ("cache_hit", runs(ctx)[1]), got
+    assert got.cache_reason in ("hot", "cold") and got.cache_display.startswith("campaign.build:brief:"), got

@@ -38,7 +38,7 @@ from shared.settings import ApiSettings
 pytestmark = pytest.mark.timeout(60)
 
 POLICY = handlers.RetryPolicy(max_attempts=1, backoff_seconds=0, backoff_max_seconds=0)
-CACHE_LOG = "services.run_api.cache"
+CACHE_LOG = "cache"
 NO_REDIS = "redis-server is not installed: the Redis-specific scenarios need one they can stop"
 
 

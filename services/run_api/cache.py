@@ -31,7 +31,8 @@ from shared.events import EventType
 from shared.settings import ApiSettings, SettingsError
 from shared.workflow import cache_display, cache_key
 
-log = logging.getLogger(__name__)
+# Hits and misses are logged as module "cache" (the name people filter on, README "The step cache").
+log = logging.getLogger("cache")
 
 T = TypeVar("T")
 
