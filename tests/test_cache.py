@@ -28,8 +28,9 @@ from ulid import ULID
 from services.run_api import cache_service, db, handlers
 from services.run_api.artifacts import ArtifactStore
 from services.run_api.auth import Caller
-from services.run_api.cache import CacheLayers, Keys, keys_for, redis_key
+from services.run_api.cache import CacheLayers, Keys, entry_of_row, keys_for, redis_key
 from services.run_api.errors import InvalidRequest, PermissionDenied
+from services.run_api.store import queries as Q
 from services.run_api.store.events import Outcome
 from services.run_api.store.uow import UnitOfWork
 from shared.gen.runs.v1 import run_service_pb2, worker_service_pb2
@@ -518,3 +519,32 @@ def test_a_malformed_redis_url_names_its_variable(store: ArtifactStore) -> None:
     assert ApiSettings.from_env({"REDIS_URL": " redis://127.0.0.1:1/0 "}).redis_url == "redis://127.0.0.1:1/0"
     assert ApiSettings.from_env({}).redis_url is None
 
+
+
+async def test_a_copy_promoted_while_another_replica_invalidates_is_dropped(
+    engine: AsyncEngine, layers: CacheLayers, store: ArtifactStore, redis_server: RedisServer
+) -> None:
+    """Two API replicas share Redis and PostgreSQL. Replica A read a row and is about to promote it when
+    replica B invalidates it (B deletes the row, then the hot copy A has not written yet). A's write lands
+    after B's delete: A reads the row again after writing and drops its copy, so no stale hit survives."""
+    other = CacheLayers.from_settings(ApiSettings(redis_url=redis_server.url), store)  # replica B
+    try:
+        held = await hold(engine)
+        comps = components(held, "a", {"x": 1})
+        keys = await write(engine, layers, held, "a", comps)
+        client = redis_server.client()
+        client.flushall()
+        async with UnitOfWork(engine) as uow:  # what replica A read before B's invalidation
+            row = (await uow.conn.execute(Q.step_cache_get, {"tenant_id": "default", "cache_key": keys.key})).one()
+        removed = await cache_service.invalidate_cache(
+            engine, other, run_service_pb2.InvalidateCacheRequest(workflow=held.workflow), Caller.anonymous()
+        )
+        assert removed.removed == 1
+        entry = entry_of_row(row)
+        await layers._put("default", entry, handlers.utcnow())  # A's promotion, after B's delete
+        assert client.get(redis_key("default", keys.key)) is not None  # (the race the recheck closes)
+        await layers._drop_if_gone(engine, "default", entry)
+        assert client.get(redis_key("default", keys.key)) is None
+        assert (await lookup(engine, layers, held, "a", comps)).miss_reason == "no_entry"
+    finally:
+        await other.close()

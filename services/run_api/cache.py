@@ -272,6 +272,7 @@ class CacheLayers:
             return self._miss(keys, *problem)
         if layer == "cold":
             await self._put(tenant, entry, now)
+            await self._drop_if_gone(engine, tenant, entry)
         log.info("cache hit %s from the %s layer (key %s)", keys.display, layer, keys.key)
         return LookupResult(keys, True, layer, entry)
 
@@ -299,7 +300,9 @@ class CacheLayers:
         except ValueError:  # not a digest: nothing the store could hold
             return None
 
-    async def after_report(self, results: Iterable[AppendResult], tenant: str) -> None:
+    async def after_report(
+        self, results: Iterable[AppendResult], tenant: str, engine: AsyncEngine | None = None
+    ) -> None:
         """After a report committed: a hot copy of each entry a recorded step.succeeded wrote."""
         if self.redis is None:
             return
@@ -308,6 +311,23 @@ class CacheLayers:
             entry = _entry_of_event(result)
             if entry is not None:
                 await self._put(tenant, entry, now)
+                if engine is not None:
+                    await self._drop_if_gone(engine, tenant, entry)
+
+    async def _drop_if_gone(self, engine: AsyncEngine, tenant: str, entry: Mapping[str, Any]) -> None:
+        """Remove a hot copy just written if its row is gone or replaced meanwhile.
+
+        An invalidation (in this process or another replica) deletes the row, then the hot copy: if it
+        ran between our read of the row and our write of the copy, its delete came first. Reading the
+        row again after the write closes that window for every interleaving.
+        """
+        if self.redis is None:
+            return
+        async with UnitOfWork(engine) as uow:
+            row = (await uow.conn.execute(Q.step_cache_get, {"tenant_id": tenant, "cache_key": entry["cache_key"]}))
+            again = row.first()
+        if again is None or _iso(again.created_at) != entry.get("created_at"):
+            await self._delete([redis_key(tenant, entry["cache_key"])])
 
     async def invalidate(
         self, engine: AsyncEngine, tenant: str, workflow: str, step_key: str | None, key: str | None,

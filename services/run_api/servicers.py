@@ -412,7 +412,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 await handlers.check_session(uow, worker_id, request.session_token)
                 return worker_service_pb2.ReportRunEventsResponse()
             results = await handlers.report_events(uow, worker_id, request.session_token, reported)
-        await self.layers.after_report(results, current_caller().tenant_id)  # Redis after the commit
+        await self.layers.after_report(results, current_caller().tenant_id, self.engine)  # Redis after the commit
         outcome = {
             Outcome.RECORDED: worker_service_pb2.REPORT_OUTCOME_RECORDED,
             Outcome.DUPLICATE: worker_service_pb2.REPORT_OUTCOME_DUPLICATE,
