@@ -759,10 +759,11 @@ async def test_a_miss_rides_on_step_started_and_step_succeeded_carries_the_compo
     assert result is Result.SUCCEEDED and calls == ["a", "b"]
     assert stub.keys == ["a", "b"]
     started_a, = rep.of("step.started", "a")
+    spec = parse_spec(CACHED_CHAIN)
     assert started_a == {"step_key": "a", "try": 1, "cache": {
         "key": "key-a", "display": cache_display({"workflow": "t", "step": "a", "input": {"x": "hi", "k": 1}}),
-        "reason": "artifact_missing", "detail": "f.txt"}}
-    spec = parse_spec(CACHED_CHAIN)
+        "reason": "artifact_missing", "detail": "f.txt", "scope": "global",
+        "components": cache_components("t", spec.step("a"), "record", "3", {"x": "hi", "k": 1})}}
     succeeded_a, succeeded_b = rep.of("step.succeeded", "a")[0], rep.of("step.succeeded", "b")[0]
     assert succeeded_a["cache"] == {"scope": "global", "components": cache_components(
         "t", spec.step("a"), "record", "3", {"x": "hi", "k": 1})}

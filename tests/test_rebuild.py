@@ -434,7 +434,7 @@ async def test_explain_a_rebuild_reused_and_refreshed_steps(engine: AsyncEngine)
     copy_step = found["copy"]
     assert copy_step["decision"] == "executed" and copy_step["cache_reason"] == "refresh"
     assert "running now" in copy_step["summary"] and "rebuild re-executes it" in copy_step["summary"]
-    assert copy_step["nearest_source_run_id"] == base_id  # no components yet: the newest earlier entry
+    assert copy_step["nearest_source_run_id"] == ""  # a refresh carries no components: nothing to compare
     assert found["landing_page"]["decision"] == "pending" and found["landing_page"]["summary"] == (
         "pending: not started yet")
 

@@ -1,5 +1,6 @@
 """Review of issue 8 (step cache, partial rebuilds, explain): each test reproduces one finding against a real
-PostgreSQL (and, where named, a real redis-server or a real run API process). Committed as strict xfails."""
+PostgreSQL (and, where named, a real redis-server or a real run API process). Each failed before its fix
+(they were committed as strict xfails first)."""
 
 from __future__ import annotations
 
@@ -93,9 +94,6 @@ async def _invalidated_during_outage(
     return held, comps, name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 1: a hot copy whose invalidation Redis missed (outage) is served as a hit by another API replica "
-    "once Redis is back: pending deletes live in one process's memory and hot hits never consult PostgreSQL"))
 async def test_invalidation_during_redis_outage_leaves_no_stale_hit_on_another_replica(
     engine: AsyncEngine, store: ArtifactStore, persistent_redis: PersistentRedis
 ) -> None:
@@ -111,10 +109,6 @@ async def test_invalidation_during_redis_outage_leaves_no_stale_hit_on_another_r
         await replica_b.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 1b: the replica that invalidated during a Redis outage serves the stale hot copy itself on its "
-    "first lookup after Redis answers again (CacheLayers._call returns the GET's result, then flushes pending "
-    "deletes)"))
 async def test_invalidation_during_redis_outage_leaves_no_stale_hit_on_the_same_replica(
     engine: AsyncEngine, store: ArtifactStore, persistent_redis: PersistentRedis
 ) -> None:
@@ -131,10 +125,6 @@ async def test_invalidation_during_redis_outage_leaves_no_stale_hit_on_the_same_
 # --- replay of step_cache against an invalidation that overlaps a report --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 2: replay deletes an entry that live kept: an invalidation committed while a report's transaction "
-    "(step.succeeded recorded_at before the invalidation's) was still open could not see the new row, but "
-    "replay applies invalidations by created_at <= recorded_at after all events"))
 async def test_replay_keeps_an_entry_written_by_a_report_overlapping_an_invalidation(
     engine: AsyncEngine, cold: CacheLayers, database_url: str
 ) -> None:
@@ -158,30 +148,34 @@ async def test_replay_keeps_an_entry_written_by_a_report_overlapping_an_invalida
                 assert not task.done(), task
                 assert time.monotonic() < deadline, "the report never waited on the locked row"
                 await asyncio.sleep(0.01)
-        assert await cold.invalidate(engine, "default", held.workflow, "s", None, None) == 0  # sees no row yet
+        # The invalidation waits for the report that writes an entry of its workflow (an advisory lock the
+        # report holds shared from before its events get their time): it runs after, and sees the row.
+        invalidation = asyncio.ensure_future(cold.invalidate(engine, "default", held.workflow, "s", None, None))
+        with psycopg.connect(db.libpq_url(database_url), autocommit=True) as watcher:
+            while watcher.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory'"
+                                  ).fetchone()[0] == 0:  # type: ignore[index]
+                assert not invalidation.done(), "the invalidation did not wait for the report"
+                assert time.monotonic() < deadline, "the invalidation never waited"
+                await asyncio.sleep(0.01)
         locker.commit()
         await asyncio.wait_for(task, BOUND)
+        assert await asyncio.wait_for(invalidation, BOUND) == 1
+
+    from services.run_api.store import queries as Q
 
     async with UnitOfWork(engine) as uow:
-        from services.run_api.store import queries as Q
-
         live = (await uow.conn.execute(Q.step_cache_get, {"tenant_id": "default", "cache_key": keys.key})).first()
-    assert live is not None  # live: the entry exists (the invalidation ran before it was visible)
     async with UnitOfWork(engine) as uow:
         await store_events.replay(uow.conn)
         await uow.commit()
     async with UnitOfWork(engine) as uow:
         replayed = (await uow.conn.execute(Q.step_cache_get, {"tenant_id": "default", "cache_key": keys.key})).first()
-    assert replayed is not None, "replay removed an entry that live kept"
+    assert live is None and replayed is None, "replay and live disagree about an entry"
 
 
 # --- explain across tenants through an unchecked source_run_id --------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 3: step.skipped's source_run_id is never checked (tenant, existence, the rebuild's base): a worker "
-    "of tenant acme names a default-tenant run and ExplainStep in acme returns that run's key components "
-    "(its resolved input)"))
 async def test_explain_never_shows_another_tenants_components(
     engine: AsyncEngine, cold: CacheLayers
 ) -> None:
@@ -204,10 +198,6 @@ async def test_explain_never_shows_another_tenants_components(
 # --- explain of a miss whose step has not succeeded --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 4: ExplainStep of a cache miss whose step is running (or failed) has no components, so it picks "
-    "the newest earlier entry and says it 'has the same components' (differences empty) although the miss "
-    "proves the key differs"))
 async def test_explain_of_a_running_miss_does_not_claim_the_same_components(
     engine: AsyncEngine, cold: CacheLayers
 ) -> None:
@@ -246,10 +236,6 @@ def _refused_or_recorded(forger: Forger, token: str, ev: Any) -> None:
     assert [r.outcome for r in response.results] == [W.REPORT_OUTCOME_RECORDED], response
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 5: ReportRunEvents keys a step.succeeded's cache components without the checks LookupStepCache "
-    "makes (workflow = the run's, step = the event's, run_id for run_only): a worker holding any run writes "
-    "entries another workflow's steps will hit"))
 def test_a_step_succeeded_cannot_write_an_entry_for_another_workflow(
     client: Any, forger: Forger, sql: psycopg.Connection
 ) -> None:
@@ -265,10 +251,6 @@ def test_a_step_succeeded_cannot_write_an_entry_for_another_workflow(
     assert rows == []  # (today: [('campaign.build', 's', {'poisoned': True})], keyed as campaign.build's copy)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding 6: ReportRunEvents checks a step.succeeded's artifacts against the store (uri and size the "
-    "store's) but not a step.skipped's: a cache_hit/reused_from_base skip records an artifact never uploaded, "
-    "with the worker's uri and size, as the run's artifact"))
 def test_a_step_skipped_cannot_record_an_artifact_that_was_never_uploaded(
     client: Any, forger: Forger, sql: psycopg.Connection
 ) -> None:

@@ -61,6 +61,26 @@ class Keys:
     display: str
 
 
+def component_problems(components: Any, step_key: str, scope: str, run_id: str, workflow: str) -> list[tuple[str, str]]:
+    """What ties a step's key components to its run is wrong, as (field under components, description).
+
+    One rule for lookups and for the entries step.succeeded writes: the components must name the run's
+    workflow and the step, and a run (this run) exactly when the scope is run_only.
+    """
+    if not isinstance(components, Mapping):
+        return [("", "components must be an object")]
+    out: list[tuple[str, str]] = []
+    if components.get("workflow") != workflow:
+        out.append(("workflow", "components.workflow must be the run's workflow"))
+    if components.get("step") != step_key:
+        out.append(("step", "components.step must be the step's key"))
+    if scope == "run_only" and components.get("run_id") != run_id:
+        out.append(("run_id", "scope run_only: components.run_id must be the run's id"))
+    if scope != "run_only" and "run_id" in components:
+        out.append(("run_id", "scope global: components must not name a run"))
+    return out
+
+
 def keys_for(components: dict[str, Any], tenant: str) -> Keys:
     """The keys of a step's components in a tenant (the API's own computation: the worker sends components only)."""
     base = {k: v for k, v in components.items() if k != "run_id"}
@@ -250,6 +270,10 @@ class CacheLayers:
         layer, entry = "hot", await self._get(tenant, keys.key)
         if entry is not None and (expires := _expires_at(entry)) is not None and expires <= now:
             entry = None  # a stale hot copy: PostgreSQL says what it is
+        if entry is not None and not await self._still_current(engine, tenant, entry):
+            # Invalidated or replaced meanwhile (perhaps while Redis was down, or on another replica).
+            await self._delete([redis_key(tenant, keys.key)])
+            entry = None
         if entry is None:
             layer = "cold"
             async with UnitOfWork(engine) as uow:
@@ -314,6 +338,14 @@ class CacheLayers:
                 if engine is not None:
                     await self._drop_if_gone(engine, tenant, entry)
 
+    @staticmethod
+    async def _still_current(engine: AsyncEngine, tenant: str, entry: Mapping[str, Any]) -> bool:
+        """Whether PostgreSQL still holds the entry a hot copy was made from (a primary-key read of one column)."""
+        async with UnitOfWork(engine) as uow:
+            row = (await uow.conn.execute(
+                Q.step_cache_created_at, {"tenant_id": tenant, "cache_key": entry["cache_key"]})).first()
+        return row is not None and _iso(row.created_at) == entry.get("created_at")
+
     async def _drop_if_gone(self, engine: AsyncEngine, tenant: str, entry: Mapping[str, Any]) -> None:
         """Remove a hot copy just written if its row is gone or replaced meanwhile.
 
@@ -321,12 +353,7 @@ class CacheLayers:
         ran between our read of the row and our write of the copy, its delete came first. Reading the
         row again after the write closes that window for every interleaving.
         """
-        if self.redis is None:
-            return
-        async with UnitOfWork(engine) as uow:
-            row = (await uow.conn.execute(Q.step_cache_get, {"tenant_id": tenant, "cache_key": entry["cache_key"]}))
-            again = row.first()
-        if again is None or _iso(again.created_at) != entry.get("created_at"):
+        if self.redis is not None and not await self._still_current(engine, tenant, entry):
             await self._delete([redis_key(tenant, entry["cache_key"])])
 
     async def invalidate(
@@ -336,6 +363,10 @@ class CacheLayers:
         """Record an invalidation and remove the matching entries (PostgreSQL, then Redis); returns how many."""
         params = {"tenant_id": tenant, "workflow": workflow, "step_key": step_key, "cache_key": key}
         async with UnitOfWork(engine) as uow:
+            # Exclusive against the reports writing entries of this workflow (they hold it shared from
+            # before their events get a time): every entry is written wholly before or after this
+            # invalidation's time, live and in a replay alike.
+            await uow.conn.execute(Q.step_cache_write_lock, {"tenant_id": tenant, "workflow": workflow})
             recorded = (await uow.conn.execute(
                 Q.cache_invalidations_append, {**params, "requested_by": requested_by}
             )).one()

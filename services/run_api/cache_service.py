@@ -16,7 +16,7 @@ from services.run_api import convert, payloads
 from services.run_api.artifact_service import _check_worker_fields, held_run
 from services.run_api.artifacts import check_sha256
 from services.run_api.auth import Caller
-from services.run_api.cache import CacheLayers, LookupResult, keys_for
+from services.run_api.cache import CacheLayers, LookupResult, component_problems, keys_for
 from services.run_api.checks import MAX_IDENTIFIER, check_identifier, check_text, page_bounds
 from services.run_api.errors import InvalidRequest, RequestTooLarge
 from services.run_api.store import queries as Q
@@ -41,12 +41,6 @@ def _components(request: worker_service_pb2.LookupStepCacheRequest) -> dict[str,
     wrong = payloads.problems(EventType.STEP_SUCCEEDED, payload)
     if wrong:
         raise InvalidRequest([(name.removeprefix("cache.") or "components", d) for name, d in wrong])
-    if components["step"] != request.step_key:
-        raise InvalidRequest.field("components.step", "components.step must be the request's step_key")
-    if request.scope == "run_only" and components.get("run_id") != request.run_id:
-        raise InvalidRequest.field("components.run_id", "scope run_only: components.run_id must be the run's id")
-    if request.scope == "global" and "run_id" in components:
-        raise InvalidRequest.field("components.run_id", "scope global: components must not name a run")
     return components
 
 
@@ -78,8 +72,9 @@ async def lookup_step_cache(
     worker_id = caller.worker_id(request.worker_id)
     async with UnitOfWork(engine) as uow:
         run = await held_run(uow, worker_id, request.session_token, request.run_id, request.attempt)
-    if components["workflow"] != run.workflow:
-        raise InvalidRequest.field("components.workflow", "components.workflow must be the run's workflow")
+    wrong = component_problems(components, request.step_key, request.scope, request.run_id, run.workflow)
+    if wrong:
+        raise InvalidRequest([(f"components.{name}" if name else "components", d) for name, d in wrong])
     try:
         keys = keys_for(components, run.tenant_id)
     except ValueError as err:  # RFC 8785 refuses some numbers (e.g. integers past 2**53)

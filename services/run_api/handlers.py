@@ -19,6 +19,7 @@ from ulid import ULID
 
 from services.run_api import registry
 from services.run_api.auth import Caller, hash_secret
+from services.run_api.cache import component_problems, keys_for
 from services.run_api.checks import MAX_IDENTIFIER, check_identifier, check_text, page_bounds
 from services.run_api.errors import (
     IdempotencyConflict,
@@ -521,6 +522,7 @@ async def report_events(
         await check_session(uow, worker_id, session_token)
     rows = {r.run_id: r for r in locked}
     await _check_holder(uow, worker_id, rows, reported)
+    await _check_step_results(uow, rows, reported)
     new_events: list[store.NewEvent] = []
     for e in reported:
         event_type, payload = e.type, dict(e.payload)
@@ -580,6 +582,51 @@ async def report_events(
                        "error": r.event.payload.get("error")},
             )
     return results
+
+
+async def _check_step_results(uow: UnitOfWork, rows: dict[str, Any], reported: list[ReportedEvent]) -> None:
+    """Key the cache entries step.succeeded events write and check what step.skipped events reuse.
+
+    An entry's components must name its run's workflow and step (and the run for run_only); the API
+    computes the keys with the run's tenant. A skipped step's source must be a run of the same tenant,
+    and a reused one the rebuild's base run. The entries' workflows are then locked shared, so an
+    invalidation of one happens wholly before or after this report (see cache.CacheLayers.invalidate).
+    """
+    workflows: set[tuple[str, str]] = set()
+    sources: dict[str, list[tuple[int, str]]] = {}
+    for i, e in enumerate(reported):
+        run = rows.get(e.run_id)
+        if run is None:
+            continue  # not a run this worker holds: the store refuses the event as stale
+        where = f"events[{i}].payload"
+        cache = e.payload.get("cache")
+        if e.type == EventType.STEP_SUCCEEDED and isinstance(cache, dict):
+            components = cache.get("components") or {}
+            wrong = component_problems(components, str(e.payload.get("step_key")), str(cache.get("scope")),
+                                       e.run_id, run.workflow)
+            if wrong:
+                raise InvalidRequest([(f"{where}.cache.components" + (f".{name}" if name else ""), d)
+                                      for name, d in wrong])
+            try:
+                keys = keys_for(components, run.tenant_id)
+            except ValueError as err:  # RFC 8785 refuses some numbers (e.g. integers past 2**53)
+                raise InvalidRequest.field(f"{where}.cache.components", f"cannot be hashed: {err}") from None
+            cache.update({"key": keys.key, "base_key": keys.base_key, "display": keys.display})
+            workflows.add((run.tenant_id, run.workflow))
+        if e.type == EventType.STEP_SKIPPED:
+            source = e.payload.get("source_run_id")
+            if e.payload.get("reason") == "reused_from_base" and source != run.base_run_id:
+                raise InvalidRequest.field(f"{where}.source_run_id", "a reused step comes from the rebuild's base run")
+            if source:
+                sources.setdefault(run.tenant_id, []).append((i, str(source)))
+    for tenant, named in sources.items():
+        found = {r.run_id for r in await uow.conn.execute(
+            Q.runs_of_tenant, {"tenant_id": tenant, "run_ids": sorted({s for _, s in named})})}
+        for i, source in named:
+            if source not in found:
+                raise InvalidRequest.field(f"events[{i}].payload.source_run_id", "names no run of this tenant")
+    for tenant, workflow in sorted(workflows):
+        await uow.conn.execute(Q.step_cache_write_lock_shared, {"tenant_id": tenant, "workflow": workflow})
 
 
 async def _claimers(uow: UnitOfWork, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], str]:

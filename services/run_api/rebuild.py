@@ -171,9 +171,12 @@ async def _step_logs(uow: UnitOfWork, run_id: str, step_key: str | None) -> dict
     return found
 
 
-async def _source_components(uow: UnitOfWork, run_id: str, step_key: str) -> Any:
-    """The key components of the step whose result a reused step carries (following reuses of reuses)."""
+async def _source_components(uow: UnitOfWork, run_id: str, step_key: str, tenant_id: str) -> Any:
+    """The key components of the step whose result a reused step carries (following reuses of reuses),
+    never looking outside the tenant."""
     for _ in range(MAX_SOURCE_HOPS):
+        if not (await uow.conn.execute(Q.runs_of_tenant, {"tenant_id": tenant_id, "run_ids": [run_id]})).first():
+            return None
         entry = (await _step_logs(uow, run_id, step_key)).get(step_key)
         if entry is None:
             return None
@@ -238,7 +241,8 @@ def _summary(decision: str, row: Any, log_: _StepLog, run: Any, diffs: list[dict
         paths = ", ".join(d["path"] for d in diffs[:5]) + (", ..." if len(diffs) > 5 else "")
         text += f"; the nearest earlier entry (run {nearest.source_run_id}) differs in {paths}"
     elif nearest is not None:
-        text += f"; the nearest earlier entry (run {nearest.source_run_id}) has the same components"
+        # A miss means the key differs; equal components can only mean what differs is outside them.
+        text += f"; the nearest earlier entry (run {nearest.source_run_id}) differs only in what the key adds"
     return text
 
 
@@ -251,7 +255,7 @@ async def _explain(uow: UnitOfWork, run: Any, key: str, row: Any, log_: _StepLog
     cache_key = succeeded.get("key") or started.get("key") or skipped.get("key") or (row.cache_key if row else None)
     display = (succeeded.get("display") or started.get("display") or skipped.get("display")
                or (row.cache_display if row else None))
-    components = succeeded.get("components")
+    components = succeeded.get("components") or started.get("components")
     source_run_id = (row.source_run_id if row is not None else None) or ""
     if components is None and decision == "cache_hit" and cache_key:
         entry = (await uow.conn.execute(Q.step_cache_get, {"tenant_id": run.tenant_id, "cache_key": cache_key})).first()
@@ -259,7 +263,8 @@ async def _explain(uow: UnitOfWork, run: Any, key: str, row: Any, log_: _StepLog
     if components is None and decision in ("cache_hit", "reused_from_base") and log_.skipped is not None:
         payload = log_.skipped.payload or {}
         if payload.get("source_run_id"):
-            components = await _source_components(uow, payload["source_run_id"], payload.get("source_step_key") or key)
+            components = await _source_components(uow, payload["source_run_id"], payload.get("source_step_key") or key,
+                                                  run.tenant_id)
     nearest, diffs = None, []
     if started.get("reason") and log_.first_started is not None:
         params = {"tenant_id": run.tenant_id, "workflow": (components or {}).get("workflow") or run.workflow,
@@ -269,8 +274,7 @@ async def _explain(uow: UnitOfWork, run: Any, key: str, row: Any, log_: _StepLog
             scored = [(len(component_differences(c.components, components)), i) for i, c in enumerate(candidates)]
             nearest = candidates[min(scored)[1]]
             diffs = component_differences(nearest.components, components)
-        elif candidates:
-            nearest = candidates[0]
+        # Without the step's components (an older worker's events) no entry can be compared: none is named.
     reason = skipped.get("layer") if decision == "cache_hit" else started.get("reason")
     return {
         "step_key": key,

@@ -29,7 +29,6 @@ from services.run_api import (
 from services.run_api.artifacts import ArtifactStore
 from services.run_api.auth import current_caller
 from services.run_api.cache import CacheLayers
-from services.run_api.cache import keys_for as cache_keys_for
 from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, shorten
 from services.run_api.listener import Hub
 from services.run_api.store.events import (
@@ -251,15 +250,6 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
                 await waiter.wait(self.config.poll_seconds)
 
 
-def _key_cache_entries(reported: list[handlers.ReportedEvent], tenant: str) -> None:
-    """A step.succeeded with cache components gets its keys from the API (tenant included), never the worker's."""
-    for event in reported:
-        cache = event.payload.get("cache")
-        if event.type == EventType.STEP_SUCCEEDED and isinstance(cache, dict):
-            keys = cache_keys_for(cache["components"], tenant)
-            cache.update({"key": keys.key, "base_key": keys.base_key, "display": keys.display})
-
-
 class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
     """runs.v1.WorkerService."""
 
@@ -290,11 +280,11 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         return artifact_service.fetch_artifact(self.engine, self.artifacts, request, context)
 
     async def _check_artifacts(self, reported: list[handlers.ReportedEvent]) -> None:
-        """Every artifact a step.succeeded names must be in the tenant's store; its uri and size are the store's."""
+        """Artifacts a step.succeeded or step.skipped names must be in the store; uri and size are the store's."""
         tenant = current_caller().tenant_id
         sizes: dict[str, int | None] = {}
         for i, event in enumerate(reported):
-            if event.type != EventType.STEP_SUCCEEDED:
+            if event.type not in (EventType.STEP_SUCCEEDED, EventType.STEP_SKIPPED):
                 continue
             for j, item in enumerate(event.payload.get("artifacts") or []):
                 sha = item["sha256"]
@@ -406,7 +396,6 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             raise RequestTooLarge([("events", f"at most {MAX_REPORT_EVENTS} events per call")])
         reported = [self._reported(i, e) for i, e in enumerate(request.events)]
         await self._check_artifacts(reported)
-        _key_cache_entries(reported, current_caller().tenant_id)
         async with UnitOfWork(self.engine) as uow:
             if not reported:
                 await handlers.check_session(uow, worker_id, request.session_token)

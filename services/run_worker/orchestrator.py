@@ -503,7 +503,8 @@ class _Run:
                     await self._report_hit(key, found)
                     return True
                 if isinstance(found, CacheMiss):
-                    started["cache"] = _miss(found)
+                    # The components ride along, so ExplainStep can compare a miss before the step ends.
+                    started["cache"] = {**_miss(found), "components": cacheable.components, "scope": cacheable.scope}
                 else:
                     self.uncached.add(key)
                     cacheable = None

@@ -407,6 +407,9 @@ step_cache_get = q(
     f"SELECT {STEP_CACHE_COLUMNS} FROM step_cache WHERE tenant_id = :tenant_id AND cache_key = :cache_key"
 )
 
+# When an entry was written (a hot copy is confirmed against it).
+step_cache_created_at = q("SELECT created_at FROM step_cache WHERE tenant_id = :tenant_id AND cache_key = :cache_key")
+
 # The newest entry with these components in scope global (a run_only miss: another run has it).
 step_cache_by_base = q(
     f"""
@@ -436,6 +439,17 @@ step_cache_list = q(
     LIMIT :limit
     """
 )
+
+# Entries of a tenant's workflow are written (reports, shared) and invalidated (exclusive) one side at a time.
+step_cache_write_lock = q(
+    "SELECT pg_advisory_xact_lock(hashtext('step_cache:' || :tenant_id || ':' || :workflow))"
+)
+step_cache_write_lock_shared = q(
+    "SELECT pg_advisory_xact_lock_shared(hashtext('step_cache:' || :tenant_id || ':' || :workflow))"
+)
+
+# The runs (of one tenant) among these ids: a step.skipped may only name its tenant's runs as its source.
+runs_of_tenant = q("SELECT run_id FROM runs WHERE tenant_id = :tenant_id AND run_id = ANY(:run_ids)")
 
 # InvalidateCache: record it (append-only), then remove the matching entries that exist now.
 cache_invalidations_append = q(
