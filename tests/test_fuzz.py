@@ -1140,6 +1140,12 @@ def workflow_call(draw: st.DrawFn) -> tuple[str, Req, tuple[Any, ...]]:
     return name, request, how
 
 
+@st.composite
+def start_runs(draw: st.DrawFn) -> run_service_pb2.StartRunsRequest:
+    """A few StartRun requests in one call (hostile ones among them, sometimes)."""
+    return run_service_pb2.StartRunsRequest(requests=draw(st.lists(start_run(), max_size=4)))
+
+
 # --- strategies: issue 8 (the step cache and rebuilds) -------------------------------------------
 
 step_key_field = text_field("runtime", "brief", "copy", "")
@@ -1188,6 +1194,7 @@ def lookup_step_cache(draw: st.DrawFn) -> worker_service_pb2.LookupStepCacheRequ
 
 
 cache_calls = st.one_of(
+    st.tuples(st.just("StartRuns"), start_runs().map(Req)),
     st.tuples(st.just("RebuildRun"), rebuild_run().map(Req)),
     st.tuples(st.just("ExplainStep"), explain_step.map(Req)),
     st.tuples(st.just("ListCacheEntries"), list_cache_entries.map(Req)),
@@ -1198,6 +1205,7 @@ cache_calls = st.one_of(
 
 MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "StartRun": start_run(),
+    "StartRuns": start_runs(),
     "CancelRun": cancel_run,
     "GetRun": get_run,
     "ListRuns": list_runs,

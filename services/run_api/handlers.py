@@ -238,41 +238,106 @@ def queued_event(
 # --- run API -----------------------------------------------------------------------------------
 
 
-async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
-    """Queue a run (run.queued) in the caller's tenant and return (run row, deduplicated)."""
+MAX_START_RUNS = 1000  # requests in one StartRuns call
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A StartRun command after validation: what queueing it needs."""
+
+    cmd: StartRun
+    workflow: str
+    place: Placement
+    max_attempts: int
+    pinned: Any
+
+
+async def _check_start(
+    uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller, pins: dict[tuple[str, int], Any] | None = None
+) -> _Checked:
+    """Validate a StartRun command and pin its workflow version (`pins`: versions already looked up)."""
     workflow, place, max_attempts = validate_start(cmd, policy, caller)
-    pinned = await registry.resolve_for_run(uow, workflow, cmd.workflow_version, place.tenant_id)
+    pins = {} if pins is None else pins
+    if (workflow, cmd.workflow_version) not in pins:
+        pins[(workflow, cmd.workflow_version)] = await registry.resolve_for_run(
+            uow, workflow, cmd.workflow_version, place.tenant_id
+        )
+    return _Checked(cmd, workflow, place, max_attempts, pins[(workflow, cmd.workflow_version)])
+
+
+async def _queue(uow: UnitOfWork, checked: _Checked, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
+    """Record a checked run's run.queued (not committed); returns (run row, deduplicated)."""
+    cmd, place = checked.cmd, checked.place
     request_hash = run_request_hash(
-        workflow, place, cmd.input, max_attempts, cmd.retry_backoff_seconds, cmd.retry_backoff_max_seconds,
-        cmd.workflow_version,
+        checked.workflow, place, cmd.input, checked.max_attempts, cmd.retry_backoff_seconds,
+        cmd.retry_backoff_max_seconds, cmd.workflow_version,
     )
     key = cmd.idempotency_key or None
     backoff = (cmd.retry_backoff_seconds or policy.backoff_seconds,
                cmd.retry_backoff_max_seconds or policy.backoff_max_seconds)
     event = queued_event(
-        workflow, pinned.version, pinned.spec_hash, place, caller, cmd.input, max_attempts, backoff, request_hash,
-        cmd.trace_context, idempotency_key=key,
+        checked.workflow, checked.pinned.version, checked.pinned.spec_hash, place, caller, cmd.input,
+        checked.max_attempts, backoff, request_hash, cmd.trace_context, idempotency_key=key,
     )
     created = await store.queue_run(uow.conn, event)
-    if created is None:
-        existing = (
-            await uow.conn.execute(
-                Q.run_get_by_idempotency_key,
-                {"tenant_id": place.tenant_id, "workspace_id": place.workspace_id, "key": key},
-            )
-        ).first()
-        if existing is None:  # pragma: no cover - the conflicting row was committed before we looked
-            raise IdempotencyConflict("idempotency key is being used by a concurrent request; retry")
-        if existing.request_hash != request_hash or not caller.sees(existing):
-            # Another project's run is not named (nor returned): the caller may not see it.
-            shown = f" (run {existing.run_id})" if caller.sees(existing) else ""
-            raise IdempotencyConflict(f"idempotency_key was already used for a different request{shown}; use a new key")
-        await uow.commit()
-        return existing, True
-    row = created
+    if created is not None:
+        return created, False
+    existing = (
+        await uow.conn.execute(
+            Q.run_get_by_idempotency_key,
+            {"tenant_id": place.tenant_id, "workspace_id": place.workspace_id, "key": key},
+        )
+    ).first()
+    if existing is None:  # pragma: no cover - the conflicting row was committed before we looked
+        raise IdempotencyConflict("idempotency key is being used by a concurrent request; retry")
+    if existing.request_hash != request_hash or not caller.sees(existing):
+        # Another project's run is not named (nor returned): the caller may not see it.
+        shown = f" (run {existing.run_id})" if caller.sees(existing) else ""
+        raise IdempotencyConflict(f"idempotency_key was already used for a different request{shown}; use a new key")
+    return existing, True
+
+
+async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
+    """Queue a run (run.queued) in the caller's tenant and return (run row, deduplicated)."""
+    row, deduplicated = await _queue(uow, await _check_start(uow, cmd, policy, caller), policy, caller)
     await uow.commit()
     log.debug("run queued", extra={"run_id": row.run_id, "status": row.status})
-    return row, False
+    return row, deduplicated
+
+
+async def start_runs(
+    uow: UnitOfWork, cmds: list[StartRun], policy: RetryPolicy, caller: Caller
+) -> list[tuple[Any, bool]]:
+    """Queue many runs in one transaction: every request is checked first, and any problem refuses them all.
+
+    Problems are field violations indexed by request (`requests[3].workflow`); an idempotency key
+    reused for a different request refuses the call too (ALREADY_EXISTS naming the request).
+    """
+    if not cmds:
+        raise InvalidRequest.field("requests", "give at least one request")
+    if len(cmds) > MAX_START_RUNS:
+        raise RequestTooLarge([("requests", f"at most {MAX_START_RUNS} requests per call; got {len(cmds)}")])
+    checked: list[_Checked] = []
+    violations: list[tuple[str, str]] = []
+    too_large = False
+    pins: dict[tuple[str, int], Any] = {}
+    for i, cmd in enumerate(cmds):
+        try:
+            checked.append(await _check_start(uow, cmd, policy, caller, pins))
+        except InvalidRequest as err:
+            too_large = too_large or isinstance(err, RequestTooLarge)
+            violations += [(f"requests[{i}].{name}" if name else f"requests[{i}]", d) for name, d in err.violations]
+    if violations:
+        raise (RequestTooLarge if too_large else InvalidRequest)(violations)
+    out = []
+    for i, one in enumerate(checked):
+        try:
+            out.append(await _queue(uow, one, policy, caller))
+        except IdempotencyConflict as err:
+            raise IdempotencyConflict(f"requests[{i}]: {err}") from None
+    await uow.commit()
+    log.debug("runs queued", extra={"count": len(out)})
+    return out
 
 
 async def get_run(uow: UnitOfWork, run_id: str, caller: Caller) -> tuple[Any, list[Any], list[Any]]:

@@ -147,12 +147,40 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
     async def StartRun(
         self, request: run_service_pb2.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.StartRunResponse:
-        handlers.check_input_size(request.input.ByteSize())  # by its size on the wire, before converting it
+        cmd = self._start_command(request)
+        async with UnitOfWork(self.engine) as uow:
+            row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry, current_caller())
+        return run_service_pb2.StartRunResponse(run=convert.run(row), deduplicated=deduplicated)
+
+    async def StartRuns(
+        self, request: run_service_pb2.StartRunsRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.StartRunsResponse:
+        if len(request.requests) > handlers.MAX_START_RUNS:
+            raise RequestTooLarge([("requests", f"at most {handlers.MAX_START_RUNS} requests per call")])
+        cmds, violations, too_large = [], [], False
+        for i, one in enumerate(request.requests):
+            try:
+                cmds.append(self._start_command(one))
+            except InvalidRequest as err:
+                too_large = too_large or isinstance(err, RequestTooLarge)
+                violations += [(f"requests[{i}].{name}" if name else f"requests[{i}]", d) for name, d in err.violations]
+        if violations:
+            raise (RequestTooLarge if too_large else InvalidRequest)(violations)
+        async with UnitOfWork(self.engine) as uow:
+            done = await handlers.start_runs(uow, cmds, self.config.retry, current_caller())
+        return run_service_pb2.StartRunsResponse(responses=[
+            run_service_pb2.StartRunResponse(run=convert.run(row), deduplicated=dedup) for row, dedup in done
+        ])
+
+    @staticmethod
+    def _start_command(request: run_service_pb2.StartRunRequest) -> handlers.StartRun:
+        """A StartRun request as its command (the input checked by its size on the wire before it is converted)."""
+        handlers.check_input_size(request.input.ByteSize())
         try:
             run_input = convert.to_dict(request.input)
         except (ValueError, RecursionError):
             raise InvalidRequest.field("input", "input must be JSON: NaN and Infinity are not allowed") from None
-        cmd = handlers.StartRun(
+        return handlers.StartRun(
             workflow=request.workflow,
             input=run_input,
             input_size=request.input.ByteSize(),
@@ -165,9 +193,6 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
             project_id=request.project_id,
             workflow_version=request.workflow_version,
         )
-        async with UnitOfWork(self.engine) as uow:
-            row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry, current_caller())
-        return run_service_pb2.StartRunResponse(run=convert.run(row), deduplicated=deduplicated)
 
     async def CancelRun(
         self, request: run_service_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
