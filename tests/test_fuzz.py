@@ -1143,7 +1143,13 @@ def workflow_call(draw: st.DrawFn) -> tuple[str, Req, tuple[Any, ...]]:
 @st.composite
 def start_runs(draw: st.DrawFn) -> run_service_pb2.StartRunsRequest:
     """A few StartRun requests in one call (hostile ones among them, sometimes)."""
-    return run_service_pb2.StartRunsRequest(requests=draw(st.lists(start_run(), max_size=4)))
+    out = run_service_pb2.StartRunsRequest()
+    for one in draw(st.lists(start_run(), max_size=4)):
+        try:
+            out.requests.add().CopyFrom(one)
+        except DecodeError:  # nested past what protobuf itself builds one level deeper: the raw group sends those
+            del out.requests[-1]
+    return out
 
 
 # --- strategies: issue 8 (the step cache and rebuilds) -------------------------------------------
