@@ -504,6 +504,11 @@ class FakeStub:
         self._record("StartRun", request, timeout)
         return run_service_pb2.StartRunResponse(run=make_run(status=self.started), deduplicated=self.deduplicated)
 
+    def StartRuns(self, request: Any, timeout: float | None = None) -> Any:
+        self._record("StartRuns", request, timeout)
+        runs = [make_run(run_id=f"01RUN{i:021d}") for i in range(len(request.requests))]
+        return run_service_pb2.StartRunsResponse(responses=[run_service_pb2.StartRunResponse(run=r) for r in runs])
+
     def GetRun(self, request: Any, timeout: float | None = None) -> Any:
         self._record("GetRun", request, timeout)
         return run_service_pb2.GetRunResponse(run=self.final)
@@ -536,6 +541,19 @@ def test_start_without_wait_prints_the_run_at_once(capsys: pytest.CaptureFixture
     assert stub.names() == ["StartRun"]
     assert stub.calls[0][2] == cli.UNARY_DEADLINE_SECONDS
     assert "QUEUED" in capsys.readouterr().out
+
+
+def test_start_count_starts_many_runs_in_one_call(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeStub()
+    assert run_cli(stub, "start", "--tool", "echo", "--count", "3") == 0
+    (name, request, _), = stub.calls
+    assert name == "StartRuns" and len(request.requests) == 3
+    assert {r.workflow for r in request.requests} == {"runtime.tool"}
+    assert capsys.readouterr().out.split() == [f"01RUN{i:021d}" for i in range(3)]
+    for flags in (["--count", "2", "--wait"], ["--count", "2", "--idempotency-key", "k"], ["--count", "1001"]):
+        with pytest.raises(SystemExit) as exited:
+            parse("start", *flags)
+        assert exited.value.code == 2
 
 
 def test_start_wait_succeeded_exits_0_and_prints_the_final_run(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 Commands:
   runs start [--workflow W [--workflow-version N]] [--input JSON] [--idempotency-key K]
              [--max-attempts N] [--project P] [--tool NAME [--args JSON]] [--wait [--timeout SECONDS]]
+             [--count N]       (N runs in one StartRuns call)
   runs get ID                      (the run, its steps as a DAG table, tool calls, attempts)
   runs list [--status S] [--workflow W] [--page-size N] [--page-token T] [--all]
   runs watch ID [--after-sequence N]
@@ -155,6 +156,13 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     )
     start.add_argument("--input", type=json_object, default=None, metavar="JSON", help="run input, a JSON object")
     start.add_argument(
+        "--count",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="start N such runs in one StartRuns call (at most 1000; prints their ids) [1]",
+    )
+    start.add_argument(
         "--idempotency-key", default="", metavar="KEY", help="the same key returns the same run, never a second one"
     )
     start.add_argument(
@@ -265,6 +273,10 @@ def start_usage_problem(args: argparse.Namespace) -> str | None:
         return "--workflow-version needs --workflow NAME"
     if args.timeout is not None and not args.wait:
         return "--timeout applies only with --wait"
+    if args.count > 1 and (args.wait or args.idempotency_key):
+        return "--count cannot be combined with --wait or --idempotency-key"
+    if args.count > 1000:
+        return "--count is at most 1000 (one StartRuns call)"
     return None
 
 
@@ -404,7 +416,16 @@ def format_event(event: run_pb2.RunEvent) -> str:
 
 
 def cmd_start(stub: Any, args: argparse.Namespace) -> int:
-    """`runs start`: queue a run; with --wait, watch it to its end and print the final run."""
+    """`runs start`: queue a run; with --wait, watch it to its end and print the final run (--count: many)."""
+    if args.count > 1:
+        batch = run_service_pb2.StartRunsRequest(requests=[start_request(args)] * args.count)
+        started = stub.StartRuns(batch, timeout=UNARY_DEADLINE_SECONDS)
+        if args.json:
+            out(dumps({"run_ids": [r.run.run_id for r in started.responses]}))
+        else:
+            for r in started.responses:
+                out(r.run.run_id)
+        return EXIT_OK
     response = stub.StartRun(start_request(args), timeout=UNARY_DEADLINE_SECONDS)
     run = response.run
     if response.deduplicated:
