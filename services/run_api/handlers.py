@@ -305,6 +305,11 @@ async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller:
     return row, deduplicated
 
 
+def indexed_violations(i: int, err: InvalidRequest) -> list[tuple[str, str]]:
+    """A StartRuns request's violations, each field under `requests[i]`."""
+    return [(f"requests[{i}].{name}" if name else f"requests[{i}]", d) for name, d in err.violations]
+
+
 async def start_runs(
     uow: UnitOfWork, cmds: list[StartRun], policy: RetryPolicy, caller: Caller
 ) -> list[tuple[Any, bool]]:
@@ -326,7 +331,7 @@ async def start_runs(
             checked.append(await _check_start(uow, cmd, policy, caller, pins))
         except InvalidRequest as err:
             too_large = too_large or isinstance(err, RequestTooLarge)
-            violations += [(f"requests[{i}].{name}" if name else f"requests[{i}]", d) for name, d in err.violations]
+            violations += indexed_violations(i, err)
     if violations:
         raise (RequestTooLarge if too_large else InvalidRequest)(violations)
     out = []

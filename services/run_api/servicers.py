@@ -163,7 +163,7 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
                 cmds.append(self._start_command(one))
             except InvalidRequest as err:
                 too_large = too_large or isinstance(err, RequestTooLarge)
-                violations += [(f"requests[{i}].{name}" if name else f"requests[{i}]", d) for name, d in err.violations]
+                violations += handlers.indexed_violations(i, err)
         if violations:
             raise (RequestTooLarge if too_large else InvalidRequest)(violations)
         async with UnitOfWork(self.engine) as uow:
