@@ -65,6 +65,9 @@ lint: $(GEN)
 	$(VENV)/bin/buf lint protos
 	$(VENV)/bin/mypy shared services
 
+# Each phase on a fresh database (DATABASE_URL's server, else an embedded PostgreSQL) and API process;
+# a table, then one JSON line per figure. E.g. make bench BENCH_ARGS="--history 1000000 --secure",
+# BENCH_ARGS="--phases drain --drain 5000 --profile prof/"; see python -m services.bench --help.
 bench: $(GEN)
 	$(PY) -m services.bench $(BENCH_ARGS)
 
