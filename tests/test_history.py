@@ -7,25 +7,35 @@ payload fields, projected columns), and replaying the log must rebuild the same 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
+import sqlalchemy
+import sqlalchemy.exc
+import sqlalchemy.pool
 from psycopg.rows import dict_row
+from ulid import ULID
 
 from services.run_api import db
 from services.run_api.server import ApiServer
+from services.run_api.store import queries as Q
 from services.run_api.store.history import fill_history
 from services.run_worker.worker import Worker
-from shared.gen.runs.v1 import run_service_pb2, run_service_pb2_grpc
+from shared.gen.runs.v1 import run_service_pb2, run_service_pb2_grpc, worker_service_pb2, worker_service_pb2_grpc
 from shared.settings import ApiSettings, WorkerSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Finished runs in the plans test (the issue measures with 1,000,000; this many keeps the test under a minute).
+HISTORY_RUNS = int(os.environ.get("RUNS_TEST_HISTORY_RUNS", "200000"))
 
 # Every projected row, in a stable order (what a replay must rebuild).
 SNAPSHOT = {
@@ -130,3 +140,136 @@ async def test_filled_runs_look_like_a_live_run_and_replay_to_the_same_projectio
     for name in SNAPSHOT:
         assert after[name] == before[name], name
     assert time.monotonic() - started < 30
+
+
+# --- plans: the hot statements stay on the live part of the tables ---------------------------------
+
+HISTORY_TABLES = {"runs", "run_events", "run_steps", "tool_calls"}
+
+# Either partial index on RUNNING rows keeps a statement on the live part of runs.
+RUNNING_IDX = {"runs_running_worker_idx", "runs_running_lease_idx"}
+
+# The statements the claim loop, reports, heartbeats and the reaper run, by their name in
+# services/run_api/store/queries.py, with the indexes each must use (each set: any one of them).
+HOT: dict[str, list[set[str]]] = {
+    # claim loop (handlers.claim_runs) and the claim stream's session
+    "worker_claim_state": [RUNNING_IDX],
+    "run_claim_candidates": [{"runs_claim_idx"}],
+    "runs_project_claimed": [{"runs_pkey"}],
+    "run_steps_for_claims": [{"run_steps_pkey"}],
+    "workers_session_lock": [RUNNING_IDX],
+    # reports (handlers.report_events, store.events.append and the projector)
+    "run_lock_many": [{"runs_pkey"}],
+    "run_lock_many_for_report": [{"runs_pkey"}, {"run_steps_pkey"}, {"tool_calls_pkey"}],
+    "run_events_claimers": [{"run_events_pk", "run_events_event_id_uq"}],
+    "run_events_find_ids": [{"run_events_pk", "run_events_event_id_uq"}],
+    "run_steps_state": [{"run_steps_pkey"}],
+    "tool_calls_state": [{"tool_calls_pkey"}],
+    "runs_project_started": [{"runs_pkey"}],
+    "runs_project_finished": [{"runs_pkey"}],
+    "runs_project_requeued": [{"runs_pkey"}],
+    "runs_project_sequence": [{"runs_pkey"}],
+    "run_steps_project_started": [{"run_steps_pkey"}],
+    "run_steps_project_finished": [{"run_steps_pkey"}],
+    "run_steps_project_run_ended": [{"run_steps_pkey"}],
+    "tool_calls_project_finished": [{"tool_calls_pkey"}],
+    # heartbeats and watchers
+    "run_held_state": [{"runs_pkey"}],
+    "run_events_last": [{"run_events_pk"}],
+    "run_events_after": [{"run_events_pk"}],
+    # the reaper
+    "run_find_expired_leases": [{"runs_running_lease_idx"}],
+    "workers_forget_silent": [RUNNING_IDX],
+}
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan, init plans and sub plans included."""
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(plan_nodes(child))
+    return nodes
+
+
+async def live_part(database_url: str, queued: int, running: int) -> tuple[str, list[str]]:
+    """Queue `queued` runs through a real API (StartRuns) and claim `running` of them on a claim stream
+    that never reports (they stay RUNNING with a lease); the worker id and the running runs' ids."""
+    settings = dataclasses.replace(ApiSettings(), addr="127.0.0.1:0", database_url=database_url)
+    server = ApiServer(settings, database_url)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = run_service_pb2.StartRunsRequest(requests=[run_service_pb2.StartRunRequest()] * queued)
+            await run_service_pb2_grpc.RunServiceStub(channel).StartRuns(request, timeout=30)
+            claim = worker_service_pb2.ClaimQueuedRunsRequest(worker_id="w-plans", workspace_id="default",
+                                                              capacity=running, batch_limit=running, once=True)
+            ids = [run.run_id async for message in
+                   worker_service_pb2_grpc.WorkerServiceStub(channel).ClaimQueuedRuns(claim, timeout=30)
+                   for run in message.runs]
+    finally:
+        await server.stop()
+    assert len(ids) == running
+    return "w-plans", ids
+
+
+def hot_params(worker_id: str, running: list[str], history: list[str]) -> dict[str, Any]:
+    """Realistic values for every bind parameter the hot statements take (each takes what it names)."""
+    now = datetime.now(UTC)
+    ids = running[:10] + history[:2]
+    return {
+        "worker_id": worker_id, "now": now, "before": now - timedelta(hours=1), "tenant_id": "default",
+        "workspace_id": "default", "project_id": None, "limit": 100, "run_ids": ids, "run_id": running[0],
+        "attempts": [1] * len(ids), "attempt": 1, "event_ids": [str(ULID()) for _ in ids],
+        "tool_call_ids": [str(ULID()) for _ in ids], "tool_call_id": str(ULID()), "step_key": "runtime",
+        "skip_run_ids": [], "only_run_id": None,
+        "after_sequence": 0, "sequence": 3, "recorded_at": now, "lease_expires_at": now + timedelta(seconds=30),
+        "next_attempt_at": now, "status": "SUCCEEDED", "stop_reason": "completed", "error": None, "output": None,
+        "reason": None, "try": 1, "step_error": None, "cache_key": None, "cache_display": None,
+        "cache_result": None, "cache_reason": None, "source_run_id": None,
+    }
+
+
+@pytest.mark.timeout(120)
+async def test_hot_statements_stay_on_the_live_part_of_a_large_history(database_url: str) -> None:
+    url = db.libpq_url(database_url)
+    began = time.monotonic()
+    fill_history(url, HISTORY_RUNS)
+    filled = time.monotonic() - began
+    worker_id, running = await live_part(database_url, queued=1000, running=50)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE runs, run_events, run_steps, tool_calls")
+        history = [r[0] for r in conn.execute("SELECT run_id FROM runs WHERE status = 'SUCCEEDED' LIMIT 2")]
+    params = hot_params(worker_id, running, history)
+    engine = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.pool.NullPool)
+    problems: list[str] = []
+    summary: list[str] = []
+    try:
+        with engine.connect() as conn:
+            for name, expected in HOT.items():
+                statement = getattr(Q, name, None)
+                if statement is None:
+                    problems.append(f"{name}: no longer in services/run_api/store/queries.py (update HOT)")
+                    continue
+                explain = sqlalchemy.text("EXPLAIN (FORMAT JSON) " + statement.text)
+                try:
+                    plan = conn.execute(explain, params).scalar_one()[0]["Plan"]
+                except sqlalchemy.exc.StatementError as err:  # a new bind parameter: give hot_params a value
+                    problems.append(f"{name}: {err.orig}")
+                    conn.rollback()
+                    continue
+                nodes = plan_nodes(plan)
+                seq = sorted({n["Relation Name"] for n in nodes
+                              if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in HISTORY_TABLES})
+                used = {n["Index Name"] for n in nodes if "Index Name" in n}
+                missing = [sorted(group) for group in expected if not group & used]
+                summary.append(f"{name}: " + ", ".join(sorted({
+                    f"{n['Node Type']} {n.get('Index Name') or n.get('Relation Name')}" for n in nodes
+                    if n.get("Relation Name") or n.get("Index Name")})))
+                if seq or missing:
+                    problems.append(f"{name}: seq scan on {seq}, expected index {missing} not used; plan:\n"
+                                    + json.dumps(plan, indent=1))
+            conn.rollback()
+    finally:
+        engine.dispose()
+    print(f"filled {HISTORY_RUNS} runs in {filled:.1f}s; {len(HOT)} statements explained:", *summary, sep="\n  ")
+    assert not problems, "\n\n".join(problems)
