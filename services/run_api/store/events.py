@@ -453,6 +453,7 @@ async def append(
     }
     notices: set[tuple[str, str]] = set()
     last: dict[str, StoredEvent] = {}
+    applied: list[StoredEvent] = []
     for index, event, sequence, payload, holder in accepted:
         row = stamped[(event.run_id, sequence)]
         stored = StoredEvent(
@@ -466,7 +467,7 @@ async def append(
             recorded_at=row.recorded_at,
             payload=payload,
         )
-        await apply(conn, stored)
+        applied.append(stored)
         last[event.run_id] = stored
         results[index] = AppendResult(event, Outcome.RECORDED, sequence=sequence, stored=stored)
         notices.add((CHANNEL_EVENTS, event.run_id))
@@ -477,9 +478,8 @@ async def append(
         if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
                           EventType.RUN_REQUEUED) and holder:
             notices.add((CHANNEL_WORKER, holder))
-    for stored in last.values():
-        if stored.type not in RUN_PROJECTED:
-            await _touch(conn, stored)
+    await apply_many(conn, applied)
+    await _touch_many(conn, list(last.values()))
     channels = sorted(notices)
     await conn.execute(
         Q.notify_many, {"channels": [c for c, _ in channels], "payloads": [p for _, p in channels]}
@@ -487,71 +487,166 @@ async def append(
     return results
 
 
+def _rounds(events: Sequence[StoredEvent]) -> list[list[StoredEvent]]:
+    """Split a batch into rounds, each holding at most one event per run, step and tool call row.
+
+    A row's events land in successive rounds in log order; a run's failure or cancellation (which
+    also ends its open steps) comes after every earlier event of the run's steps.
+    """
+    rounds: list[list[StoredEvent]] = []
+    next_round: dict[tuple[str, ...], int] = {}
+    run_last: dict[str, int] = {}
+    for event in events:
+        p, t = event.payload, event.type
+        if t in _STEP_EVENTS:
+            row: tuple[str, ...] = ("step", event.run_id, str(p.get("step_key")))
+        elif t in _TOOL_EVENTS:
+            row = ("call", event.run_id, str(p.get("tool_call_id")))
+        else:
+            row = ("run", event.run_id)
+        index = next_round.get(row, 0)
+        if t in (EventType.RUN_FAILED, EventType.RUN_CANCELED):
+            index = max(index, run_last.get(event.run_id, -1) + 1)
+        next_round[row] = index + 1
+        run_last[event.run_id] = max(run_last.get(event.run_id, -1), index)
+        while len(rounds) <= index:
+            rounds.append([])
+        rounds[index].append(event)
+    return rounds
+
+
+def _plural(name: str) -> str:
+    """The array parameter's name for a column: run_id -> run_ids, status -> statuses, try -> tries."""
+    if name == "try":
+        return "tries"
+    return f"{name}es" if name.endswith("s") else f"{name}s"
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Column arrays (`status` -> `statuses`) for an unnest statement, from one dict per row."""
+    return {_plural(name): [row[name] for row in rows] for name in rows[0]}
+
+
+async def _execute_many(conn: AsyncConnection, statement: Any, rows: list[dict[str, Any]], what: str,
+                        check: bool = True) -> None:
+    """One set-based statement over `rows`; each row must match exactly one row of the table when `check`."""
+    if not rows:
+        return
+    result = await conn.execute(statement, _columns(rows))
+    if check and result.rowcount != len(rows):
+        runs = sorted({row["run_id"] for row in rows})[:3]
+        raise RuntimeError(f"projection of {len(rows)} {what} event(s) matched {result.rowcount} rows (runs {runs})")
+
+
+_RUN_ENDED = {
+    EventType.RUN_COMPLETED: (RunStatus.SUCCEEDED, StopReason.COMPLETED),
+    EventType.RUN_FAILED: (RunStatus.FAILED, StopReason.FAILED),
+    EventType.RUN_CANCELED: (RunStatus.CANCELED, StopReason.CANCELED),
+}
+
+
+async def apply_many(conn: AsyncConnection, events: Sequence[StoredEvent]) -> None:
+    """Apply stored events to the projections (live, right after their insert, or in a replay).
+
+    The events are in log order per run. Each round runs one statement per kind of event in it, so
+    a batch of many runs costs a few statements, not one per event.
+    """
+    for batch in _rounds(events):
+        kinds: dict[str, list[dict[str, Any]]] = {}
+        singles: list[StoredEvent] = []
+        for event in batch:
+            p, t = event.payload, event.type
+            base = {"run_id": event.run_id, "attempt": event.attempt, "recorded_at": event.recorded_at}
+            seq = {**base, "sequence": event.sequence}
+            if t == EventType.RUN_QUEUED:
+                singles.append(event)
+            elif t == EventType.RUN_CLAIMED:
+                kinds.setdefault("claimed", []).append(
+                    {**seq, "worker_id": p.get("worker_id"), "lease_expires_at": _ts(p.get("lease_expires_at"))})
+            elif t == EventType.RUN_STARTED:
+                kinds.setdefault("started", []).append(seq)
+            elif t in _RUN_ENDED:
+                status, reason = _RUN_ENDED[EventType(t)]
+                kinds.setdefault("finished", []).append({
+                    **seq, "status": str(status), "stop_reason": p.get("stop_reason") or str(reason),
+                    "error": p.get("error"),
+                    "output": _dumps(p.get("output")) if t == EventType.RUN_COMPLETED else None,
+                })
+                if t != EventType.RUN_COMPLETED:
+                    kinds.setdefault("run_ended", []).append({
+                        "run_id": event.run_id, "recorded_at": event.recorded_at,
+                        "reason": "canceled" if t == EventType.RUN_CANCELED else "run_failed"})
+            elif t == EventType.RUN_REQUEUED:
+                kinds.setdefault("requeued", []).append({
+                    **seq, "next_attempt_at": _ts(p.get("next_attempt_at")) or event.recorded_at,
+                    "error": p.get("error")})
+            elif t == EventType.RUN_CANCEL_REQUESTED:
+                kinds.setdefault("cancel_requested", []).append(
+                    {**seq, "reason": p.get("reason"), "requested_by": p.get("requested_by")})
+            elif t == EventType.STEP_CREATED:
+                kinds.setdefault("step_created", []).append({
+                    **base, "step_key": p["step_key"], "tool": p.get("tool", ""),
+                    "depends_on": json.dumps([str(d) for d in p.get("depends_on") or []])})
+            elif t == EventType.STEP_STARTED:
+                kinds.setdefault("step_started", []).append(
+                    {**base, "step_key": p["step_key"], "try": p.get("try"), **_cache_columns(p)})
+            elif t in _STEP_AFTER:
+                kinds.setdefault("step_finished", []).append(_step_finished(event))
+                singles.append(event)  # its artifacts and cache entry, when it has them
+            elif t == EventType.TOOL_INVOKED:
+                kinds.setdefault("call_invoked", []).append({
+                    **base, "tool_call_id": p["tool_call_id"], "step_key": p.get("step_key", ""),
+                    "tool": p.get("tool", ""), "input": _dumps(p.get("input", {})),
+                    "step_attempt": p.get("try") or 1})
+            elif t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
+                ended = ToolCallStatus.SUCCEEDED if t == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
+                kinds.setdefault("call_finished", []).append({
+                    "run_id": event.run_id, "recorded_at": event.recorded_at, "tool_call_id": p["tool_call_id"],
+                    "status": str(ended), "output": _dumps(p.get("output")), "error": p.get("error")})
+        for event in singles:
+            if event.type == EventType.RUN_QUEUED:
+                await conn.execute(Q.runs_project_queued, {
+                    "run_id": event.run_id, "recorded_at": event.recorded_at, "sequence": event.sequence,
+                    **_queued_params(event.payload)})
+        for kind, statement in _MANY:
+            rows = kinds.get(kind)
+            if rows:
+                await _execute_many(conn, statement, rows, kind, check=kind not in _UNCHECKED)
+        for event in singles:
+            if event.type != EventType.RUN_QUEUED:
+                await _apply_step_extras(conn, event)
+
+
+# The set-based statement of each kind, in the order a round runs them (a run's row before its steps').
+_MANY: list[tuple[str, Any]] = [
+    ("claimed", Q.runs_project_claimed_many),
+    ("started", Q.runs_project_started_many),
+    ("finished", Q.runs_project_finished_many),
+    ("requeued", Q.runs_project_requeued_many),
+    ("cancel_requested", Q.runs_project_cancel_requested_many),
+    ("run_ended", Q.run_steps_project_run_ended_many),
+    ("step_created", Q.run_steps_project_created_many),
+    ("step_started", Q.run_steps_project_started_many),
+    ("step_finished", Q.run_steps_project_finished_many),
+    ("call_invoked", Q.tool_calls_project_invoked_many),
+    ("call_finished", Q.tool_calls_project_finished_many),
+]
+# Kinds whose rows may match none or many table rows (the step and tool events always matched one
+# row each before; a run's end cancels however many of its steps were still open).
+_UNCHECKED = frozenset({"run_ended", "step_created", "step_started", "step_finished", "call_finished"})
+
+
 async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
-    """Apply one stored event to the projections (live, right after its insert, or in a replay)."""
-    p = event.payload
-    base = {
-        "run_id": event.run_id,
-        "attempt": event.attempt,
-        "sequence": event.sequence,
-        "recorded_at": event.recorded_at,
-    }
-    t = event.type
-    if t == EventType.RUN_QUEUED:
-        await conn.execute(Q.runs_project_queued, {**base, **_queued_params(p)})
-        return
-    if t == EventType.RUN_CLAIMED:
-        result = await conn.execute(
-            Q.runs_project_claimed,
-            {**base, "worker_id": p.get("worker_id"), "lease_expires_at": _ts(p.get("lease_expires_at"))},
-        )
-    elif t == EventType.RUN_STARTED:
-        result = await conn.execute(Q.runs_project_started, base)
-    elif t in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED):
-        status, reason = {
-            EventType.RUN_COMPLETED: (RunStatus.SUCCEEDED, StopReason.COMPLETED),
-            EventType.RUN_FAILED: (RunStatus.FAILED, StopReason.FAILED),
-            EventType.RUN_CANCELED: (RunStatus.CANCELED, StopReason.CANCELED),
-        }[EventType(t)]
-        result = await conn.execute(
-            Q.runs_project_finished,
-            {
-                **base,
-                "status": str(status),
-                "stop_reason": p.get("stop_reason") or str(reason),
-                "error": p.get("error"),
-                "output": _dumps(p.get("output")) if t == EventType.RUN_COMPLETED else None,
-            },
-        )
-    elif t == EventType.RUN_REQUEUED:
-        result = await conn.execute(
-            Q.runs_project_requeued,
-            {**base, "next_attempt_at": _ts(p.get("next_attempt_at")) or event.recorded_at,
-             "error": p.get("error")},
-        )
-    elif t == EventType.RUN_CANCEL_REQUESTED:
-        result = await conn.execute(
-            Q.runs_project_cancel_requested, {**base, "reason": p.get("reason"), "requested_by": p.get("requested_by")}
-        )
-    else:
-        # Step and tool events leave the runs row alone; `_touch` moves its last_sequence once per batch.
-        await _apply_step_or_tool(conn, event)
-        return
-    if result.rowcount != 1:
-        raise RuntimeError(f"projection of {t} #{event.sequence} for run {event.run_id} matched no row")
-    if t in (EventType.RUN_FAILED, EventType.RUN_CANCELED):
-        ended = "canceled" if t == EventType.RUN_CANCELED else "run_failed"
-        await conn.execute(Q.run_steps_project_run_ended, {**base, "reason": ended})
+    """Apply one stored event to the projections."""
+    await apply_many(conn, [event])
 
 
-async def _touch(conn: AsyncConnection, last: StoredEvent) -> None:
-    """Set the run's last_sequence and updated_at from the last event applied to it."""
-    result = await conn.execute(
-        Q.runs_project_sequence,
-        {"run_id": last.run_id, "attempt": last.attempt, "sequence": last.sequence, "recorded_at": last.recorded_at},
-    )
-    if result.rowcount != 1:
-        raise RuntimeError(f"run {last.run_id} attempt {last.attempt} matched no row")
+async def _touch_many(conn: AsyncConnection, last: Sequence[StoredEvent]) -> None:
+    """Set each run's last_sequence and updated_at from the last event applied to it."""
+    await _execute_many(conn, Q.runs_project_sequence_many, [
+        {"run_id": e.run_id, "attempt": e.attempt, "sequence": e.sequence, "recorded_at": e.recorded_at}
+        for e in last if e.type not in RUN_PROJECTED
+    ], "last-sequence")
 
 
 def _cache_columns(p: Mapping[str, Any]) -> dict[str, Any]:
@@ -568,88 +663,55 @@ def _cache_columns(p: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _apply_step_or_tool(conn: AsyncConnection, event: StoredEvent) -> None:
-    p = event.payload
+def _step_finished(event: StoredEvent) -> dict[str, Any]:
+    """The run_steps row values of step.succeeded / failed / skipped / canceled."""
+    p, t = event.payload, event.type
+    step_error = None
+    if t == EventType.STEP_FAILED:
+        step_error = {
+            "code": p.get("code") or "tool_failed",
+            "message": p.get("error") or "",
+            "retryable": bool(p.get("retryable", False)),
+            "tool": p.get("tool") or "",
+            "attempt": p.get("try") or 0,
+            "will_retry": bool(p.get("will_retry", False)),
+        }
+    return {
+        "run_id": event.run_id, "attempt": event.attempt, "recorded_at": event.recorded_at,
+        "step_key": p["step_key"],
+        "status": str(_STEP_AFTER[t]),
+        "error": p.get("error"),
+        "output": _dumps(p.get("output")),
+        "step_error": _dumps(step_error),
+        "reason": p.get("reason"),
+        **_cache_columns(p),
+        "source_run_id": p.get("source_run_id"),
+    }
+
+
+async def _apply_step_extras(conn: AsyncConnection, event: StoredEvent) -> None:
+    """A finished step's artifacts and step cache entry (or cache hit), when it has them."""
+    p, t = event.payload, event.type
     base = {"run_id": event.run_id, "attempt": event.attempt, "recorded_at": event.recorded_at}
-    t = event.type
-    if t == EventType.STEP_CREATED:
+    if t in (EventType.STEP_SUCCEEDED, EventType.STEP_SKIPPED) and p.get("artifacts"):
         await conn.execute(
-            Q.run_steps_project_created,
-            {**base, "step_key": p["step_key"], "tool": p.get("tool", ""),
-             "depends_on": list(p.get("depends_on") or [])},
+            Q.run_artifacts_project, {**base, "step_key": p["step_key"], "artifacts": _dumps(p["artifacts"])}
         )
-    elif t == EventType.STEP_STARTED:
-        await conn.execute(
-            Q.run_steps_project_started, {**base, "step_key": p["step_key"], "try": p.get("try"), **_cache_columns(p)}
-        )
-    elif t in _STEP_AFTER:
-        step_error = None
-        if t == EventType.STEP_FAILED:
-            step_error = {
-                "code": p.get("code") or "tool_failed",
-                "message": p.get("error") or "",
-                "retryable": bool(p.get("retryable", False)),
-                "tool": p.get("tool") or "",
-                "attempt": p.get("try") or 0,
-                "will_retry": bool(p.get("will_retry", False)),
-            }
-        await conn.execute(
-            Q.run_steps_project_finished,
-            {
-                **base,
-                "step_key": p["step_key"],
-                "status": str(_STEP_AFTER[t]),
-                "error": p.get("error"),
-                "output": _dumps(p.get("output")),
-                "step_error": _dumps(step_error),
-                "reason": p.get("reason"),
-                "source_run_id": p.get("source_run_id"),
-                **_cache_columns(p),
-            },
-        )
-        if t in (EventType.STEP_SUCCEEDED, EventType.STEP_SKIPPED) and p.get("artifacts"):
-            await conn.execute(
-                Q.run_artifacts_project, {**base, "step_key": p["step_key"], "artifacts": _dumps(p["artifacts"])}
-            )
-        cache = p.get("cache")
-        if t == EventType.STEP_SUCCEEDED and isinstance(cache, Mapping) and cache.get("key"):
-            ttl = cache.get("ttl_seconds")
-            components = cache.get("components") or {}
-            await conn.execute(Q.step_cache_project_written, {
-                "run_id": event.run_id, "step_key": p["step_key"], "recorded_at": event.recorded_at,
-                "cache_key": cache["key"], "base_key": cache.get("base_key") or cache["key"],
-                "scope": cache.get("scope") or "global", "workflow": components.get("workflow", ""),
-                "display": cache.get("display") or "", "components": _dumps(components),
-                "output": _dumps(p.get("output")), "artifacts": _dumps(p.get("artifacts") or []),
-                "expires_at": event.recorded_at + timedelta(seconds=float(ttl)) if ttl else None,
-            })
-        if t == EventType.STEP_SKIPPED and p.get("reason") == "cache_hit" and isinstance(cache, Mapping):
-            await conn.execute(Q.step_cache_project_hit, {"run_id": event.run_id, "cache_key": cache.get("key"),
-                                                          "recorded_at": event.recorded_at})
-    elif t == EventType.TOOL_INVOKED:
-        await conn.execute(
-            Q.tool_calls_project_invoked,
-            {
-                **base,
-                "tool_call_id": p["tool_call_id"],
-                "step_key": p.get("step_key", ""),
-                "tool": p.get("tool", ""),
-                "input": _dumps(p.get("input", {})),
-                "step_attempt": p.get("try") or 1,
-            },
-        )
-    elif t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
-        call_status = ToolCallStatus.SUCCEEDED if t == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
-        await conn.execute(
-            Q.tool_calls_project_finished,
-            {
-                **base,
-                "tool_call_id": p["tool_call_id"],
-                "status": str(call_status),
-                "output": _dumps(p.get("output")),
-                "error": p.get("error"),
-            },
-        )
+    cache = p.get("cache")
+    if t == EventType.STEP_SUCCEEDED and isinstance(cache, Mapping) and cache.get("key"):
+        ttl = cache.get("ttl_seconds")
+        components = cache.get("components") or {}
+        await conn.execute(Q.step_cache_project_written, {
+            "run_id": event.run_id, "step_key": p["step_key"], "recorded_at": event.recorded_at,
+            "cache_key": cache["key"], "base_key": cache.get("base_key") or cache["key"],
+            "scope": cache.get("scope") or "global", "workflow": components.get("workflow", ""),
+            "display": cache.get("display") or "", "components": _dumps(components),
+            "output": _dumps(p.get("output")), "artifacts": _dumps(p.get("artifacts") or []),
+            "expires_at": event.recorded_at + timedelta(seconds=float(ttl)) if ttl else None,
+        })
+    if t == EventType.STEP_SKIPPED and p.get("reason") == "cache_hit" and isinstance(cache, Mapping):
+        await conn.execute(Q.step_cache_project_hit, {"run_id": event.run_id, "cache_key": cache.get("key"),
+                                                      "recorded_at": event.recorded_at})
 
 
 async def replay(conn: AsyncConnection) -> int:
@@ -659,24 +721,22 @@ async def replay(conn: AsyncConnection) -> int:
     await conn.execute(Q.projections_clear)
     await conn.execute(Q.step_cache_clear)
     after = ("", 0)
-    previous: StoredEvent | None = None
     while True:
         rows = (
             await conn.execute(
-                Q.run_events_page, {"after_run_id": after[0], "after_sequence": after[1], "limit": 2000}
+                Q.run_events_page, {"after_run_id": after[0], "after_sequence": after[1], "limit": 5000}
             )
         ).all()
         if not rows:
-            if previous is not None and previous.type not in RUN_PROJECTED:
-                await _touch(conn, previous)
             await _replay_cache(conn)
             return count
-        for row in rows:
-            event = StoredEvent.from_row(row)
-            if previous is not None and previous.run_id != event.run_id and previous.type not in RUN_PROJECTED:
-                await _touch(conn, previous)
-            await apply(conn, event)
-            previous = event
+        page = [StoredEvent.from_row(row) for row in rows]
+        await apply_many(conn, page)
+        last: dict[str, StoredEvent] = {}
+        for event in page:
+            last[event.run_id] = event
+        # A run whose events go on in the next page is touched again there; the last touch wins.
+        await _touch_many(conn, list(last.values()))
         count += len(rows)
         after = (rows[-1].run_id, rows[-1].sequence)
 

@@ -363,6 +363,177 @@ tool_calls_project_finished = q(
     """
 )
 
+# --- projections, set-based: one statement applies one kind of event to many rows ------------
+# The store applies a batch in rounds: a round holds at most one event per run row, step row and
+# tool call row, so each statement below touches distinct rows and the rounds keep every row's
+# events in log order. Each returns the rows it changed; the store checks that every event matched.
+
+# run.claimed for many runs.
+runs_project_claimed_many = q(
+    """
+    UPDATE runs SET status = 'RUNNING', attempt = v.attempt, worker_id = v.worker_id,
+        lease_expires_at = v.lease_expires_at, updated_at = v.recorded_at, last_sequence = v.sequence
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
+                CAST(:recorded_ats AS timestamptz[]), CAST(:worker_ids AS text[]),
+                CAST(:lease_expires_ats AS timestamptz[]))
+        AS v(run_id, attempt, sequence, recorded_at, worker_id, lease_expires_at)
+    WHERE runs.run_id = v.run_id AND runs.status = 'QUEUED'
+    """
+)
+
+# run.started for many runs.
+runs_project_started_many = q(
+    """
+    UPDATE runs SET started_at = COALESCE(runs.started_at, v.recorded_at), updated_at = v.recorded_at,
+        last_sequence = v.sequence
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
+                CAST(:recorded_ats AS timestamptz[]))
+        AS v(run_id, attempt, sequence, recorded_at)
+    WHERE runs.run_id = v.run_id AND runs.status = 'RUNNING' AND runs.attempt = v.attempt
+    """
+)
+
+# run.completed / run.failed / run.canceled for many runs; terminal rows never change again.
+runs_project_finished_many = q(
+    """
+    UPDATE runs SET status = v.status, stop_reason = v.stop_reason, error = v.error,
+        output = CAST(v.output AS jsonb), finished_at = v.recorded_at, lease_expires_at = NULL,
+        updated_at = v.recorded_at, last_sequence = v.sequence
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
+                CAST(:recorded_ats AS timestamptz[]), CAST(:statuses AS text[]), CAST(:stop_reasons AS text[]),
+                CAST(:errors AS text[]), CAST(:outputs AS text[]))
+        AS v(run_id, attempt, sequence, recorded_at, status, stop_reason, error, output)
+    WHERE runs.run_id = v.run_id AND runs.status IN ('QUEUED', 'RUNNING') AND runs.attempt = v.attempt
+    """
+)
+
+# run.requeued for many runs.
+runs_project_requeued_many = q(
+    """
+    UPDATE runs SET status = 'QUEUED', next_attempt_at = v.next_attempt_at, worker_id = NULL,
+        lease_expires_at = NULL, error = v.error, updated_at = v.recorded_at, last_sequence = v.sequence
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
+                CAST(:recorded_ats AS timestamptz[]), CAST(:next_attempt_ats AS timestamptz[]),
+                CAST(:errors AS text[]))
+        AS v(run_id, attempt, sequence, recorded_at, next_attempt_at, error)
+    WHERE runs.run_id = v.run_id AND runs.status = 'RUNNING' AND runs.attempt = v.attempt
+    """
+)
+
+# run.cancel_requested for many runs.
+runs_project_cancel_requested_many = q(
+    """
+    UPDATE runs SET cancel_requested_at = v.recorded_at, cancel_reason = v.reason,
+        cancel_requested_by = v.requested_by, updated_at = v.recorded_at, last_sequence = v.sequence
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
+                CAST(:recorded_ats AS timestamptz[]), CAST(:reasons AS text[]), CAST(:requested_bys AS text[]))
+        AS v(run_id, attempt, sequence, recorded_at, reason, requested_by)
+    WHERE runs.run_id = v.run_id AND runs.status IN ('QUEUED', 'RUNNING') AND runs.attempt = v.attempt
+    """
+)
+
+# After a batch: each run's last sequence and update time follow its last event.
+runs_project_sequence_many = q(
+    """
+    UPDATE runs SET updated_at = v.recorded_at, last_sequence = v.sequence
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
+                CAST(:recorded_ats AS timestamptz[]))
+        AS v(run_id, attempt, sequence, recorded_at)
+    WHERE runs.run_id = v.run_id AND runs.attempt = v.attempt
+    """
+)
+
+# step.created for many steps (again, after an attempt that did not finish one: its tries are kept).
+run_steps_project_created_many = q(
+    """
+    INSERT INTO run_steps (run_id, step_key, tool, status, attempt, created_at, depends_on)
+    SELECT v.run_id, v.step_key, v.tool, 'CREATED', v.attempt, v.recorded_at,
+        ARRAY(SELECT jsonb_array_elements_text(CAST(v.depends_on AS jsonb)))
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
+                CAST(:step_keys AS text[]), CAST(:tools AS text[]), CAST(:depends_ons AS text[]))
+        AS v(run_id, attempt, recorded_at, step_key, tool, depends_on)
+    ON CONFLICT (run_id, step_key) DO UPDATE SET tool = EXCLUDED.tool, status = 'CREATED',
+        attempt = EXCLUDED.attempt, depends_on = EXCLUDED.depends_on, started_at = NULL,
+        finished_at = NULL, error = NULL, output = NULL, step_error = NULL, reason = NULL
+    """
+)
+
+# step.started for many steps.
+run_steps_project_started_many = q(
+    """
+    UPDATE run_steps SET status = 'RUNNING', started_at = v.recorded_at, finished_at = NULL,
+        attempt = v.attempt, tries = COALESCE(v.try, run_steps.tries + 1), error = NULL, step_error = NULL,
+        cache_key = COALESCE(v.cache_key, run_steps.cache_key),
+        cache_display = COALESCE(v.cache_display, run_steps.cache_display),
+        cache_result = COALESCE(v.cache_result, run_steps.cache_result),
+        cache_reason = COALESCE(v.cache_reason, run_steps.cache_reason)
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
+                CAST(:step_keys AS text[]), CAST(:tries AS integer[]), CAST(:cache_keys AS text[]),
+                CAST(:cache_displays AS text[]), CAST(:cache_results AS text[]), CAST(:cache_reasons AS text[]))
+        AS v(run_id, attempt, recorded_at, step_key, try, cache_key, cache_display, cache_result, cache_reason)
+    WHERE run_steps.run_id = v.run_id AND run_steps.step_key = v.step_key
+    """
+)
+
+# step.succeeded / step.failed / step.skipped / step.canceled for many steps.
+run_steps_project_finished_many = q(
+    """
+    UPDATE run_steps SET status = v.status, finished_at = v.recorded_at, attempt = v.attempt, error = v.error,
+        output = CAST(v.output AS jsonb), step_error = CAST(v.step_error AS jsonb), reason = v.reason,
+        cache_key = COALESCE(v.cache_key, run_steps.cache_key),
+        cache_display = COALESCE(v.cache_display, run_steps.cache_display),
+        cache_result = COALESCE(v.cache_result, run_steps.cache_result),
+        cache_reason = COALESCE(v.cache_reason, run_steps.cache_reason),
+        source_run_id = COALESCE(v.source_run_id, run_steps.source_run_id)
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
+                CAST(:step_keys AS text[]), CAST(:statuses AS text[]), CAST(:errors AS text[]),
+                CAST(:outputs AS text[]), CAST(:step_errors AS text[]), CAST(:reasons AS text[]),
+                CAST(:cache_keys AS text[]), CAST(:cache_displays AS text[]), CAST(:cache_results AS text[]),
+                CAST(:cache_reasons AS text[]), CAST(:source_run_ids AS text[]))
+        AS v(run_id, attempt, recorded_at, step_key, status, error, output, step_error, reason, cache_key,
+             cache_display, cache_result, cache_reason, source_run_id)
+    WHERE run_steps.run_id = v.run_id AND run_steps.step_key = v.step_key
+    """
+)
+
+# run.failed / run.canceled for many runs: their steps that will never run in the run (see
+# run_steps_project_run_ended).
+run_steps_project_run_ended_many = q(
+    """
+    UPDATE run_steps SET status = 'CANCELED', reason = v.reason, finished_at = v.recorded_at
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:recorded_ats AS timestamptz[]), CAST(:reasons AS text[]))
+        AS v(run_id, recorded_at, reason)
+    WHERE run_steps.run_id = v.run_id AND (run_steps.status IN ('CREATED', 'RUNNING')
+        OR (run_steps.status = 'FAILED' AND COALESCE((run_steps.step_error->>'will_retry')::boolean, false)))
+    """
+)
+
+# tool.invoked for many tool calls.
+tool_calls_project_invoked_many = q(
+    """
+    INSERT INTO tool_calls (run_id, tool_call_id, step_key, tool, status, attempt, input, invoked_at,
+        step_attempt)
+    SELECT v.run_id, v.tool_call_id, v.step_key, v.tool, 'INVOKED', v.attempt, CAST(v.input AS jsonb),
+        v.recorded_at, v.step_attempt
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
+                CAST(:tool_call_ids AS text[]), CAST(:step_keys AS text[]), CAST(:tools AS text[]),
+                CAST(:inputs AS text[]), CAST(:step_attempts AS integer[]))
+        AS v(run_id, attempt, recorded_at, tool_call_id, step_key, tool, input, step_attempt)
+    """
+)
+
+# tool.succeeded / tool.failed for many tool calls.
+tool_calls_project_finished_many = q(
+    """
+    UPDATE tool_calls SET status = v.status, output = CAST(v.output AS jsonb), error = v.error,
+        finished_at = v.recorded_at
+    FROM unnest(CAST(:run_ids AS text[]), CAST(:recorded_ats AS timestamptz[]), CAST(:tool_call_ids AS text[]),
+                CAST(:statuses AS text[]), CAST(:outputs AS text[]), CAST(:errors AS text[]))
+        AS v(run_id, recorded_at, tool_call_id, status, output, error)
+    WHERE tool_calls.run_id = v.run_id AND tool_calls.tool_call_id = v.tool_call_id
+    """
+)
+
 # Replay starts from empty projections (run_steps, tool_calls and run_artifacts go with their runs).
 projections_clear = q("DELETE FROM runs")
 step_cache_clear = q("DELETE FROM step_cache")
