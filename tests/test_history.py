@@ -7,6 +7,7 @@ payload fields, projected columns), and replaying the log must rebuild the same 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from ulid import ULID
 from services.run_api import db
 from services.run_api.server import ApiServer
 from services.run_api.store import queries as Q
-from services.run_api.store.history import fill_history
+from services.run_api.store.history import fill_history, parse_cutoff
 from services.run_worker.worker import Worker
 from shared.gen.runs.v1 import run_service_pb2, run_service_pb2_grpc, worker_service_pb2, worker_service_pb2_grpc
 from shared.settings import ApiSettings, WorkerSettings
@@ -273,3 +274,181 @@ async def test_hot_statements_stay_on_the_live_part_of_a_large_history(database_
         engine.dispose()
     print(f"filled {HISTORY_RUNS} runs in {filled:.1f}s; {len(HOT)} statements explained:", *summary, sep="\n  ")
     assert not problems, "\n\n".join(problems)
+
+
+# --- retention: archive old finished runs ---------------------------------------------------------
+
+
+def archive_command(database_url: str, *args: str) -> str:
+    """`python -m services.run_api archive ARGS` against the test's database; its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_", "RUNS_", "DATABASE_URL", "OTEL_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.run_api", "archive", "--database-url", database_url, *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def archived_lines(folder: str) -> list[dict[str, Any]]:
+    """Every run in the archive files of a folder (and no partial file left)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    assert not [n for n in names if not n.endswith(".jsonl.gz")], names
+    out: list[dict[str, Any]] = []
+    for name in names:
+        with gzip.open(os.path.join(folder, name), "rt") as handle:
+            out.extend(json.loads(line) for line in handle)
+    return out
+
+
+def test_cutoffs_are_days_ago_or_iso_times() -> None:
+    now = datetime(2026, 5, 1, 12, tzinfo=UTC)
+    assert parse_cutoff("30d", now) == now - timedelta(days=30)
+    assert parse_cutoff("2026-01-02", now) == datetime(2026, 1, 2, tzinfo=UTC)
+    assert parse_cutoff("2026-01-02T03:04:05+02:00", now) == datetime(2026, 1, 2, 1, 4, 5, tzinfo=UTC)
+    with pytest.raises(ValueError, match="finished-before"):
+        parse_cutoff("last week", now)
+
+
+@pytest.mark.timeout(90)
+async def test_archive_moves_exactly_the_old_finished_runs(database_url: str, tmp_path: Any) -> None:
+    live = await live_noop_run(database_url)
+    _, running = await live_part(database_url, queued=20, running=5)
+    url = db.libpq_url(database_url)
+    fill_history(url, 60, chunk=25)  # over the last 90 days
+    fill_history(url, 10, days=10)  # recent ones stay
+    before = datetime.now(UTC) - timedelta(days=30)
+    folder = str(tmp_path / "archive")
+    with psycopg.connect(url, autocommit=True) as conn:
+        old = [r[0] for r in conn.execute(
+            "SELECT run_id FROM runs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELED') AND finished_at < %s "
+            "ORDER BY run_id", (before,))]
+        assert 30 <= len(old) < 60 and live not in old
+        events = {r: conn.execute("SELECT sequence, type, event_id, recorded_at, payload FROM run_events "
+                                  "WHERE run_id = %s ORDER BY sequence", (r,)).fetchall() for r in old}
+        counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                  for t in ("runs", "run_events", "run_steps", "tool_calls")}
+        first = snapshot(conn)
+
+    out = archive_command(database_url, "--finished-before", before.isoformat(), "--to", folder, "--dry-run")
+    assert f"would archive {len(old)} runs ({9 * len(old)} events)" in out
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert snapshot(conn) == first, "a dry run changed the database"
+    assert archived_lines(folder) == []
+
+    out = archive_command(database_url, "--finished-before", before.isoformat(), "--to", folder, "--batch", "7")
+    assert f"archived {len(old)} runs ({9 * len(old)} events)" in out
+    lines = archived_lines(folder)
+    assert len(os.listdir(folder)) == -(-len(old) // 7)
+    assert [line["run"]["run_id"] for line in lines] == old
+    for line in lines:
+        want = events[line["run"]["run_id"]]
+        got = [(e["sequence"], e["type"], e["event_id"], datetime.fromisoformat(e["recorded_at"]), e["payload"])
+               for e in line["events"]]
+        assert got == [tuple(w) for w in want]
+        assert line["run"]["status"] == "SUCCEEDED" and len(line["steps"]) == len(line["tool_calls"]) == 1
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table, n in counts.items():
+            left = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            assert left == n - len(old) * (9 if table == "run_events" else 1), table
+            assert conn.execute(f"SELECT count(*) FROM {table} WHERE run_id = ANY(%s)", (old,)).fetchone()[0] == 0
+        statuses = dict(conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
+        assert statuses == {"QUEUED": 15, "RUNNING": 5, "SUCCEEDED": 1 + 60 + 10 - len(old)}
+        assert conn.execute("SELECT count(*) FROM runs WHERE run_id = ANY(%s)", (running,)).fetchone()[0] == 5
+        kept = snapshot(conn)
+    replay_command(database_url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert snapshot(conn) == kept
+    # Again: nothing left to move.
+    assert "archived 0 runs" in archive_command(database_url, "--finished-before", before.isoformat(), "--to", folder)
+
+
+@pytest.mark.timeout(60)
+async def test_the_archiver_setting_never_deletes_a_live_runs_events(database_url: str) -> None:
+    _, running = await live_part(database_url, queued=3, running=1)
+    url = db.libpq_url(database_url)
+    fill_history(url, 2)
+    with psycopg.connect(url, autocommit=True) as conn:
+        queued = conn.execute("SELECT run_id FROM runs WHERE status = 'QUEUED' LIMIT 1").fetchone()[0]
+        finished = conn.execute("SELECT run_id FROM runs WHERE status = 'SUCCEEDED' LIMIT 1").fetchone()[0]
+
+        def attempt(statement: str, run_id: str, archiving: bool) -> str:
+            """'' when the statement went through (then rolled back), else the refusal."""
+            try:
+                with conn.transaction(force_rollback=True):
+                    if archiving:
+                        conn.execute("SET LOCAL runs.archiving = 'on'")
+                    conn.execute(statement, {"run_id": run_id})
+                return ""
+            except psycopg.errors.InsufficientPrivilege as err:
+                return str(err)
+
+        delete = "DELETE FROM run_events WHERE run_id = %(run_id)s"
+        update = "UPDATE run_events SET payload = '{}' WHERE run_id = %(run_id)s"
+        for run_id in (queued, running[0]):
+            assert "append-only: DELETE refused" in attempt(delete, run_id, archiving=True)
+        assert "append-only: DELETE refused" in attempt(delete, finished, archiving=False)
+        assert "append-only: UPDATE refused" in attempt(update, finished, archiving=True)
+        assert "append-only: TRUNCATE refused" in attempt("TRUNCATE run_events", finished, archiving=True)
+        assert attempt(delete, finished, archiving=True) == ""  # the one thing the setting allows
+        # Nothing was deleted: two finished runs, two queued ones and the claimed one.
+        assert conn.execute("SELECT count(*) FROM run_events").fetchone()[0] == 9 * 2 + 2 * 1 + 2
+
+
+CACHED = """
+name: cached.echo
+steps:
+  - key: a
+    tool: echo
+    args: {n: 1}
+    cache: {scope: global}
+"""
+
+
+@pytest.mark.timeout(90)
+async def test_archive_keeps_runs_live_data_points_to(database_url: str, tmp_path: Any) -> None:
+    """A step_cache entry's source run and the base of an unfinished rebuild stay; the entry's hit count
+    follows the log (a hitting run archived: one hit fewer), so a replay still equals the projections."""
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "cached.echo.yaml").write_text(CACHED)
+    settings = dataclasses.replace(ApiSettings(), addr="127.0.0.1:0", database_url=database_url,
+                                   workflows_dir=str(workflows), artifacts_url=str(tmp_path / "artifacts"))
+    server = ApiServer(settings, database_url)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = run_service_pb2_grpc.RunServiceStub(channel)
+            ids = []
+            worker = Worker(WorkerSettings(api_addr=f"127.0.0.1:{port}", worker_id="w-cache"))
+            try:
+                for _ in range(3):  # the first writes the entry, the others hit it
+                    response = await stub.StartRun(run_service_pb2.StartRunRequest(workflow="cached.echo"))
+                    ids.append(response.run.run_id)
+                    assert (await worker.run_cycle())["succeeded"] == 1
+            finally:
+                await worker.close()
+            source, base, hitter = ids
+            rebuild = await stub.RebuildRun(run_service_pb2.RebuildRunRequest(base_run_id=base, steps=["a"]))
+    finally:
+        await server.stop()
+    url = db.libpq_url(database_url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        entry = conn.execute("SELECT source_run_id, hit_count FROM step_cache").fetchall()
+        assert entry == [(source, 2)]
+        queued = conn.execute("SELECT status FROM runs WHERE run_id = %s", (rebuild.run.run_id,)).fetchone()
+        assert queued == ("QUEUED",)
+    cutoff = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    out = archive_command(database_url, "--finished-before", cutoff, "--to", str(tmp_path / "a"), "--dry-run")
+    assert "would archive 1 runs" in out and "2 older finished runs kept" in out
+    out = archive_command(database_url, "--finished-before", cutoff, "--to", str(tmp_path / "a"))
+    assert "archived 1 runs" in out
+    assert [line["run"]["run_id"] for line in archived_lines(str(tmp_path / "a"))] == [hitter]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT run_id FROM runs")) == sorted(
+            [source, base, rebuild.run.run_id])
+        assert conn.execute("SELECT source_run_id, hit_count FROM step_cache").fetchall() == [(source, 1)]
+        kept = snapshot(conn)
+    replay_command(database_url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert snapshot(conn) == kept

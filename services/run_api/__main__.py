@@ -1,4 +1,4 @@
-"""`python -m services.run_api [serve|migrate|replay]`: the run API process and its admin commands."""
+"""`python -m services.run_api [serve|migrate|replay|keys|archive]`: the run API process and its admin commands."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Na
     p.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate", "replay"],
                    help="serve (default); migrate: apply migrations and exit; "
                         "replay: rebuild workflows/runs/run_steps/tool_calls/run_artifacts from the logs and exit; "
-                        "see also `keys create --help`")
+                        "see also `keys create --help` and `archive --help`")
     p.add_argument("--addr", default=defaults.addr, help="listen address (RUN_API_ADDR) [%(default)s]")
     p.add_argument("--database-url", default=defaults.database_url,
                    help="PostgreSQL URL (DATABASE_URL) [embedded PostgreSQL in --data-dir]")
@@ -165,11 +165,60 @@ def keys_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def parse_archive_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`archive --finished-before 90d ...`: move old finished runs out of the database."""
+    p = argparse.ArgumentParser(
+        prog="python -m services.run_api archive",
+        description="Write finished runs (SUCCEEDED, FAILED, CANCELED) that ended before a cutoff to gzipped JSON "
+                    "lines files (run row, events, steps, tool calls, artifact rows), then delete them from the "
+                    "database, a batch per file and per transaction. Runs a step_cache entry or an unfinished "
+                    "rebuild points to are kept.",
+    )
+    p.add_argument("--finished-before", required=True, metavar="WHEN",
+                   help="cutoff: Nd (days ago, e.g. 90d) or an ISO 8601 date or time (UTC unless stated)")
+    p.add_argument("--to", default="", metavar="URL",
+                   help="where the files go, any fsspec URL (file path, s3://...) [<data dir>/archive]")
+    p.add_argument("--batch", type=int, default=1000, help="runs per file and per transaction [%(default)s]")
+    p.add_argument("--dry-run", action="store_true", help="count what would be archived; change nothing")
+    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or None,
+                   help="PostgreSQL URL (DATABASE_URL) [embedded PostgreSQL in --data-dir]")
+    p.add_argument("--data-dir", default=os.environ.get("RUNS_DATA_DIR") or ".runs")
+    return p.parse_args(argv)
+
+
+def archive_main(argv: Sequence[str]) -> int:
+    """`python -m services.run_api archive`: prints what was archived (or would be, with --dry-run)."""
+    from services.run_api.store import history
+
+    args = parse_archive_args(argv)
+    try:
+        before = history.parse_cutoff(args.finished_before)
+        url = db.resolve_database_url(args.database_url, args.data_dir)
+        db.migrate(url)
+        to = args.to or os.path.abspath(os.path.join(args.data_dir, "archive"))
+        done = history.archive_runs(db.libpq_url(url), before, to, batch=args.batch, dry_run=args.dry_run)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except sqlalchemy.exc.OperationalError as err:
+        print(f"error: cannot reach the database: {err.orig}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"would archive {done.runs} runs ({done.events} events) finished before {before.isoformat()}; "
+              f"{done.kept} older finished runs kept (a step_cache entry or an unfinished rebuild points to them)")
+    else:
+        print(f"archived {done.runs} runs ({done.events} events) finished before {before.isoformat()} "
+              f"into {len(done.files)} file(s) under {to}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["keys"]:
         return keys_main(args_list[1:])
+    if args_list[:1] == ["archive"]:
+        return archive_main(args_list[1:])
     try:
         env = ApiSettings.from_env()
         args = parse_args(argv, env)

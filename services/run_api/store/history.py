@@ -15,17 +15,25 @@ involved.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import os
+import posixpath
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import fsspec
 import psycopg
+from fsspec.implementations.local import LocalFileSystem
+from ulid import ULID
 
+from services.run_api.store import queries as Q
 from shared.settings import PROJECT_WORKFLOWS_DIR, ApiSettings
 from shared.workflow.keys import spec_version_hash
 from shared.workflow.spec import load_spec_text
@@ -261,3 +269,150 @@ def fill_history(conninfo: str, runs: int, *, chunk: int = 100_000, jobs: int = 
                 future.result()
         conn.execute(hist_analyze)
     log.info("history: %d finished runs filled in %.1fs", runs, time.monotonic() - progress.began)
+
+
+# --- retention: archive old finished runs, then delete them ----------------------------------------
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
+
+# What keeps a finished run out of the archive: live data points to it (a step_cache entry it wrote,
+# a rebuild of it that has not finished). Shared by the dry run's count and the batch query.
+_ARCHIVABLE = """
+    r.status IN ('SUCCEEDED', 'FAILED', 'CANCELED') AND r.finished_at < %(before)s
+    AND NOT EXISTS (SELECT 1 FROM step_cache c WHERE c.source_run_id = r.run_id)
+    AND NOT EXISTS (SELECT 1 FROM runs l WHERE l.base_run_id = r.run_id AND l.status IN ('QUEUED', 'RUNNING'))
+"""
+
+# The next batch to archive, locked: in run id order after :after. Ids are ULIDs of the creation time,
+# so a run that finished before the cutoff has an id below :id_bound, and the scan stays in that range.
+archive_batch = f"""
+SELECT r.run_id FROM runs r
+WHERE r.run_id > %(after)s AND r.run_id < %(id_bound)s AND {_ARCHIVABLE}
+ORDER BY r.run_id
+LIMIT %(batch)s
+FOR UPDATE OF r SKIP LOCKED
+"""
+
+# The dry run: how many runs and events an archive would move, and how many old finished runs it keeps.
+archive_count = f"""
+SELECT count(*) FILTER (WHERE {_ARCHIVABLE}) AS runs,
+       COALESCE(sum(r.last_sequence) FILTER (WHERE {_ARCHIVABLE}), 0) AS events,
+       count(*) FILTER (WHERE NOT ({_ARCHIVABLE})) AS kept
+FROM runs r
+WHERE r.run_id < %(id_bound)s AND r.status IN ('SUCCEEDED', 'FAILED', 'CANCELED') AND r.finished_at < %(before)s
+"""
+
+# One JSON line per run: its row, its events in order, its steps, tool calls and artifacts (as stored).
+archive_lines = """
+SELECT r.run_id, r.last_sequence, json_build_object(
+    'run', to_json(r),
+    'events', (SELECT json_agg(to_json(e) ORDER BY e.sequence) FROM run_events e WHERE e.run_id = r.run_id),
+    'steps', (SELECT COALESCE(json_agg(to_json(s) ORDER BY s.step_key), '[]') FROM run_steps s
+              WHERE s.run_id = r.run_id),
+    'tool_calls', (SELECT COALESCE(json_agg(to_json(c) ORDER BY c.tool_call_id), '[]') FROM tool_calls c
+                   WHERE c.run_id = r.run_id),
+    'artifacts', (SELECT COALESCE(json_agg(to_json(a) ORDER BY a.step_key, a.name), '[]') FROM run_artifacts a
+                  WHERE a.run_id = r.run_id)
+)::text AS line
+FROM runs r WHERE r.run_id = ANY(%(run_ids)s) ORDER BY r.run_id
+"""
+
+# Whether these runs hit cache entries (their entries' hit counts come from the log: they are counted again).
+archive_hit_cache = """
+SELECT EXISTS (SELECT 1 FROM run_steps WHERE run_id = ANY(%(run_ids)s) AND reason = 'cache_hit') AS hit
+"""
+
+# The trigger on run_events lets this transaction delete events of finished runs (migration 0005).
+archive_allow = "SELECT set_config('runs.archiving', 'on', true)"
+archive_delete_events = "DELETE FROM run_events WHERE run_id = ANY(%(run_ids)s)"
+# run_steps, tool_calls and run_artifacts go with their runs (ON DELETE CASCADE).
+archive_delete_runs = "DELETE FROM runs WHERE run_id = ANY(%(run_ids)s)"
+
+
+@dataclass
+class ArchiveResult:
+    """What an archive moved (or, in a dry run, would move) and where to."""
+
+    runs: int = 0
+    events: int = 0
+    kept: int = 0  # finished before the cutoff, kept because live data points to them (dry run only)
+    files: list[str] = field(default_factory=list)
+
+
+def parse_cutoff(text: str, now: datetime | None = None) -> datetime:
+    """`30d` (days before now) or an ISO 8601 date or time (UTC unless it says otherwise)."""
+    value = text.strip()
+    now = now or datetime.now(UTC)
+    if value[:-1].isdigit() and value[-1:].lower() == "d":
+        return now - timedelta(days=int(value[:-1]))
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"--finished-before must be Nd or an ISO date or time, got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _id_bound(before: datetime) -> str:
+    """The smallest ULID of an hour after the cutoff (room for the clock skew of whoever made the ids)."""
+    ms = int((before + timedelta(hours=1)).timestamp() * 1000)
+    return str(ULID.from_bytes(ms.to_bytes(6, "big") + bytes(10)))
+
+
+def _write_archive(fs: Any, path: str, lines: list[str]) -> None:
+    """Write JSON lines (gzip) to `path` and make them durable before the runs are deleted."""
+    with fs.open(path, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
+            for line in lines:
+                gz.write(line.encode() + b"\n")
+        raw.flush()
+        if isinstance(fs, LocalFileSystem):
+            os.fsync(raw.fileno())
+
+
+def archive_runs(conninfo: str, before: datetime, to_url: str, *, batch: int = 1000,
+                 dry_run: bool = False) -> ArchiveResult:
+    """Move finished runs that ended before `before` out of the database into JSON lines files under
+    `to_url` (any fsspec URL), `batch` runs per file and per transaction: a file is written, flushed
+    and fsynced, then its runs are deleted (events under the archiver's setting, then the runs with
+    their steps, tool calls and artifact rows) and the transaction commits; only then does the file
+    lose its `.partial` suffix. Runs live data points to are kept. Artifact bytes stay in the store."""
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    conninfo = conninfo.replace("postgresql+psycopg://", "postgresql://", 1)
+    params: dict[str, Any] = {"before": before, "id_bound": _id_bound(before), "after": "", "batch": batch}
+    result = ArchiveResult()
+    with psycopg.connect(conninfo) as conn:
+        if dry_run:
+            runs, events, kept = conn.execute(archive_count, params).fetchone() or (0, 0, 0)
+            return ArchiveResult(runs=int(runs), events=int(events), kept=int(kept))
+        fs, root = fsspec.core.url_to_fs(to_url)
+        fs.makedirs(root, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        while True:
+            partial = ""
+            try:
+                with conn.transaction():
+                    ids = [row[0] for row in conn.execute(archive_batch, params)]
+                    if not ids:
+                        break
+                    rows = conn.execute(archive_lines, {"run_ids": ids}).fetchall()
+                    final = posixpath.join(root, f"runs-{stamp}-{len(result.files) + 1:06d}.jsonl.gz")
+                    partial = final + ".partial"
+                    _write_archive(fs, partial, [row[2] for row in rows])
+                    hit = conn.execute(archive_hit_cache, {"run_ids": ids}).fetchone()
+                    conn.execute(archive_allow)
+                    conn.execute(archive_delete_events, {"run_ids": ids})
+                    conn.execute(archive_delete_runs, {"run_ids": ids})
+                    if hit and hit[0]:
+                        conn.execute(Q.step_cache_recount_hits.text)
+            except BaseException:
+                if partial and fs.exists(partial):  # not committed: the runs are still in the database
+                    fs.rm(partial)
+                raise
+            fs.mv(partial, final)
+            result.runs += len(ids)
+            result.events += sum(int(row[1]) for row in rows)
+            result.files.append(final)
+            params["after"] = ids[-1]
+            log.info("archive: %d runs (%d events) so far, last file %s", result.runs, result.events, final)
+    return result
