@@ -7,7 +7,9 @@ Each test builds a ClaimedRun carrying a spec (and the steps earlier attempts le
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -205,13 +207,44 @@ async def test_a_chain_reports_every_event_in_order_with_selected_inputs() -> No
     assert [t for t, _ in rep.reports[0]][:3] == ["run.started", "step.created", "step.created"]
     assert rep.of("step.created") == [{"step_key": "a", "tool": "echo", "depends_on": []},
                                       {"step_key": "b", "tool": "echo", "depends_on": ["a"]}]
-    # step.started and tool.invoked share a report: the call is recorded before the tool runs
-    assert any([t for t, _ in r] == ["step.started", "tool.invoked"] for r in rep.reports)
+    # echo is instant: each try is announced in the same report as its result (the first with the prefix)
+    assert [t for t, _ in rep.reports[0]] == ["run.started", "step.created", "step.created", "step.started",
+                                              "tool.invoked", "tool.succeeded", "step.succeeded"]
+    assert [[t for t, _ in r] for r in rep.reports[1:]] == [
+        ["step.started", "tool.invoked", "tool.succeeded", "step.succeeded", "run.completed"]]
     a_call, b_call = rep.of("tool.invoked")
     assert a_call["input"] == {"x": "hello", "k": 1.0} and a_call["try"] == 1 and a_call["tool_version"] == "1"
     assert b_call["input"] == {"x": "hello", "up": {"x": "hello", "k": 1.0}}
     assert rep.of("step.succeeded", "b")[0] == {"step_key": "b", "output": b_call["input"], "artifacts": [], "try": 1}
     assert rep.of("run.completed") == [{"output": {"b": b_call["input"]}}]
+
+
+async def test_a_tool_that_is_not_instant_is_recorded_before_it_runs_in_a_workdir_of_its_own() -> None:
+    seen: list[tuple[list[list[str]], str]] = []
+    reporter = FakeReporter()
+
+    async def careful(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        seen.append(([[t for t, _ in r] for r in reporter.reports], ctx.workdir))
+        return {}
+
+    _, task = await start(claim(spec_of({"key": "a", "tool": "careful"})), reporter, tools(careful=careful))
+    assert await asyncio.wait_for(task, DEADLINE) is Result.SUCCEEDED
+    (reports, workdir), = seen
+    # step.started and tool.invoked were reported (with the prefix) before the tool ran
+    assert reports == [["run.started", "step.created", "step.started", "tool.invoked"]]
+    assert workdir and not os.path.exists(workdir)  # a fresh directory, removed after the try
+    seen_dir: list[str] = []
+
+    async def instant(args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        seen_dir.append(ctx.workdir)
+        return {}
+
+    quick = {"quick": dataclasses.replace(as_tool("quick", instant), instant=True)}
+    result, rep = await run(claim(spec_of({"key": "a", "tool": "quick"})), {**tools(), **quick})
+    assert result is Result.SUCCEEDED and seen_dir == [""]  # no working directory made for an instant tool
+    assert [[t for t, _ in r] for r in rep.reports] == [[
+        "run.started", "step.created", "step.started", "tool.invoked", "tool.succeeded", "step.succeeded",
+        "run.completed"]]
 
 
 async def test_independent_steps_overlap_and_a_join_waits_for_both() -> None:
@@ -438,7 +471,8 @@ async def test_a_stale_report_stops_the_run() -> None:
     reporter.stale_on = "tool.succeeded"
     _, task = await start(claim(spec), reporter, tools())
     assert await asyncio.wait_for(task, DEADLINE) is Result.LOST
-    assert reporter.types() == ["run.started", "step.created", "step.created", "step.started", "tool.invoked"]
+    # echo is instant: a's whole try rode in the refused report (nothing recorded), and b never started
+    assert reporter.reports == []
 
 
 async def test_a_step_timeout_fails_the_try_as_tool_timeout() -> None:
@@ -468,7 +502,7 @@ async def test_runtime_tool_dispatches_names_the_real_tool_and_keeps_run_level_r
     assert rep.of("step.created") == [{"step_key": "runtime", "tool": "echo", "depends_on": []}]
     assert rep.of("tool.invoked")[0]["input"] == {"a": 1.0} and rep.of("tool.invoked")[0]["tool"] == "echo"
     assert rep.of("run.completed") == [{"output": {"runtime": {"a": 1.0}}}]
-    assert len(rep.reports) == 2  # as before: announce, then the result with run.completed
+    assert len(rep.reports) == 1  # echo is instant: the whole run in one report, run.completed included
 
     # a failure ends the run with the tool's retryable and no stop_reason: the API re-queues it
     result, rep = await run(claim(spec, {"tool": "fail", "args": {"message": "flaky", "times": 1}}, attempt=1))

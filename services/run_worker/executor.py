@@ -119,9 +119,9 @@ async def run_try(tool: Tool, args: Json, call: TryCall) -> TryResult:
     """Run `tool` once with `args` in a fresh working directory; upload its artifacts if it succeeds.
 
     Never raises for the tool's own failures (they are in the TryResult); cancellation propagates
-    once the tool is cancelled, and the directory is removed either way.
+    once the tool is cancelled, and the directory is removed either way. An instant tool gets none.
     """
-    workdir = tempfile.mkdtemp(prefix="runs-try-", dir=call.workdir_base or None)
+    workdir = "" if tool.instant else tempfile.mkdtemp(prefix="runs-try-", dir=call.workdir_base or None)
     ctx = ToolContext(call.run_id, call.attempt, call.step_key, workdir, call.fetcher)
     try:
         with tracer.start_as_current_span(f"tool.{tool.name}", attributes={"tool.name": tool.name,
@@ -155,4 +155,5 @@ async def run_try(tool: Tool, args: Json, call: TryCall) -> TryResult:
         log.info("tool %s raised %s", tool.name, type(err).__name__, exc_info=True)
         return TryResult(None, error=f"{type(err).__name__}: {err}", code=StepErrorCode.TOOL_FAILED, retryable=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -513,8 +513,12 @@ class _Run:
         invoked = {"tool_call_id": call_id, "step_key": key, "tool": name, "input": args, "try": n}
         if tool is not None:
             invoked["tool_version"] = tool.version
-        # Recorded before the tool runs: a stale attempt learns it here, before doing any work.
-        await self.report([self.ev(EventType.STEP_STARTED, started), self.ev(EventType.TOOL_INVOKED, invoked)])
+        announce = [self.ev(EventType.STEP_STARTED, started), self.ev(EventType.TOOL_INVOKED, invoked)]
+        if tool is None or not tool.instant:
+            # Recorded before the tool runs: a stale attempt learns it here, before doing any work.
+            await self.report(announce)
+            announce = []
+        # else an instant tool has nothing a stale attempt could harm: its try is announced with its result
         if tool is None:
             result = unavailable(name)
         else:
@@ -527,9 +531,9 @@ class _Run:
             try:
                 result = await race(asyncio.ensure_future(run_try(tool, args, call)), [self.stop])
             except Interrupted:
-                await self._report_interrupted(key, call_id, name, n)
+                await self._report_interrupted(key, call_id, name, n, announce)
                 return True
-        return await self._report_result(key, call_id, name, n, result, last, cacheable)
+        return await self._report_result(key, call_id, name, n, result, last, cacheable, announce)
 
     def _next_try(self, key: str) -> int:
         """Number the step's next try (across attempts) and count the step as started in this attempt."""
@@ -612,7 +616,10 @@ class _Run:
                                                "try": n})
 
     async def _report_result(self, key: str, call_id: str, tool: str, n: int, result: TryResult,
-                             last: bool, cacheable: _Cacheable | None = None) -> bool:
+                             last: bool, cacheable: _Cacheable | None = None, announce: list[Any] | None = None
+                             ) -> bool:
+        """Report how a try ended (after `announce`, the try's start when it was not reported yet)."""
+        first = list(announce or [])
         if result.ok and (too_big := _output_problem(result.output)):
             result = TryResult(output=None, error=too_big, code=StepErrorCode.TOOL_FAILED, retryable=False)
         if result.ok:
@@ -625,6 +632,7 @@ class _Run:
                     log.warning("step %s's result is not cached: with its key's components it is past the event "
                                 "limits", key)
             await self._report_done(key, done, [
+                *first,
                 self.ev(EventType.TOOL_SUCCEEDED, {"tool_call_id": call_id, "output": result.output}),
                 self.ev(EventType.STEP_SUCCEEDED, succeeded),
             ])
@@ -633,6 +641,7 @@ class _Run:
         # The same worker would not find a missing tool on a second try: that is for another attempt.
         will_retry = result.retryable and not last and result.code != StepErrorCode.TOOL_UNAVAILABLE
         events = [
+            *first,
             self.ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": result.error[:8000],
                                             "output": result.output}),
             self._step_failed(key, result.error, result.code, result.retryable, will_retry, tool, n),
@@ -651,17 +660,22 @@ class _Run:
             self.failure = (key, error)
         return []
 
-    async def _report_interrupted(self, key: str, call_id: str, tool: str, n: int) -> None:
-        """The try was stopped mid-call: say how, unless the run is no longer ours."""
+    async def _report_interrupted(self, key: str, call_id: str, tool: str, n: int,
+                                  announce: list[Any] | None = None) -> None:
+        """The try was stopped mid-call: say how (after `announce`, its start if not reported yet), unless
+        the run is no longer ours."""
         reason = self.stop_reason
+        first = list(announce or [])
         if reason is _Stop.RELEASED:
             await self.report([
+                *first,
                 self.ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": SHUTTING_DOWN}),
                 self._step_failed(key, SHUTTING_DOWN, StepErrorCode.INTERRUPTED, True, False, tool, n),
             ])
         elif reason is _Stop.RUN_FAILED or reason is _Stop.CANCELED:
             error = "canceled" if reason is _Stop.CANCELED else f"canceled: step {self._failed_key()!r} failed"
             await self.report([
+                *first,
                 self.ev(EventType.TOOL_FAILED, {"tool_call_id": call_id, "error": error}),
                 self.ev(EventType.STEP_CANCELED, {"step_key": key, "reason": reason.value}),
             ])

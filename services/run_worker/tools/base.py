@@ -130,6 +130,9 @@ class Tool:
     version: str = "1"
     deterministic: bool = True
     schema: ToolArgs | None = None  # its declared arguments; the fn itself refuses what does not fit
+    # Returns at once and touches nothing but its output (no working directory, no artifacts, no side
+    # effects): its try gets no working directory and is announced in the same report as its result.
+    instant: bool = False
 
     async def __call__(self, args: Json, ctx: ToolContext) -> Json:
         return await self.fn(args, ctx)

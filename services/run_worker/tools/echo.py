@@ -12,4 +12,4 @@ async def echo(args: Json, ctx: ToolContext) -> Json:
     return dict(args)
 
 
-TOOL = Tool("echo", echo, version="1", schema=ECHO)
+TOOL = Tool("echo", echo, version="1", schema=ECHO, instant=True)

@@ -15,4 +15,4 @@ async def fail(args: Json, ctx: ToolContext) -> Json:
     raise ToolError(str(FAIL.get(args, "message")), retryable=FAIL.get(args, "retryable"))
 
 
-TOOL = Tool("fail", fail, version="1", deterministic=False, schema=FAIL)
+TOOL = Tool("fail", fail, version="1", deterministic=False, schema=FAIL, instant=True)

@@ -12,4 +12,4 @@ async def noop(args: Json, ctx: ToolContext) -> Json:
     return {"ok": True}
 
 
-TOOL = Tool("noop", noop, version="1", schema=NOOP)
+TOOL = Tool("noop", noop, version="1", schema=NOOP, instant=True)
