@@ -33,8 +33,9 @@ temporary directory). Every other phase measures auth as `make up` configures it
 is off on a loopback address. `--profile DIR` records py-spy profiles (speedscope) of the API and of the
 first worker during every drain.
 
-Every wait has a deadline (--timeout per phase); a missed one, a run that does not succeed or a process
-that dies exits non-zero with the reason. The subprocesses write to log files in a temporary directory;
+Every wait has a deadline (--timeout per phase, and --stall: no run finished for that long); a missed one,
+a run that does not succeed or a process that dies exits non-zero with the reason (and the first error
+line the services logged). The subprocesses write to log files in a temporary directory;
 those are scanned for ERROR/Traceback lines and kept (paths printed) when anything looks wrong, or with
 --keep-logs. Progress goes to stderr; stdout gets the table, then one JSON line per figure.
 """
@@ -211,8 +212,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="runs each worker executes at once: RUN_WORKER_CONCURRENCY (BENCH_CONCURRENCY) [%(default)s]")
     p.add_argument("--batch-limit", type=int, default=_env_int("BENCH_BATCH_LIMIT", 16),
                    help="runs per claim: RUN_WORKER_BATCH_LIMIT (BENCH_BATCH_LIMIT) [%(default)s]")
-    p.add_argument("--timeout", type=float, default=_env_float("BENCH_TIMEOUT", 300.0),
-                   help="deadline of each measuring phase, in seconds (BENCH_TIMEOUT) [%(default)s]")
+    p.add_argument("--timeout", type=float, default=_env_float("BENCH_TIMEOUT", 600.0),
+                   help="deadline of each measuring phase (queueing included), in seconds (BENCH_TIMEOUT) "
+                        "[%(default)s]")
+    p.add_argument("--stall", type=float, default=_env_float("BENCH_STALL", 60.0),
+                   help="fail when no run finished for this many seconds while waiting (BENCH_STALL) [%(default)s]")
     p.add_argument("--poll-interval", type=float, default=_env_float("BENCH_POLL_INTERVAL", 0.2),
                    help="seconds between database polls while a drain runs (BENCH_POLL_INTERVAL) [%(default)s]")
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL", "").strip() or None,
@@ -231,8 +235,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--per-call must be at most 1000 (the API refuses larger StartRuns calls)")
     if args.history < 0:
         p.error("--history must not be negative")
-    if args.timeout <= 0 or args.poll_interval <= 0:
-        p.error("--timeout and --poll-interval must be positive")
+    if args.timeout <= 0 or args.poll_interval <= 0 or args.stall <= 0:
+        p.error("--timeout, --stall and --poll-interval must be positive")
     if args.profile is not None and py_spy() is None:
         p.error("--profile needs py-spy beside this Python or on PATH (pip install py-spy)")
     return args
@@ -731,6 +735,14 @@ class Stack:
         self.bench.notes.append(f"{self.label}: fill_history loaded {self.history:,} runs in {loaded:.1f} s, "
                                 f"then VACUUM (ANALYZE) and CHECKPOINT took {time.perf_counter() - began:.1f} s")
 
+    def first_problem(self) -> str:
+        """"; <process> logged: <its first error line>" for the first of this stack's processes that logged one."""
+        for child in [c for c in (self.api, *self.workers) if c is not None]:
+            problems, _ = child.scan_log()
+            if problems:
+                return f"; {child.name} logged: {problems[0].strip()[:300]}"
+        return ""
+
     def check_processes(self) -> None:
         """Fail at once when a service process has died."""
         for child in [c for c in (self.api, *self.workers) if c is not None]:
@@ -820,23 +832,31 @@ class Stack:
         return await cur.fetchall()
 
     async def wait_drained(self, what: str, deadline: float) -> None:
-        """Poll until no run is QUEUED or RUNNING; fail on a FAILED or CANCELED run, a dead process, the deadline."""
+        """Poll until no run is QUEUED or RUNNING; fail on a FAILED or CANCELED run, a dead process, the deadline,
+        or --stall seconds in which no run finished."""
         next_progress = time.monotonic() + PROGRESS_SECONDS
+        left, since = -1, time.monotonic()  # runs left at the last progress check, and since when
         while True:
             self.check_processes()
             live = (await self.fetch(RUNS_LIVE_EXISTS))[0][0]
             bad = dict(await self.fetch(RUNS_UNSUCCESSFUL))
             if bad:
-                raise BenchError(f"{self.label}: runs did not succeed: {bad}")
+                raise BenchError(f"{self.label}: runs did not succeed: {bad}{self.first_problem()}")
             if not live:
                 return
             now = time.monotonic()
             if now > deadline:
-                left = (await self.fetch(RUNS_LIVE_COUNT))[0][0]
+                count = (await self.fetch(RUNS_LIVE_COUNT))[0][0]
                 raise BenchError(f"{self.label}: timed out after {self.opts.timeout:.0f}s waiting for {what}; "
-                                 f"{left} runs still QUEUED or RUNNING")
+                                 f"{count} runs still QUEUED or RUNNING{self.first_problem()}")
             if now > next_progress:
-                log(f"{self.label}: {(await self.fetch(RUNS_LIVE_COUNT))[0][0]} runs left")
+                count = (await self.fetch(RUNS_LIVE_COUNT))[0][0]
+                if count != left:
+                    left, since = count, now
+                elif now - since > self.opts.stall:
+                    raise BenchError(f"{self.label}: no run finished for {self.opts.stall:.0f}s while waiting for "
+                                     f"{what}; {count} runs still QUEUED or RUNNING{self.first_problem()}")
+                log(f"{self.label}: {count} runs left")
                 next_progress = now + PROGRESS_SECONDS
             await asyncio.sleep(self.opts.poll_interval)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,9 @@ def test_a_missed_deadline_fails_with_the_reason_and_leaves_nothing_behind(pg_se
     assert "FAILED" in done.stderr and "timed out after 3s" in done.stderr, done.stderr
     assert not [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert_dropped(pg_server, bench_databases(done.stderr))
+    kept = re.search(r"logs kept in (\S+)", done.stderr)  # kept on purpose after a failure
+    assert kept is not None
+    shutil.rmtree(Path(kept.group(1)).parent)
 
 
 # --- pure helpers ----------------------------------------------------------------------------------------------
