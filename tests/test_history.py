@@ -147,16 +147,19 @@ async def test_filled_runs_look_like_a_live_run_and_replay_to_the_same_projectio
 
 HISTORY_TABLES = {"runs", "run_events", "run_steps", "tool_calls"}
 
-# Either partial index on RUNNING rows keeps a statement on the live part of runs.
+# Either partial index on RUNNING rows keeps a statement on the live part of runs; a statement that
+# finds runs by id and live status may also take the primary key.
 RUNNING_IDX = {"runs_running_worker_idx", "runs_running_lease_idx"}
+LIVE_RUN_BY_ID = {"runs_pkey", "runs_claim_idx"} | RUNNING_IDX
 
 # The statements the claim loop, reports, heartbeats and the reaper run, by their name in
-# services/run_api/store/queries.py, with the indexes each must use (each set: any one of them).
+# services/run_api/store/queries.py, with the indexes each must use (each set: any one of them; an
+# INSERT reads no table, so it only must not scan one).
 HOT: dict[str, list[set[str]]] = {
     # claim loop (handlers.claim_runs) and the claim stream's session
     "worker_claim_state": [RUNNING_IDX],
     "run_claim_candidates": [{"runs_claim_idx"}],
-    "runs_project_claimed": [{"runs_pkey"}],
+    "runs_project_claimed_many": [LIVE_RUN_BY_ID],
     "run_steps_for_claims": [{"run_steps_pkey"}],
     "workers_session_lock": [RUNNING_IDX],
     # reports (handlers.report_events, store.events.append and the projector)
@@ -164,22 +167,26 @@ HOT: dict[str, list[set[str]]] = {
     "run_lock_many_for_report": [{"runs_pkey"}, {"run_steps_pkey"}, {"tool_calls_pkey"}],
     "run_events_claimers": [{"run_events_pk", "run_events_event_id_uq"}],
     "run_events_find_ids": [{"run_events_pk", "run_events_event_id_uq"}],
+    "run_events_readopted": [{"run_events_pk", "run_events_event_id_uq"}],
     "run_steps_state": [{"run_steps_pkey"}],
     "tool_calls_state": [{"tool_calls_pkey"}],
-    "runs_project_started": [{"runs_pkey"}],
-    "runs_project_finished": [{"runs_pkey"}],
-    "runs_project_requeued": [{"runs_pkey"}],
-    "runs_project_sequence": [{"runs_pkey"}],
-    "run_steps_project_started": [{"run_steps_pkey"}],
-    "run_steps_project_finished": [{"run_steps_pkey"}],
-    "run_steps_project_run_ended": [{"run_steps_pkey"}],
-    "tool_calls_project_finished": [{"tool_calls_pkey"}],
+    "runs_project_started_many": [LIVE_RUN_BY_ID],
+    "runs_project_finished_many": [LIVE_RUN_BY_ID],
+    "runs_project_requeued_many": [LIVE_RUN_BY_ID],
+    "runs_project_cancel_requested_many": [LIVE_RUN_BY_ID],
+    "runs_project_sequence_many": [{"runs_pkey"}],
+    "run_steps_project_created_many": [],
+    "run_steps_project_started_many": [{"run_steps_pkey"}],
+    "run_steps_project_finished_many": [{"run_steps_pkey"}],
+    "run_steps_project_run_ended_many": [{"run_steps_pkey"}],
+    "tool_calls_project_invoked_many": [],
+    "tool_calls_project_finished_many": [{"tool_calls_pkey"}],
     # heartbeats and watchers
     "run_held_state": [{"runs_pkey"}],
     "run_events_last": [{"run_events_pk"}],
     "run_events_after": [{"run_events_pk"}],
     # the reaper
-    "run_find_expired_leases": [{"runs_running_lease_idx"}],
+    "run_find_expired_leases": [RUNNING_IDX],
     "workers_forget_silent": [RUNNING_IDX],
 }
 
@@ -214,23 +221,29 @@ async def live_part(database_url: str, queued: int, running: int) -> tuple[str, 
 
 
 def hot_params(worker_id: str, running: list[str], history: list[str]) -> dict[str, Any]:
-    """Realistic values for every bind parameter the hot statements take (each takes what it names)."""
+    """Realistic values for every bind parameter the hot statements take (each takes what it names): the
+    single-run ones about a running run, the batch ones (arrays, one entry per run) about ten running
+    runs and two finished ones."""
     now = datetime.now(UTC)
     ids = running[:10] + history[:2]
+    n = len(ids)
     return {
         "worker_id": worker_id, "now": now, "before": now - timedelta(hours=1), "tenant_id": "default",
-        "workspace_id": "default", "project_id": None, "limit": 100, "run_ids": ids, "run_id": running[0],
-        "attempts": [1] * len(ids), "attempt": 1, "event_ids": [str(ULID()) for _ in ids],
-        "tool_call_ids": [str(ULID()) for _ in ids], "tool_call_id": str(ULID()), "step_key": "runtime",
-        "skip_run_ids": [], "only_run_id": None,
-        "after_sequence": 0, "sequence": 3, "recorded_at": now, "lease_expires_at": now + timedelta(seconds=30),
-        "next_attempt_at": now, "status": "SUCCEEDED", "stop_reason": "completed", "error": None, "output": None,
-        "reason": None, "try": 1, "step_error": None, "cache_key": None, "cache_display": None,
-        "cache_result": None, "cache_reason": None, "source_run_id": None,
+        "workspace_id": "default", "project_id": None, "limit": 100, "run_id": running[0], "attempt": 1,
+        "step_key": "runtime", "tool_call_id": str(ULID()), "skip_run_ids": [], "only_run_id": None,
+        "after_sequence": 0, "run_ids": ids, "attempts": [1] * n, "sequences": [3] * n, "recorded_ats": [now] * n,
+        "event_ids": [str(ULID()) for _ in ids], "tool_call_ids": [str(ULID()) for _ in ids],
+        "worker_ids": [worker_id] * n, "lease_expires_ats": [now + timedelta(seconds=30)] * n,
+        "next_attempt_ats": [now] * n, "statuses": ["SUCCEEDED"] * n, "stop_reasons": ["completed"] * n,
+        "errors": [""] * n, "outputs": ["{}"] * n, "reasons": [""] * n, "requested_bys": [""] * n,
+        "step_keys": ["runtime"] * n, "tools": ["noop"] * n, "depends_ons": ["[]"] * n, "tries": [1] * n,
+        "step_attempts": [1] * n, "inputs": ["{}"] * n, "step_errors": ["{}"] * n, "cache_keys": [""] * n,
+        "cache_displays": [""] * n, "cache_results": [""] * n, "cache_reasons": [""] * n,
+        "source_run_ids": [""] * n,
     }
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 + HISTORY_RUNS // 2500)
 async def test_hot_statements_stay_on_the_live_part_of_a_large_history(database_url: str) -> None:
     url = db.libpq_url(database_url)
     began = time.monotonic()

@@ -11,6 +11,9 @@ Nothing goes through the API: per chunk, one staging statement computes every ru
 into a temporary table (`INSERT ... SELECT ... FROM generate_series`), then one statement per table
 copies them out; ANALYZE at the end. Inserts only, so the append-only trigger on run_events is not
 involved.
+
+The other end of a history: `archive_runs` (the `archive` command) writes old finished runs to JSON
+lines files and deletes them, the one DELETE the run_events trigger allows (migration 0005).
 """
 
 from __future__ import annotations
@@ -248,7 +251,7 @@ class Progress:
             log.info("history: %d of %d runs in %.1fs", self.filled, self.total, time.monotonic() - self.began)
 
 
-def fill_history(conninfo: str, runs: int, *, chunk: int = 100_000, jobs: int = 2, days: float = 90.0,
+def fill_history(conninfo: str, runs: int, *, chunk: int = 100_000, jobs: int = 1, days: float = 90.0,
                  end: datetime | None = None) -> None:
     """Insert `runs` SUCCEEDED runtime.noop runs spread over the `days` before `end` (default: a minute
     ago), `chunk` runs per transaction on `jobs` connections at once, then ANALYZE the four tables.
@@ -272,8 +275,6 @@ def fill_history(conninfo: str, runs: int, *, chunk: int = 100_000, jobs: int = 
 
 
 # --- retention: archive old finished runs, then delete them ----------------------------------------
-
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
 
 # What keeps a finished run out of the archive: live data points to it (a step_cache entry it wrote,
 # a rebuild of it that has not finished). Shared by the dry run's count and the batch query.
