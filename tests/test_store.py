@@ -177,6 +177,9 @@ async def test_nul_characters_in_worker_payloads_are_stored_replaced(engine: Asy
     async with UnitOfWork(engine) as uow:
         row, _, _ = await handlers.get_run(uow, run_id, ANON)
     assert (row.status, row.error) == ("FAILED", "bad\ufffdbyte")
+    async with UnitOfWork(engine) as uow:
+        logged = await handlers.events_after(uow, run_id, 0)
+    assert logged[-1].payload["error"] == "bad\ufffdbyte"  # the log holds what the projection holds
 
 
 def test_the_claim_query_can_use_the_partial_index(sql: psycopg.Connection) -> None:

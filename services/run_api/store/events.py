@@ -269,6 +269,19 @@ def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(_clean(value), separators=(",", ":"), default=str)
 
 
+def _int(value: Any) -> int | None:
+    """A whole number from a payload (Struct numbers arrive as floats), or None."""
+    return None if value is None else int(value)
+
+
+def _rows_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows of a set-based statement as one JSON array (U+0000 replaced only when there is one)."""
+    text = json.dumps(rows, separators=(",", ":"), default=str)
+    if "\\u0000" in text:
+        text = json.dumps(_clean(rows), separators=(",", ":"), default=str)
+    return text
+
+
 def _ts(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
@@ -424,7 +437,7 @@ async def append(
             raise EventRejected(f"events[{index}] ({event.type}): {problem}; nothing was recorded")
         steps.advance(event)
         sequence = state.last_sequence + 1
-        payload = _clean(dict(event.payload))
+        payload = dict(event.payload)
         holder = state.worker_id
         _advance(state, event.type, sequence, payload)
         known[key] = sequence
@@ -433,23 +446,20 @@ async def append(
     if not accepted:
         return results
 
+    inserts: list[dict[str, Any]] = [
+        {"run_id": e.run_id, "sequence": seq, "type": e.type, "attempt": e.attempt, "worker_id": e.worker_id,
+         "event_id": e.event_id, "occurred_at": e.occurred_at, "payload": p}
+        for _, e, seq, p, _ in accepted
+    ]
+    text = json.dumps(inserts, separators=(",", ":"), default=str)
+    if "\\u0000" in text:  # jsonb cannot hold U+0000: the payloads are recorded (and returned) without it
+        accepted = [(i, e, seq, _clean(p), holder) for i, e, seq, p, holder in accepted]
+        for insert, (_, _, _, p, _) in zip(inserts, accepted, strict=True):
+            insert["payload"] = p
+        text = json.dumps(_clean(inserts), separators=(",", ":"), default=str)
     stamped = {
         (row.run_id, row.sequence): row
-        for row in (
-            await conn.execute(
-                Q.run_events_append_many,
-                {
-                    "run_ids": [e.run_id for _, e, _, _, _ in accepted],
-                    "sequences": [seq for _, _, seq, _, _ in accepted],
-                    "types": [e.type for _, e, _, _, _ in accepted],
-                    "attempts": [e.attempt for _, e, _, _, _ in accepted],
-                    "worker_ids": [e.worker_id for _, e, _, _, _ in accepted],
-                    "event_ids": [e.event_id for _, e, _, _, _ in accepted],
-                    "occurred_ats": [e.occurred_at for _, e, _, _, _ in accepted],
-                    "payloads": [_dumps(p) for _, _, _, p, _ in accepted],
-                },
-            )
-        ).all()
+        for row in (await conn.execute(Q.run_events_append_many, {"rows": text})).all()
     }
     notices: set[tuple[str, str]] = set()
     last: dict[str, StoredEvent] = {}
@@ -515,24 +525,12 @@ def _rounds(events: Sequence[StoredEvent]) -> list[list[StoredEvent]]:
     return rounds
 
 
-def _plural(name: str) -> str:
-    """The array parameter's name for a column: run_id -> run_ids, status -> statuses, try -> tries."""
-    if name == "try":
-        return "tries"
-    return f"{name}es" if name.endswith("s") else f"{name}s"
-
-
-def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """Column arrays (`status` -> `statuses`) for an unnest statement, from one dict per row."""
-    return {_plural(name): [row[name] for row in rows] for name in rows[0]}
-
-
 async def _execute_many(conn: AsyncConnection, statement: Any, rows: list[dict[str, Any]], what: str,
                         check: bool = True) -> None:
     """One set-based statement over `rows`; each row must match exactly one row of the table when `check`."""
     if not rows:
         return
-    result = await conn.execute(statement, _columns(rows))
+    result = await conn.execute(statement, {"rows": _rows_json(rows)})
     if check and result.rowcount != len(rows):
         runs = sorted({row["run_id"] for row in rows})[:3]
         raise RuntimeError(f"projection of {len(rows)} {what} event(s) matched {result.rowcount} rows (runs {runs})")
@@ -570,7 +568,7 @@ async def apply_many(conn: AsyncConnection, events: Sequence[StoredEvent]) -> No
                 kinds.setdefault("finished", []).append({
                     **seq, "status": str(status), "stop_reason": p.get("stop_reason") or str(reason),
                     "error": p.get("error"),
-                    "output": _dumps(p.get("output")) if t == EventType.RUN_COMPLETED else None,
+                    "output": p.get("output") if t == EventType.RUN_COMPLETED else None,
                 })
                 if t != EventType.RUN_COMPLETED:
                     kinds.setdefault("run_ended", []).append({
@@ -586,23 +584,23 @@ async def apply_many(conn: AsyncConnection, events: Sequence[StoredEvent]) -> No
             elif t == EventType.STEP_CREATED:
                 kinds.setdefault("step_created", []).append({
                     **base, "step_key": p["step_key"], "tool": p.get("tool", ""),
-                    "depends_on": json.dumps([str(d) for d in p.get("depends_on") or []])})
+                    "depends_on": [str(d) for d in p.get("depends_on") or []]})
             elif t == EventType.STEP_STARTED:
                 kinds.setdefault("step_started", []).append(
-                    {**base, "step_key": p["step_key"], "try": p.get("try"), **_cache_columns(p)})
+                    {**base, "step_key": p["step_key"], "try": _int(p.get("try")), **_cache_columns(p)})
             elif t in _STEP_AFTER:
                 kinds.setdefault("step_finished", []).append(_step_finished(event))
                 singles.append(event)  # its artifacts and cache entry, when it has them
             elif t == EventType.TOOL_INVOKED:
                 kinds.setdefault("call_invoked", []).append({
                     **base, "tool_call_id": p["tool_call_id"], "step_key": p.get("step_key", ""),
-                    "tool": p.get("tool", ""), "input": _dumps(p.get("input", {})),
-                    "step_attempt": p.get("try") or 1})
+                    "tool": p.get("tool", ""), "input": p.get("input", {}),
+                    "step_attempt": _int(p.get("try")) or 1})
             elif t in (EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED):
                 ended = ToolCallStatus.SUCCEEDED if t == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
                 kinds.setdefault("call_finished", []).append({
                     "run_id": event.run_id, "recorded_at": event.recorded_at, "tool_call_id": p["tool_call_id"],
-                    "status": str(ended), "output": _dumps(p.get("output")), "error": p.get("error")})
+                    "status": str(ended), "output": p.get("output"), "error": p.get("error")})
         for event in singles:
             if event.type == EventType.RUN_QUEUED:
                 await conn.execute(Q.runs_project_queued, {
@@ -681,8 +679,8 @@ def _step_finished(event: StoredEvent) -> dict[str, Any]:
         "step_key": p["step_key"],
         "status": str(_STEP_AFTER[t]),
         "error": p.get("error"),
-        "output": _dumps(p.get("output")),
-        "step_error": _dumps(step_error),
+        "output": p.get("output"),
+        "step_error": step_error,
         "reason": p.get("reason"),
         **_cache_columns(p),
         "source_run_id": p.get("source_run_id"),

@@ -178,11 +178,10 @@ run_events_append_many = q(
     INSERT INTO run_events (run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload,
         recorded_at)
     SELECT e.run_id, e.sequence, e.type, e.attempt, e.worker_id, e.event_id,
-        COALESCE(e.occurred_at, clock_timestamp()), CAST(e.payload AS jsonb), clock_timestamp()
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:sequences AS bigint[]), CAST(:types AS text[]),
-                CAST(:attempts AS integer[]), CAST(:worker_ids AS text[]), CAST(:event_ids AS text[]),
-                CAST(:occurred_ats AS timestamptz[]), CAST(:payloads AS text[]))
-        AS e(run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload)
+        COALESCE(e.occurred_at, clock_timestamp()), e.payload, clock_timestamp()
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS e(run_id text, sequence bigint, type text, attempt integer, worker_id text, event_id text,
+             occurred_at timestamptz, payload jsonb)
     RETURNING run_id, sequence, recorded_at, occurred_at
     """
 )
@@ -366,17 +365,16 @@ tool_calls_project_finished = q(
 # --- projections, set-based: one statement applies one kind of event to many rows ------------
 # The store applies a batch in rounds: a round holds at most one event per run row, step row and
 # tool call row, so each statement below touches distinct rows and the rounds keep every row's
-# events in log order. Each returns the rows it changed; the store checks that every event matched.
+# events in log order. :rows is a JSON array of objects, one per event (one parameter, encoded once).
 
 # run.claimed for many runs.
 runs_project_claimed_many = q(
     """
     UPDATE runs SET status = 'RUNNING', attempt = v.attempt, worker_id = v.worker_id,
         lease_expires_at = v.lease_expires_at, updated_at = v.recorded_at, last_sequence = v.sequence
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
-                CAST(:recorded_ats AS timestamptz[]), CAST(:worker_ids AS text[]),
-                CAST(:lease_expires_ats AS timestamptz[]))
-        AS v(run_id, attempt, sequence, recorded_at, worker_id, lease_expires_at)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz, worker_id text,
+             lease_expires_at timestamptz)
     WHERE runs.run_id = v.run_id AND runs.status = 'QUEUED'
     """
 )
@@ -386,9 +384,8 @@ runs_project_started_many = q(
     """
     UPDATE runs SET started_at = COALESCE(runs.started_at, v.recorded_at), updated_at = v.recorded_at,
         last_sequence = v.sequence
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
-                CAST(:recorded_ats AS timestamptz[]))
-        AS v(run_id, attempt, sequence, recorded_at)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz)
     WHERE runs.run_id = v.run_id AND runs.status = 'RUNNING' AND runs.attempt = v.attempt
     """
 )
@@ -396,13 +393,12 @@ runs_project_started_many = q(
 # run.completed / run.failed / run.canceled for many runs; terminal rows never change again.
 runs_project_finished_many = q(
     """
-    UPDATE runs SET status = v.status, stop_reason = v.stop_reason, error = v.error,
-        output = CAST(v.output AS jsonb), finished_at = v.recorded_at, lease_expires_at = NULL,
-        updated_at = v.recorded_at, last_sequence = v.sequence
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
-                CAST(:recorded_ats AS timestamptz[]), CAST(:statuses AS text[]), CAST(:stop_reasons AS text[]),
-                CAST(:errors AS text[]), CAST(:outputs AS text[]))
-        AS v(run_id, attempt, sequence, recorded_at, status, stop_reason, error, output)
+    UPDATE runs SET status = v.status, stop_reason = v.stop_reason, error = v.error, output = v.output,
+        finished_at = v.recorded_at, lease_expires_at = NULL, updated_at = v.recorded_at,
+        last_sequence = v.sequence
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz, status text,
+             stop_reason text, error text, output jsonb)
     WHERE runs.run_id = v.run_id AND runs.status IN ('QUEUED', 'RUNNING') AND runs.attempt = v.attempt
     """
 )
@@ -412,10 +408,9 @@ runs_project_requeued_many = q(
     """
     UPDATE runs SET status = 'QUEUED', next_attempt_at = v.next_attempt_at, worker_id = NULL,
         lease_expires_at = NULL, error = v.error, updated_at = v.recorded_at, last_sequence = v.sequence
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
-                CAST(:recorded_ats AS timestamptz[]), CAST(:next_attempt_ats AS timestamptz[]),
-                CAST(:errors AS text[]))
-        AS v(run_id, attempt, sequence, recorded_at, next_attempt_at, error)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz,
+             next_attempt_at timestamptz, error text)
     WHERE runs.run_id = v.run_id AND runs.status = 'RUNNING' AND runs.attempt = v.attempt
     """
 )
@@ -425,9 +420,9 @@ runs_project_cancel_requested_many = q(
     """
     UPDATE runs SET cancel_requested_at = v.recorded_at, cancel_reason = v.reason,
         cancel_requested_by = v.requested_by, updated_at = v.recorded_at, last_sequence = v.sequence
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
-                CAST(:recorded_ats AS timestamptz[]), CAST(:reasons AS text[]), CAST(:requested_bys AS text[]))
-        AS v(run_id, attempt, sequence, recorded_at, reason, requested_by)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz, reason text,
+             requested_by text)
     WHERE runs.run_id = v.run_id AND runs.status IN ('QUEUED', 'RUNNING') AND runs.attempt = v.attempt
     """
 )
@@ -436,9 +431,8 @@ runs_project_cancel_requested_many = q(
 runs_project_sequence_many = q(
     """
     UPDATE runs SET updated_at = v.recorded_at, last_sequence = v.sequence
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:sequences AS bigint[]),
-                CAST(:recorded_ats AS timestamptz[]))
-        AS v(run_id, attempt, sequence, recorded_at)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz)
     WHERE runs.run_id = v.run_id AND runs.attempt = v.attempt
     """
 )
@@ -447,11 +441,9 @@ runs_project_sequence_many = q(
 run_steps_project_created_many = q(
     """
     INSERT INTO run_steps (run_id, step_key, tool, status, attempt, created_at, depends_on)
-    SELECT v.run_id, v.step_key, v.tool, 'CREATED', v.attempt, v.recorded_at,
-        ARRAY(SELECT jsonb_array_elements_text(CAST(v.depends_on AS jsonb)))
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
-                CAST(:step_keys AS text[]), CAST(:tools AS text[]), CAST(:depends_ons AS text[]))
-        AS v(run_id, attempt, recorded_at, step_key, tool, depends_on)
+    SELECT v.run_id, v.step_key, v.tool, 'CREATED', v.attempt, v.recorded_at, v.depends_on
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, recorded_at timestamptz, step_key text, tool text, depends_on text[])
     ON CONFLICT (run_id, step_key) DO UPDATE SET tool = EXCLUDED.tool, status = 'CREATED',
         attempt = EXCLUDED.attempt, depends_on = EXCLUDED.depends_on, started_at = NULL,
         finished_at = NULL, error = NULL, output = NULL, step_error = NULL, reason = NULL
@@ -467,10 +459,9 @@ run_steps_project_started_many = q(
         cache_display = COALESCE(v.cache_display, run_steps.cache_display),
         cache_result = COALESCE(v.cache_result, run_steps.cache_result),
         cache_reason = COALESCE(v.cache_reason, run_steps.cache_reason)
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
-                CAST(:step_keys AS text[]), CAST(:tries AS integer[]), CAST(:cache_keys AS text[]),
-                CAST(:cache_displays AS text[]), CAST(:cache_results AS text[]), CAST(:cache_reasons AS text[]))
-        AS v(run_id, attempt, recorded_at, step_key, try, cache_key, cache_display, cache_result, cache_reason)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, recorded_at timestamptz, step_key text, try integer, cache_key text,
+             cache_display text, cache_result text, cache_reason text)
     WHERE run_steps.run_id = v.run_id AND run_steps.step_key = v.step_key
     """
 )
@@ -479,19 +470,16 @@ run_steps_project_started_many = q(
 run_steps_project_finished_many = q(
     """
     UPDATE run_steps SET status = v.status, finished_at = v.recorded_at, attempt = v.attempt, error = v.error,
-        output = CAST(v.output AS jsonb), step_error = CAST(v.step_error AS jsonb), reason = v.reason,
+        output = v.output, step_error = v.step_error, reason = v.reason,
         cache_key = COALESCE(v.cache_key, run_steps.cache_key),
         cache_display = COALESCE(v.cache_display, run_steps.cache_display),
         cache_result = COALESCE(v.cache_result, run_steps.cache_result),
         cache_reason = COALESCE(v.cache_reason, run_steps.cache_reason),
         source_run_id = COALESCE(v.source_run_id, run_steps.source_run_id)
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
-                CAST(:step_keys AS text[]), CAST(:statuses AS text[]), CAST(:errors AS text[]),
-                CAST(:outputs AS text[]), CAST(:step_errors AS text[]), CAST(:reasons AS text[]),
-                CAST(:cache_keys AS text[]), CAST(:cache_displays AS text[]), CAST(:cache_results AS text[]),
-                CAST(:cache_reasons AS text[]), CAST(:source_run_ids AS text[]))
-        AS v(run_id, attempt, recorded_at, step_key, status, error, output, step_error, reason, cache_key,
-             cache_display, cache_result, cache_reason, source_run_id)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, recorded_at timestamptz, step_key text, status text, error text,
+             output jsonb, step_error jsonb, reason text, cache_key text, cache_display text, cache_result text,
+             cache_reason text, source_run_id text)
     WHERE run_steps.run_id = v.run_id AND run_steps.step_key = v.step_key
     """
 )
@@ -501,8 +489,7 @@ run_steps_project_finished_many = q(
 run_steps_project_run_ended_many = q(
     """
     UPDATE run_steps SET status = 'CANCELED', reason = v.reason, finished_at = v.recorded_at
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:recorded_ats AS timestamptz[]), CAST(:reasons AS text[]))
-        AS v(run_id, recorded_at, reason)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(run_id text, recorded_at timestamptz, reason text)
     WHERE run_steps.run_id = v.run_id AND (run_steps.status IN ('CREATED', 'RUNNING')
         OR (run_steps.status = 'FAILED' AND COALESCE((run_steps.step_error->>'will_retry')::boolean, false)))
     """
@@ -513,23 +500,20 @@ tool_calls_project_invoked_many = q(
     """
     INSERT INTO tool_calls (run_id, tool_call_id, step_key, tool, status, attempt, input, invoked_at,
         step_attempt)
-    SELECT v.run_id, v.tool_call_id, v.step_key, v.tool, 'INVOKED', v.attempt, CAST(v.input AS jsonb),
-        v.recorded_at, v.step_attempt
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:attempts AS integer[]), CAST(:recorded_ats AS timestamptz[]),
-                CAST(:tool_call_ids AS text[]), CAST(:step_keys AS text[]), CAST(:tools AS text[]),
-                CAST(:inputs AS text[]), CAST(:step_attempts AS integer[]))
-        AS v(run_id, attempt, recorded_at, tool_call_id, step_key, tool, input, step_attempt)
+    SELECT v.run_id, v.tool_call_id, v.step_key, v.tool, 'INVOKED', v.attempt, v.input, v.recorded_at,
+        v.step_attempt
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, recorded_at timestamptz, tool_call_id text, step_key text, tool text,
+             input jsonb, step_attempt integer)
     """
 )
 
 # tool.succeeded / tool.failed for many tool calls.
 tool_calls_project_finished_many = q(
     """
-    UPDATE tool_calls SET status = v.status, output = CAST(v.output AS jsonb), error = v.error,
-        finished_at = v.recorded_at
-    FROM unnest(CAST(:run_ids AS text[]), CAST(:recorded_ats AS timestamptz[]), CAST(:tool_call_ids AS text[]),
-                CAST(:statuses AS text[]), CAST(:outputs AS text[]), CAST(:errors AS text[]))
-        AS v(run_id, recorded_at, tool_call_id, status, output, error)
+    UPDATE tool_calls SET status = v.status, output = v.output, error = v.error, finished_at = v.recorded_at
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, recorded_at timestamptz, tool_call_id text, status text, output jsonb, error text)
     WHERE tool_calls.run_id = v.run_id AND tool_calls.tool_call_id = v.tool_call_id
     """
 )
