@@ -222,24 +222,26 @@ async def live_part(database_url: str, queued: int, running: int) -> tuple[str, 
 
 def hot_params(worker_id: str, running: list[str], history: list[str]) -> dict[str, Any]:
     """Realistic values for every bind parameter the hot statements take (each takes what it names): the
-    single-run ones about a running run, the batch ones (arrays, one entry per run) about ten running
-    runs and two finished ones."""
+    single-run ones about a running run, the batch ones (`rows`, a JSON array of records, or one array
+    per column) about ten running runs and two finished ones."""
     now = datetime.now(UTC)
     ids = running[:10] + history[:2]
     n = len(ids)
+    row = {
+        "attempt": 1, "sequence": 3, "recorded_at": now.isoformat(), "worker_id": worker_id,
+        "lease_expires_at": (now + timedelta(seconds=30)).isoformat(), "next_attempt_at": now.isoformat(),
+        "status": "SUCCEEDED", "stop_reason": "completed", "error": None, "output": {}, "reason": None,
+        "requested_by": None, "step_key": "runtime", "tool": "noop", "depends_on": [], "try": 1, "step_error": None,
+        "cache_key": None, "cache_display": None, "cache_result": None, "cache_reason": None, "source_run_id": None,
+        "input": {}, "step_attempt": 1,
+    }
     return {
         "worker_id": worker_id, "now": now, "before": now - timedelta(hours=1), "tenant_id": "default",
         "workspace_id": "default", "project_id": None, "limit": 100, "run_id": running[0], "attempt": 1,
         "step_key": "runtime", "tool_call_id": str(ULID()), "skip_run_ids": [], "only_run_id": None,
-        "after_sequence": 0, "run_ids": ids, "attempts": [1] * n, "sequences": [3] * n, "recorded_ats": [now] * n,
-        "event_ids": [str(ULID()) for _ in ids], "tool_call_ids": [str(ULID()) for _ in ids],
-        "worker_ids": [worker_id] * n, "lease_expires_ats": [now + timedelta(seconds=30)] * n,
-        "next_attempt_ats": [now] * n, "statuses": ["SUCCEEDED"] * n, "stop_reasons": ["completed"] * n,
-        "errors": [""] * n, "outputs": ["{}"] * n, "reasons": [""] * n, "requested_bys": [""] * n,
-        "step_keys": ["runtime"] * n, "tools": ["noop"] * n, "depends_ons": ["[]"] * n, "tries": [1] * n,
-        "step_attempts": [1] * n, "inputs": ["{}"] * n, "step_errors": ["{}"] * n, "cache_keys": [""] * n,
-        "cache_displays": [""] * n, "cache_results": [""] * n, "cache_reasons": [""] * n,
-        "source_run_ids": [""] * n,
+        "after_sequence": 0, "run_ids": ids, "attempts": [1] * n, "event_ids": [str(ULID()) for _ in ids],
+        "tool_call_ids": [str(ULID()) for _ in ids],
+        "rows": json.dumps([{**row, "run_id": run_id, "tool_call_id": str(ULID())} for run_id in ids]),
     }
 
 
