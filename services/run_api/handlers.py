@@ -265,41 +265,58 @@ async def _check_start(
     return _Checked(cmd, workflow, place, max_attempts, pins[(workflow, cmd.workflow_version)])
 
 
-async def _queue(uow: UnitOfWork, checked: _Checked, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
-    """Record a checked run's run.queued (not committed); returns (run row, deduplicated)."""
+def _queued(checked: _Checked, policy: RetryPolicy, caller: Caller) -> store.NewEvent:
+    """A checked run's run.queued event."""
     cmd, place = checked.cmd, checked.place
     request_hash = run_request_hash(
         checked.workflow, place, cmd.input, checked.max_attempts, cmd.retry_backoff_seconds,
         cmd.retry_backoff_max_seconds, cmd.workflow_version,
     )
-    key = cmd.idempotency_key or None
     backoff = (cmd.retry_backoff_seconds or policy.backoff_seconds,
                cmd.retry_backoff_max_seconds or policy.backoff_max_seconds)
-    event = queued_event(
+    return queued_event(
         checked.workflow, checked.pinned.version, checked.pinned.spec_hash, place, caller, cmd.input,
-        checked.max_attempts, backoff, request_hash, cmd.trace_context, idempotency_key=key,
+        checked.max_attempts, backoff, request_hash, cmd.trace_context, idempotency_key=cmd.idempotency_key or None,
     )
-    created = await store.queue_run(uow.conn, event)
-    if created is not None:
-        return created, False
-    existing = (
-        await uow.conn.execute(
-            Q.run_get_by_idempotency_key,
-            {"tenant_id": place.tenant_id, "workspace_id": place.workspace_id, "key": key},
-        )
-    ).first()
-    if existing is None:  # pragma: no cover - the conflicting row was committed before we looked
-        raise IdempotencyConflict("idempotency key is being used by a concurrent request; retry")
-    if existing.request_hash != request_hash or not caller.sees(existing):
-        # Another project's run is not named (nor returned): the caller may not see it.
-        shown = f" (run {existing.run_id})" if caller.sees(existing) else ""
-        raise IdempotencyConflict(f"idempotency_key was already used for a different request{shown}; use a new key")
-    return existing, True
+
+
+async def _queue(
+    uow: UnitOfWork, checked: list[_Checked], policy: RetryPolicy, caller: Caller
+) -> list[tuple[Any, bool]]:
+    """Record checked runs' run.queued events in one statement (not committed); each (run row, deduplicated).
+
+    A run whose idempotency key is taken is the run that holds it, when its request was the same;
+    else IdempotencyConflict (`requests[i]: ` names which one, for more than one run).
+    """
+    events = [_queued(one, policy, caller) for one in checked]
+    created = await store.queue_runs(uow.conn, events)
+    out: list[tuple[Any, bool]] = []
+    for i, (one, event, row) in enumerate(zip(checked, events, created, strict=True)):
+        if row is not None:
+            out.append((row, False))
+            continue
+        place, key, request_hash = one.place, event.payload["idempotency_key"], event.payload["request_hash"]
+        existing = (
+            await uow.conn.execute(
+                Q.run_get_by_idempotency_key,
+                {"tenant_id": place.tenant_id, "workspace_id": place.workspace_id, "key": key},
+            )
+        ).first()
+        where = f"requests[{i}]: " if len(checked) > 1 else ""
+        if existing is None:  # pragma: no cover - the conflicting row was committed before we looked
+            raise IdempotencyConflict(f"{where}idempotency key is being used by a concurrent request; retry")
+        if existing.request_hash != request_hash or not caller.sees(existing):
+            # Another project's run is not named (nor returned): the caller may not see it.
+            shown = f" (run {existing.run_id})" if caller.sees(existing) else ""
+            raise IdempotencyConflict(
+                f"{where}idempotency_key was already used for a different request{shown}; use a new key")
+        out.append((existing, True))
+    return out
 
 
 async def start_run(uow: UnitOfWork, cmd: StartRun, policy: RetryPolicy, caller: Caller) -> tuple[Any, bool]:
     """Queue a run (run.queued) in the caller's tenant and return (run row, deduplicated)."""
-    row, deduplicated = await _queue(uow, await _check_start(uow, cmd, policy, caller), policy, caller)
+    ((row, deduplicated),) = await _queue(uow, [await _check_start(uow, cmd, policy, caller)], policy, caller)
     await uow.commit()
     log.debug("run queued", extra={"run_id": row.run_id, "status": row.status})
     return row, deduplicated
@@ -334,12 +351,7 @@ async def start_runs(
             violations += indexed_violations(i, err)
     if violations:
         raise (RequestTooLarge if too_large else InvalidRequest)(violations)
-    out = []
-    for i, one in enumerate(checked):
-        try:
-            out.append(await _queue(uow, one, policy, caller))
-        except IdempotencyConflict as err:
-            raise IdempotencyConflict(f"requests[{i}]: {err}") from None
+    out = await _queue(uow, checked, policy, caller)
     await uow.commit()
     log.debug("runs queued", extra={"count": len(out)})
     return out

@@ -352,36 +352,25 @@ def _queued_params(p: Mapping[str, Any]) -> dict[str, Any]:
 
 async def queue_run(conn: AsyncConnection, event: NewEvent) -> Any | None:
     """Create a run from its run.queued event and return its row; None when its idempotency key is taken."""
-    p = event.payload
-    row = (
-        await conn.execute(
-            Q.runs_project_queued,
-            {"run_id": event.run_id, "recorded_at": None, "sequence": 1, **_queued_params(p)},
-        )
-    ).first()
-    if row is None:
-        return None
-    recorded_at = row.created_at
-    await conn.execute(
-        Q.run_events_append,
-        {
-            "run_id": event.run_id,
-            "sequence": 1,
-            "type": event.type,
-            "attempt": 0,
-            "worker_id": None,
-            "event_id": event.event_id,
-            "occurred_at": event.occurred_at or recorded_at,
-            "payload": _dumps(dict(p)),
-            "recorded_at": recorded_at,
-        },
-    )
-    await conn.execute(
-        Q.notify_many,
-        {"channels": [CHANNEL_QUEUED, CHANNEL_EVENTS],
-         "payloads": [queued_key(row.tenant_id, row.workspace_id), event.run_id]},
-    )
-    return row
+    return (await queue_runs(conn, [event]))[0]
+
+
+async def queue_runs(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[Any | None]:
+    """Create runs from their run.queued events in one statement; each one's row, or None when its
+    idempotency key is taken (by an earlier run or an earlier event of the same batch)."""
+    if not events:
+        return []
+    rows = [
+        {"ord": i, "run_id": e.run_id, "event_id": e.event_id, "occurred_at": e.occurred_at,
+         "payload": e.payload, **_queued_params(e.payload),
+         "input": e.payload.get("input", {}), "trace_context": e.payload.get("trace_context", {})}
+        for i, e in enumerate(events)
+    ]
+    created = {row.run_id: row for row in (await conn.execute(Q.runs_queue_many, {"rows": _rows_json(rows)})).all()}
+    if created:
+        keys = sorted({queued_key(row.tenant_id, row.workspace_id) for row in created.values()})
+        await conn.execute(Q.notify_many, {"channels": [CHANNEL_QUEUED] * len(keys), "payloads": keys})
+    return [created.get(e.run_id) for e in events]
 
 
 async def append(

@@ -231,6 +231,43 @@ runs_project_queued = q(
     """
 )
 
+# run.queued for many new runs in one statement: the runs rows and their run.queued events (sequence
+# 1, recorded when the row was created). A run whose idempotency key is taken (by an earlier run, or
+# by an earlier row of the same batch) inserts nothing and is absent from what is returned.
+runs_queue_many = q(
+    f"""
+    WITH v AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+            AS v(ord integer, run_id text, tenant_id text, project_id text, workspace_id text, workflow text,
+                 input jsonb, max_attempts integer, retry_backoff_seconds double precision,
+                 retry_backoff_max_seconds double precision, idempotency_key text, request_hash text,
+                 trace_context jsonb, created_by text, workflow_version integer, spec_hash text, trigger text,
+                 base_run_id text, change_request text, rebuild_rerun text[], event_id text,
+                 occurred_at timestamptz, payload jsonb)
+    ), ins AS (
+        INSERT INTO runs (run_id, tenant_id, project_id, workspace_id, workflow, input, status, attempt,
+            max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash,
+            trace_context, created_by, created_at, updated_at, next_attempt_at, last_sequence,
+            workflow_version, spec_hash, trigger, base_run_id, change_request, rebuild_rerun)
+        SELECT v.run_id, v.tenant_id, v.project_id, v.workspace_id, v.workflow, v.input, 'QUEUED', 0,
+            v.max_attempts, v.retry_backoff_seconds, v.retry_backoff_max_seconds, v.idempotency_key,
+            v.request_hash, v.trace_context, v.created_by, t.at, t.at, t.at, 1,
+            v.workflow_version, v.spec_hash, v.trigger, v.base_run_id, v.change_request, v.rebuild_rerun
+        FROM v CROSS JOIN LATERAL (SELECT clock_timestamp() AS at, v.ord) AS t
+        ORDER BY v.ord
+        ON CONFLICT (tenant_id, workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING {RUN_COLUMNS}
+    ), logged AS (
+        INSERT INTO run_events (run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload,
+            recorded_at)
+        SELECT ins.run_id, 1, 'run.queued', 0, NULL, v.event_id, COALESCE(v.occurred_at, ins.created_at),
+            v.payload, ins.created_at
+        FROM ins JOIN v ON v.run_id = ins.run_id
+    )
+    SELECT * FROM ins
+    """
+)
+
 # run.claimed: the run is RUNNING under a new attempt, held by a worker until its lease expires.
 runs_project_claimed = q(
     """
