@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 import pytest
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from services.run_api import convert
 from services.run_api.listener import Hub
 from services.run_api.store.events import NewEvent, _check, _RunState
 from shared.logs import JsonFormatter, _ContextFilter, log_context
@@ -85,3 +91,29 @@ async def test_hub_wakes_subscribers_of_a_key_only() -> None:
         assert await b.wait(1) is True
     assert not hub._waiters
     await asyncio.sleep(0)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**53, 2**53)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _JSON, max_size=5))
+def test_struct_to_dict_gives_what_message_to_dict_gives(value: dict) -> None:
+    message = Struct()
+    message.update(value)
+    assert convert.to_dict(message) == json_format.MessageToDict(message)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_struct_to_dict_refuses_what_message_to_dict_refuses(bad: float) -> None:
+    message = Struct()
+    message.update({"a": [{"b": bad}]})
+    with pytest.raises(ValueError):
+        json_format.MessageToDict(message)
+    with pytest.raises(ValueError):
+        convert.to_dict(message)
