@@ -62,7 +62,7 @@ def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=False,  # a dead connection fails one call (UNAVAILABLE, retried) and resets the pool
         pool_recycle=1800,
     )
 
