@@ -166,6 +166,8 @@ class ApiSettings:
     data_dir: str = ".runs"
     migrate_on_start: bool = True
     db_pool_size: int = 10
+    # API processes serving the one port (SO_REUSEPORT); 1: this process serves, no supervisor.
+    processes: int = 1
     lease_seconds: float = 30.0
     reaper_interval_seconds: float = 1.0
     lease_policy: str = "requeue"
@@ -203,6 +205,8 @@ class ApiSettings:
             raise SettingsError("RUN_API_TLS_CLIENT_CA needs RUN_API_TLS_CERT and RUN_API_TLS_KEY")
         if self.bootstrap_admin_key is not None and len(self.bootstrap_admin_key) < 24:
             raise SettingsError("RUNS_BOOTSTRAP_ADMIN_KEY must be at least 24 characters")
+        if self.processes < 1:
+            raise SettingsError(f"RUN_API_PROCESSES must be at least 1, got {self.processes}")
         if self.lease_seconds <= 0:
             raise SettingsError("RUN_LEASE_SECONDS must be positive")
         if self.default_max_attempts < 1:
@@ -217,6 +221,7 @@ class ApiSettings:
             data_dir=_str(env, "RUNS_DATA_DIR", ".runs"),
             migrate_on_start=_bool(env, "RUN_API_MIGRATE", True),
             db_pool_size=_int(env, "RUN_API_DB_POOL_SIZE", 10, minimum=2),
+            processes=_int(env, "RUN_API_PROCESSES", 1, minimum=1),
             lease_seconds=_float(env, "RUN_LEASE_SECONDS", 30.0, minimum=0.1),
             reaper_interval_seconds=_float(env, "RUN_REAPER_INTERVAL_SECONDS", 1.0, minimum=0.05),
             lease_policy=_choice(env, "RUN_LEASE_POLICY", "requeue", ("requeue", "fail")),

@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -47,6 +49,12 @@ def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Na
                    help="also run a worker loop in this process (RUN_WORKER_EMBEDDED)")
     p.add_argument("--with-worker", action="store_true",
                    help="start one worker process beside the API and stop it with the API (make up)")
+    p.add_argument("--processes", type=int, default=defaults.processes,
+                   help="API processes serving the one port with SO_REUSEPORT (RUN_API_PROCESSES) [%(default)s]")
+    # Internal: how the parent of RUN_API_PROCESSES > 1 starts each of its API processes.
+    p.add_argument("--child-of", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -66,34 +74,211 @@ async def _migrate_when_reachable(url: str, timeout: float = 60.0) -> None:
             delay = min(delay * 2, 5.0)
 
 
-async def _serve(settings: ApiSettings, url: str, with_worker: bool) -> int:
+def _start_worker(settings: ApiSettings, port: int) -> subprocess.Popen[bytes]:
+    """The --with-worker worker process, connected to the API's port."""
+    host = settings.addr.rsplit(":", 1)[0]
+    env = {**os.environ, "RUN_API_ADDR": f"{host}:{port}"}
+    if not env.get("RUN_WORKER_TOOLS", "").strip() and auth.is_loopback(settings.addr):
+        # A local development worker: shell is opt-in elsewhere, allowed here unless told otherwise.
+        env["RUN_WORKER_TOOLS"] = ",".join(STOCK_TOOLS)
+        log.info("the local worker allows the shell tool (RUN_WORKER_TOOLS=%s)", env["RUN_WORKER_TOOLS"])
+    # Its own session: Ctrl-C reaches the API, which then stops the worker in order.
+    worker = subprocess.Popen([sys.executable, "-m", "services.run_worker"], env=env, start_new_session=True)
+    log.info("started worker process pid %d", worker.pid)
+    return worker
+
+
+def _stop_worker(worker: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM the --with-worker worker and wait for it (it drains while the API still serves it)."""
+    if worker is not None and worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait()
+
+
+async def _serve(settings: ApiSettings, url: str, with_worker: bool, ready_fd: int | None = None) -> int:
     if settings.migrate_on_start:
         await _migrate_when_reachable(url)
-    server = ApiServer(settings, url)
+    server = ApiServer(settings, url, reuse_port=ready_fd is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
-    worker: subprocess.Popen[bytes] | None = None
-    if with_worker:
-        host = settings.addr.rsplit(":", 1)[0]
-        env = {**os.environ, "RUN_API_ADDR": f"{host}:{port}"}
-        if not env.get("RUN_WORKER_TOOLS", "").strip() and auth.is_loopback(settings.addr):
-            # A local development worker: shell is opt-in elsewhere, allowed here unless told otherwise.
-            env["RUN_WORKER_TOOLS"] = ",".join(STOCK_TOOLS)
-            log.info("the local worker allows the shell tool (RUN_WORKER_TOOLS=%s)", env["RUN_WORKER_TOOLS"])
-        # Its own session: Ctrl-C reaches the API, which then stops the worker in order.
-        worker = subprocess.Popen([sys.executable, "-m", "services.run_worker"], env=env, start_new_session=True)
-        log.info("started worker process pid %d", worker.pid)
+    if ready_fd is not None:  # one of RUN_API_PROCESSES: tell the parent this process serves
+        os.write(ready_fd, f"{os.getpid()}\n".encode())
+        os.close(ready_fd)
+    worker = _start_worker(settings, port) if with_worker else None
     try:
         await server.wait(stop)
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(worker.wait)
+        await asyncio.to_thread(_stop_worker, worker)
         await server.stop()
     return 1 if server.failed else 0
+
+
+# --- RUN_API_PROCESSES > 1: a parent and its API processes on one port ------------------------
+
+
+def _reserve_port(addr: str) -> tuple[socket.socket, int]:
+    """Check that the port of `addr` is free and hold it for the API processes; port 0 picks one.
+
+    The socket held is bound with SO_REUSEPORT but never listens, so the kernel hands it no
+    connection; it keeps the port from anyone but processes that also set SO_REUSEPORT.
+    """
+    host, _, port_text = addr.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, ValueError) as err:
+        raise ListenError(f"cannot listen on {addr}: {err}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: taken means taken
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError:
+            raise ListenError(f"cannot listen on {addr}: is another process using it?") from None
+        port = int(probe.getsockname()[1])
+    hold = socket.socket(family, kind, proto)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        hold.bind((sockaddr[0], port, *sockaddr[2:]))
+    except OSError as err:
+        hold.close()
+        raise ListenError(f"cannot listen on {addr}: {err.strerror}") from None
+    return hold, port
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """An API process of a group gets SIGTERM when its parent dies, even by SIGKILL; False if it is gone already."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    return os.getppid() == parent_pid
+
+
+def _exit_code(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+
+
+class ApiProcesses:
+    """The parent of RUN_API_PROCESSES API processes serving one port (SO_REUSEPORT).
+
+    It resolves the database and migrates once, then starts each process with
+    `--no-migrate` and DATABASE_URL set, and the --with-worker worker once all of them serve.
+    SIGTERM and SIGINT are forwarded; on exit every process is stopped. Fail-fast: a process
+    that exits unasked stops the others and the parent exits non-zero, as one API process does
+    when one of its background loops dies. Restarting is the job of what runs the API (systemd,
+    Kubernetes, compose), which sees one unit; a parent that restarted children itself would hide
+    a crash loop from it.
+    """
+
+    def __init__(self, settings: ApiSettings, url: str, with_worker: bool) -> None:
+        self.settings, self.url, self.with_worker = settings, url, with_worker
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def _command(self, index: int, ready_fd: int) -> list[str]:
+        return [sys.executable, "-m", "services.run_api", "serve", "--child-of", str(os.getpid()),
+                "--child-index", str(index), "--ready-fd", str(ready_fd)]
+
+    def _env(self, addr: str) -> dict[str, str]:
+        """Each process's settings: the parent's (flags included) as environment, the URL kept off argv."""
+        s = self.settings
+        return {**os.environ, "RUN_API_PROCESSES": "1", "RUN_API_ADDR": addr, "DATABASE_URL": self.url,
+                "RUNS_DATA_DIR": s.data_dir, "RUN_API_MIGRATE": "false", "RUN_LEASE_SECONDS": repr(s.lease_seconds),
+                "RUN_WORKER_EMBEDDED": "true" if s.embedded_worker else "false"}
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or until a process exits unasked; the exit code."""
+        if not sys.platform.startswith("linux"):
+            raise ListenError("RUN_API_PROCESSES above 1 needs Linux (SO_REUSEPORT spreads connections there)")
+        if self.settings.migrate_on_start:
+            asyncio.run(_migrate_when_reachable(self.url))
+        hold, port = _reserve_port(self.settings.addr)
+        addr = f"{self.settings.addr.rsplit(':', 1)[0]}:{port}"
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}  # only to wake select()
+        previous_fd = signal.set_wakeup_fd(wake_w)
+        try:
+            code = self._supervise(addr, port, wake_r)
+        finally:
+            self._stop_all()
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for fd in (wake_r, wake_w):
+                os.close(fd)
+            hold.close()
+        if code == 0 and not self.clean:
+            log.error("API processes did not stop cleanly: %s",
+                      ", ".join(f"pid {p}: {_exit_code(c.returncode)}" for p, c in self.children.items()))
+            return 1
+        return code
+
+    def _supervise(self, addr: str, port: int, wake_r: int) -> int:
+        ready_r, ready_w = os.pipe()
+        try:
+            env = self._env(addr)
+            for index in range(1, self.settings.processes + 1):
+                child = subprocess.Popen(self._command(index, ready_w), env=env, pass_fds=(ready_w,))
+                self.children[child.pid] = child
+            os.close(ready_w)
+            ready_w = -1
+            starting, pending, ready_open = set(self.children), b"", True
+            while True:
+                readable, _, _ = select.select([wake_r, *([ready_r] if ready_open else [])], [], [])
+                if wake_r in readable:
+                    signals = os.read(wake_r, 1024)
+                    if signal.SIGTERM in signals or signal.SIGINT in signals:
+                        log.info("stopping %d API processes", len(self.children))
+                        return 0
+                for pid, child in self.children.items():
+                    if (code := child.poll()) is not None:
+                        log.error("API process pid %d exited unexpectedly with %s; stopping the others",
+                                  pid, _exit_code(code))
+                        return code if code > 0 else 1
+                if ready_r in readable:
+                    chunk = os.read(ready_r, 1024)
+                    ready_open = bool(chunk)  # at its end once every process has written (or died)
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    was_starting = bool(starting)
+                    starting -= {int(line) for line in lines if line.strip()}
+                    if was_starting and not starting:
+                        log.info("run API listening on %s with %d processes (pids %s)", addr, len(self.children),
+                                 " ".join(map(str, self.children)))
+                        if self.with_worker:
+                            self.worker = _start_worker(self.settings, port)
+        finally:
+            for fd in (ready_r, ready_w):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _stop_all(self) -> None:
+        """Stop the worker first (it drains while the API serves it), then every API process."""
+        _stop_worker(self.worker)
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = self.settings.shutdown_grace_seconds * 2 + 30
+        for pid, child in self.children.items():
+            try:
+                child.wait(deadline)
+            except subprocess.TimeoutExpired:
+                log.error("API process pid %d did not stop within %.0fs; killing it", pid, deadline)
+                child.kill()
+                child.wait()
+
+    @property
+    def clean(self) -> bool:
+        """Whether every process ended by itself with code 0 (or by the SIGTERM it was sent)."""
+        return all(c.returncode in (0, -signal.SIGTERM) for c in self.children.values())
 
 
 async def _replay(url: str) -> int:
@@ -230,12 +415,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             migrate_on_start=not args.no_migrate,
             lease_seconds=args.lease_seconds,
             embedded_worker=args.embedded_worker,
+            processes=args.processes,
         )
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    configure_logging(settings.log, actor="api")
-    configure_tracing("runs-api")
+    group = args.command == "serve" and settings.processes > 1 and args.child_of is None
+    configure_logging(settings.log, actor=f"api-{args.child_index}" if args.child_of is not None else "api")
+    if not group:  # the parent of a group serves nothing: no spans of its own
+        configure_tracing("runs-api")
+    if args.child_of is not None and not _die_with_parent(args.child_of):
+        print("error: the parent of this API process is gone", file=sys.stderr)
+        return 1
     try:
         if args.command == "serve":
             auth.resolve_mode(settings.auth, settings.addr)  # refuse an unsafe address before anything starts
@@ -248,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if settings.migrate_on_start:
                 db.migrate(url)
             return asyncio.run(_replay(url))
-        return asyncio.run(_serve(settings, url, args.with_worker))
+        if group:
+            return ApiProcesses(settings, url, args.with_worker).run()
+        return asyncio.run(_serve(settings, url, args.with_worker, args.ready_fd))
     except KeyboardInterrupt:
         return 130
     except ListenError as err:

@@ -122,9 +122,14 @@ class HealthMonitor:
 
 
 class ApiServer:
-    """One API process: build with settings and a database URL, then start() / wait() / stop()."""
+    """One API process: build with settings and a database URL, then start() / wait() / stop().
 
-    def __init__(self, settings: ApiSettings, database_url: str) -> None:
+    `reuse_port`: bind with SO_REUSEPORT, for one of RUN_API_PROCESSES processes sharing the port
+    (the kernel spreads connections over them). Off otherwise, so that a port already taken is
+    refused rather than shared with whoever holds it.
+    """
+
+    def __init__(self, settings: ApiSettings, database_url: str, reuse_port: bool = False) -> None:
         self.settings = settings
         self.database_url = database_url
         self.auth_mode = resolve_mode(settings.auth, settings.addr)  # AuthConfigError: refuse to start
@@ -158,7 +163,7 @@ class ApiServer:
             interceptors=[aio_server_interceptor(), ErrorInterceptor(self.authenticator.calling)],
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # Find dead peers of long-lived streams, and accept the workers' keepalive pings.
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
