@@ -112,12 +112,26 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Api(Process):
-    """The run API as a real process on a free port (or a given one, to restart in place)."""
+def api_processes() -> int:
+    """API processes per Api: RUNS_TEST_API_PROCESSES (default 1; 2 runs the suites against a process group)."""
+    raw = os.environ.get("RUNS_TEST_API_PROCESSES", "1").strip() or "1"
+    assert raw.isdigit() and int(raw) >= 1, f"RUNS_TEST_API_PROCESSES must be a whole number >= 1, got {raw!r}"
+    return int(raw)
 
-    def __init__(self, database_url: str, port: int = 0, **env: str) -> None:
+
+class Api(Process):
+    """The run API as a real process on a free port (or a given one, to restart in place).
+
+    With `processes` above 1 (default: RUNS_TEST_API_PROCESSES) it is a parent with that many API
+    processes on the port (RUN_API_PROCESSES), and start() waits until every one of them serves.
+    """
+
+    def __init__(self, database_url: str, port: int = 0, processes: int | None = None, **env: str) -> None:
         self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        self.processes = processes or api_processes()
+        if self.processes > 1:
+            env = {"RUN_API_PROCESSES": str(self.processes), **env}
         super().__init__(
             [sys.executable, "-m", "services.run_api", "--addr", self.addr, "--database-url", database_url],
             base_env(**env),
@@ -125,8 +139,15 @@ class Api(Process):
         )
 
     def start(self) -> None:
-        """Start and wait until the health service says SERVING."""
+        """Start and wait until the health service says SERVING (from every API process of a group)."""
         super().start()
+        if self.processes > 1:
+            def all_serve() -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(f"API exited with {self.proc.returncode}:\n{self.output()}")
+                return f"with {self.processes} processes (pids" in self.output()
+
+            wait_until(all_serve, 60, f"{self.processes} API processes", interval=0.05)
         self.wait_health("SERVING", 30)
 
     def health(self) -> str:
