@@ -156,10 +156,9 @@ LIVE_RUN_BY_ID = {"runs_pkey", "runs_claim_idx"} | RUNNING_IDX
 # services/run_api/store/queries.py, with the indexes each must use (each set: any one of them; an
 # INSERT reads no table, so it only must not scan one).
 HOT: dict[str, list[set[str]]] = {
-    # claim loop (handlers.claim_runs) and the claim stream's session
-    "worker_claim_state": [RUNNING_IDX],
-    "run_claim_candidates": [{"runs_claim_idx"}],
-    "runs_project_claimed_many": [LIVE_RUN_BY_ID],
+    # claim loop (handlers.claim_runs: one statement) and the claim stream's session
+    "runs_claim": [RUNNING_IDX, {"runs_claim_idx"}],
+    "runs_project_claimed_many": [LIVE_RUN_BY_ID],  # a heartbeat's re-adoption, and replay
     "run_steps_for_claims": [{"run_steps_pkey"}],
     "workers_session_lock": [RUNNING_IDX],
     # reports (handlers.report_events, store.events.append and the projector)
@@ -240,7 +239,9 @@ def hot_params(worker_id: str, running: list[str], history: list[str]) -> dict[s
         "workspace_id": "default", "project_id": None, "limit": 100, "run_id": running[0], "attempt": 1,
         "step_key": "runtime", "tool_call_id": str(ULID()), "skip_run_ids": [], "only_run_id": None,
         "after_sequence": 0, "run_ids": ids, "attempts": [1] * n, "event_ids": [str(ULID()) for _ in ids],
-        "tool_call_ids": [str(ULID()) for _ in ids],
+        "tool_call_ids": [str(ULID()) for _ in ids], "session_token_hash": None, "capacity": 100,
+        "batch_limit": 100, "lease_expires_at": now + timedelta(seconds=30),
+        "lease_text": (now + timedelta(seconds=30)).isoformat(), "channel_events": "runs_events",
         "rows": json.dumps([{**row, "run_id": run_id, "tool_call_id": str(ULID())} for run_id in ids]),
     }
 

@@ -511,50 +511,23 @@ class ClaimResult:
 
 
 async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None) -> ClaimResult:
-    """Claim due queued runs with FOR UPDATE SKIP LOCKED, within the worker's free capacity."""
+    """Claim due queued runs with FOR UPDATE SKIP LOCKED, within the worker's free capacity (one statement)."""
     now = now or utcnow()
-    worker = (
-        await uow.conn.execute(Q.worker_claim_state, {"worker_id": claim.worker_id, "now": now})
-    ).one()
-    if claim.session_token_hash is not None and worker.session_token_hash != claim.session_token_hash:
+    worker, rows = await store.claim(
+        uow.conn, worker_id=claim.worker_id, session_token_hash=claim.session_token_hash,
+        tenant_id=claim.tenant_id, workspace_id=claim.workspace_id, project_id=claim.project_id,
+        capacity=claim.capacity, batch_limit=claim.batch_limit, now=now,
+        lease_expires_at=now + timedelta(seconds=claim.lease_seconds),
+    )
+    if claim.session_token_hash is not None and worker.claim_session_token_hash != claim.session_token_hash:
         raise PermissionDenied("this worker's session was replaced or has ended: open a new claim stream")
-    cancels = list(worker.cancel_run_ids)
-    free = 0 if worker.lapsed else max(claim.capacity - worker.held, 0)
-    limit = min(claim.batch_limit, free)
-    if limit <= 0:
+    cancels = list(worker.claim_cancel_run_ids)
+    if worker.claim_limit <= 0:
         return ClaimResult([], True, cancels)
-    rows = (
-        await uow.conn.execute(
-            Q.run_claim_candidates,
-            {"tenant_id": claim.tenant_id, "workspace_id": claim.workspace_id, "project_id": claim.project_id,
-             "now": now, "limit": limit},
-        )
-    ).all()
     if not rows:
         return ClaimResult([], False, cancels)
-    lease = now + timedelta(seconds=claim.lease_seconds)
-    results = await store.append(
-        uow.conn,
-        [
-            store.NewEvent(
-                run_id=row.run_id,
-                type=EventType.RUN_CLAIMED,
-                attempt=row.attempt + 1,
-                event_id=store.new_event_id(),
-                worker_id=claim.worker_id,
-                occurred_at=now,
-                payload={"worker_id": claim.worker_id, "lease_expires_at": lease.isoformat()},
-            )
-            for row in rows
-        ],
-        dedupe=False,
-    )
-    claimed = [
-        SimpleNamespace(**{**row._mapping, "status": RunStatus.RUNNING, "attempt": row.attempt + 1,
-                           "worker_id": claim.worker_id, "lease_expires_at": lease})
-        for row, result in zip(rows, results, strict=True)
-        if result.outcome is store.Outcome.RECORDED
-    ]
+    claimed = [SimpleNamespace(**{k: v for k, v in row._mapping.items() if not k.startswith("claim_")})
+               for row in rows]
     # A resumed run gets what its earlier attempts left: done steps are not run again. A rebuild gets
     # its base run's steps too: those it does not re-execute are reused with their exact results.
     steps: dict[str, list[Any]] = {}

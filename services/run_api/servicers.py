@@ -363,7 +363,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             while True:
                 if self.stopping.is_set():
                     raise ShuttingDown("the server is shutting down; reconnect")
-                async with UnitOfWork(self.engine) as uow:
+                async with UnitOfWork(self.engine, autocommit=True) as uow:  # the claim is one statement
                     result = await handlers.claim_runs(uow, claim)
                 rows = result.runs
                 specs = await self.specs.get_many(self.engine, {r.spec_hash for r in rows if r.spec_hash})

@@ -373,6 +373,28 @@ async def queue_runs(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[
     return [created.get(e.run_id) for e in events]
 
 
+async def claim(
+    conn: AsyncConnection, *, worker_id: str, session_token_hash: str | None, tenant_id: str, workspace_id: str,
+    project_id: str | None, capacity: int, batch_limit: int, now: datetime, lease_expires_at: datetime,
+) -> tuple[Any, list[Any]]:
+    """Claim due queued runs for a worker in one statement: (the worker's state, the claimed runs' rows).
+
+    The rows are projected already (RUNNING, the next attempt, held by the worker); each run's
+    run.claimed event is recorded with them and its watchers are notified. Nothing is claimed when
+    the worker is full, its heartbeat lease lapsed, or `session_token_hash` is not its session's.
+    """
+    rows = (
+        await conn.execute(Q.runs_claim, {
+            "worker_id": worker_id, "session_token_hash": session_token_hash, "tenant_id": tenant_id,
+            "workspace_id": workspace_id, "project_id": project_id, "capacity": capacity,
+            "batch_limit": batch_limit, "now": now, "lease_expires_at": lease_expires_at,
+            "lease_text": lease_expires_at.isoformat(), "event_ids": [new_event_id() for _ in range(batch_limit)],
+            "channel_events": CHANNEL_EVENTS,
+        })
+    ).all()
+    return rows[0], [row for row in rows if row.run_id is not None]
+
+
 async def append(
     conn: AsyncConnection, events: Sequence[NewEvent], dedupe: bool = True, locked: Sequence[Any] | None = None
 ) -> list[AppendResult]:

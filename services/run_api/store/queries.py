@@ -124,29 +124,62 @@ tool_calls_for_run = q(
 
 # --- claiming ----------------------------------------------------------------------------------
 
-# A worker as the claim loop sees it: runs held (used capacity), whether it lacks a live heartbeat
-# lease (a worker that never heartbeated, or a paused or cut-off one, is given nothing new), and its
-# running runs asked to cancel.
-worker_claim_state = q(
-    """
-    SELECT (SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING') AS held,
-           NOT EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at >= :now) AS lapsed,
-           (SELECT session_token_hash FROM workers WHERE worker_id = :worker_id) AS session_token_hash,
-           ARRAY(SELECT run_id FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING'
-                   AND cancel_requested_at IS NOT NULL ORDER BY run_id) AS cancel_run_ids
-    """
-)
+_RUNS_RETURNING = ", ".join(f"runs.{c.strip()}" for c in RUN_COLUMNS.split(","))
 
-# Lock up to :limit due queued runs of a tenant's workspace, skipping rows other claimers hold.
-run_claim_candidates = q(
+# A whole claim in one statement (run in autocommit: one round trip). First the worker as the claim
+# loop sees it: runs held (used capacity), whether it lacks a live heartbeat lease (a worker that never
+# heartbeated, or a paused or cut-off one, is given nothing new), its session, and its running runs
+# asked to cancel. Then up to its free capacity (at most :batch_limit; none when its lease lapsed or
+# its session was replaced) due queued runs of the tenant's workspace, locked in claim order with
+# SKIP LOCKED (other claimers' rows are passed over), their run.claimed events (next sequence, next
+# attempt, the event ids the caller made) and the projection runs_project_claimed_many makes of them,
+# and a notification per claimed run. One row per claimed run (run columns), or one row of NULL run
+# columns when none was claimed; every row carries the worker's state (claim_* columns).
+runs_claim = q(
     f"""
-    SELECT {RUN_COLUMNS} FROM runs
-    WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND status = 'QUEUED'
-      AND next_attempt_at <= :now
-      AND (CAST(:project_id AS text) IS NULL OR project_id = :project_id)
-    ORDER BY next_attempt_at, run_id
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
+    WITH w AS (
+        SELECT (SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING') AS held,
+               NOT EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at >= :now)
+                   AS lapsed,
+               (SELECT session_token_hash FROM workers WHERE worker_id = :worker_id) AS session_token_hash,
+               ARRAY(SELECT run_id FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING'
+                       AND cancel_requested_at IS NOT NULL ORDER BY run_id) AS cancel_run_ids
+    ), lim AS (
+        SELECT CASE WHEN w.lapsed OR (CAST(:session_token_hash AS text) IS NOT NULL
+                                      AND w.session_token_hash IS DISTINCT FROM CAST(:session_token_hash AS text))
+                    THEN 0 ELSE GREATEST(LEAST(CAST(:batch_limit AS integer), :capacity - w.held), 0) END AS n
+        FROM w
+    ), c AS (
+        SELECT run_id, attempt, last_sequence, next_attempt_at FROM runs
+        WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND status = 'QUEUED'
+          AND next_attempt_at <= :now
+          AND (CAST(:project_id AS text) IS NULL OR project_id = :project_id)
+        ORDER BY next_attempt_at, run_id
+        LIMIT (SELECT n FROM lim)
+        FOR UPDATE SKIP LOCKED
+    ), numbered AS (
+        SELECT c.*, row_number() OVER (ORDER BY c.next_attempt_at, c.run_id) AS i FROM c
+    ), e AS (
+        INSERT INTO run_events (run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload,
+            recorded_at)
+        SELECT n.run_id, n.last_sequence + 1, 'run.claimed', n.attempt + 1, :worker_id,
+            (CAST(:event_ids AS text[]))[n.i], :now,
+            jsonb_build_object('worker_id', CAST(:worker_id AS text), 'lease_expires_at', CAST(:lease_text AS text)),
+            clock_timestamp()
+        FROM numbered n ORDER BY n.i
+        RETURNING run_id, sequence, recorded_at, event_id
+    ), u AS (
+        UPDATE runs SET status = 'RUNNING', attempt = runs.attempt + 1, worker_id = :worker_id,
+            lease_expires_at = :lease_expires_at, updated_at = e.recorded_at, last_sequence = e.sequence
+        FROM e WHERE runs.run_id = e.run_id AND runs.status = 'QUEUED'
+        RETURNING {_RUNS_RETURNING}
+    )
+    SELECT w.held AS claim_held, w.lapsed AS claim_lapsed, w.session_token_hash AS claim_session_token_hash,
+        w.cancel_run_ids AS claim_cancel_run_ids, lim.n AS claim_limit,
+        (SELECT count(*) FROM (SELECT pg_notify(:channel_events, u.run_id) FROM u) AS notified) AS claim_notified,
+        u.*
+    FROM w CROSS JOIN lim LEFT JOIN u ON true
+    ORDER BY u.next_attempt_at, u.run_id
     """
 )
 

@@ -9,10 +9,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransactio
 
 
 class UnitOfWork:
-    """`async with UnitOfWork(engine) as uow: ... await uow.commit()`."""
+    """`async with UnitOfWork(engine) as uow: ... await uow.commit()`.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    `autocommit=True`: no transaction around the statements, each commits by itself (for work that is
+    one statement, such as a claim: it saves the BEGIN and COMMIT round trips); commit() does nothing.
+    """
+
+    def __init__(self, engine: AsyncEngine, autocommit: bool = False) -> None:
         self._engine = engine
+        self._autocommit = autocommit
         self._conn: AsyncConnection | None = None
         self._tx: AsyncTransaction | None = None
 
@@ -26,6 +31,9 @@ class UnitOfWork:
     async def __aenter__(self) -> UnitOfWork:
         self._conn = await self._engine.connect()
         try:
+            if self._autocommit:
+                self._conn = await self._conn.execution_options(isolation_level="AUTOCOMMIT")
+                return self
             self._tx = await self._conn.begin()
         except BaseException:
             await self._conn.close()
