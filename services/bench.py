@@ -356,7 +356,7 @@ class Context:
 
 def rounded(value: float, unit: str) -> float:
     """A figure's value with the precision its unit deserves."""
-    return round(value, {"runs/s": 1, "ms": 2, "MB": 1}.get(unit, 3))
+    return round(value, {"runs/s": 1, "ms": 2, "MB": 1}.get(unit, 3)) + 0.0  # + 0.0: no "-0.0"
 
 
 def json_line(figure: Figure, ctx: Context) -> str:

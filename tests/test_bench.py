@@ -160,6 +160,7 @@ def test_figure_json_line_and_table() -> None:
     fig = bench.Figure("drain_noop_5", 123.456, "runs/s", 5, 2, "detail", {"history": 9})
     line = json.loads(bench.json_line(fig, ctx))
     assert line["value"] == 123.5 and line["history"] == 9 and line["auth"] == "off" and line["commit"] == "abc"
+    assert str(bench.rounded(-0.01, "MB")) == "0.0"
     rows = bench.table([fig, bench.Figure("pickup_latency_p50", 1.234, "ms", 5, 2)])
     assert rows[0].split()[:5] == ["figure", "value", "unit", "n", "W"]
     assert rows[1].split()[:5] == ["drain_noop_5", "123.5", "runs/s", "5", "2"]
