@@ -18,14 +18,15 @@ drain    for each size in --drain (5,000 and 20,000), its own database and API: 
          The end is detected by polling the database every --poll-interval s (any QUEUED or RUNNING run
          left?); the figure does not depend on that granularity because it uses recorded_at. The API's
          RSS before and after the drain and every worker's after it come from /proc/<pid>/status (VmRSS of
-         the python processes themselves).
+         the python processes themselves; with RUN_API_PROCESSES > 1 the API's figure is its processes together).
 dag      the same drain for N runs of a registered 5-step diamond of noop steps (a -> b, c, d -> e).
 latency  pickup latency: W workers spawned and warmed up (each has run at least one run), then single runs
          started one at a time; latency = from StartRun's return (time.time()) to the occurred_at of its
          tool.invoked event (read with WatchRun once the run has ended). p50/p95/p99/max in ms.
 
 Extras: `--history N` fills a fresh database with N finished runs through the set-based SQL loader
-(services.run_api.store.history.fill_history, not the API) and drains --compare-drain runs on it; the same
+(services.run_api.store.history.fill_history, not the API; then VACUUM (ANALYZE) and CHECKPOINT, as a
+long-lived history would have had) and drains --compare-drain runs on it; the same
 drain on empty tables (reused from the drain phase when it measured that size) and the ratio are printed.
 `--secure` drains --compare-drain runs with keys required (RUNS_AUTH=required, a client and a worker key
 made with `python -m services.run_api keys create`) and TLS on (a self-signed certificate made in a
@@ -522,6 +523,13 @@ class Child:
         self.check_alive()
         return rss_mb(self.target)
 
+    def group_rss_mb(self) -> tuple[float, int]:
+        """RSS of the target and of the processes it started (RUN_API_PROCESSES > 1), in MiB, and how many."""
+        assert self.target is not None
+        self.check_alive()
+        pids = [self.target, *children_of(self.target)]
+        return sum(rss_mb(pid) for pid in pids), len(pids)
+
     def signal(self, sig: int) -> None:
         """Send `sig` to the target if it is running."""
         if self.running and self.target is not None:
@@ -783,7 +791,8 @@ class Stack:
         assert self.api is not None and self.api.target is not None
         out = profile / f"{self.label}.api.speedscope.json"
         self.profilers.append(self.bench.spawn(Child(
-            "py-spy-api", [*py_spy_args(out), "--pid", str(self.api.target)], child_env(), self.log_path("py-spy-api"),
+            "py-spy-api", [*py_spy_args(out), "--subprocesses", "--pid", str(self.api.target)], child_env(),
+            self.log_path("py-spy-api"),
         )))
         self.bench.profiles.append(out)
 
@@ -1001,7 +1010,7 @@ class Bench:
             run_ids = await stack.queue(n, workflow)
             log(f"{name}: queued in {time.perf_counter() - began:.1f} s; spawning {o.workers} workers")
             assert stack.api is not None
-            api_before = stack.api.rss_mb()
+            api_before, api_procs = stack.api.group_rss_mb()
             if o.profile is not None:
                 stack.profile_api(o.profile)
             spawned = time.time()
@@ -1011,16 +1020,17 @@ class Bench:
             if completed != n or last is None:
                 raise BenchError(f"{name}: {completed} of {n} runs have a run.completed event")
             await stack.check_runs(run_ids)
-            api_after = stack.api.rss_mb()
+            api_after, _ = stack.api.group_rss_mb()
             worker_rss = [w.rss_mb() for w in stack.workers]
             took = last - spawned
             rate = n / took
             self.add(Figure(name, rate, "runs/s", n, o.workers,
                             f"{took:.2f} s from spawning the workers to the last run.completed", extra))
-            self.add(Figure(f"{name}_api_rss_before", api_before, "MB", n, o.workers, "API, queue full", extra))
-            self.add(Figure(f"{name}_api_rss_after", api_after, "MB", n, o.workers, "API, queue drained", extra))
+            api = "API" if api_procs == 1 else f"API, its {api_procs} processes together (RUN_API_PROCESSES)"
+            self.add(Figure(f"{name}_api_rss_before", api_before, "MB", n, o.workers, f"{api}, queue full", extra))
+            self.add(Figure(f"{name}_api_rss_after", api_after, "MB", n, o.workers, f"{api}, queue drained", extra))
             self.add(Figure(f"{name}_api_rss_growth", api_after - api_before, "MB", n, o.workers,
-                            "API, over the drain", extra))
+                            f"{api}, over the drain", extra))
             for worker, rss in zip(stack.workers, worker_rss, strict=True):
                 self.add(Figure(f"{name}_{worker.name.replace('-', '_')}_rss", rss, "MB", n, o.workers,
                                 "after the drain" + (" (under py-spy)" if worker.wrapped else ""), extra))
