@@ -168,7 +168,8 @@ class ApiProcesses:
 
     It resolves the database and migrates once, then starts each process with
     `--no-migrate` and DATABASE_URL set, and the --with-worker worker once all of them serve.
-    SIGTERM and SIGINT are forwarded; on exit every process is stopped. Fail-fast: a process
+    SIGTERM or SIGINT to the parent stops the worker, then every process (SIGTERM, in their own
+    process groups so a terminal's Ctrl-C reaches the parent only). Fail-fast: a process
     that exits unasked stops the others and the parent exits non-zero, as one API process does
     when one of its background loops dies. Restarting is the job of what runs the API (systemd,
     Kubernetes, compose), which sees one unit; a parent that restarted children itself would hide
@@ -226,7 +227,8 @@ class ApiProcesses:
         try:
             env = self._env(addr)
             for index in range(1, self.settings.processes + 1):
-                child = subprocess.Popen(self._command(index, ready_w), env=env, pass_fds=(ready_w,))
+                # A process group of its own: Ctrl-C reaches the parent only, which stops the worker first.
+                child = subprocess.Popen(self._command(index, ready_w), env=env, pass_fds=(ready_w,), process_group=0)
                 self.children[child.pid] = child
             os.close(ready_w)
             ready_w = -1
