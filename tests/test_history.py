@@ -6,6 +6,7 @@ payload fields, projected columns), and replaying the log must rebuild the same 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import json
@@ -26,9 +27,13 @@ from psycopg.rows import dict_row
 from ulid import ULID
 
 from services.run_api import db
+from services.run_api.auth import Caller
+from services.run_api.errors import NotFound
+from services.run_api.rebuild import RebuildRun, rebuild_run
 from services.run_api.server import ApiServer
 from services.run_api.store import queries as Q
 from services.run_api.store.history import fill_history, parse_cutoff
+from services.run_api.store.uow import UnitOfWork
 from services.run_worker.worker import Worker
 from shared.gen.runs.v1 import run_service_pb2, run_service_pb2_grpc, worker_service_pb2, worker_service_pb2_grpc
 from shared.settings import ApiSettings, WorkerSettings
@@ -468,3 +473,36 @@ async def test_archive_keeps_runs_live_data_points_to(database_url: str, tmp_pat
     replay_command(database_url)
     with psycopg.connect(url, autocommit=True) as conn:
         assert snapshot(conn) == kept
+
+
+async def test_a_rebuild_does_not_queue_on_a_base_the_archive_takes_meanwhile(database_url: str) -> None:
+    """The archive locks and deletes a finished run while a rebuild of it is being queued: the rebuild waits
+    for the archive's transaction and refuses (NOT_FOUND), queueing nothing that names a deleted base."""
+    url = db.libpq_url(database_url)
+    fill_history(url, 1)
+    engine = db.make_engine(database_url, 2)
+    try:
+        with psycopg.connect(url) as archiver:
+            (base,) = archiver.execute("SELECT run_id FROM runs").fetchone()
+            archiver.execute("SELECT 1 FROM runs WHERE run_id = %s FOR UPDATE", (base,))  # as archive_runs locks
+
+            async def rebuild() -> None:
+                async with UnitOfWork(engine) as uow:
+                    await rebuild_run(uow, RebuildRun(base_run_id=base, steps=("runtime",)), Caller.anonymous())
+
+            task = asyncio.create_task(rebuild())
+            deadline = time.monotonic() + 10
+            with psycopg.connect(url, autocommit=True) as probe:  # the rebuild is waiting on the archive's lock
+                while not probe.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+                    assert time.monotonic() < deadline and not task.done(), "the rebuild did not wait"
+                    await asyncio.sleep(0.01)
+            archiver.execute("SELECT set_config('runs.archiving', 'on', true)")
+            archiver.execute("DELETE FROM run_events WHERE run_id = %s", (base,))
+            archiver.execute("DELETE FROM runs WHERE run_id = %s", (base,))
+            archiver.commit()
+            with pytest.raises(NotFound, match="archived"):
+                await asyncio.wait_for(task, 10)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+    finally:
+        await engine.dispose()

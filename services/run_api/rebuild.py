@@ -100,6 +100,9 @@ async def rebuild_run(uow: UnitOfWork, cmd: RebuildRun, caller: Caller) -> tuple
         change_request=cmd.change_request_type or None,
         rebuild_rerun=sorted(p.step_key for p in plan if p.action == RERUN),
     )
+    if (await uow.conn.execute(Q.run_hold_finished, {"run_id": base.run_id})).first() is None:
+        # `archive` took it meanwhile (it keeps the bases of unfinished rebuilds, but this one is not queued yet)
+        raise NotFound(f"run {base.run_id} was archived; it cannot be rebuilt")
     row = await store.queue_run(uow.conn, event)
     await uow.commit()
     log.info(

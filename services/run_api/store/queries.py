@@ -27,6 +27,9 @@ RUN_COLUMNS = """
 # Read one run.
 run_get = q(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = :run_id")
 
+# Keep a finished run from being archived until this transaction ends (a rebuild queueing on it as its base).
+run_hold_finished = q("SELECT run_id FROM runs WHERE run_id = :run_id AND status = 'SUCCEEDED' FOR KEY SHARE")
+
 # Lock the runs a batch of events is about, in a fixed order so two batches never deadlock.
 run_lock_many = q(
     f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ANY(:run_ids) ORDER BY run_id FOR UPDATE"
