@@ -197,14 +197,16 @@ def test_the_setting_is_a_whole_number_of_at_least_one() -> None:
     assert done.returncode == 2 and "RUN_API_PROCESSES must be at least 1" in done.stderr, done.stderr
 
 
-def test_a_taken_port_is_refused_not_shared(database_url: str) -> None:
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_taken_port_is_refused_not_shared(database_url: str, processes: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         addr = f"127.0.0.1:{taken.getsockname()[1]}"
         done = subprocess.run(
             [sys.executable, "-m", "services.run_api", "--addr", addr, "--database-url", database_url],
-            cwd=ROOT, env=base_env(RUN_API_PROCESSES="2"), capture_output=True, text=True, timeout=60, check=False,
+            cwd=ROOT, env=base_env(RUN_API_PROCESSES=processes), capture_output=True, text=True, timeout=60,
+            check=False,
         )
     assert done.returncode == 1, done.stderr
     assert f"cannot listen on {addr}: is another process using it?" in done.stderr
