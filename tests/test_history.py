@@ -185,6 +185,9 @@ HOT: dict[str, list[set[str]]] = {
     "run_steps_project_run_ended_many": [{"run_steps_pkey"}],
     "tool_calls_project_invoked_many": [],
     "tool_calls_project_finished_many": [{"tool_calls_pkey"}],
+    "runs_project_done_many": [LIVE_RUN_BY_ID],  # a run's whole life in one report, written once
+    "run_steps_project_done_many": [],
+    "tool_calls_project_done_many": [],
     # heartbeats and watchers
     "run_held_state": [{"runs_pkey"}],
     "run_events_last": [{"run_events_pk"}],
@@ -237,7 +240,8 @@ def hot_params(worker_id: str, running: list[str], history: list[str]) -> dict[s
         "status": "SUCCEEDED", "stop_reason": "completed", "error": None, "output": {}, "reason": None,
         "requested_by": None, "step_key": "runtime", "tool": "noop", "depends_on": [], "try": 1, "step_error": None,
         "cache_key": None, "cache_display": None, "cache_result": None, "cache_reason": None, "source_run_id": None,
-        "input": {}, "step_attempt": 1,
+        "input": {}, "step_attempt": 1, "started_at": now.isoformat(), "created_at": now.isoformat(),
+        "finished_at": now.isoformat(),
     }
     return {
         "worker_id": worker_id, "now": now, "before": now - timedelta(hours=1), "tenant_id": "default",

@@ -508,31 +508,103 @@ async def append(
     return results
 
 
-def _rounds(events: Sequence[StoredEvent]) -> list[list[StoredEvent]]:
-    """Split a batch into rounds, each holding at most one event per run, step and tool call row.
+def _row_of(event: StoredEvent) -> tuple[str, ...]:
+    """The projection row an event changes: its run's, its step's or its tool call's."""
+    p, t = event.payload, event.type
+    if t in _STEP_EVENTS:
+        return ("step", event.run_id, str(p.get("step_key")))
+    if t in _TOOL_EVENTS:
+        return ("call", event.run_id, str(p.get("tool_call_id")))
+    return ("run", event.run_id)
 
-    A row's events land in successive rounds in log order; a run's failure or cancellation (which
+
+@dataclass(frozen=True)
+class _Folded:
+    """A row's whole life in one batch, written once: a run started and completed, a step created, started
+    and finished, a tool call invoked and finished (what a fast run reports in one call). The values are
+    those the events would leave one at a time; replay with one event per page checks it."""
+
+    kind: str
+    row: tuple[str, ...]
+    events: tuple[StoredEvent, ...]
+
+    def values(self) -> dict[str, Any]:
+        """The row's final values for the kind's statement."""
+        first, last = self.events[0], self.events[-1]
+        if self.kind == "run_done":
+            status, reason = _RUN_ENDED[EventType(last.type)]
+            p = last.payload
+            return {"run_id": last.run_id, "attempt": last.attempt, "sequence": last.sequence,
+                    "recorded_at": last.recorded_at, "started_at": first.recorded_at, "status": str(status),
+                    "stop_reason": p.get("stop_reason") or str(reason), "error": p.get("error"),
+                    "output": p.get("output")}
+        if self.kind == "step_done":
+            created, started = self.events[0].payload, self.events[1].payload
+            done = _step_finished(last)
+            begun = _cache_columns(started)
+            return {**done, "created_at": first.recorded_at, "tool": created.get("tool", ""),
+                    "depends_on": [str(d) for d in created.get("depends_on") or []],
+                    "started_at": self.events[1].recorded_at, "try": _int(started.get("try")),
+                    **{name: done[name] if done[name] is not None else begun[name] for name in begun}}
+        invoked, ended = first.payload, last.payload
+        call = ToolCallStatus.SUCCEEDED if last.type == EventType.TOOL_SUCCEEDED else ToolCallStatus.FAILED
+        return {"run_id": first.run_id, "attempt": first.attempt, "recorded_at": first.recorded_at,
+                "tool_call_id": invoked["tool_call_id"], "step_key": invoked.get("step_key", ""),
+                "tool": invoked.get("tool", ""), "input": invoked.get("input", {}),
+                "step_attempt": _int(invoked.get("try")) or 1, "status": str(call), "output": ended.get("output"),
+                "error": ended.get("error"), "finished_at": last.recorded_at}
+
+
+# The lives a batch folds: a row's events in the batch, exactly these types in this order.
+_FOLDS: dict[str, tuple[frozenset[str], ...]] = {
+    "run_done": (frozenset({EventType.RUN_STARTED}), frozenset({EventType.RUN_COMPLETED})),
+    "step_done": (frozenset({EventType.STEP_CREATED}), frozenset({EventType.STEP_STARTED}),
+                  frozenset({EventType.STEP_SUCCEEDED, EventType.STEP_FAILED})),
+    "call_done": (frozenset({EventType.TOOL_INVOKED}), frozenset({EventType.TOOL_SUCCEEDED, EventType.TOOL_FAILED})),
+}
+
+
+def _fold(events: Sequence[StoredEvent]) -> list[StoredEvent | _Folded]:
+    """The batch with each row whose events are a whole fold written as one item (at its last event's place)."""
+    rows: dict[tuple[str, ...], list[int]] = {}
+    for i, event in enumerate(events):
+        rows.setdefault(_row_of(event), []).append(i)
+    folded: dict[int, _Folded] = {}
+    dropped: set[int] = set()
+    for row, places in rows.items():
+        kind = {"run": "run_done", "step": "step_done", "call": "call_done"}[row[0]]
+        pattern = _FOLDS[kind]
+        lives = tuple(events[i] for i in places)
+        if len(lives) != len(pattern) or any(e.type not in want for e, want in zip(lives, pattern, strict=True)):
+            continue
+        if kind == "step_done" and lives[1].payload.get("try") is None:
+            continue  # the try count would depend on the row's earlier value
+        folded[places[-1]] = _Folded(kind, row, lives)
+        dropped.update(places[:-1])
+    return [folded.get(i, e) for i, e in enumerate(events) if i not in dropped]
+
+
+def _rounds(events: Sequence[StoredEvent]) -> list[list[StoredEvent | _Folded]]:
+    """Fold what can be folded, then split the batch into rounds, each holding at most one item per run,
+    step and tool call row.
+
+    A row's items land in successive rounds in log order; a run's failure or cancellation (which
     also ends its open steps) comes after every earlier event of the run's steps.
     """
-    rounds: list[list[StoredEvent]] = []
+    rounds: list[list[StoredEvent | _Folded]] = []
     next_round: dict[tuple[str, ...], int] = {}
     run_last: dict[str, int] = {}
-    for event in events:
-        p, t = event.payload, event.type
-        if t in _STEP_EVENTS:
-            row: tuple[str, ...] = ("step", event.run_id, str(p.get("step_key")))
-        elif t in _TOOL_EVENTS:
-            row = ("call", event.run_id, str(p.get("tool_call_id")))
-        else:
-            row = ("run", event.run_id)
+    for item in _fold(events):
+        row = item.row if isinstance(item, _Folded) else _row_of(item)
+        run_id = row[1]
         index = next_round.get(row, 0)
-        if t in (EventType.RUN_FAILED, EventType.RUN_CANCELED):
-            index = max(index, run_last.get(event.run_id, -1) + 1)
+        if isinstance(item, StoredEvent) and item.type in (EventType.RUN_FAILED, EventType.RUN_CANCELED):
+            index = max(index, run_last.get(run_id, -1) + 1)
         next_round[row] = index + 1
-        run_last[event.run_id] = max(run_last.get(event.run_id, -1), index)
+        run_last[run_id] = max(run_last.get(run_id, -1), index)
         while len(rounds) <= index:
             rounds.append([])
-        rounds[index].append(event)
+        rounds[index].append(item)
     return rounds
 
 
@@ -564,6 +636,11 @@ async def apply_many(conn: AsyncConnection, events: Sequence[StoredEvent]) -> No
         kinds: dict[str, list[dict[str, Any]]] = {}
         singles: list[StoredEvent] = []
         for event in batch:
+            if isinstance(event, _Folded):
+                kinds.setdefault(event.kind, []).append(event.values())
+                if event.kind == "step_done":
+                    singles.append(event.events[-1])  # its artifacts and cache entry, when it has them
+                continue
             p, t = event.payload, event.type
             base = {"run_id": event.run_id, "attempt": event.attempt, "recorded_at": event.recorded_at}
             seq = {**base, "sequence": event.sequence}
@@ -634,6 +711,9 @@ _MANY: list[tuple[str, Any]] = [
     ("requeued", Q.runs_project_requeued_many),
     ("cancel_requested", Q.runs_project_cancel_requested_many),
     ("run_ended", Q.run_steps_project_run_ended_many),
+    ("run_done", Q.runs_project_done_many),
+    ("step_done", Q.run_steps_project_done_many),
+    ("call_done", Q.tool_calls_project_done_many),
     ("step_created", Q.run_steps_project_created_many),
     ("step_started", Q.run_steps_project_started_many),
     ("step_finished", Q.run_steps_project_finished_many),
@@ -723,7 +803,7 @@ async def _apply_step_extras(conn: AsyncConnection, event: StoredEvent) -> None:
                                                       "recorded_at": event.recorded_at})
 
 
-async def replay(conn: AsyncConnection) -> int:
+async def replay(conn: AsyncConnection, page_size: int = 5000) -> int:
     """Rebuild workflows (from registry_events) and runs, run_steps, tool_calls, run_artifacts (from
     run_events); returns how many events were applied."""
     count = await registry.replay(conn)
@@ -733,7 +813,7 @@ async def replay(conn: AsyncConnection) -> int:
     while True:
         rows = (
             await conn.execute(
-                Q.run_events_page, {"after_run_id": after[0], "after_sequence": after[1], "limit": 5000}
+                Q.run_events_page, {"after_run_id": after[0], "after_sequence": after[1], "limit": page_size}
             )
         ).all()
         if not rows:

@@ -591,6 +591,59 @@ tool_calls_project_finished_many = q(
     """
 )
 
+# A run started and completed in one batch (runs_project_started_many, then runs_project_finished_many).
+runs_project_done_many = q(
+    """
+    UPDATE runs SET started_at = COALESCE(runs.started_at, v.started_at), status = v.status,
+        stop_reason = v.stop_reason, error = v.error, output = v.output, finished_at = v.recorded_at,
+        lease_expires_at = NULL, updated_at = v.recorded_at, last_sequence = v.sequence
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz, started_at timestamptz,
+             status text, stop_reason text, error text, output jsonb)
+    WHERE runs.run_id = v.run_id AND runs.status = 'RUNNING' AND runs.attempt = v.attempt
+    """
+)
+
+# A step created, started and finished in one batch (run_steps_project_created_many, _started_many and
+# _finished_many one after the other, with the try the worker numbered).
+run_steps_project_done_many = q(
+    """
+    INSERT INTO run_steps (run_id, step_key, tool, status, attempt, created_at, depends_on, started_at,
+        finished_at, tries, error, output, step_error, reason, cache_key, cache_display, cache_result,
+        cache_reason, source_run_id)
+    SELECT v.run_id, v.step_key, v.tool, v.status, v.attempt, v.created_at, v.depends_on, v.started_at,
+        v.recorded_at, v.try, v.error, v.output, v.step_error, v.reason, v.cache_key, v.cache_display,
+        v.cache_result, v.cache_reason, v.source_run_id
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, recorded_at timestamptz, step_key text, status text, error text,
+             output jsonb, step_error jsonb, reason text, cache_key text, cache_display text, cache_result text,
+             cache_reason text, source_run_id text, created_at timestamptz, tool text, depends_on text[],
+             started_at timestamptz, try integer)
+    ON CONFLICT (run_id, step_key) DO UPDATE SET tool = EXCLUDED.tool, status = EXCLUDED.status,
+        attempt = EXCLUDED.attempt, depends_on = EXCLUDED.depends_on, started_at = EXCLUDED.started_at,
+        finished_at = EXCLUDED.finished_at, tries = EXCLUDED.tries, error = EXCLUDED.error,
+        output = EXCLUDED.output, step_error = EXCLUDED.step_error, reason = EXCLUDED.reason,
+        cache_key = COALESCE(EXCLUDED.cache_key, run_steps.cache_key),
+        cache_display = COALESCE(EXCLUDED.cache_display, run_steps.cache_display),
+        cache_result = COALESCE(EXCLUDED.cache_result, run_steps.cache_result),
+        cache_reason = COALESCE(EXCLUDED.cache_reason, run_steps.cache_reason),
+        source_run_id = COALESCE(EXCLUDED.source_run_id, run_steps.source_run_id)
+    """
+)
+
+# A tool call invoked and finished in one batch.
+tool_calls_project_done_many = q(
+    """
+    INSERT INTO tool_calls (run_id, tool_call_id, step_key, tool, status, attempt, input, invoked_at,
+        step_attempt, output, error, finished_at)
+    SELECT v.run_id, v.tool_call_id, v.step_key, v.tool, v.status, v.attempt, v.input, v.recorded_at,
+        v.step_attempt, v.output, v.error, v.finished_at
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS v(run_id text, attempt integer, recorded_at timestamptz, tool_call_id text, step_key text, tool text,
+             input jsonb, step_attempt integer, status text, output jsonb, error text, finished_at timestamptz)
+    """
+)
+
 # Replay starts from empty projections (run_steps, tool_calls and run_artifacts go with their runs).
 projections_clear = q("DELETE FROM runs")
 step_cache_clear = q("DELETE FROM step_cache")
