@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from services.run_api.payloads import problems
 from services.run_worker.artifacts import CHUNK_BYTES, ArtifactClient
 from services.run_worker.executor import Result, RunHandle
-from services.run_worker.orchestrator import EngineConfig, execute
+from services.run_worker.orchestrator import EngineConfig, _parsed, execute
 from services.run_worker.reporter import StaleAttempt
 from services.run_worker.step_cache import StepCacheClient
 from services.run_worker.tools import STOCK, ArtifactError, LocalArtifact, Tool, ToolContext, ToolError, as_tool
@@ -950,3 +950,10 @@ async def test_a_rebuild_reusing_every_step_just_completes() -> None:
     assert result is Result.SUCCEEDED
     assert rep.types() == ["run.started", "step.created", "step.skipped", "run.completed"]
     assert rep.of("run.completed") == [{"output": {"a": {"v": 1.0}}}]
+
+
+def test_a_claimed_spec_is_parsed_once_per_version() -> None:
+    one, two = claim(spec_of({"key": "a", "tool": "echo"})), claim(spec_of({"key": "a", "tool": "echo"}))
+    assert _parsed(one.spec) is _parsed(two.spec)  # frozen: runs of one version share it
+    other = claim(spec_of({"key": "b", "tool": "echo"}))
+    assert _parsed(other.spec) is not _parsed(one.spec) and _parsed(other.spec).steps[0].key == "b"

@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,26 @@ async def execute(
             return Result.LOST
         except ReportRefused as err:
             return await _fail_refused(run_id, handle, reporter, err)
+
+
+# Specs parsed from claims, by their encoding (frozen, so runs of one version share one): most claims
+# carry a handful of versions, and parsing one is a good part of what a fast run costs the worker.
+_SPECS: OrderedDict[bytes, WorkflowSpec] = OrderedDict()
+_SPECS_KEPT = 256
+
+
+def _parsed(message: Any) -> WorkflowSpec:
+    """The claim's spec parsed (SpecError when it is invalid; those are never kept)."""
+    key = message.SerializeToString(deterministic=True)
+    spec = _SPECS.get(key)
+    if spec is None:
+        raw = json_format.MessageToDict(message, preserving_proto_field_name=True)
+        spec = _SPECS[key] = parse_spec(from_proto_dict(raw))
+        if len(_SPECS) > _SPECS_KEPT:
+            _SPECS.popitem(last=False)
+    else:
+        _SPECS.move_to_end(key)
+    return spec
 
 
 # One lookup client per reporter, i.e. per worker (an outage is logged once per worker, not once per run).
@@ -283,8 +304,7 @@ class _Run:
         if self.handle.lost.is_set():
             return Result.LOST
         try:
-            raw = json_format.MessageToDict(self.claimed.spec, preserving_proto_field_name=True)
-            self.spec = spec = parse_spec(from_proto_dict(raw))
+            self.spec = spec = _parsed(self.claimed.spec)
         except SpecError as err:
             message = f"the run's workflow spec is invalid: {err}"[:4000]
             await self.report([self.ev(EventType.RUN_STARTED),
