@@ -148,7 +148,8 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
         self, request: run_service_pb2.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> run_service_pb2.StartRunResponse:
         cmd = self._start_command(request)
-        async with UnitOfWork(self.engine) as uow:
+        # One statement queues it (after the version lookup): no transaction around them is needed.
+        async with UnitOfWork(self.engine, autocommit=True) as uow:
             row, deduplicated = await handlers.start_run(uow, cmd, self.config.retry, current_caller())
         return run_service_pb2.StartRunResponse(run=convert.run(row), deduplicated=deduplicated)
 
@@ -166,7 +167,9 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
                 violations += handlers.indexed_violations(i, err)
         if violations:
             raise (RequestTooLarge if too_large else InvalidRequest)(violations)
-        async with UnitOfWork(self.engine) as uow:
+        # One statement queues them all; with idempotency keys a reused one may refuse the call after that
+        # statement, so then it runs in a transaction the refusal rolls back (nothing stored).
+        async with UnitOfWork(self.engine, autocommit=not any(c.idempotency_key for c in cmds)) as uow:
             done = await handlers.start_runs(uow, cmds, self.config.retry, current_caller())
         return run_service_pb2.StartRunsResponse(responses=[
             run_service_pb2.StartRunResponse(run=convert.run(row), deduplicated=dedup) for row, dedup in done

@@ -366,10 +366,9 @@ async def queue_runs(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[
          "input": e.payload.get("input", {}), "trace_context": e.payload.get("trace_context", {})}
         for i, e in enumerate(events)
     ]
-    created = {row.run_id: row for row in (await conn.execute(Q.runs_queue_many, {"rows": _rows_json(rows)})).all()}
-    if created:
-        keys = sorted({queued_key(row.tenant_id, row.workspace_id) for row in created.values()})
-        await conn.execute(Q.notify_many, {"channels": [CHANNEL_QUEUED] * len(keys), "payloads": keys})
+    keys = sorted({queued_key(row["tenant_id"], row["workspace_id"]) for row in rows})
+    params = {"rows": _rows_json(rows), "channel_queued": CHANNEL_QUEUED, "queued_keys": keys}
+    created = {row.run_id: row for row in (await conn.execute(Q.runs_queue_many, params)).all()}
     return [created.get(e.run_id) for e in events]
 
 

@@ -268,8 +268,9 @@ runs_project_queued = q(
 )
 
 # run.queued for many new runs in one statement: the runs rows and their run.queued events (sequence
-# 1, recorded when the row was created). A run whose idempotency key is taken (by an earlier run, or
-# by an earlier row of the same batch) inserts nothing and is absent from what is returned.
+# 1, recorded when the row was created), and a notification to the claimers of each of :queued_keys
+# (one statement: in autocommit it is the whole StartRun). A run whose idempotency key is taken (by an
+# earlier run, or by an earlier row of the same batch) inserts nothing and is absent from what is returned.
 runs_queue_many = q(
     f"""
     WITH v AS (
@@ -300,7 +301,10 @@ runs_queue_many = q(
             v.payload, ins.created_at
         FROM ins JOIN v ON v.run_id = ins.run_id
     )
-    SELECT * FROM ins
+    SELECT ins.*,
+        (SELECT count(*) FROM (SELECT pg_notify(:channel_queued, k) FROM unnest(CAST(:queued_keys AS text[])) AS k
+                               WHERE EXISTS (SELECT 1 FROM ins)) AS n) AS notified
+    FROM ins
     """
 )
 
