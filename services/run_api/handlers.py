@@ -569,7 +569,8 @@ async def report_events(
     The session, the holder and the steps are checked first: a report that fails them records nothing.
     """
     now = now or utcnow()
-    params = {"run_ids": sorted({e.run_id for e in reported}), "worker_id": worker_id}
+    params = {"run_ids": sorted({e.run_id for e in reported}), "worker_id": worker_id,
+              "event_ids": sorted({e.event_id for e in reported})}
     locked = (await uow.conn.execute(Q.run_lock_many_for_report, params)).all()
     if locked:
         _check_token(locked[0].session_token_hash, session_token)

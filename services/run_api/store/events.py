@@ -423,7 +423,9 @@ async def append(
             tenant_id=row.tenant_id,
         )
     known: dict[tuple[str, str], int] = {}
-    if dedupe and states:
+    if locked is not None:  # run_lock_many_for_report found the reported event ids the log holds already
+        known = {(row.run_id, event_id): sequence for row in rows for event_id, sequence in row.known}
+    elif dedupe and states:
         params = {"run_ids": list(states), "event_ids": sorted({e.event_id for e in events})}
         for row in (await conn.execute(Q.run_events_find_ids, params)).all():
             known[(row.run_id, row.event_id)] = row.sequence
@@ -467,14 +469,22 @@ async def append(
         for insert, (_, _, _, p, _) in zip(inserts, accepted, strict=True):
             insert["payload"] = p
         text = json.dumps(_clean(inserts), separators=(",", ":"), default=str)
-    stamped = {
-        (row.run_id, row.sequence): row
-        for row in (await conn.execute(Q.run_events_append_many, {"rows": text})).all()
-    }
     notices: set[tuple[str, str]] = set()
+    for _, event, _, _, holder in accepted:
+        notices.add((CHANNEL_EVENTS, event.run_id))
+        if event.type == EventType.RUN_REQUEUED:
+            notices.add((CHANNEL_QUEUED, queued_key(states[event.run_id].tenant_id, states[event.run_id].workspace_id)))
+        if event.type == EventType.RUN_CANCEL_REQUESTED and event.attempt > 0 and holder:
+            notices.add((CHANNEL_CANCEL, holder))
+        if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
+                          EventType.RUN_REQUEUED) and holder:
+            notices.add((CHANNEL_WORKER, holder))
+    channels = sorted(notices)  # sent at commit, whichever statement asks
+    insert = {"rows": text, "channels": [c for c, _ in channels], "payloads": [p for _, p in channels]}
+    stamped = {(row.run_id, row.sequence): row for row in (await conn.execute(Q.run_events_append_many, insert)).all()}
     last: dict[str, StoredEvent] = {}
     applied: list[StoredEvent] = []
-    for index, event, sequence, payload, holder in accepted:
+    for index, event, sequence, payload, _ in accepted:
         row = stamped[(event.run_id, sequence)]
         stored = StoredEvent(
             run_id=event.run_id,
@@ -490,20 +500,8 @@ async def append(
         applied.append(stored)
         last[event.run_id] = stored
         results[index] = AppendResult(event, Outcome.RECORDED, sequence=sequence, stored=stored)
-        notices.add((CHANNEL_EVENTS, event.run_id))
-        if event.type == EventType.RUN_REQUEUED:
-            notices.add((CHANNEL_QUEUED, queued_key(states[event.run_id].tenant_id, states[event.run_id].workspace_id)))
-        if event.type == EventType.RUN_CANCEL_REQUESTED and event.attempt > 0 and holder:
-            notices.add((CHANNEL_CANCEL, holder))
-        if event.type in (EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED,
-                          EventType.RUN_REQUEUED) and holder:
-            notices.add((CHANNEL_WORKER, holder))
     await apply_many(conn, applied)
     await _touch_many(conn, list(last.values()))
-    channels = sorted(notices)
-    await conn.execute(
-        Q.notify_many, {"channels": [c for c, _ in channels], "payloads": [p for _, p in channels]}
-    )
     return results
 
 

@@ -36,7 +36,8 @@ run_lock_many = q(
 )
 
 # Lock the runs a worker's report is about, with what checking it needs in the same round trip:
-# the worker's session token hash and each run's steps and tool calls (key or id, status, attempt).
+# the worker's session token hash, each run's steps and tool calls (key or id, status, attempt) and
+# which of the reported event ids it has recorded already (event id, sequence).
 run_lock_many_for_report = q(
     f"""
     SELECT {RUN_COLUMNS},
@@ -44,7 +45,9 @@ run_lock_many_for_report = q(
         (SELECT COALESCE(json_agg(json_build_array(s.step_key, s.status, s.attempt)), '[]')
            FROM run_steps s WHERE s.run_id = runs.run_id) AS steps,
         (SELECT COALESCE(json_agg(json_build_array(c.tool_call_id, c.status, c.attempt)), '[]')
-           FROM tool_calls c WHERE c.run_id = runs.run_id) AS calls
+           FROM tool_calls c WHERE c.run_id = runs.run_id) AS calls,
+        (SELECT COALESCE(json_agg(json_build_array(e.event_id, e.sequence)), '[]')
+           FROM run_events e WHERE e.run_id = runs.run_id AND e.event_id = ANY(:event_ids)) AS known
     FROM runs WHERE run_id = ANY(:run_ids) ORDER BY run_id FOR UPDATE
     """
 )
@@ -208,17 +211,25 @@ run_events_find_ids = q(
     """
 )
 
-# Append a batch of events at the sequences the caller computed under the runs' row locks.
+# Append a batch of events at the sequences the caller computed under the runs' row locks, and send the
+# notifications they call for (:channels with :payloads; delivered at commit).
 run_events_append_many = q(
     """
-    INSERT INTO run_events (run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload,
-        recorded_at)
-    SELECT e.run_id, e.sequence, e.type, e.attempt, e.worker_id, e.event_id,
-        COALESCE(e.occurred_at, clock_timestamp()), e.payload, clock_timestamp()
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-        AS e(run_id text, sequence bigint, type text, attempt integer, worker_id text, event_id text,
-             occurred_at timestamptz, payload jsonb)
-    RETURNING run_id, sequence, recorded_at, occurred_at
+    WITH ins AS (
+        INSERT INTO run_events (run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload,
+            recorded_at)
+        SELECT e.run_id, e.sequence, e.type, e.attempt, e.worker_id, e.event_id,
+            COALESCE(e.occurred_at, clock_timestamp()), e.payload, clock_timestamp()
+        FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+            AS e(run_id text, sequence bigint, type text, attempt integer, worker_id text, event_id text,
+                 occurred_at timestamptz, payload jsonb)
+        RETURNING run_id, sequence, recorded_at, occurred_at
+    )
+    SELECT ins.*,
+        (SELECT count(*) FROM (SELECT pg_notify(c, p)
+                               FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS t(c, p)) AS n)
+            AS notified
+    FROM ins
     """
 )
 
@@ -865,13 +876,9 @@ workflow_specs_by_hash = q(
     "SELECT DISTINCT ON (spec_hash) spec_hash, spec FROM workflows WHERE spec_hash = ANY(:hashes)"
 )
 
-# --- notifications -----------------------------------------------------------------------------
-
-# Wake watchers of a run, claimers of a workspace, or the streams of a worker that freed a slot.
-notify = q("SELECT pg_notify(:channel, :payload)")
-notify_many = q(
-    "SELECT pg_notify(c, p) FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[])) AS t(c, p)"
-)
+# Notifications (wake watchers of a run, claimers of a workspace, or the streams of a worker that freed a
+# slot) ride on the statements that record what they announce: runs_queue_many, runs_claim,
+# run_events_append_many.
 
 # --- workers and leases ------------------------------------------------------------------------
 
