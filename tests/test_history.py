@@ -497,7 +497,9 @@ async def test_a_rebuild_does_not_queue_on_a_base_the_archive_takes_meanwhile(da
             task = asyncio.create_task(rebuild())
             deadline = time.monotonic() + 10
             with psycopg.connect(url, autocommit=True) as probe:  # the rebuild is waiting on the archive's lock
-                while not probe.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+                while not probe.execute(  # a lock wait of a session on this test's database (not another test's)
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid IN"
+                    " (SELECT pid FROM pg_stat_activity WHERE datname = current_database())").fetchone()[0]:
                     assert time.monotonic() < deadline and not task.done(), "the rebuild did not wait"
                     await asyncio.sleep(0.01)
             archiver.execute("SELECT set_config('runs.archiving', 'on', true)")
