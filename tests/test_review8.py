@@ -41,6 +41,11 @@ from tests.test_security import Forger, api, client, event, forger
 
 pytestmark = pytest.mark.timeout(60)
 BOUND = 10.0
+# Lock waits of sessions on this test's database only: pg_locks spans the server, where other tests
+# (other xdist workers, other users of TEST_DATABASE_URL) wait on locks of their own. By the waiter's
+# pid, since a row lock is waited for as a transactionid lock, which names no database.
+WAITING_HERE = ("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())")
 
 
 # --- a Redis that keeps its data across a restart (RDB, as Redis's default configuration does) -----------
@@ -144,7 +149,7 @@ async def test_replay_keeps_an_entry_written_by_a_report_overlapping_an_invalida
         deadline = time.monotonic() + BOUND
         with psycopg.connect(db.libpq_url(database_url), autocommit=True) as watcher:
             # the report inserted its events and waits for the run_steps row (a lock not granted)
-            while not watcher.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:  # type: ignore[index]
+            while not watcher.execute(WAITING_HERE).fetchone()[0]:  # type: ignore[index]
                 assert not task.done(), task
                 assert time.monotonic() < deadline, "the report never waited on the locked row"
                 await asyncio.sleep(0.01)
@@ -152,8 +157,7 @@ async def test_replay_keeps_an_entry_written_by_a_report_overlapping_an_invalida
         # report holds shared from before its events get their time): it runs after, and sees the row.
         invalidation = asyncio.ensure_future(cold.invalidate(engine, "default", held.workflow, "s", None, None))
         with psycopg.connect(db.libpq_url(database_url), autocommit=True) as watcher:
-            while watcher.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory'"
-                                  ).fetchone()[0] == 0:  # type: ignore[index]
+            while watcher.execute(WAITING_HERE + " AND locktype = 'advisory'").fetchone()[0] == 0:  # type: ignore[index]
                 assert not invalidation.done(), "the invalidation did not wait for the report"
                 assert time.monotonic() < deadline, "the invalidation never waited"
                 await asyncio.sleep(0.01)
