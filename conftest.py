@@ -3,6 +3,11 @@
 Where the server comes from: TEST_DATABASE_URL when set; else a testcontainers PostgreSQL when a
 Docker engine answers; else an embedded PostgreSQL in a temporary directory. Every test gets a
 fresh database copied from a migrated template (CREATE DATABASE ... TEMPLATE).
+
+Under pytest-xdist (make test) every worker process has its own session: its own embedded server
+(in its own temporary directory) or container, its own template (a ULID name), its own databases.
+`--auth-passes off,required` runs each acceptance scenario (features/) once per mode in the one
+session, as RUNS_TEST_AUTH would, so both passes share the workers instead of running one after the other.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -23,6 +29,48 @@ from services.run_api import db, registry
 from shared.settings import PROJECT_WORKFLOWS_DIR
 
 log = logging.getLogger(__name__)
+
+
+AUTH_MODES = ("off", "required")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--auth-passes",
+        default="",
+        help="run every scenario under features/ once per RUNS_TEST_AUTH mode listed (e.g. off,required); "
+        "unset: once, as RUNS_TEST_AUTH says",
+    )
+
+
+def _auth_passes(config: pytest.Config) -> list[str]:
+    modes = [m.strip() for m in str(config.getoption("--auth-passes")).split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(AUTH_MODES))
+    if unknown:
+        raise pytest.UsageError(f"--auth-passes takes {' and '.join(AUTH_MODES)}, not {', '.join(unknown)}")
+    return modes
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _auth_passes(config)  # a wrong mode stops the run before collection
+
+
+FEATURES = Path(__file__).resolve().parent / "features"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    modes = _auth_passes(metafunc.config)
+    if modes and FEATURES in metafunc.definition.path.parents:
+        metafunc.parametrize("runs_test_auth", modes, indirect=True, ids=[f"auth-{m}" for m in modes])
+
+
+@pytest.fixture(autouse=True)
+def runs_test_auth(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The scenario's auth mode when --auth-passes gives one (RUNS_TEST_AUTH for this test only)."""
+    mode: str | None = getattr(request, "param", None)
+    if mode is not None:
+        monkeypatch.setenv("RUNS_TEST_AUTH", mode)
+    return mode
 
 
 def _docker_answers() -> bool:
