@@ -5,6 +5,7 @@ Nothing here sleeps to wait: every wait is a condition polled against a deadline
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -49,11 +50,30 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
     return last
 
 
+# Under pytest-xdist (make test) each worker process takes ports from its own block of 1,000 below the
+# kernel's ephemeral range (which serves bind(0) and outgoing connections): a port chosen here stays
+# free until the process it is meant for binds it, which another worker's choice could otherwise take.
+_PORT_BLOCKS, _PORT_BLOCK = 20_000, 1_000
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port nobody listens on right now (in this xdist worker's own block when there is one)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    base = _PORT_BLOCKS + (int(worker[2:]) % 10) * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = base + next(_next_port) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken by something else on the machine
+                continue
+            return port
+    raise AssertionError(f"no free port in {base}..{base + _PORT_BLOCK - 1}")
 
 
 class Process:
