@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 GEN := shared/gen/runs/v1/run_pb2.py
 PROTOS := $(wildcard protos/runs/v1/*.proto)
 
-.PHONY: up api worker proto migrate bytecode test test-features test-features-auth fuzz lint bench replay clean help
+.PHONY: up api worker proto migrate bytecode test test-two-processes test-features test-features-auth fuzz lint bench replay clean help
 
 help:
 	@echo "make up        run the API with one worker (embedded PostgreSQL unless DATABASE_URL is set)"
@@ -54,8 +54,16 @@ XDIST := -n $(TEST_PROCESSES) --dist loadfile
 bytecode: $(GEN)
 	$(PY) -m compileall -q services shared
 
+# The concurrency and fault scenarios again with every API a group of two processes (RUN_API_PROCESSES).
+TWO_PROCESS_SCENARIOS := features/test_faults.py features/test_postgres_restart.py features/test_lifecycle.py \
+	features/test_run_api.py -k "concurrent or sigkilled or killing or restarting or postgresql or exactly_once or watchers"
+
 test: bytecode
 	$(PY) -m pytest -q $(XDIST) --auth-passes off,required
+	RUNS_TEST_API_PROCESSES=2 $(PY) -m pytest -q $(XDIST) $(TWO_PROCESS_SCENARIOS)
+
+test-two-processes: bytecode
+	RUNS_TEST_API_PROCESSES=2 $(PY) -m pytest -q $(XDIST) $(TWO_PROCESS_SCENARIOS)
 
 test-features-auth: bytecode
 	RUNS_TEST_AUTH=required $(PY) -m pytest -q $(XDIST) features/
