@@ -722,11 +722,6 @@ _MANY: list[tuple[str, Any]] = [
 _UNCHECKED = frozenset({"run_ended", "step_created", "step_started", "step_finished", "call_finished"})
 
 
-async def apply(conn: AsyncConnection, event: StoredEvent) -> None:
-    """Apply one stored event to the projections."""
-    await apply_many(conn, [event])
-
-
 async def _touch_many(conn: AsyncConnection, last: Sequence[StoredEvent]) -> None:
     """Set each run's last_sequence and updated_at from the last event applied to it."""
     await _execute_many(conn, Q.runs_project_sequence_many, [

@@ -191,18 +191,6 @@ runs_claim = q(
 
 # --- run_events --------------------------------------------------------------------------------
 
-# Append one event at the sequence the caller computed under the run's row lock.
-run_events_append = q(
-    """
-    INSERT INTO run_events (run_id, sequence, type, attempt, worker_id, event_id, occurred_at, payload,
-        recorded_at)
-    SELECT :run_id, :sequence, :type, :attempt, :worker_id, :event_id,
-        COALESCE(CAST(:occurred_at AS timestamptz), t.at), CAST(:payload AS jsonb), t.at
-    FROM (SELECT COALESCE(CAST(:recorded_at AS timestamptz), clock_timestamp()) AS at) AS t
-    RETURNING recorded_at, occurred_at
-    """
-)
-
 # Which of these event ids the runs have recorded already (idempotent reports; the caller pairs them).
 run_events_find_ids = q(
     """
@@ -319,106 +307,6 @@ runs_queue_many = q(
     """
 )
 
-# run.claimed: the run is RUNNING under a new attempt, held by a worker until its lease expires.
-runs_project_claimed = q(
-    """
-    UPDATE runs SET status = 'RUNNING', attempt = :attempt, worker_id = :worker_id,
-        lease_expires_at = :lease_expires_at, updated_at = :recorded_at, last_sequence = :sequence
-    WHERE run_id = :run_id AND status = 'QUEUED'
-    """
-)
-
-# run.started: first start time.
-runs_project_started = q(
-    """
-    UPDATE runs SET started_at = COALESCE(started_at, :recorded_at), updated_at = :recorded_at,
-        last_sequence = :sequence
-    WHERE run_id = :run_id AND status = 'RUNNING' AND attempt = :attempt
-    """
-)
-
-# run.completed / run.failed / run.canceled: the run ends; terminal rows never change again.
-runs_project_finished = q(
-    """
-    UPDATE runs SET status = :status, stop_reason = :stop_reason, error = :error,
-        output = CAST(:output AS jsonb), finished_at = :recorded_at, lease_expires_at = NULL, updated_at = :recorded_at,
-        last_sequence = :sequence
-    WHERE run_id = :run_id AND status IN ('QUEUED', 'RUNNING') AND attempt = :attempt
-    """
-)
-
-# run.requeued: back to QUEUED for the next attempt, due at next_attempt_at.
-runs_project_requeued = q(
-    """
-    UPDATE runs SET status = 'QUEUED', next_attempt_at = :next_attempt_at, worker_id = NULL,
-        lease_expires_at = NULL, error = :error, updated_at = :recorded_at, last_sequence = :sequence
-    WHERE run_id = :run_id AND status = 'RUNNING' AND attempt = :attempt
-    """
-)
-
-# run.cancel_requested: remember the request; the worker stops at the next boundary.
-runs_project_cancel_requested = q(
-    """
-    UPDATE runs SET cancel_requested_at = :recorded_at, cancel_reason = :reason,
-        cancel_requested_by = :requested_by, updated_at = :recorded_at, last_sequence = :sequence
-    WHERE run_id = :run_id AND status IN ('QUEUED', 'RUNNING') AND attempt = :attempt
-    """
-)
-
-# After a batch: the run's last sequence and update time follow its last event.
-runs_project_sequence = q(
-    """
-    UPDATE runs SET updated_at = :recorded_at, last_sequence = :sequence
-    WHERE run_id = :run_id AND attempt = :attempt
-    """
-)
-
-# step.created: the step is pending in this attempt (again, after an attempt that did not finish
-# it: its tries so far are kept).
-run_steps_project_created = q(
-    """
-    INSERT INTO run_steps (run_id, step_key, tool, status, attempt, created_at, depends_on)
-    VALUES (:run_id, :step_key, :tool, 'CREATED', :attempt, :recorded_at, :depends_on)
-    ON CONFLICT (run_id, step_key) DO UPDATE SET tool = EXCLUDED.tool, status = 'CREATED',
-        attempt = EXCLUDED.attempt, depends_on = EXCLUDED.depends_on, started_at = NULL,
-        finished_at = NULL, error = NULL, output = NULL, step_error = NULL, reason = NULL
-    """
-)
-
-# step.started: a try begins (tries counts them over the whole run).
-run_steps_project_started = q(
-    """
-    UPDATE run_steps SET status = 'RUNNING', started_at = :recorded_at, finished_at = NULL,
-        attempt = :attempt, tries = COALESCE(CAST(:try AS integer), tries + 1), error = NULL, step_error = NULL,
-        cache_key = COALESCE(:cache_key, cache_key), cache_display = COALESCE(:cache_display, cache_display),
-        cache_result = COALESCE(:cache_result, cache_result), cache_reason = COALESCE(:cache_reason, cache_reason)
-    WHERE run_id = :run_id AND step_key = :step_key
-    """
-)
-
-# step.succeeded / step.failed / step.skipped / step.canceled.
-run_steps_project_finished = q(
-    """
-    UPDATE run_steps SET status = :status, finished_at = :recorded_at, attempt = :attempt, error = :error,
-        output = CAST(:output AS jsonb), step_error = CAST(:step_error AS jsonb), reason = :reason,
-        cache_key = COALESCE(:cache_key, cache_key), cache_display = COALESCE(:cache_display, cache_display),
-        cache_result = COALESCE(:cache_result, cache_result), cache_reason = COALESCE(:cache_reason, cache_reason),
-        source_run_id = COALESCE(:source_run_id, source_run_id)
-    WHERE run_id = :run_id AND step_key = :step_key
-    """
-)
-
-# run.failed / run.canceled: steps that were pending, running or waiting for their next try will
-# never run in this run; a worker normally records step.canceled itself, this covers a worker that
-# is gone (the reaper or the API ended the run).
-run_steps_project_run_ended = q(
-    """
-    UPDATE run_steps SET status = 'CANCELED', reason = :reason, finished_at = :recorded_at
-    WHERE run_id = :run_id AND (status IN ('CREATED', 'RUNNING')
-        OR (status = 'FAILED' AND COALESCE((step_error->>'will_retry')::boolean, false)))
-    """
-)
-
 # step.succeeded: the artifacts it recorded.
 run_artifacts_project = q(
     """
@@ -428,25 +316,6 @@ run_artifacts_project = q(
         AS a(name text, uri text, sha256 text, size numeric, media_type text)
     ON CONFLICT (run_id, step_key, name) DO UPDATE SET uri = EXCLUDED.uri, sha256 = EXCLUDED.sha256,
         size = EXCLUDED.size, media_type = EXCLUDED.media_type, created_at = EXCLUDED.created_at
-    """
-)
-
-# tool.invoked: a new tool call.
-tool_calls_project_invoked = q(
-    """
-    INSERT INTO tool_calls (run_id, tool_call_id, step_key, tool, status, attempt, input, invoked_at,
-        step_attempt)
-    VALUES (:run_id, :tool_call_id, :step_key, :tool, 'INVOKED', :attempt, CAST(:input AS jsonb),
-            :recorded_at, :step_attempt)
-    """
-)
-
-# tool.succeeded / tool.failed.
-tool_calls_project_finished = q(
-    """
-    UPDATE tool_calls SET status = :status, output = CAST(:output AS jsonb), error = :error,
-        finished_at = :recorded_at
-    WHERE run_id = :run_id AND tool_call_id = :tool_call_id
     """
 )
 
@@ -572,8 +441,9 @@ run_steps_project_finished_many = q(
     """
 )
 
-# run.failed / run.canceled for many runs: their steps that will never run in the run (see
-# run_steps_project_run_ended).
+# run.failed / run.canceled for many runs: their steps that were pending, running or waiting for their
+# next try will never run in the run; a worker normally records step.canceled itself, this covers a
+# worker that is gone (the reaper or the API ended the run).
 run_steps_project_run_ended_many = q(
     """
     UPDATE run_steps SET status = 'CANCELED', reason = v.reason, finished_at = v.recorded_at
