@@ -146,9 +146,15 @@ class Api(Process):
     processes on the port (RUN_API_PROCESSES), and start() waits until every one of them serves.
     """
 
-    def __init__(self, database_url: str, port: int = 0, processes: int | None = None, **env: str) -> None:
+    def __init__(
+        self, database_url: str, port: int = 0, processes: int | None = None, http_port: int = 0, **env: str
+    ) -> None:
         self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        # The HTTP side on a free port of its own (never the default 8080, which parallel tests would share).
+        self.http_port = http_port or free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        env = {"RUN_API_HTTP_ADDR": f"127.0.0.1:{self.http_port}", **env}
         self.processes = processes or api_processes()
         if self.processes > 1:
             env = {"RUN_API_PROCESSES": str(self.processes), **env}

@@ -157,11 +157,17 @@ class LogSettings:
         )
 
 
+DEFAULT_HTTP_ADDR = "127.0.0.1:8080"
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     """Settings of the run API process."""
 
     addr: str = "127.0.0.1:50051"
+    # The HTTP side (JSON, Server-Sent Events, dashboard, /metrics): host:port, "" for none. From the
+    # environment it defaults to 127.0.0.1:8080; settings built in code (tests, tools) serve none.
+    http_addr: str = ""
     database_url: str | None = None
     data_dir: str = ".runs"
     migrate_on_start: bool = True
@@ -197,6 +203,8 @@ class ApiSettings:
     def __post_init__(self) -> None:
         if ":" not in self.addr:
             raise SettingsError(f"RUN_API_ADDR must be host:port, got {self.addr!r}")
+        if self.http_addr and ":" not in self.http_addr:
+            raise SettingsError(f"RUN_API_HTTP_ADDR must be host:port or empty, got {self.http_addr!r}")
         if self.auth not in ("", "required", "off"):
             raise SettingsError(f"RUNS_AUTH must be required or off, got {self.auth!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -217,6 +225,7 @@ class ApiSettings:
         """Read the API settings from environment variables (see README for the list)."""
         return cls(
             addr=_str(env, "RUN_API_ADDR", "127.0.0.1:50051"),
+            http_addr=env.get("RUN_API_HTTP_ADDR", DEFAULT_HTTP_ADDR).strip(),
             database_url=env.get("DATABASE_URL", "").strip() or None,
             data_dir=_str(env, "RUNS_DATA_DIR", ".runs"),
             migrate_on_start=_bool(env, "RUN_API_MIGRATE", True),

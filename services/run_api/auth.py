@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -108,6 +108,19 @@ class Caller:
 
 
 _CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("runs_caller", default=None)
+
+
+@contextlib.contextmanager
+def acting_as(caller: Caller) -> Iterator[Caller]:
+    """The scope in which `caller` is the current caller (the HTTP gateway's streams enter it in their own task)."""
+    token = _CALLER.set(caller)
+    try:
+        yield caller
+    finally:
+        # A stream abandoned by its client is closed later by the event loop, in another
+        # context; there is nothing to restore then (as in shared.logs.log_context).
+        with contextlib.suppress(ValueError):
+            _CALLER.reset(token)
 
 
 def current_caller() -> Caller:
@@ -206,14 +219,8 @@ class Authenticator:
     async def calling(self, method: str, metadata: Any) -> AsyncIterator[Caller]:
         """The scope of one call: its caller is found (or refused) and set for the servicer inside."""
         caller = await self.caller(method, metadata, self.clock())
-        token = _CALLER.set(caller)
-        try:
+        with acting_as(caller):
             yield caller
-        finally:
-            # A stream abandoned by its client is closed later by the event loop, in another
-            # context; there is nothing to restore then (as in shared.logs.log_context).
-            with contextlib.suppress(ValueError):
-                _CALLER.reset(token)
 
     async def caller(self, method: str, metadata: Any, now: datetime) -> Caller:
         """The Caller for a call to `method` (/package.Service/Method), or Unauthenticated/PermissionDenied."""

@@ -30,6 +30,8 @@ from services.run_api.auth import (
 )
 from services.run_api.cache import CacheLayers
 from services.run_api.handlers import RetryPolicy, utcnow
+from services.run_api.http.app import HttpServer, create_app
+from services.run_api.http.gateway import Gateway
 from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
 from services.run_api.reaper import Reaper, ReaperConfig
@@ -172,17 +174,23 @@ class ApiServer:
                 ("grpc.http2.max_ping_strikes", 0),
             ],
         )
-        run_service_pb2_grpc.add_RunServiceServicer_to_server(
-            RunService(self.engine, self.hub, config, self.stopping, self.artifacts, self.cache), self.server
-        )
-        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerService(self.engine, self.hub, config, self.stopping, self.artifacts, self.cache), self.server
-        )
-        ops_service_pb2_grpc.add_OpsServiceServicer_to_server(
-            OpsService(self.engine, lambda: self.reaper.counters["failures"]), self.server
-        )
-        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(self.engine), self.server)
-        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(WorkflowService(self.engine), self.server)
+        # One servicer object per service, served by gRPC and by the HTTP gateway alike.
+        self.servicers: dict[str, Any] = dict(zip(SERVICE_NAMES, (
+            RunService(self.engine, self.hub, config, self.stopping, self.artifacts, self.cache),
+            WorkerService(self.engine, self.hub, config, self.stopping, self.artifacts, self.cache),
+            OpsService(self.engine, lambda: self.reaper.counters["failures"]),
+            KeyService(self.engine),
+            WorkflowService(self.engine),
+        ), strict=True))
+        for name, add in zip(SERVICE_NAMES, (
+            run_service_pb2_grpc.add_RunServiceServicer_to_server,
+            worker_service_pb2_grpc.add_WorkerServiceServicer_to_server,
+            ops_service_pb2_grpc.add_OpsServiceServicer_to_server,
+            key_service_pb2_grpc.add_KeyServiceServicer_to_server,
+            workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server,
+        ), strict=True):
+            add(self.servicers[name], self.server)  # type: ignore[operator]
+        self.http = self._http_server(reuse_port)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -192,6 +200,21 @@ class ApiServer:
         self._stopped = False
         self._embedded_stop = asyncio.Event()
         self._embedded_task: asyncio.Task[None] | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    def _http_server(self, reuse_port: bool) -> HttpServer | None:
+        """The HTTP side on RUN_API_HTTP_ADDR (None when it is empty), over the same servicers."""
+        if not self.settings.http_addr:
+            return None
+        gateway = Gateway(self.authenticator, self.servicers)
+        app = create_app(gateway, ready=lambda: bool(self.monitor.serving) and not self.stopping.is_set())
+        return HttpServer(app, self.settings.http_addr, reuse_port, self.settings.shutdown_grace_seconds)
+
+    def _http_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stopped:
+            return
+        log.error("HTTP server ended unexpectedly; stopping the server", exc_info=task.exception())
+        self._failed.set()
 
     async def _reaper_health(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -240,7 +263,18 @@ class ApiServer:
         if self.port == 0:
             await self.engine.dispose()
             raise ListenError(f"cannot listen on {self.settings.addr}: is another process using it?")
+        if self.http is not None:
+            try:
+                self.http.bind()
+            except (OSError, ValueError):
+                await self.engine.dispose()
+                raise ListenError(
+                    f"cannot listen on {self.settings.http_addr} (RUN_API_HTTP_ADDR): is another process using it?"
+                ) from None
         await self.server.start()
+        if self.http is not None:
+            self._http_task = asyncio.create_task(self.http.run(), name="http")
+            self._http_task.add_done_callback(self._http_done)
         self._supervise("listener", lambda: self.listener.run(self._loops_stop))
         self._supervise("health", lambda: self.monitor.run(self._loops_stop))
         self._supervise("reaper", lambda: self.reaper.run(self._loops_stop))
@@ -269,6 +303,9 @@ class ApiServer:
             self._embedded_task = asyncio.create_task(embedded.run(self._embedded_stop), name="embedded-worker")
             self._embedded_task.add_done_callback(self._embedded_done)
         log.info("run API listening on %s", f"{self.settings.addr.rsplit(':', 1)[0]}:{self.port}")
+        if self.http is not None:
+            log.info("HTTP (dashboard, JSON, events, metrics) on http://%s:%d/",
+                     self.settings.http_addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0", self.http.port)
         if self.auth_mode == "required":
             log.info("auth required: every call but health and reflection needs an API key")
             if self.settings.tls_cert is None and not is_loopback(self.settings.addr):
@@ -309,7 +346,12 @@ class ApiServer:
                 await asyncio.wait_for(self._embedded_task, self.settings.shutdown_grace_seconds + 30)
         self.stopping.set()
         self.hub.wake_all()  # open streams notice `stopping` and end with UNAVAILABLE
+        if self.http is not None and self._http_task is not None:
+            self.http.stop()
         await self.server.stop(self.settings.shutdown_grace_seconds)
+        if self._http_task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._http_task, self.settings.shutdown_grace_seconds + 5)
         self._loops_stop.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks.values(), timeout=self.settings.shutdown_grace_seconds)
