@@ -274,10 +274,16 @@ class WorkerSettings:
     api_key: str | None = None
     tls: ClientTls = field(default_factory=ClientTls)
     log: LogSettings = field(default_factory=LogSettings)
+    # host:port of the worker's own Prometheus /metrics ("": none).
+    metrics_addr: str = ""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise SettingsError("RUN_WORKER_CONCURRENCY must be at least 1")
+        if self.metrics_addr:
+            _, sep, port = self.metrics_addr.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise SettingsError(f"RUN_WORKER_METRICS_ADDR must be host:port or empty, got {self.metrics_addr!r}")
         if self.batch_limit < 1:
             raise SettingsError("RUN_WORKER_BATCH_LIMIT must be at least 1")
         if self.step_parallelism < 1:
@@ -304,4 +310,5 @@ class WorkerSettings:
             api_key=env.get("RUNS_API_KEY", "").strip() or None,
             tls=ClientTls.from_env(env),
             log=LogSettings.from_env(env),
+            metrics_addr=env.get("RUN_WORKER_METRICS_ADDR", "").strip(),
         )

@@ -10,14 +10,18 @@ exception's class and log a traceback, so the interceptor swaps in a deserialize
 Every status it sends is capped in size, so no error echoes a client's long value back whole.
 Client-streaming methods get the same: each message the handler reads is checked as it arrives.
 Bidirectional methods (runs.v1 has none) fail closed with UNIMPLEMENTED until they are wrapped too.
+
+It is also the one place that sees every call's final status code, request and response: a
+CallObserver (the process's metrics) is told of each, outside the call's error handling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import psycopg
@@ -138,6 +142,61 @@ def _no_caller(method: str, metadata: Any) -> contextlib.AbstractAsyncContextMan
     return contextlib.nullcontext()
 
 
+class CallObserver(Protocol):
+    """Told of each runs.v1 call: its final code, a unary call's answer, a stream's messages."""
+
+    def observe_call(self, method: str, code: grpc.StatusCode) -> None:
+        """The call ended with `code`."""
+
+    def observe_unary(self, method: str, request: Any, response: Any) -> None:
+        """A unary call answered `response`."""
+
+    def observe_streamed(self, method: str, request: Any, item: Any) -> None:
+        """A server-streaming call sent `item`."""
+
+
+class _Unobserved:
+    def observe_call(self, method: str, code: grpc.StatusCode) -> None:
+        pass
+
+    def observe_unary(self, method: str, request: Any, response: Any) -> None:
+        pass
+
+    def observe_streamed(self, method: str, request: Any, item: Any) -> None:
+        pass
+
+
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """The status a call that raised `exc` ends with: what it aborted with; CANCELLED when the client left."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    try:
+        code = context.code()
+    except Exception:
+        code = None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+class _Safe:
+    """An observer whose failures are logged (once per kind) and never reach the call."""
+
+    def __init__(self, observer: CallObserver) -> None:
+        self.observer = observer
+        self.failed: set[str] = set()
+
+    def call(self, what: str, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            if what not in self.failed:
+                self.failed.add(what)
+                log.exception("call observer failed in %s (logged once)", what)
+
+    def ended(self, method: str, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+        code = grpc.StatusCode.OK if exc is None else _final_code(context, exc)
+        self.call("observe_call", self.observer.observe_call, method, code)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by servicers to gRPC statuses, in one place.
 
@@ -146,8 +205,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     other error) and sets it for the servicer.
     """
 
-    def __init__(self, scope: CallerScope = _no_caller) -> None:
+    def __init__(self, scope: CallerScope = _no_caller, observer: CallObserver | None = None) -> None:
         self.scope = scope
+        self.observer = _Safe(observer or _Unobserved())
 
     async def intercept_service(
         self,
@@ -159,7 +219,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith("/runs.v1."):
             return handler
         metadata = handler_call_details.invocation_metadata
-        scope = self.scope
+        scope, observer = self.scope, self.observer
         # Interceptors that run before this one (OpenTelemetry's _wrap_rpc_behavior) rebuild the
         # handler with the request_deserializer returned here, so the tolerant one stays in force.
         # Client-streaming handlers get their messages through _checked (never use context.read():
@@ -173,6 +233,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             unary = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    response = await mapped_unary(request, context)
+                except BaseException as exc:
+                    observer.ended(method, context, exc)
+                    raise
+                observer.ended(method, context, None)
+                observer.call("observe_unary", observer.observer.observe_unary, method, request, response)
+                return response
+
+            async def mapped_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 with log_context(rpc=method):
                     try:
                         # The caller first: garbage from a caller without a key is UNAUTHENTICATED, unlogged.
@@ -194,6 +264,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             stream = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async with contextlib.aclosing(mapped_stream(request, context)) as items:
+                        async for item in items:
+                            observer.call("observe_streamed", observer.observer.observe_streamed, method,
+                                          request, item)
+                            yield item
+                except BaseException as exc:
+                    observer.ended(method, context, exc)
+                    raise
+                observer.ended(method, context, None)
+
+            async def mapped_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 with log_context(rpc=method):
                     try:
                         async with scope(method, metadata):
@@ -219,6 +301,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             client_stream = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    response = await mapped_client_stream(requests, context)
+                except BaseException as exc:
+                    observer.ended(method, context, exc)
+                    raise
+                observer.ended(method, context, None)
+                return response
+
+            async def mapped_client_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
                 with log_context(rpc=method):
                     try:
                         # The caller first, before any message is read (or refused as garbage).

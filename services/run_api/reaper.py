@@ -31,6 +31,9 @@ from shared.events import EventType, StopReason
 
 log = logging.getLogger(__name__)
 
+# A run a reaper cycle ended: workflow, status, started_at (None if it never started), finished_at.
+Ended = tuple[str, str, datetime | None, datetime]
+
 
 @dataclass(frozen=True)
 class ReaperConfig:
@@ -62,6 +65,10 @@ class Reaper:
     A batch that fails is retried run by run, so one run that cannot be reaped never blocks the
     others; such a run is set aside for `quarantine_seconds`, counted in `counters["failures"]`,
     logged, and reported through `on_health(False)` until every run could be reaped again.
+
+    `counters` also counts cycles (`cycles_ok`, `cycles_failed`) and what became of expired leases
+    (`lease_expired`, `requeued`, `failed`, `canceled`); the metrics read them. `on_ended` is told of
+    the runs a cycle ended, after its commit: (workflow, status, started_at, finished_at) each.
     """
 
     def __init__(
@@ -70,8 +77,10 @@ class Reaper:
         config: ReaperConfig,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
         quarantine_seconds: float = 60.0,
+        on_ended: Callable[[list[Ended]], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.on_ended = on_ended
         self.config = config
         self.counters: Counter[str] = Counter()
         self.on_health = on_health
@@ -94,9 +103,11 @@ class Reaper:
                         self._set_aside(run_id, one.__cause__ or one, now)
         except Exception as err:
             self.counters["failures"] += 1
+            self.counters["cycles_failed"] += 1
             await self._health(False)
             log.warning("reaper cycle failed: %s: %s", type(err).__name__, err)
             raise
+        self.counters["cycles_ok"] += 1
         await self._health(not self.quarantine)
         return done
 
@@ -128,8 +139,9 @@ class Reaper:
             if not ids:
                 await uow.commit()
                 return done
+            ended: list[Ended] = []
             try:
-                rows = await self._expire(uow, ids, now, done)
+                rows = await self._expire(uow, ids, now, done, ended)
                 await uow.commit()
             except Exception as err:
                 if isinstance(translate(err), StoreUnavailable):
@@ -140,10 +152,17 @@ class Reaper:
                                                 "attempt": row.attempt})
         log.info("reaper cycle: %s", dict(done))
         self.counters.update(done)
+        if self.on_ended is not None and ended:
+            try:
+                self.on_ended(ended)
+            except Exception:
+                log.exception("reaper: on_ended failed")
         return done
 
-    async def _expire(self, uow: UnitOfWork, ids: list[str], now: datetime, done: Counter[str]) -> list[Any]:
-        """Record the expiry of these runs' leases and what the policy makes of them."""
+    async def _expire(
+        self, uow: UnitOfWork, ids: list[str], now: datetime, done: Counter[str], ended: list[Ended]
+    ) -> list[Any]:
+        """Record the expiry of these runs' leases and what the policy makes of them (`ended`: runs it ends)."""
         rows = (await uow.conn.execute(Q.run_lock_many, {"run_ids": ids})).all()
         new: list[store.NewEvent] = []
         for row in rows:
@@ -154,10 +173,12 @@ class Reaper:
                 new.append(self._event(row.run_id, EventType.RUN_CANCELED, row.attempt, now,
                                        {"reason": "cancel requested; the worker was gone"}))
                 done["canceled"] += 1
+                ended.append((row.workflow, "CANCELED", row.started_at, now))
             elif self.config.policy == "fail" or row.attempt >= row.max_attempts:
                 new.append(self._event(row.run_id, EventType.RUN_FAILED, row.attempt, now,
                                        {"error": error, "stop_reason": str(StopReason.LEASE_EXPIRED)}))
                 done["failed"] += 1
+                ended.append((row.workflow, "FAILED", row.started_at, now))
             else:
                 delay = backoff_seconds(row.attempt, row.retry_backoff_seconds, row.retry_backoff_max_seconds)
                 new.append(self._event(row.run_id, EventType.RUN_REQUEUED, row.attempt, now, {

@@ -34,6 +34,7 @@ from services.run_api.http.app import HttpServer, create_app
 from services.run_api.http.gateway import Gateway
 from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
+from services.run_api.metrics import ApiMetrics
 from services.run_api.reaper import Reaper, ReaperConfig
 from services.run_api.servicers import (
     KeyService,
@@ -144,10 +145,15 @@ class ApiServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.monitor = HealthMonitor(self.engine, self.health, HealthConfig())
         self.listener = Listener(ListenerConfig(db.libpq_url(database_url)), self.hub)
+        # Prometheus metrics of this process, in a registry of its own (GET /metrics on the HTTP side).
+        self.metrics = ApiMetrics(
+            self.engine, settings.lease_seconds, reaper_counters=lambda: dict(self.reaper.counters)
+        )
         self.reaper = Reaper(
             self.engine,
             ReaperConfig(interval_seconds=settings.reaper_interval_seconds, policy=settings.lease_policy),
             on_health=self._reaper_health,
+            on_ended=self.metrics.observe_reaped,
         )
         self.artifacts = ArtifactStore.from_settings(settings)
         self.cache = CacheLayers.from_settings(settings, self.artifacts)  # Redis in front of step_cache when set
@@ -162,7 +168,7 @@ class ApiServer:
             ),
         )
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ErrorInterceptor(self.authenticator.calling)],
+            interceptors=[aio_server_interceptor(), ErrorInterceptor(self.authenticator.calling, self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -207,7 +213,8 @@ class ApiServer:
         if not self.settings.http_addr:
             return None
         gateway = Gateway(self.authenticator, self.servicers)
-        app = create_app(gateway, ready=lambda: bool(self.monitor.serving) and not self.stopping.is_set())
+        app = create_app(gateway, ready=lambda: bool(self.monitor.serving) and not self.stopping.is_set(),
+                         extra=[self.metrics.route()])
         return HttpServer(app, self.settings.http_addr, reuse_port, self.settings.shutdown_grace_seconds)
 
     def _http_done(self, task: asyncio.Task[None]) -> None:
@@ -278,6 +285,7 @@ class ApiServer:
         self._supervise("listener", lambda: self.listener.run(self._loops_stop))
         self._supervise("health", lambda: self.monitor.run(self._loops_stop))
         self._supervise("reaper", lambda: self.reaper.run(self._loops_stop))
+        self._supervise("metrics", lambda: self.metrics.run(self._loops_stop))
         if self.settings.embedded_worker:
             from services.run_worker.embedded import EmbeddedWorker
 

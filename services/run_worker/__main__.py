@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.run_worker.metrics import WorkerMetrics
 from services.run_worker.tools import Tool, UnknownTools, registry
 from services.run_worker.worker import Worker
 from shared.logs import configure_logging
@@ -57,7 +58,10 @@ def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse
 
 
 async def _main(settings: WorkerSettings, once: bool, tools: dict[str, Tool]) -> int:
-    worker = Worker(settings, tools)
+    metrics = WorkerMetrics() if settings.metrics_addr else None
+    if metrics is not None:
+        metrics.serve(settings.metrics_addr)  # OSError (address taken): the process fails at start
+    worker = Worker(settings, tools, metrics)
     try:
         if once:
             counters = await worker.run_cycle()
@@ -72,6 +76,8 @@ async def _main(settings: WorkerSettings, once: bool, tools: dict[str, Tool]) ->
         return 0
     finally:
         await worker.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

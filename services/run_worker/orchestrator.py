@@ -26,6 +26,7 @@ import enum
 import json
 import logging
 import random
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -97,6 +98,8 @@ class EngineConfig:
     workdir: str = ""  # under which each try gets its fresh directory ("": the system's temporary folder)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     jitter: Uniform = random.uniform
+    # Told of each tool call that ran to its end: (tool, seconds, ok); the worker's metrics.
+    on_tool: Callable[[str, float, bool], None] | None = None
 
     def __post_init__(self) -> None:
         if self.step_parallelism < 1:
@@ -548,11 +551,14 @@ class _Run:
                 fetcher=self._fetch if self.artifacts is not None else None,
                 upload=self._uploader(key) if self.artifacts is not None else None,
             )
+            began = time.perf_counter()
             try:
                 result = await race(asyncio.ensure_future(run_try(tool, args, call)), [self.stop])
             except Interrupted:
                 await self._report_interrupted(key, call_id, name, n, announce)
                 return True
+            if self.config.on_tool is not None:
+                self.config.on_tool(name, time.perf_counter() - began, result.ok)
         return await self._report_result(key, call_id, name, n, result, last, cacheable, announce)
 
     def _next_try(self, key: str) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -96,6 +98,8 @@ class Reporter:
         self.worker_id = worker_id
         self.session_token = ""  # set from the claim stream's first message
         self.config = config or ReporterConfig()
+        # Told of each ReportRunEvents call: (seconds, status code name, events sent); the worker's metrics.
+        self.on_call: Callable[[float, str, int], None] | None = None
         self._pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -172,7 +176,13 @@ class Reporter:
                     worker_id=self.worker_id, session_token=self.session_token,
                     events=[e for events, _ in batch for e in events],
                 )
-                response = await self.stub.ReportRunEvents(request, timeout=self.config.call_timeout_seconds)
+                began = time.perf_counter()
+                try:
+                    response = await self.stub.ReportRunEvents(request, timeout=self.config.call_timeout_seconds)
+                except grpc.aio.AioRpcError as err:
+                    self._observe(began, err.code().name, len(request.events))
+                    raise
+                self._observe(began, "OK", len(request.events))
                 break
             except Exception as err:
                 retry = isinstance(err, grpc.aio.AioRpcError) and err.code() in RETRYABLE
@@ -201,3 +211,10 @@ class Reporter:
             if not future.done():
                 future.set_result(results[offset : offset + len(events)])
             offset += len(events)
+
+    def _observe(self, began: float, code: str, events: int) -> None:
+        if self.on_call is not None:
+            try:
+                self.on_call(time.perf_counter() - began, code, events)
+            except Exception:
+                log.exception("report observer failed")

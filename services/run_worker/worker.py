@@ -17,6 +17,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from services.run_worker.artifacts import ArtifactClient
 from services.run_worker.executor import Result, RunHandle
+from services.run_worker.metrics import WorkerMetrics
 from services.run_worker.orchestrator import EngineConfig, execute
 from services.run_worker.reporter import Reporter
 from services.run_worker.tools import Tool, as_tool, registry
@@ -55,16 +56,23 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 class Worker:
     """One worker: `run(stop)` for the long-running mode, `run_cycle()` for one claim cycle."""
 
-    def __init__(self, settings: WorkerSettings, tools: Mapping[str, Any] | None = None) -> None:
-        """`tools`: name -> Tool or async callable (default: the registry of `settings.tools`)."""
+    def __init__(
+        self, settings: WorkerSettings, tools: Mapping[str, Any] | None = None, metrics: WorkerMetrics | None = None
+    ) -> None:
+        """`tools`: name -> Tool or async callable (default: the registry of `settings.tools`); `metrics`: fed."""
         self.settings = settings
+        self.metrics = metrics
         self.tools: dict[str, Tool] = (
             {name: as_tool(name, tool) for name, tool in tools.items()} if tools else registry(settings.tools)
         )
-        self.engine = EngineConfig(step_parallelism=settings.step_parallelism, workdir=settings.workdir)
+        self.engine = EngineConfig(step_parallelism=settings.step_parallelism, workdir=settings.workdir,
+                                   on_tool=metrics.tool_done if metrics is not None else None)
         self.channel = open_channel(settings.api_addr, settings.tls, settings.api_key)
         self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
         self.reporter = Reporter(self.stub, settings.worker_id)
+        if metrics is not None:
+            self.reporter.on_call = metrics.report_done
+            metrics.hold(lambda: len(self.held))
         self.artifacts = ArtifactClient(self.stub, self.reporter)
         self.held: dict[str, RunHandle] = {}
         self.tasks: set[asyncio.Task[Result]] = set()
@@ -105,6 +113,8 @@ class Worker:
             previous.lost.set()  # a newer attempt of the same run supersedes it
         self.held[claimed.run_id] = handle
         self.counters["claimed"] += 1
+        if self.metrics is not None:
+            self.metrics.runs_claimed.inc()
         task = asyncio.create_task(self._execute(claimed, handle), name=f"run-{claimed.run_id}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -119,6 +129,8 @@ class Worker:
             if self.held.get(claimed.run_id) is handle:
                 del self.held[claimed.run_id]
         self.counters[result.value] += 1
+        if self.metrics is not None:
+            self.metrics.runs_finished.labels(result.value).inc()
         return result
 
     # --- heartbeats -----------------------------------------------------------------------------

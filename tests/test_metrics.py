@@ -1,0 +1,196 @@
+"""Prometheus metrics (issue 10, item 4) through a real API process and a real worker process.
+
+The API serves /metrics on its HTTP port, the worker on RUN_WORKER_METRICS_ADDR; both are scraped
+before and after a few runs and the counters must have moved. Also: the deploy manifests parse and
+carry what item 5 asks (HTTP port, scrape annotations, HTTP readiness probe, worker metrics port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from features.harness import ROOT, Api, Client, Worker, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample at `url` (a /metrics endpoint), by (name, sorted labels)."""
+    response = httpx.get(url, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    out: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample's value (0 when absent)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name` over every label set that includes `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+@pytest.fixture
+def api(database_url: str) -> Iterator[Api]:
+    """A real API process with short leases and a fast reaper."""
+    api = Api(database_url, processes=1, RUN_REAPER_INTERVAL_SECONDS="0.2", RUN_WORKER_POLL_MS="200")
+    api.start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+def test_api_and_worker_metrics_move(api: Api) -> None:
+    """Runs started, queued, claimed and finished through real processes move the metrics of both."""
+    metrics = f"{api.http_url}/metrics"
+    before = scrape(metrics)
+    assert value(before, "runs_runs_started_total", workflow="runtime.noop") == 0
+    assert value(before, "runs_workers_connected") == 0
+    client = Client(api.addr)
+    worker: Worker | None = None
+    try:
+        noop = [client.start("runtime.noop").run.run_id for _ in range(3)]
+        failing = client.start_tool("fail", {"message": "metrics test"}, max_attempts=1).run_id
+        # No worker yet: the queue gauge counts them (read from the database, cached for a second).
+        wait_until(lambda: value(scrape(metrics), "runs_queued", workflow="runtime.noop") == 3, 20,
+                   "runs_queued for runtime.noop to reach 3")
+        with pytest.raises(grpc.RpcError) as missing:
+            client.get("01JUNKNOWNRUNID000000000000")
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+        worker_port = free_port()
+        worker_metrics = f"http://127.0.0.1:{worker_port}/metrics"
+        worker = Worker(api.addr, RUN_WORKER_METRICS_ADDR=f"127.0.0.1:{worker_port}", RUN_WORKER_POLL_MS="200")
+        worker.start()
+        for run_id in noop:
+            assert client.wait_status(run_id, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "SUCCEEDED"
+        assert client.wait_status(failing, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "FAILED"
+
+        def api_moved() -> Samples | None:
+            s = scrape(metrics)
+            done = (
+                value(s, "runs_runs_finished_total", workflow="runtime.noop", status="SUCCEEDED") == 3
+                and value(s, "runs_runs_finished_total", workflow="runtime.tool", status="FAILED") == 1
+                and value(s, "runs_queued", workflow="runtime.noop") == 0
+                and value(s, "runs_workers_connected") >= 1
+            )
+            return s if done else None
+
+        after = wait_until(api_moved, 30, "the API's run counters and gauges to move")
+        assert value(after, "runs_runs_started_total", workflow="runtime.noop") == 3
+        assert value(after, "runs_runs_started_total", workflow="runtime.tool") == 1
+        assert value(after, "runs_grpc_requests_total", method="StartRun", code="OK") == 4
+        assert value(after, "runs_grpc_requests_total", method="GetRun", code="NOT_FOUND") == 1
+        assert value(after, "runs_grpc_requests_total", method="ReportRunEvents", code="OK") >= 1
+        assert value(after, "runs_pickup_latency_seconds_count", workflow="runtime.noop") == 3
+        assert value(after, "runs_pickup_latency_seconds_count", workflow="runtime.tool") == 1
+        assert value(after, "runs_run_duration_seconds_count", workflow="runtime.noop", status="SUCCEEDED") == 3
+        assert value(after, "runs_step_duration_seconds_count", workflow="runtime.noop", step="runtime",
+                     status="SUCCEEDED") == 3
+        assert value(after, "runs_step_duration_seconds_count", workflow="runtime.tool", step="runtime",
+                     status="FAILED") == 1
+        assert value(after, "runs_reaper_cycles_total", result="ok") > value(before, "runs_reaper_cycles_total",
+                                                                             result="ok")
+        assert value(after, "runs_metrics_dropped_total") == 0
+
+        def worker_moved() -> Samples | None:
+            s = scrape(worker_metrics)
+            done = (value(s, "runs_worker_runs_finished_total", status="succeeded") == 3
+                    and value(s, "runs_worker_runs_finished_total", status="failed") == 1)
+            return s if done else None
+
+        w = wait_until(worker_moved, 30, "the worker's counters to move")
+        assert value(w, "runs_worker_runs_claimed_total") == 4
+        assert value(w, "runs_worker_runs_held") == 0
+        assert value(w, "runs_worker_tool_duration_seconds_count", tool="noop", result="ok") == 3
+        assert value(w, "runs_worker_tool_duration_seconds_count", tool="fail", result="error") == 1
+        assert total(w, "runs_worker_report_latency_seconds_count", code="OK") >= 1
+        assert value(w, "runs_worker_reported_events_total") > 0
+    finally:
+        client.close()
+        if worker is not None:
+            assert worker.stop() == 0, worker.output()
+
+
+def test_metrics_help_and_types(api: Api) -> None:
+    """Every family is prefixed runs_ and documented; the API's and a worker's registries are their own."""
+    text = httpx.get(f"{api.http_url}/metrics", timeout=10).text
+    families = list(text_string_to_metric_families(text))
+    names = {f.name for f in families}
+    assert {"runs_queued", "runs_queue_oldest_age_seconds", "runs_workers_connected", "runs_runs_started",
+            "runs_runs_finished", "runs_pickup_latency_seconds", "runs_run_duration_seconds",
+            "runs_step_duration_seconds", "runs_cache_hits", "runs_cache_misses", "runs_lease_expiries",
+            "runs_reaper_cycles", "runs_grpc_requests"} <= names
+    for family in families:
+        assert family.name.startswith("runs_"), family.name  # nothing from the default registry (process_*, ...)
+        assert family.documentation, f"{family.name} has no help text"
+
+
+# --- deploy (issue 10, item 5) -----------------------------------------------------------------
+
+DEPLOY = ROOT / "deploy"
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _pod_template(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(doc["spec"]["template"])
+
+
+def test_deploy_manifests_parse_and_expose_metrics() -> None:
+    """The manifests parse; API and worker pods carry scrape annotations; the API has an HTTP readiness probe."""
+    manifests = sorted((DEPLOY / "k8s").glob("*.yaml"))
+    assert manifests
+    docs = {p.name: _docs(p) for p in manifests}
+    api = next(d for d in docs["api-deployment.yaml"] if d["kind"] == "Deployment")
+    worker = next(d for d in docs["worker-deployment.yaml"] if d["kind"] == "Deployment")
+    for deployment, port in ((api, "8080"), (worker, "9100")):
+        annotations = _pod_template(deployment)["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == port
+        assert annotations["prometheus.io/path"] == "/metrics"
+    container = _pod_template(api)["spec"]["containers"][0]
+    assert {"containerPort": 8080, "name": "http"}.items() <= next(
+        p for p in container["ports"] if p["containerPort"] == 8080).items()
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    configmap = next(d for d in docs["configmap.yaml"] if d["kind"] == "ConfigMap")
+    assert (env.get("RUN_API_HTTP_ADDR") or configmap["data"].get("RUN_API_HTTP_ADDR")) == "0.0.0.0:8080"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert "grpc" in container["startupProbe"] or "grpc" in container["livenessProbe"]
+    service = next(d for d in docs["api-service.yaml"] if d["kind"] == "Service")
+    assert any(p["port"] == 8080 for p in service["spec"]["ports"])
+    worker_container = _pod_template(worker)["spec"]["containers"][0]
+    worker_env = {e["name"]: e.get("value") for e in worker_container.get("env", [])}
+    assert worker_env["RUN_WORKER_METRICS_ADDR"] == "0.0.0.0:9100"
+    assert any(p["containerPort"] == 9100 for p in worker_container["ports"])
+
+
+def test_compose_exposes_http_and_worker_metrics() -> None:
+    """docker-compose.yml parses, publishes the API's HTTP port and sets the worker's metrics address."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    api = services["api"]
+    assert api["environment"]["RUN_API_HTTP_ADDR"] == "0.0.0.0:8080"
+    assert any(str(p).endswith(":8080") for p in api["ports"])
+    worker = services["worker"]
+    assert worker["environment"]["RUN_WORKER_METRICS_ADDR"] == "0.0.0.0:9100"
