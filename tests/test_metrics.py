@@ -7,6 +7,8 @@ carry what item 5 asks (HTTP port, scrape annotations, HTTP readiness probe, wor
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,7 @@ def test_api_and_worker_metrics_move(api: Api) -> None:
             assert client.wait_status(run_id, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "SUCCEEDED"
         assert client.wait_status(failing, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "FAILED"
 
-        def api_moved() -> Samples | None:
+        def api_moved() -> Samples:
             s = scrape(metrics)
             done = (
                 value(s, "runs_runs_finished_total", workflow="runtime.noop", status="SUCCEEDED") == 3
@@ -92,7 +94,7 @@ def test_api_and_worker_metrics_move(api: Api) -> None:
                 and value(s, "runs_queued", workflow="runtime.noop") == 0
                 and value(s, "runs_workers_connected") >= 1
             )
-            return s if done else None
+            return s if done else {}
 
         after = wait_until(api_moved, 30, "the API's run counters and gauges to move")
         assert value(after, "runs_runs_started_total", workflow="runtime.noop") == 3
@@ -111,11 +113,11 @@ def test_api_and_worker_metrics_move(api: Api) -> None:
                                                                              result="ok")
         assert value(after, "runs_metrics_dropped_total") == 0
 
-        def worker_moved() -> Samples | None:
+        def worker_moved() -> Samples:
             s = scrape(worker_metrics)
             done = (value(s, "runs_worker_runs_finished_total", status="succeeded") == 3
                     and value(s, "runs_worker_runs_finished_total", status="failed") == 1)
-            return s if done else None
+            return s if done else {}
 
         w = wait_until(worker_moved, 30, "the worker's counters to move")
         assert value(w, "runs_worker_runs_claimed_total") == 4
@@ -194,3 +196,15 @@ def test_compose_exposes_http_and_worker_metrics() -> None:
     assert any(str(p).endswith(":8080") for p in api["ports"])
     worker = services["worker"]
     assert worker["environment"]["RUN_WORKER_METRICS_ADDR"] == "0.0.0.0:9100"
+
+
+def test_compose_healthcheck_passes_against_a_real_api(api: Api) -> None:
+    """The Compose healthcheck one-liner (gRPC health, then GET /healthz) exits 0 against a serving API."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    test = compose["services"]["api"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    code = test[3].replace("127.0.0.1:50051", api.addr).replace("http://127.0.0.1:8080", api.http_url)
+    assert api.addr in code and api.http_url in code
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert done.returncode == 0, done.stderr
