@@ -10,7 +10,14 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.gen.runs.v1 import key_service_pb2, run_pb2, run_service_pb2, worker_service_pb2, workflow_service_pb2
+from shared.gen.runs.v1 import (
+    key_service_pb2,
+    ops_service_pb2,
+    run_pb2,
+    run_service_pb2,
+    worker_service_pb2,
+    workflow_service_pb2,
+)
 
 
 def ts(value: datetime | None) -> Timestamp | None:
@@ -276,3 +283,28 @@ def workflow(row: Any, spec: workflow_service_pb2.WorkflowSpec) -> workflow_serv
     )
     out.spec.CopyFrom(spec)
     return out
+
+
+def worker_info(row: Any) -> ops_service_pb2.WorkerInfo:
+    """A workers_list row as a WorkerInfo."""
+    held = list(row.held_run_ids or [])
+    return _set(
+        ops_service_pb2.WorkerInfo(
+            worker_id=row.worker_id, connected=bool(row.connected), held_run_ids=held, held_count=len(held),
+            tools=list(row.tools or []), capacity=row.capacity or 0, workspace_id=row.workspace_id or "",
+        ),
+        started_at=ts(row.started_at), last_heartbeat_at=ts(row.last_heartbeat_at),
+        lease_expires_at=ts(row.lease_expires_at),
+    )
+
+
+def throughput_bucket(bucket: Any) -> ops_service_pb2.ThroughputBucket:
+    """A handlers.Bucket as a ThroughputBucket."""
+    finished = bucket.finished
+    return _set(
+        ops_service_pb2.ThroughputBucket(
+            succeeded=finished.get("SUCCEEDED", 0), failed=finished.get("FAILED", 0),
+            canceled=finished.get("CANCELED", 0), queue_depth=bucket.queue_depth,
+        ),
+        start=ts(bucket.start),
+    )

@@ -387,25 +387,57 @@ async def list_run_artifacts(uow: UnitOfWork, run_id: str, caller: Caller) -> li
     return list((await uow.conn.execute(Q.run_artifacts_for_run, {"run_id": run_id})).all())
 
 
+MAX_QUERY_CHARS = MAX_IDEMPOTENCY_KEY
+_ULID_CHARS = frozenset("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+_ULID_LENGTH = 26
+
+
+def search_ranges(query: str) -> dict[str, str | None]:
+    """The ranges ListRuns' text search reads: run ids starting with `query` (ULIDs: any case), and
+    idempotency keys starting with it, in byte order ([key_low, key_high), the prefix's successor)."""
+    upper = query.upper()
+    run_low: str | None
+    run_high: str | None
+    if len(upper) <= _ULID_LENGTH and set(upper) <= _ULID_CHARS:
+        run_low, run_high = upper, upper + "Z" * (_ULID_LENGTH - len(upper))
+    else:
+        run_low = run_high = None  # no run id can start with it
+    high = query
+    while high:
+        code = ord(high[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates are no text: the next code point is U+E000
+            code = 0xE000
+        if code <= 0x10FFFF:
+            high = high[:-1] + chr(code)
+            break
+        high = high[:-1]
+    return {"run_low": run_low, "run_high": run_high, "key_low": query, "key_high": high or query + "\U0010ffff"}
+
+
 async def list_runs(
-    uow: UnitOfWork, caller: Caller, status: str | None, workflow: str | None, page_size: int, page_token: str
+    uow: UnitOfWork, caller: Caller, status: str | None, workflow: str | None, page_size: int, page_token: str,
+    query: str = "",
 ) -> tuple[list[Any], str]:
-    """A page of the caller's runs, newest first, and the token of the next page ('' on the last one)."""
+    """A page of the caller's runs, newest first, and the token of the next page ('' on the last one).
+
+    With `query`, only runs whose id or idempotency key starts with it (search_ranges).
+    """
     size = page_bounds(page_size)
     check_text("workflow", workflow or "", limit=MAX_IDENTIFIER)
+    check_text("query", query, limit=MAX_QUERY_CHARS)
     after = None
     if page_token:
         try:
             after = str(ULID.from_str(page_token))
         except (ValueError, TypeError):
             raise InvalidRequest.field("page_token", "page_token is not a valid page token") from None
-    rows = (
-        await uow.conn.execute(
-            Q.run_list,
-            {"tenant_id": caller.tenant_id, "project_id": caller.project_id, "workspace_id": caller.workspace_id,
-             "status": status, "workflow": workflow or None, "after_run_id": after, "limit": size + 1},
-        )
-    ).all()
+    params = {"tenant_id": caller.tenant_id, "project_id": caller.project_id, "workspace_id": caller.workspace_id,
+              "status": status, "workflow": workflow or None, "after_run_id": after, "limit": size + 1}
+    query = query.strip()
+    if query:
+        rows = (await uow.conn.execute(Q.run_search, {**params, **search_ranges(query)})).all()
+    else:
+        rows = (await uow.conn.execute(Q.run_list, params)).all()
     next_token = rows[size - 1].run_id if len(rows) > size else ""
     return list(rows[:size]), next_token
 
@@ -449,14 +481,26 @@ async def run_exists(uow: UnitOfWork, run_id: str, caller: Caller) -> Any:
 # --- worker sessions ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What a worker says about itself when its session opens (shown by ListWorkers, never used to route)."""
+
+    tools: tuple[str, ...] = ()
+    capacity: int | None = None
+    workspace_id: str | None = None
+
+
 async def open_session(
-    uow: UnitOfWork, worker_id: str, tenant_id: str, token: str, lease_seconds: float, now: datetime | None = None
+    uow: UnitOfWork, worker_id: str, tenant_id: str, token: str, lease_seconds: float, now: datetime | None = None,
+    declared: Declared | None = None,
 ) -> str:
     """Open or resume a worker's session; returns its secret token (the one given, when it resumes).
 
     A worker id whose session is live (heartbeat lease not lapsed, or runs still held) can only be
-    resumed with its token: a client that knows only the id cannot take it over.
+    resumed with its token: a client that knows only the id cannot take it over. What the worker
+    `declared` is stored on its row (a new session also restarts its started_at).
     """
+    declared = declared or Declared()
     now = now or utcnow()
     await uow.conn.execute(Q.workers_session_serialize, {"worker_id": worker_id})
     row = (await uow.conn.execute(Q.workers_session_lock, {"worker_id": worker_id})).first()
@@ -476,7 +520,8 @@ async def open_session(
     await uow.conn.execute(
         Q.workers_session_open,
         {"worker_id": worker_id, "tenant_id": tenant_id, "session_token_hash": hash_secret(token),
-         "lease_expires_at": now + timedelta(seconds=lease_seconds), "now": now},
+         "lease_expires_at": now + timedelta(seconds=lease_seconds), "now": now, "resumed": resumed,
+         "tools": list(declared.tools) or None, "capacity": declared.capacity, "workspace_id": declared.workspace_id},
     )
     await uow.commit()
     if not resumed:
@@ -874,3 +919,69 @@ async def stats(uow: UnitOfWork, tenant_id: str) -> Stats:
         readopted += row.readopted
     by_status = {row.status: row.n for row in (await uow.conn.execute(Q.stats_runs_by_status, params)).all()}
     return Stats(events, readopted, by_status)
+
+
+# --- operators: workers, throughput ------------------------------------------------------------
+
+MAX_DECLARED_TOOLS = 100
+DEFAULT_THROUGHPUT_MINUTES = 60
+MAX_THROUGHPUT_MINUTES = 1440
+
+
+def check_declared_tools(tools: list[str]) -> tuple[str, ...]:
+    """A worker's declared tool names, checked (field `tools[i]`), de-duplicated and sorted."""
+    if len(tools) > MAX_DECLARED_TOOLS:
+        raise InvalidRequest.field("tools", f"at most {MAX_DECLARED_TOOLS} tools")
+    for i, name in enumerate(tools):
+        check_identifier(f"tools[{i}]", name, required=True)
+    return tuple(sorted(set(tools)))
+
+
+async def list_workers(
+    uow: UnitOfWork, caller: Caller, page_size: int, page_token: str, now: datetime | None = None
+) -> tuple[list[Any], str, int]:
+    """A page of the caller's tenant's workers by id, the next page's token ('' on the last) and how
+    many of the tenant's workers are connected (their heartbeat lease has not lapsed at `now`).
+
+    A worker's tenant is its key's (recorded when its session opens); without auth every worker is
+    in the default tenant, as every caller is.
+    """
+    now = now or utcnow()
+    size = page_bounds(page_size)
+    check_text("page_token", page_token, limit=2 * MAX_IDENTIFIER + 1)
+    params = {"tenant_id": caller.tenant_id, "after_worker_id": page_token or None, "limit": size + 1, "now": now}
+    rows = (await uow.conn.execute(Q.workers_list, params)).all()
+    connected = (await uow.conn.execute(Q.workers_connected_count, params)).scalar_one()
+    token = rows[size - 1].worker_id if len(rows) > size else ""
+    return list(rows[:size]), token, int(connected)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One minute of throughput: its start, runs finished in it by status, queue depth at its end."""
+
+    start: datetime
+    finished: dict[str, int]
+    queue_depth: int
+
+
+async def throughput(uow: UnitOfWork, tenant_id: str, minutes: int, now: datetime | None = None) -> list[Bucket]:
+    """A tenant's last `minutes` minutes (0: 60; the current one last), one bucket per minute."""
+    if minutes < 0 or minutes > MAX_THROUGHPUT_MINUTES:
+        raise InvalidRequest.field("minutes", f"minutes must be between 1 and {MAX_THROUGHPUT_MINUTES} (0: 60)")
+    minutes = minutes or DEFAULT_THROUGHPUT_MINUTES
+    now = now or utcnow()
+    until = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    since = until - timedelta(minutes=minutes)
+    # The smallest run id of a run created at `since`: the ULID of its millisecond with no randomness.
+    since_run_id = str(ULID.from_bytes(int(since.timestamp() * 1000).to_bytes(6, "big") + bytes(10)))
+    params = {"tenant_id": tenant_id, "since": since, "until": until, "minutes": minutes,
+              "since_run_id": since_run_id}
+    finished: dict[int, dict[str, int]] = {}
+    for row in (await uow.conn.execute(Q.runs_throughput_finished, params)).all():
+        finished.setdefault(row.minute, {})[row.status] = int(row.n)
+    depth = {row.minute: int(row.depth) for row in (await uow.conn.execute(Q.runs_throughput_queue_depth, params))}
+    return [
+        Bucket(since + timedelta(minutes=i), finished.get(i, {}), max(0, depth.get(i, 0)))
+        for i in range(minutes)
+    ]

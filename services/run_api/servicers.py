@@ -228,7 +228,7 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
         status = _STATUS_NAMES[request.status] if request.status else None
         async with UnitOfWork(self.engine) as uow:
             rows, token = await handlers.list_runs(
-                uow, current_caller(), status, request.workflow, request.page_size, request.page_token
+                uow, current_caller(), status, request.workflow, request.page_size, request.page_token, request.query
             )
         return run_service_pb2.ListRunsResponse(runs=[convert.run(r) for r in rows], next_page_token=token)
 
@@ -335,6 +335,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         checks.check_text("session_token", request.session_token, limit=128)
         if request.capacity < 0 or request.batch_limit < 0 or request.poll_interval_ms < 0:
             raise InvalidRequest.field("capacity", "capacity, batch_limit and poll_interval_ms must not be negative")
+        tools = handlers.check_declared_tools(list(request.tools))
         # Clamped to the server's limits (README): no worker hoards the queue or spins the database.
         capacity = min(request.capacity or 1, handlers.MAX_CAPACITY)
         claim = handlers.Claim(
@@ -351,7 +352,8 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         poll = poll_ms / 1000
         async with UnitOfWork(self.engine) as uow:
             token = await handlers.open_session(
-                uow, claim.worker_id, claim.tenant_id, request.session_token, self.config.lease_seconds
+                uow, claim.worker_id, claim.tenant_id, request.session_token, self.config.lease_seconds,
+                declared=handlers.Declared(tools, claim.capacity, claim.workspace_id),
             )
         claim = dataclasses.replace(claim, session_token_hash=auth.hash_secret(token))
         first: worker_service_pb2.ClaimQueuedRunsResponse | None = worker_service_pb2.ClaimQueuedRunsResponse(
@@ -585,6 +587,27 @@ class OpsService(ops_service_pb2_grpc.OpsServiceServicer):
             runs_by_status=stats.runs_by_status,
             reaper_failures=self.reaper_failures(),
             tenant_id=tenant,
+        )
+
+    async def ListWorkers(
+        self, request: ops_service_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> ops_service_pb2.ListWorkersResponse:
+        async with UnitOfWork(self.engine) as uow:
+            rows, token, connected = await handlers.list_workers(
+                uow, current_caller(), request.page_size, request.page_token
+            )
+        return ops_service_pb2.ListWorkersResponse(
+            workers=[convert.worker_info(r) for r in rows], next_page_token=token, connected=connected
+        )
+
+    async def GetThroughput(
+        self, request: ops_service_pb2.GetThroughputRequest, context: grpc.aio.ServicerContext
+    ) -> ops_service_pb2.GetThroughputResponse:
+        tenant = current_caller().tenant_id
+        async with UnitOfWork(self.engine) as uow:
+            buckets = await handlers.throughput(uow, tenant, request.minutes)
+        return ops_service_pb2.GetThroughputResponse(
+            buckets=[convert.throughput_bucket(b) for b in buckets], tenant_id=tenant
         )
 
 

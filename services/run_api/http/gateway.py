@@ -171,12 +171,30 @@ async def read_json(request: Request, message: Message) -> Message:
         raise InvalidRequest.field("body", "the body must be JSON") from None
     if not isinstance(value, dict):
         raise InvalidRequest.field("body", "the body must be a JSON object")
-    try:
-        json_format.ParseDict(value, message)
-    except (json_format.ParseError, RecursionError, TypeError, ValueError) as err:
-        # ParseError names the field ("Failed to parse input field: ..."); keep it short.
-        first = str(err).split("\n", 1)[0].replace(f'Message type "{message.DESCRIPTOR.full_name}" ', "")
-        raise InvalidRequest.field("body", cap(first or "does not match the request message", 300)) from None
+    return parse_fields(value, message, "field")
+
+
+def parse_fields(values: dict[str, Any], message: Message, kind: str) -> Message:
+    """`values` (proto3 JSON by field name) parsed into `message`, one field at a time, so that every
+    unknown or malformed one is a field violation under its own name (`kind`: "field" or "query parameter")."""
+    fields = message.DESCRIPTOR.fields_by_name
+    json_names = {f.json_name: f.name for f in message.DESCRIPTOR.fields}
+    violations: list[tuple[str, str]] = []
+    for name, value in values.items():
+        field = fields.get(name) or fields.get(json_names.get(name, ""))
+        if field is None:
+            violations.append((cap(name, 100), f"unknown {kind}; known: {', '.join(sorted(fields))}"))
+            continue
+        if kind == "query parameter" and field.type == field.TYPE_BOOL and isinstance(value, str):
+            value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
+        try:
+            json_format.ParseDict({name: value}, message)
+        except (json_format.ParseError, RecursionError, TypeError, ValueError) as err:
+            # ParseError says "Failed to parse <field> field: <why> at <Message>.<field>."; keep the why.
+            why = str(err).split("\n", 1)[0].partition(" field: ")[2].rsplit(" at ", 1)[0]
+            violations.append((field.name, cap(why or "does not match the field's type", 300)))
+    if violations:
+        raise InvalidRequest(violations)
     return message
 
 

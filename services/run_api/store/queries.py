@@ -75,6 +75,26 @@ run_list = q(
     """
 )
 
+# ListRuns' text search: the run list's filters, and a run id prefix (the range [:run_low,
+# :run_high] of ULIDs, served by the primary key; NULL when the text cannot start a ULID, which the
+# planner folds away) or an idempotency key prefix (the byte-order range [:key_low, :key_high),
+# served by runs_idempotency_prefix_idx).
+run_search = q(
+    f"""
+    SELECT {RUN_COLUMNS} FROM runs
+    WHERE tenant_id = :tenant_id
+      AND ((run_id >= :run_low AND run_id <= :run_high)
+           OR (idempotency_key COLLATE "C" >= :key_low AND idempotency_key COLLATE "C" < :key_high))
+      AND (CAST(:project_id AS text) IS NULL OR project_id = :project_id)
+      AND (CAST(:workspace_id AS text) IS NULL OR workspace_id = :workspace_id)
+      AND (CAST(:status AS text) IS NULL OR status = :status)
+      AND (CAST(:workflow AS text) IS NULL OR workflow = :workflow)
+      AND (CAST(:after_run_id AS text) IS NULL OR run_id < :after_run_id)
+    ORDER BY run_id DESC
+    LIMIT :limit
+    """
+)
+
 STEP_COLUMNS = """
     s.run_id, s.step_key, s.tool, s.status, s.attempt, s.created_at, s.started_at, s.finished_at, s.error,
     s.output, s.tries, s.depends_on, s.step_error, s.reason, s.cache_key, s.cache_display, s.cache_result,
@@ -780,16 +800,39 @@ workers_session_get = q(
     "SELECT tenant_id, session_token_hash FROM workers WHERE worker_id = :worker_id FOR SHARE"
 )
 
-# Open (or resume) a worker's session: its token hash, tenant and a first heartbeat lease.
+# Open (or resume) a worker's session: its token hash, tenant, a first heartbeat lease and what the
+# worker declared (tools, capacity, workspace); a new session (not a resumed one) restarts started_at.
 workers_session_open = q(
     """
     INSERT INTO workers (worker_id, tenant_id, session_token_hash, lease_expires_at, last_heartbeat_at,
-        started_at, held_run_ids)
-    VALUES (:worker_id, :tenant_id, :session_token_hash, :lease_expires_at, :now, :now, '{}')
+        started_at, held_run_ids, tools, capacity, workspace_id)
+    VALUES (:worker_id, :tenant_id, :session_token_hash, :lease_expires_at, :now, :now, '{}',
+        :tools, :capacity, :workspace_id)
     ON CONFLICT (worker_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id,
         session_token_hash = EXCLUDED.session_token_hash, lease_expires_at = EXCLUDED.lease_expires_at,
-        last_heartbeat_at = EXCLUDED.last_heartbeat_at
+        last_heartbeat_at = EXCLUDED.last_heartbeat_at, tools = EXCLUDED.tools, capacity = EXCLUDED.capacity,
+        workspace_id = EXCLUDED.workspace_id,
+        started_at = CASE WHEN :resumed THEN workers.started_at ELSE EXCLUDED.started_at END
     """
+)
+
+# A page of a tenant's workers by id, with the runs each holds now (runs_running_worker_idx).
+workers_list = q(
+    """
+    SELECT w.worker_id, w.started_at, w.last_heartbeat_at, w.lease_expires_at, w.lease_expires_at >= :now AS connected,
+        COALESCE(w.tools, '{}') AS tools, w.capacity, w.workspace_id,
+        ARRAY(SELECT r.run_id FROM runs r WHERE r.worker_id = w.worker_id AND r.status = 'RUNNING'
+              ORDER BY r.run_id) AS held_run_ids
+    FROM workers w
+    WHERE w.tenant_id = :tenant_id AND (CAST(:after_worker_id AS text) IS NULL OR w.worker_id > :after_worker_id)
+    ORDER BY w.worker_id
+    LIMIT :limit
+    """
+)
+
+# How many of a tenant's workers hold a live heartbeat lease.
+workers_connected_count = q(
+    "SELECT count(*) AS n FROM workers WHERE tenant_id = :tenant_id AND lease_expires_at >= :now"
 )
 
 # Who claimed these (run, attempt) pairs: the holder check for reports that are not about a run's
@@ -866,6 +909,42 @@ stats_event_counts = q(
 
 # A tenant's runs by current status.
 stats_runs_by_status = q("SELECT status, count(*) AS n FROM runs WHERE tenant_id = :tenant_id GROUP BY status")
+
+# A tenant's runs that finished in [:since, :until), by minute (0 is the one starting at :since) and
+# final status (runs_tenant_finished_idx).
+runs_throughput_finished = q(
+    """
+    SELECT CAST(floor(extract(epoch FROM finished_at - :since) / 60) AS integer) AS minute, status, count(*) AS n
+    FROM runs
+    WHERE tenant_id = :tenant_id AND finished_at >= :since AND finished_at < :until
+    GROUP BY 1, 2
+    """
+)
+
+# A tenant's queue depth at the end of each minute of [:since, :until) (minute 0 starts at :since),
+# approximately: a run waits from created_at until it first starts or ends. Only runs that may have
+# waited in the window are read: those queued or running now (runs_tenant_status_idx), those that
+# ended in the window (runs_tenant_finished_idx) and those created in it (run ids from
+# :since_run_id, runs_tenant_idx). Each contributes +1 at its creation and -1 when it left; the
+# depth at a minute's end is the running sum (marks before :since fold into minute -1).
+runs_throughput_queue_depth = q(
+    """
+    WITH per_minute AS (
+        SELECT GREATEST(CAST(floor(extract(epoch FROM m.at - :since) / 60) AS integer), -1) AS minute,
+            sum(m.delta) AS delta
+        FROM runs
+        CROSS JOIN LATERAL (VALUES (created_at, 1), (LEAST(started_at, finished_at), -1)) AS m(at, delta)
+        WHERE tenant_id = :tenant_id
+          AND (status IN ('QUEUED', 'RUNNING') OR finished_at >= :since OR run_id >= :since_run_id)
+          AND m.at < :until
+        GROUP BY 1
+    )
+    SELECT m.minute, CAST(sum(COALESCE(p.delta, 0)) OVER (ORDER BY m.minute) AS integer) AS depth
+    FROM generate_series(-1, :minutes - 1) AS m(minute)
+    LEFT JOIN per_minute p ON p.minute = m.minute
+    ORDER BY m.minute
+    """
+)
 
 # --- step and tool state, for checking worker reports ------------------------------------------
 

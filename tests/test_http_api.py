@@ -1,0 +1,421 @@
+"""The HTTP JSON API and the run event stream, against a real API process and a real worker.
+
+One API with RUNS_AUTH=required (an admin key from RUNS_BOOTSTRAP_ADMIN_KEY, client and worker
+keys made through KeyService, a second tenant's key made on the API host) and one worker are shared
+by the module's tests; each test makes its own runs. The keepalive and disconnect tests serve the
+routes in-process over an ApiServer's own servicers, to look at its hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+import psycopg
+import pytest
+from psycopg import sql as pgsql
+from starlette.applications import Starlette
+from ulid import ULID
+
+from features.harness import ROOT, Api, Client, Worker, base_env, create_key, wait_until
+from services.run_api import db
+from services.run_api.http import routes
+from services.run_api.http.app import HttpServer
+from services.run_api.http.gateway import Gateway
+from services.run_api.server import ApiServer
+from services.run_api.store.events import CHANNEL_EVENTS
+from shared.channels import channel as open_channel
+from shared.gen.runs.v1 import (
+    ops_service_pb2,
+    ops_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+from shared.settings import ApiSettings
+
+pytestmark = pytest.mark.timeout(60)
+
+TOOLS = "noop,echo,sleep,fail,shell"
+
+
+@dataclass
+class Stack:
+    """The module's API, its keys, a worker, and clients."""
+
+    api: Api
+    url: str
+    admin: str
+    client: str
+    worker_key_id: str
+    other_tenant: str  # a client key of tenant "other"
+
+    def http(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.api.http_url, headers=headers, timeout=20, **kwargs)
+
+    @contextlib.contextmanager
+    def grpc_client(self) -> Iterator[Client]:
+        client = Client(self.api.addr, api_key=self.client)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def host_key(url: str, role: str, tenant: str) -> str:
+    """A key of any tenant, made on the API host (`python -m services.run_api keys create`); its secret."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.run_api", "keys", "create", "--role", role, "--tenant", tenant,
+         "--database-url", url],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    secret = re.search(r"^secret:\s+(\S+)", done.stdout, re.M)
+    assert secret, done.stdout
+    return secret.group(1)
+
+
+@pytest.fixture(scope="module")
+def stack(pg_server: str, template_db: str) -> Iterator[Stack]:
+    name = f"runs_t_{str(ULID()).lower()}"
+    with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name),
+                                                                        pgsql.Identifier(template_db)))
+    url = db.with_database(pg_server, name)
+    admin = f"test-admin-{secrets.token_urlsafe(24)}"
+    api = Api(url, RUNS_AUTH="required", RUNS_BOOTSTRAP_ADMIN_KEY=admin, RUN_WORKER_POLL_MS="100")
+    worker: Worker | None = None
+    try:
+        api.start()
+        _, client = create_key(api.addr, admin, "client")
+        worker_key_id, worker_key = create_key(api.addr, admin, "worker")
+        worker = Worker(api.addr, RUNS_API_KEY=worker_key, RUN_WORKER_ID="http-test", RUN_WORKER_TOOLS=TOOLS,
+                        RUN_WORKER_CONCURRENCY="4", RUN_WORKER_POLL_MS="100")
+        worker.start()
+        yield Stack(api, url, admin, client, worker_key_id, host_key(url, "client", "other"))
+    finally:
+        for process in (worker, api):
+            if process is not None:
+                process.stop()
+                print(f"--- {process.name} ---\n{process.output()[-4000:]}")
+                process.log_path.unlink(missing_ok=True)
+        with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+
+def fields(response: httpx.Response) -> list[str]:
+    """The field names of a 400's field violations."""
+    assert response.status_code == 400, response.text
+    return [v["field"] for v in response.json()["field_violations"]]
+
+
+def start(http: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = http.post("/v1/runs", json=body)
+    assert response.status_code == 200, response.text
+    return dict(response.json()["run"])
+
+
+def wait_status(http: httpx.Client, run_id: str, statuses: set[str], timeout: float = 30) -> dict[str, Any]:
+    def check() -> dict[str, Any]:
+        run: dict[str, Any] = http.get(f"/v1/runs/{run_id}").json()["run"]
+        return run if run["status"].removeprefix("RUN_STATUS_") in statuses else {}
+
+    return wait_until(check, timeout, f"run {run_id} in {statuses}", interval=0.05)
+
+
+def read_sse(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """Server-Sent Events of a streaming response: each as {"event", "id", "data"} (comments as {"comment"})."""
+    message: dict[str, Any] = {}
+    for line in response.iter_lines():
+        if not line:
+            if message:
+                yield message
+            message = {}
+        elif line.startswith(":"):
+            yield {"comment": line[1:].strip()}
+        else:
+            name, _, value = line.partition(": ")
+            message[name] = json.loads(value) if name == "data" else value
+
+
+# --- runs: list, get, start, cancel, errors ----------------------------------------------------
+
+
+def test_start_get_list_cancel(stack: Stack) -> None:
+    with stack.http(stack.client) as http:
+        done = start(http, workflow="runtime.noop", idempotency_key=f"http-{ULID()}")
+        got = wait_status(http, done["run_id"], {"SUCCEEDED"})
+        assert got["workflow"] == "runtime.noop"
+        listed = http.get("/v1/runs", params={"page_size": 500, "status": "SUCCEEDED"}).json()["runs"]
+        assert done["run_id"] in [r["run_id"] for r in listed]
+        assert all(r["status"] == "RUN_STATUS_SUCCEEDED" for r in listed)
+        queued = start(http, workflow="runtime.noop", workspace_id="nobody-claims")
+        canceled = http.post(f"/v1/runs/{queued['run_id']}/cancel", json={"reason": "test"})
+        assert canceled.status_code == 200, canceled.text
+        assert canceled.json()["run"]["status"] == "RUN_STATUS_CANCELED"
+        # An ended run cannot be canceled: FAILED_PRECONDITION is a 400 with its code.
+        again = http.post(f"/v1/runs/{done['run_id']}/cancel", json={})
+        assert (again.status_code, again.json()["code"]) == (400, "FAILED_PRECONDITION")
+
+
+def test_bad_requests_name_the_field_and_store_nothing(stack: Stack) -> None:
+    key = f"bad-{ULID()}"
+    with stack.http(stack.client) as http:
+        assert fields(http.post("/v1/runs", json={"idempotency_key": key, "bogus": 1})) == ["bogus"]
+        assert fields(http.post("/v1/runs", json={"idempotency_key": key, "max_attempts": "many"})) == ["max_attempts"]
+        assert fields(http.post("/v1/runs", json={"idempotency_key": key, "max_attempts": 1000})) == ["max_attempts"]
+        assert fields(http.post("/v1/runs", content=b"{not json", headers={"content-type": "application/json"})) == [
+            "body"]
+        assert fields(http.post("/v1/runs", params={"x": 1}, json={})) == ["x"]
+        assert fields(http.get("/v1/runs", params={"bogus": "1", "page_size": "2"})) == ["bogus"]
+        assert fields(http.get("/v1/runs", params={"page_size": "many"})) == ["page_size"]
+        assert fields(http.get("/v1/runs", params={"status": "NOPE"})) == ["status"]
+        assert fields(http.get("/v1/runs", params={"query": "q" * 256})) == ["query"]
+        with stack.http(stack.admin) as admin:
+            assert fields(admin.get("/v1/throughput", params={"minutes": "1441"})) == ["minutes"]
+            assert fields(admin.get("/v1/stats", params={"x": "1"})) == ["x"]
+        assert fields(http.get("/v1/workflows/runtime.noop", params={"version": "-1"})) == ["version"]
+        assert http.get("/v1/runs", params={"query": key}).json().get("runs", []) == []  # nothing was stored
+        missing = http.get(f"/v1/runs/{ULID()}")
+        assert (missing.status_code, missing.json()["code"]) == (404, "NOT_FOUND")
+        assert http.get(f"/v1/runs/{ULID()}/steps").status_code == 404
+        assert http.get(f"/v1/runs/{ULID()}/events").status_code == 404
+
+
+def test_search_by_run_id_and_idempotency_key(stack: Stack) -> None:
+    tag = str(ULID()).lower()
+    with stack.http(stack.client) as http, stack.grpc_client() as client:
+        a = start(http, workflow="runtime.noop", workspace_id="search", idempotency_key=f"order-{tag}-1")
+        b = start(http, workflow="runtime.noop", workspace_id="search", idempotency_key=f"order-{tag}-2")
+        start(http, workflow="runtime.noop", workspace_id="search", idempotency_key=f"other-{tag}")
+
+        def found(query: str, **params: Any) -> list[str]:
+            response = http.get("/v1/runs", params={"query": query, **params})
+            assert response.status_code == 200, response.text
+            return [r["run_id"] for r in response.json().get("runs", [])]
+
+        assert found(f"order-{tag}") == [b["run_id"], a["run_id"]]  # a prefix, newest first
+        assert found(f"order-{tag}-1") == [a["run_id"]]  # the exact key
+        assert found(a["run_id"].lower()) == [a["run_id"]]  # a whole run id, any case
+        assert a["run_id"] in found(a["run_id"][:20])  # a run id prefix
+        assert found(f"order-{tag}", page_size=1) == [b["run_id"]]
+        assert found(f"order-{tag}", status="SUCCEEDED") == []
+        # The same through gRPC.
+        response = client.stub.ListRuns(run_service_pb2.ListRunsRequest(query=f"order-{tag}"), timeout=10)
+        assert [r.run_id for r in response.runs] == [b["run_id"], a["run_id"]]
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.ListRuns(run_service_pb2.ListRunsRequest(query="\x00"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query" in (caught.value.details() or "")
+    with stack.http(stack.other_tenant) as other:  # another tenant finds nothing of these
+        assert other.get("/v1/runs", params={"query": f"order-{tag}"}).json().get("runs", []) == []
+
+
+# --- the event stream --------------------------------------------------------------------------
+
+
+def test_events_of_a_finished_run_and_resume(stack: Stack) -> None:
+    with stack.http(stack.client) as http:
+        run = start(http, workflow="runtime.noop")
+        wait_status(http, run["run_id"], {"SUCCEEDED"})
+        with http.stream("GET", f"/v1/runs/{run['run_id']}/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [m for m in read_sse(response) if "comment" not in m]
+        assert events[0]["event"] == "run.queued" and events[-1]["event"] == "run.completed"
+        assert [int(m["id"]) for m in events] == list(range(1, len(events) + 1))
+        assert all(m["data"]["type"] == m["event"] and int(m["data"]["sequence"]) == int(m["id"]) for m in events)
+        middle = len(events) // 2
+        headers = {"Last-Event-ID": str(middle)}
+        with http.stream("GET", f"/v1/runs/{run['run_id']}/events", headers=headers) as response:
+            resumed = [m for m in read_sse(response) if "comment" not in m]
+        assert [int(m["id"]) for m in resumed] == list(range(middle + 1, len(events) + 1))
+        assert fields(http.get(f"/v1/runs/{run['run_id']}/events", headers={"Last-Event-ID": "x"})) == [
+            "Last-Event-ID"]
+
+
+def test_live_stream_receives_the_terminal_event(stack: Stack) -> None:
+    with stack.http(stack.client) as http:
+        run = start(http, workflow="runtime.tool", input={"tool": "sleep", "args": {"seconds": 1}})
+        with http.stream("GET", f"/v1/runs/{run['run_id']}/events") as response:
+            seen = []
+            for message in read_sse(response):
+                if "event" in message:
+                    seen.append(message["event"])
+        assert seen[0] == "run.queued" and "run.started" in seen and seen[-1] == "run.completed"
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+def test_keys_tenants_cookie_and_csrf(stack: Stack) -> None:
+    with stack.http() as anonymous:
+        response = anonymous.get("/v1/runs")
+        assert (response.status_code, response.json()["code"]) == (401, "UNAUTHENTICATED")
+        assert anonymous.get("/v1/runs", headers={"Authorization": "Bearer runs_wrong"}).status_code == 401
+    with stack.http(stack.client) as http:
+        mine = start(http, workflow="runtime.noop", workspace_id="nobody-claims")
+        assert http.get("/v1/stats").status_code == 403  # OpsService is for admin keys
+    with stack.http(stack.other_tenant) as other:
+        for path in ("", "/steps", "/artifacts", "/events"):
+            response = other.get(f"/v1/runs/{mine['run_id']}{path}")
+            assert response.status_code == 404, (path, response.text)
+        assert other.post(f"/v1/runs/{mine['run_id']}/cancel", json={}).status_code == 404
+    with stack.http(cookies={"runs_key": stack.client}) as browser:
+        assert browser.get(f"/v1/runs/{mine['run_id']}").json()["run"]["run_id"] == mine["run_id"]
+        refused = browser.post(f"/v1/runs/{mine['run_id']}/cancel", json={})
+        assert refused.status_code == 401 and "x-runs-csrf" in refused.json()["message"]
+        assert browser.get(f"/v1/runs/{mine['run_id']}").json()["run"]["status"] == "RUN_STATUS_QUEUED"
+        allowed = browser.post(f"/v1/runs/{mine['run_id']}/cancel", json={}, headers={"X-Runs-Csrf": "1"})
+        assert allowed.status_code == 200 and allowed.json()["run"]["status"] == "RUN_STATUS_CANCELED"
+
+
+# --- steps, artifacts, rebuild, explain, workflows --------------------------------------------
+
+
+SCRIPT = "from pathlib import Path; Path('report.txt').write_bytes(bytes(range(256)) * 3)"
+
+
+def test_steps_artifacts_download_rebuild_explain(stack: Stack) -> None:
+    args = {"command": ["python3", "-c", SCRIPT], "artifacts": ["report.txt"]}
+    with stack.http(stack.client) as http:
+        run = start(http, workflow="runtime.tool", input={"tool": "shell", "args": args})
+        run_id = run["run_id"]
+        wait_status(http, run_id, {"SUCCEEDED", "FAILED"})
+        steps = http.get(f"/v1/runs/{run_id}/steps", params={"status": "SUCCEEDED"}).json()["steps"]
+        assert [s["step_key"] for s in steps] == ["runtime"]
+        assert http.get(f"/v1/runs/{run_id}/steps", params={"status": "FAILED"}).json().get("steps", []) == []
+        (artifact,) = http.get(f"/v1/runs/{run_id}/artifacts").json()["artifacts"]
+        assert (artifact["step_key"], artifact["name"], artifact["media_type"]) == ("runtime", "report.txt",
+                                                                                   "text/plain")
+        download = http.get(f"/v1/runs/{run_id}/artifacts/runtime/report.txt")
+        assert download.status_code == 200, download.text
+        assert download.content == bytes(range(256)) * 3
+        assert download.headers["content-type"].startswith("text/plain")
+        assert download.headers["content-disposition"].startswith('attachment; filename="report.txt"')
+        assert download.headers["content-security-policy"] == "sandbox"
+        assert http.get(f"/v1/runs/{run_id}/artifacts/runtime/missing.txt").status_code == 404
+        with stack.http(stack.other_tenant) as other:
+            assert other.get(f"/v1/runs/{run_id}/artifacts/runtime/report.txt").status_code == 404
+
+        explained = http.get(f"/v1/runs/{run_id}/steps/runtime/explain").json()["steps"]
+        assert [(s["step_key"], s["decision"]) for s in explained] == [("runtime", "executed")]
+        assert [s["step_key"] for s in http.get(f"/v1/runs/{run_id}/explain").json()["steps"]] == ["runtime"]
+
+        plan = http.post(f"/v1/runs/{run_id}/rebuild", json={"steps": ["runtime"], "dry_run": True})
+        assert plan.status_code == 200, plan.text
+        assert "run" not in plan.json() and plan.json()["plan"][0]["action"] == "rerun"
+        assert fields(http.post(f"/v1/runs/{run_id}/rebuild", json={"dry_run": "maybe"})) == ["dry_run"]
+
+        workflows = http.get("/v1/workflows").json()["workflows"]
+        assert {"runtime.noop", "runtime.tool"} <= {w["name"] for w in workflows}
+        one = http.get("/v1/workflows/runtime.tool", params={"version": 1}).json()["workflow"]
+        assert (one["name"], one["version"], one["spec"]["steps"][0]["key"]) == ("runtime.tool", 1, "runtime")
+        assert http.get("/v1/workflows/no.such.workflow").status_code == 404
+
+
+# --- operators: stats, workers, throughput ---------------------------------------------------
+
+
+def test_stats_workers_and_throughput(stack: Stack) -> None:
+    with stack.http(stack.client) as http:
+        run = start(http, workflow="runtime.noop")
+        wait_status(http, run["run_id"], {"SUCCEEDED"})
+        start(http, workflow="runtime.noop", workspace_id="nobody-claims")  # waits in the queue
+    # A worker that says which tools it runs (the stock worker does not yet): through gRPC.
+    _, worker_key = create_key(stack.api.addr, stack.admin, "worker")
+    with open_channel(stack.api.addr, api_key=worker_key) as channel:
+        request = worker_service_pb2.ClaimQueuedRunsRequest(
+            worker_id="declared", workspace_id="tools-ws", capacity=3, once=True, tools=["shell", "echo", "echo"])
+        list(worker_service_pb2_grpc.WorkerServiceStub(channel).ClaimQueuedRuns(request, timeout=10))
+        bad = worker_service_pb2.ClaimQueuedRunsRequest(worker_id="bad", once=True, tools=["ok", ""])
+        with pytest.raises(grpc.RpcError) as caught:
+            list(worker_service_pb2_grpc.WorkerServiceStub(channel).ClaimQueuedRuns(bad, timeout=10))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools[1]" in (caught.value.details() or "")
+
+    with stack.http(stack.admin) as admin:
+        stats = admin.get("/v1/stats").json()
+        assert int(stats["completed"]) >= 1 and stats["tenant_id"] == "default"
+
+        listed = admin.get("/v1/workers").json()
+        workers = {w["worker_id"]: w for w in listed["workers"]}
+        ours = workers[f"{stack.worker_key_id}/http-test"]
+        assert ours["connected"] is True and ours["capacity"] == 4 and ours["workspace_id"] == "default"
+        assert {"started_at", "last_heartbeat_at", "lease_expires_at"} <= set(ours)
+        declared = next(w for w in listed["workers"] if w["worker_id"].endswith("/declared"))
+        assert (declared["tools"], declared["capacity"], declared["workspace_id"]) == (["echo", "shell"], 3, "tools-ws")
+        assert listed["connected"] >= 2
+        page = admin.get("/v1/workers", params={"page_size": 1}).json()
+        assert len(page["workers"]) == 1 and page["next_page_token"] == page["workers"][0]["worker_id"]
+
+        throughput = admin.get("/v1/throughput", params={"minutes": 5}).json()
+        buckets = throughput["buckets"]
+        assert len(buckets) == 5
+        assert sum(b.get("succeeded", 0) for b in buckets) >= 1
+        assert buckets[-1].get("queue_depth", 0) >= 1  # the run nobody claims
+        assert len(admin.get("/v1/throughput").json()["buckets"]) == 60
+        # The same through gRPC.
+        with open_channel(stack.api.addr, api_key=stack.admin) as channel:
+            ops = ops_service_pb2_grpc.OpsServiceStub(channel)
+            answer = ops.GetThroughput(ops_service_pb2.GetThroughputRequest(minutes=2), timeout=10)
+            assert len(answer.buckets) == 2 and answer.tenant_id == "default"
+            assert any(w.worker_id.endswith("/http-test") for w in
+                       ops.ListWorkers(ops_service_pb2.ListWorkersRequest(), timeout=10).workers)
+    with stack.http(stack.other_tenant) as other:  # a client key may not ask; another tenant's admin sees none
+        assert other.get("/v1/workers").status_code == 403
+    other_admin = host_key(stack.url, "admin", "other")
+    with stack.http(other_admin) as admin:
+        assert admin.get("/v1/workers").json().get("workers", []) == []
+        assert sum(b.get("succeeded", 0) for b in admin.get("/v1/throughput").json()["buckets"]) == 0
+
+
+# --- in-process: keepalive and disconnect ------------------------------------------------------
+
+
+async def test_keepalive_while_idle_and_disconnect_unsubscribes(database_url: str) -> None:
+    settings = dataclasses.replace(ApiSettings(), addr="127.0.0.1:0", http_addr="", database_url=database_url)
+    server = ApiServer(settings, database_url)
+    await server.start()
+    app = Starlette(routes=routes.routes(Gateway(server.authenticator, server.servicers), keepalive_seconds=0.2))
+    http = HttpServer(app, "127.0.0.1:0")
+    port = http.bind()
+    serving = asyncio.create_task(http.run())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            response = await client.post("/v1/runs", json={"workflow": "runtime.noop"})  # no worker: stays queued
+            run_id = response.json()["run"]["run_id"]
+            key = (CHANNEL_EVENTS, run_id)
+            started = time.monotonic()
+            async with client.stream("GET", f"/v1/runs/{run_id}/events") as stream:
+                lines = aiter(stream.aiter_lines())
+                assert await anext(lines) == "id: 1"
+                assert (await anext(lines)) == "event: run.queued"
+                comments = 0
+                while comments < 2:
+                    line = await anext(lines)
+                    comments += line == ": keepalive"
+                assert time.monotonic() - started < 5
+                assert key in server.hub._waiters  # the stream is subscribed while open
+            # The client went away: the server-side stream ends and unsubscribes.
+            deadline = time.monotonic() + 10
+            while key in server.hub._waiters:
+                assert time.monotonic() < deadline, "the event stream kept its hub subscription"
+                await asyncio.sleep(0.02)
+    finally:
+        http.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        await server.stop()
