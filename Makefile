@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 GEN := shared/gen/runs/v1/run_pb2.py
 PROTOS := $(wildcard protos/runs/v1/*.proto)
 
-.PHONY: up api worker proto migrate bytecode test test-two-processes test-features test-features-auth fuzz lint bench replay clean help
+.PHONY: up api worker proto migrate bytecode chromium test test-two-processes test-features test-features-auth fuzz lint bench replay clean help
 
 help:
 	@echo "make up        run the API with one worker (embedded PostgreSQL unless DATABASE_URL is set)"
@@ -58,7 +58,15 @@ bytecode: $(GEN)
 TWO_PROCESS_SCENARIOS := features/test_faults.py features/test_postgres_restart.py features/test_lifecycle.py \
 	features/test_run_api.py -k "concurrent or sigkilled or killing or restarting or postgresql or exactly_once or watchers"
 
-test: bytecode
+# The dashboard's browser tests drive Debian's chromium (Playwright never downloads a browser).
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || { \
+		echo "installing Debian's chromium for the dashboard's browser tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: bytecode chromium
 	$(PY) -m pytest -q $(XDIST) --auth-passes off,required
 	RUNS_TEST_API_PROCESSES=2 $(PY) -m pytest -q $(XDIST) $(TWO_PROCESS_SCENARIOS)
 

@@ -1,9 +1,10 @@
 """The HTTP side of the API process: a Starlette app served by uvicorn on the API's own event loop.
 
-`create_app` assembles the routes (JSON API and event stream, readiness; the dashboard and
-/metrics join here); `HttpServer` binds RUN_API_HTTP_ADDR (with SO_REUSEPORT when the API runs
-as several processes) and serves until stopped. uvicorn's own signal handling is left out: the
-API process owns SIGTERM and stops this server in its shutdown order.
+`create_app` assembles the routes (JSON API and event stream, readiness, the dashboard's pages
+and its /static files; /metrics joins through `extra`); `HttpServer` binds RUN_API_HTTP_ADDR
+(with SO_REUSEPORT when the API runs as several processes) and serves until stopped. uvicorn's
+own signal handling is left out: the API process owns SIGTERM and stops this server in its
+shutdown order.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from services.run_api.http import routes
+from services.run_api.http import pages, routes
 from services.run_api.http.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
 
 def create_app(gateway: Gateway, ready: Callable[[], bool], extra: list[BaseRoute] | None = None) -> Starlette:
-    """The ASGI app: /v1 JSON and events, /healthz (ready: the database answers), and `extra` routes."""
+    """The ASGI app: /v1 JSON and events, /healthz (ready: the database answers), `extra` routes, the dashboard."""
 
     async def healthz(request: Request) -> Response:
         ok = ready()
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
 
-    return Starlette(routes=[Route("/healthz", healthz), *routes.routes(gateway), *(extra or [])])
+    return Starlette(routes=[
+        Route("/healthz", healthz), *routes.routes(gateway), *(extra or []), *pages.routes(gateway),
+    ])
 
 
 def listen(addr: str, reuse_port: bool) -> socket.socket:

@@ -1,0 +1,171 @@
+// The dashboard's little script: live fragments, the run's event stream, cancel and rebuild.
+// Changes are POSTed with the X-Runs-Csrf header the API requires of cookie-authenticated calls.
+(function () {
+  "use strict";
+  var TERMINAL = { "run.completed": 1, "run.failed": 1, "run.canceled": 1 };
+  var EVENT_TYPES = [
+    "run.queued", "run.claimed", "run.started", "run.completed", "run.failed", "run.canceled",
+    "run.cancel_requested", "run.lease_expired", "run.requeued", "run.readopted", "run.released",
+    "step.created", "step.started", "step.succeeded", "step.failed", "step.skipped", "step.canceled",
+    "tool.invoked", "tool.succeeded", "tool.failed", "message"
+  ];
+
+  function post(url, body) {
+    return fetch(url, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-Runs-Csrf": "1" },
+      body: JSON.stringify(body || {})
+    }).then(function (r) {
+      return r.json().catch(function () { return {}; }).then(function (data) {
+        if (!r.ok) { throw new Error((data && data.message) || ("HTTP " + r.status)); }
+        return data;
+      });
+    });
+  }
+
+  function el(tag, attrs, text) {
+    var e = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) { e.setAttribute(k, attrs[k]); });
+    if (text !== undefined) { e.textContent = text; }
+    return e;
+  }
+
+  // --- a fragment that is fetched again (every 2 s, or when told) ---------------------------
+  function LiveFragment(box, onSwap) {
+    var busy = false, again = false;
+    this.refresh = function () {
+      if (busy) { again = true; return; }
+      busy = true;
+      fetch(box.getAttribute("data-live"), { credentials: "same-origin", headers: { "Accept": "text/html" } })
+        .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+        .then(function (html) {
+          var open = Array.prototype.map.call(box.querySelectorAll("details[open]"), function (d) { return d.id; });
+          box.innerHTML = html;
+          open.forEach(function (id) { var d = id && document.getElementById(id); if (d) { d.open = true; } });
+          if (onSwap) { onSwap(); }
+        })
+        .catch(function () { /* keep what is shown; the next tick tries again */ })
+        .then(function () { busy = false; if (again) { again = false; this.refresh(); } }.bind(this));
+    };
+  }
+
+  // --- runs page -----------------------------------------------------------------------------
+  var runs = document.getElementById("runs-live");
+  if (runs) {
+    var table = new LiveFragment(runs);
+    setInterval(function () { if (!document.hidden) { table.refresh(); } }, 2000);
+  }
+
+  // --- run page --------------------------------------------------------------------------------
+  var run = document.getElementById("run-live");
+  if (run) {
+    var runId = run.getAttribute("data-run");
+    var source = null, timer = null, seen = {};
+    var state = document.getElementById("events-state");
+    var log = document.querySelector("#events tbody");
+
+    var fragment = new LiveFragment(run, function () {
+      var head = run.querySelector(".run-head");
+      var rebuild = document.getElementById("rebuild");
+      if (rebuild && head) {
+        var hasTypes = rebuild.querySelector("option") !== null;
+        rebuild.hidden = !(hasTypes && head.getAttribute("data-status") === "SUCCEEDED");
+      }
+    });
+    var soon = function () { clearTimeout(timer); timer = setTimeout(fragment.refresh, 150); };
+
+    var addEvent = function (msg) {
+      var event;
+      try { event = JSON.parse(msg.data); } catch (e) { return; }
+      var seq = event.sequence || msg.lastEventId;
+      if (seen[seq]) { return; }
+      seen[seq] = true;
+      var p = event.payload || {};
+      var details = [];
+      ["step_key", "try", "tool", "reason", "error", "stop_reason"].forEach(function (k) {
+        if (p[k] !== undefined && p[k] !== "" && typeof p[k] !== "object") { details.push(k + "=" + p[k]); }
+      });
+      if (p.error && typeof p.error === "object") { details.push("error=" + (p.error.message || JSON.stringify(p.error))); }
+      var row = el("tr", { "data-type": event.type });
+      row.appendChild(el("td", {}, String(seq)));
+      var t = event.occurred_at ? new Date(event.occurred_at) : null;
+      row.appendChild(el("td", { title: event.occurred_at || "" }, t ? t.toLocaleTimeString() : ""));
+      row.appendChild(el("td", {}, event.type));
+      row.appendChild(el("td", {}, String(event.attempt || "")));
+      row.appendChild(el("td", {}, details.join(" ").slice(0, 300)));
+      if (log.rows.length < 5000) { log.appendChild(row); }
+      if (TERMINAL[event.type]) {
+        source.close();
+        state.textContent = "The run has ended; the log is complete.";
+      } else {
+        state.textContent = "live";
+      }
+      soon();
+    };
+
+    if (window.EventSource) {
+      source = new EventSource(run.getAttribute("data-events"));
+      EVENT_TYPES.forEach(function (type) { source.addEventListener(type, addEvent); });
+      source.onopen = function () { state.textContent = "live"; };
+      source.onerror = function () {
+        if (source.readyState === EventSource.CLOSED) { state.textContent = "the stream closed"; }
+        else { state.textContent = "reconnecting…"; }
+      };
+    }
+
+    document.addEventListener("click", function (e) {
+      var target = e.target;
+      if (target && target.id === "cancel") {
+        if (!window.confirm("Cancel run " + runId + "?")) { return; }
+        target.disabled = true;
+        post("/v1/runs/" + encodeURIComponent(runId) + "/cancel", { reason: "canceled from the dashboard" })
+          .then(soon)
+          .catch(function (err) { target.disabled = false; window.alert("Cancel refused: " + err.message); });
+      }
+    });
+
+    var form = document.getElementById("rebuild-form");
+    if (form) {
+      var result = document.getElementById("rebuild-result");
+      var go = document.getElementById("rebuild-go");
+      var body = function (dry) {
+        var patch = form.elements.input_patch.value.trim();
+        var b = { change_request_type: form.elements.change_request_type.value, dry_run: dry };
+        if (patch) { b.input_patch = JSON.parse(patch); }
+        return b;
+      };
+      var show = function (text, cls) {
+        result.innerHTML = "";
+        result.appendChild(el("p", { "class": "flash " + (cls || "") }, text));
+      };
+      form.addEventListener("change", function () { go.disabled = true; result.innerHTML = ""; });
+      document.getElementById("rebuild-preview").addEventListener("click", function () {
+        var b;
+        try { b = body(true); } catch (err) { show("The input patch is not JSON: " + err.message, "bad"); return; }
+        post("/ui/runs/" + encodeURIComponent(runId) + "/rebuild", b).then(function (data) {
+          result.innerHTML = "";
+          var table = el("table", { "class": "mini plan" });
+          table.appendChild(el("tr")).innerHTML = "<th>Step</th><th>Action</th><th>Why</th>";
+          (data.plan || []).forEach(function (s) {
+            var tr = el("tr", { "data-step": s.step_key });
+            tr.appendChild(el("td", {}, s.step_key));
+            tr.appendChild(el("td", { "class": "act-" + s.action }, s.action));
+            tr.appendChild(el("td", {}, s.reason || ""));
+            table.appendChild(tr);
+          });
+          result.appendChild(el("p", {}, "Plan (nothing is created until you press Rebuild):"));
+          result.appendChild(table);
+          go.disabled = false;
+        }).catch(function (err) { show("Refused: " + err.message, "bad"); });
+      });
+      go.addEventListener("click", function () {
+        var b;
+        try { b = body(false); } catch (err) { show("The input patch is not JSON: " + err.message, "bad"); return; }
+        go.disabled = true;
+        post("/ui/runs/" + encodeURIComponent(runId) + "/rebuild", b).then(function (data) {
+          window.location.href = "/runs/" + encodeURIComponent(data.run.run_id);
+        }).catch(function (err) { go.disabled = false; show("Refused: " + err.message, "bad"); });
+      });
+    }
+  }
+})();

@@ -1,0 +1,356 @@
+"""The dashboard in a real browser: Playwright driving Debian's Chromium against a real API and worker.
+
+The API and one worker (with the shell tool) are shared by the tests of this module on a database
+of its own; the login test starts its own API with RUNS_AUTH=required. A step is held RUNNING by a
+shell step that waits for a file the test creates (`GATE_SPEC`), so the page can be watched
+turning it from running to succeeded without a reload. Each test saves a screenshot under its
+tmp_path; with RUNS_UPDATE_SCREENSHOTS=1 the campaign run page is also saved to docs/run-page.png
+(the README's picture).
+
+Chromium is /usr/bin/chromium (`make chromium` installs Debian's package when it is missing);
+Playwright's own browser download is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql as pgsql
+from ulid import ULID
+
+from features.harness import Api, Client, Worker, create_key, wait_until
+from services.run_api import db
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+expect = playwright_sync.expect
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("RUNS_TEST_CHROMIUM", "/usr/bin/chromium")
+DOC_SCREENSHOT = ROOT / "docs" / "run-page.png"
+TOOLS = {"RUN_WORKER_TOOLS": "noop,echo,sleep,fail,shell"}
+WAIT_MS = 20_000  # Playwright's expectations (the page updates within a second or two)
+
+# Waits (bounded) for the file named by the step input's `gate`; the test creates it to let the step end.
+WAIT_FOR_GATE = """
+import json, os, sys, time
+from pathlib import Path
+gate = Path(json.loads(Path(os.environ["RUNS_INPUT"]).read_text())["gate"])
+deadline = time.monotonic() + 60
+while not gate.exists():
+    if time.monotonic() > deadline:
+        sys.exit("the gate never opened")
+    time.sleep(0.05)
+"""
+GATE_SPEC: dict[str, Any] = {
+    "name": "dashboard.gate",
+    "description": "prepare -> (wait || side) -> finish; wait holds until the gate file exists",
+    "steps": [
+        {"key": "prepare", "tool": "noop"},
+        {"key": "wait", "tool": "shell", "depends_on": ["prepare"], "input": {"gate": "input.gate"},
+         "args": {"command": ["python3", "-c", WAIT_FOR_GATE]}, "timeout_seconds": 60},
+        {"key": "side", "tool": "noop", "depends_on": ["prepare"]},
+        {"key": "finish", "tool": "noop", "depends_on": ["wait", "side"]},
+    ],
+}
+expect.set_options(timeout=WAIT_MS)
+CAMPAIGN_INPUT = {"product": "Acme Rockets", "audience": "coyotes", "color": "#d9480f"}
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def module_database(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh database for this module's shared API (copied from the migrated template)."""
+    name = f"runs_t_{str(ULID()).lower()}"
+    with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
+        conn.execute(
+            pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name), pgsql.Identifier(template_db))
+        )
+    yield db.with_database(pg_server, name)
+    with contextlib.suppress(psycopg.Error), psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
+        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+
+def _stop(*processes: Any) -> None:
+    for process in processes:
+        process.stop()
+        print(f"--- {process.name} ---\n{process.output()[-4000:]}")
+        process.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def api(module_database: str) -> Iterator[Api]:
+    """One API (auth off) and one worker that runs shell steps, for the module."""
+    store = tempfile.mkdtemp(prefix="runs-dashboard-artifacts-")
+    api = Api(module_database, RUNS_AUTH="off", RUNS_ARTIFACTS_URL=store)
+    worker = Worker(api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_ID="dashboard-worker",
+                    RUN_WORKER_DRAIN_SECONDS="2", **TOOLS)
+    try:
+        api.start()
+        worker.start()
+        yield api
+    finally:
+        _stop(worker, api)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(api: Api) -> Iterator[Client]:
+    c = Client(api.addr)
+    c.register(GATE_SPEC)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing: `make chromium` installs Debian's chromium"
+    with playwright_sync.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh browser context's page (laptop-sized); a screenshot of it is saved after the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    try:
+        yield page
+    finally:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(tmp_path / f"{request.node.name}-end.png"), full_page=True)
+        context.close()
+
+
+def shot(page: Any, tmp_path: Path, name: str) -> Path:
+    """A full-page screenshot under the test's tmp_path."""
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def node(page: Any, key: str) -> Any:
+    """The DAG box of step `key` on a run page."""
+    return page.locator(f'#run-dag g.node[data-step="{key}"]')
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_runs_page_lists_a_started_run_and_updates_it_live(api: Api, client: Client, page: Any,
+                                                           tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    run = client.start(GATE_SPEC["name"], {"gate": str(gate)}).run
+    page.goto(api.http_url + "/")
+    row = page.locator(f'tr[data-run="{run.run_id}"]')
+    expect(row).to_be_visible()
+    expect(row).to_contain_text(GATE_SPEC["name"])
+    expect(row.locator(".badge")).to_have_text("running")
+    expect(page.locator(".counts")).to_contain_text("running")  # counts by status (auth off: allowed)
+    page.evaluate("window.__same_page = 1")
+    shot(page, tmp_path, "runs-running")
+    gate.touch()
+    expect(row.locator(".badge")).to_have_text("succeeded")  # the 2 s poll, no reload
+    assert page.evaluate("window.__same_page") == 1
+    # Filters: another status hides it, its own shows it.
+    page.goto(api.http_url + "/?status=FAILED")
+    expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_have_count(0)
+    page.goto(api.http_url + f"/?status=SUCCEEDED&workflow={GATE_SPEC['name']}")
+    expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_be_visible()
+    shot(page, tmp_path, "runs-filtered")
+
+
+def test_run_page_shows_the_dag_and_a_step_turning_from_running_to_succeeded(
+    api: Api, client: Client, page: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    run = client.start(GATE_SPEC["name"], {"gate": str(gate)}).run
+    page.goto(f"{api.http_url}/runs/{run.run_id}")
+    expect(page.locator("#run-dag g.node")).to_have_count(4)
+    expect(page.locator("#run-dag path.edge")).to_have_count(4)
+    expect(node(page, "wait")).to_have_attribute("data-status", "running")
+    expect(node(page, "prepare")).to_have_attribute("data-status", "succeeded")
+    expect(node(page, "finish")).to_have_attribute("data-status", "created")
+    # Columns from the graph's layers: prepare, then wait and side together, then finish.
+    xs = {k: float(node(page, k).get_attribute("transform").split("(")[1].split(",")[0])
+          for k in ("prepare", "wait", "side", "finish")}
+    assert xs["prepare"] < xs["wait"] == xs["side"] < xs["finish"]
+    page.evaluate("window.__same_page = 1")
+    shot(page, tmp_path, "run-running")
+    gate.touch()
+    expect(node(page, "wait")).to_have_attribute("data-status", "succeeded")
+    expect(node(page, "finish")).to_have_attribute("data-status", "succeeded")
+    expect(page.locator("#run-status")).to_have_text("succeeded")
+    assert page.evaluate("window.__same_page") == 1, "the page was reloaded"
+    expect(page.locator('#events tr[data-type="run.completed"]')).to_have_count(1)
+    expect(page.locator("#events-state")).to_contain_text("ended")
+    expect(page.locator(".gantt .lane .bar")).to_have_count(4)  # one try per step
+    shot(page, tmp_path, "run-succeeded")
+
+
+def test_cancel_from_the_page_ends_the_run_canceled(api: Api, client: Client, page: Any, tmp_path: Path) -> None:
+    run = client.start(GATE_SPEC["name"], {"gate": str(tmp_path / "never")}).run
+    page.goto(f"{api.http_url}/runs/{run.run_id}")
+    expect(node(page, "wait")).to_have_attribute("data-status", "running")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel").click()
+    expect(page.locator("#run-status")).to_have_text("canceled")
+    expect(node(page, "wait")).to_have_attribute("data-status", "canceled")
+    assert client.status(run.run_id) == "CANCELED"
+    assert client.get(run.run_id).run.cancel_reason == "canceled from the dashboard"
+    expect(page.locator("#cancel")).to_have_count(0)
+    shot(page, tmp_path, "run-canceled")
+
+
+def test_campaign_run_page_artifacts_and_a_rebuild_with_a_preview(
+    api: Api, client: Client, page: Any, tmp_path: Path
+) -> None:
+    run = client.start("campaign.build", CAMPAIGN_INPUT).run
+    client.wait_status(run.run_id, {"SUCCEEDED", "FAILED"}, 60)
+    assert client.status(run.run_id) == "SUCCEEDED"
+    page.goto(f"{api.http_url}/runs/{run.run_id}")
+    expect(page.locator("#run-dag g.node")).to_have_count(5)
+    for key in ("brief", "copy", "images", "landing_page", "bundle"):
+        expect(node(page, key)).to_have_attribute("data-status", "succeeded")
+    links = page.locator("ul.artifacts a")
+    expect(links).to_have_count(5)
+    assert links.nth(0).get_attribute("href") == f"/v1/runs/{run.run_id}/artifacts/brief/brief.txt"
+    # Rebuild: preview the plan of copy_update first, then rebuild.
+    page.select_option("#rebuild-form select", "copy_update")
+    page.locator("#rebuild-preview").click()
+    plan = page.locator("#rebuild-result table.plan")
+    expect(plan.locator('tr[data-step="copy"] td.act-rerun')).to_be_visible()
+    expect(plan.locator('tr[data-step="brief"] td.act-reuse')).to_be_visible()
+    page.locator("#rebuild-go").click()
+    page.wait_for_url(lambda url: "/runs/" in url and run.run_id not in url)
+    expect(page.locator("#run-status")).to_have_text("succeeded", timeout=60_000)
+    expect(node(page, "brief")).to_have_attribute("data-status", "skipped")
+    expect(node(page, "brief")).to_contain_text("reused")
+    expect(node(page, "copy")).to_have_attribute("data-status", "succeeded")
+    page.locator("details#step-brief summary").click()
+    expect(page.locator("details#step-brief")).to_contain_text("reused_from_base")
+    page.locator("details#step-brief summary").click()
+    page.locator("details#step-copy summary").click()
+    expect(page.locator("details#step-copy")).to_contain_text("copy.txt")
+    path = shot(page, tmp_path, "run-rebuild")
+    assert path.stat().st_size > 0
+    if os.environ.get("RUNS_UPDATE_SCREENSHOTS") == "1":  # the README's picture: the top of the page
+        DOC_SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(DOC_SCREENSHOT), clip={"x": 0, "y": 0, "width": 1280, "height": 1000})
+    # The workflows page draws the campaign's graph with its change requests and versions.
+    page.goto(f"{api.http_url}/workflows")
+    card = page.locator("#wf-campaign\\.build")
+    expect(card.locator("g.node")).to_have_count(5)
+    expect(card).to_contain_text("copy_update")
+    shot(page, tmp_path, "workflows")
+    page.goto(f"{api.http_url}/stats")
+    expect(page.locator("h1")).to_contain_text("Stats")
+    shot(page, tmp_path, "stats")
+    page.goto(f"{api.http_url}/workers")
+    expect(page.locator("h1")).to_contain_text("Workers")
+    shot(page, tmp_path, "workers")
+
+
+def test_phone_sized_run_page_scrolls_the_graph_not_the_page(api: Api, client: Client, browser: Any,
+                                                             tmp_path: Path) -> None:
+    run = client.start("campaign.build", CAMPAIGN_INPUT).run
+    client.wait_status(run.run_id, {"SUCCEEDED", "FAILED"}, 60)
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        page.goto(f"{api.http_url}/runs/{run.run_id}")
+        expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 1, f"the page is {overflow}px wider than a phone's screen"
+        shot(page, tmp_path, "run-phone")
+    finally:
+        context.close()
+
+
+def test_sse_resumes_after_last_event_id(api: Api, client: Client) -> None:
+    run = client.start("", {}).run
+    client.wait_status(run.run_id, {"SUCCEEDED"}, 30)
+
+    def events(headers: dict[str, str]) -> list[tuple[int, str]]:
+        seen, current = [], {}
+        url = f"{api.http_url}/v1/runs/{run.run_id}/events"
+        with httpx.stream("GET", url, headers=headers, timeout=20) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():  # the stream ends after the terminal event
+                if not line:
+                    seen.append((int(current["id"]), current["event"]))
+                    current = {}
+                elif ":" in line:
+                    name, _, value = line.partition(":")
+                    current[name] = value.strip()
+        return seen
+
+    everything = events({})
+    assert everything[-1][1] == "run.completed"
+    assert [s for s, _ in everything] == list(range(1, len(everything) + 1))
+    resumed = events({"Last-Event-ID": "2"})
+    assert resumed == everything[2:]
+
+
+def test_with_auth_required_the_page_asks_for_a_key_and_works_after_login(
+    database_url: str, browser: Any, tmp_path: Path
+) -> None:
+    admin_key = "test-admin-dashboard-key-0123456789"
+    api = Api(database_url, RUNS_AUTH="required", RUNS_BOOTSTRAP_ADMIN_KEY=admin_key, RUNS_AUTH_CACHE_SECONDS="0.2")
+    try:
+        api.start()
+        _, client_key = create_key(api.addr, admin_key, "client")
+        client = Client(api.addr, api_key=client_key)
+        run = client.start("", {}, idempotency_key="dashboard-login").run
+        client.close()
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(WAIT_MS)
+        try:
+            page = context.new_page()
+            response = page.goto(f"{api.http_url}/runs/{run.run_id}")
+            assert response is not None and response.status == 401
+            expect(page.locator("form input[name=key]")).to_be_visible()
+            shot(page, tmp_path, "login")
+            page.fill("input[name=key]", "runs_not-a-key")
+            page.locator("form button[type=submit]").click()
+            expect(page.locator(".flash.bad")).to_contain_text("not valid")
+            page.fill("input[name=key]", client_key)
+            page.locator("form button[type=submit]").click()
+            page.wait_for_url(f"**/runs/{run.run_id}")  # back where the login was asked for
+            expect(page.locator("#run-status")).to_have_text("queued")
+            cookie = next(c for c in context.cookies() if c["name"] == "runs_key")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            page.goto(f"{api.http_url}/")
+            expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_be_visible()
+            expect(page.locator(".counts")).to_have_count(0)  # GetStats is for admin keys: hidden
+            shot(page, tmp_path, "runs-after-login")
+            # A cookie-authenticated change without the CSRF header is refused; the page's own cancel works.
+            refused = page.request.post(f"{api.http_url}/v1/runs/{run.run_id}/cancel", data="{}")
+            assert refused.status == 401
+            page.goto(f"{api.http_url}/runs/{run.run_id}")
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.locator("#cancel").click()
+            expect(page.locator("#run-status")).to_have_text("canceled")
+            page.goto(f"{api.http_url}/logout")
+            expect(page.locator("form input[name=key]")).to_be_visible()
+            wait_until(lambda: not any(c["name"] == "runs_key" for c in context.cookies()), 5, "the cookie cleared")
+        finally:
+            context.close()
+    finally:
+        _stop(api)
