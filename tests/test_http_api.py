@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -30,12 +31,13 @@ from starlette.applications import Starlette
 from ulid import ULID
 
 from features.harness import ROOT, Api, Client, Worker, base_env, create_key, wait_until
-from services.run_api import db
+from services.run_api import db, handlers
 from services.run_api.http import routes
 from services.run_api.http.app import HttpServer
 from services.run_api.http.gateway import Gateway
 from services.run_api.server import ApiServer
 from services.run_api.store.events import CHANNEL_EVENTS
+from services.run_api.store.uow import UnitOfWork
 from shared.channels import channel as open_channel
 from shared.gen.runs.v1 import (
     ops_service_pb2,
@@ -419,3 +421,54 @@ async def test_keepalive_while_idle_and_disconnect_unsubscribes(database_url: st
         with contextlib.suppress(asyncio.CancelledError):
             await serving
         await server.stop()
+
+
+# --- the statements behind them, with a fixed clock -------------------------------------------
+
+
+def test_search_ranges() -> None:
+    ranges = handlers.search_ranges("01abc")
+    assert (ranges["run_low"], ranges["run_high"]) == ("01ABC", "01ABC" + "Z" * 21)
+    assert (ranges["key_low"], ranges["key_high"]) == ("01abc", "01abd")
+    assert handlers.search_ranges("order-1")["run_low"] is None  # "-", "O" cannot be in a ULID
+    assert handlers.search_ranges("a\ud7ff")["key_high"] == "a\ue000"  # past the surrogates
+    assert handlers.search_ranges("a\U0010ffff")["key_high"] == "b"
+
+
+def _at(hh_mm_ss: str) -> datetime:
+    return datetime.fromisoformat(f"2026-01-01T{hh_mm_ss}+00:00")
+
+
+async def test_throughput_buckets_with_a_fixed_clock(database_url: str, sql: psycopg.Connection) -> None:
+    # (tenant, status, created, started, finished) in a window of three minutes 12:28-12:31 at 12:30:30.
+    runs = [
+        ("default", "SUCCEEDED", "12:00:00", "12:28:30", "12:29:10"),  # waited until minute 0
+        ("default", "QUEUED", "12:28:10", None, None),  # waits from minute 0 on
+        ("default", "CANCELED", "12:29:30", None, "12:30:05"),  # canceled while queued in minute 2
+        ("default", "RUNNING", "11:00:00", "11:01:00", None),  # started before the window
+        ("default", "FAILED", "12:29:50", "12:30:10", "12:30:20"),  # waited over minute 1's end
+        ("other", "QUEUED", "12:28:05", None, None),  # another tenant's
+        ("default", "SUCCEEDED", "10:00:00", "10:01:00", "10:05:00"),  # long over
+        ("default", "QUEUED", "12:27:00", None, None),  # waiting since before the window
+    ]
+    for tenant, status, created, started, finished in runs:
+        at = _at(created)
+        run_id = str(ULID.from_timestamp(at.timestamp()))
+        sql.execute(
+            """
+            INSERT INTO runs (run_id, workspace_id, workflow, input, status, attempt, max_attempts,
+                retry_backoff_seconds, retry_backoff_max_seconds, request_hash, created_at, updated_at, started_at,
+                finished_at, next_attempt_at, tenant_id)
+            VALUES (%s, 'default', 'runtime.noop', '{}', %s, 1, 3, 1, 60, 'h', %s, %s, %s, %s, %s, %s)
+            """,
+            (run_id, status, at, at, started and _at(started), finished and _at(finished), at, tenant),
+        )
+    engine = db.make_engine(database_url, 2)
+    try:
+        async with UnitOfWork(engine) as uow:
+            buckets = await handlers.throughput(uow, "default", 3, now=_at("12:30:30"))
+    finally:
+        await engine.dispose()
+    assert [b.start for b in buckets] == [_at("12:28:00"), _at("12:29:00"), _at("12:30:00")]
+    assert [b.finished for b in buckets] == [{}, {"SUCCEEDED": 1}, {"CANCELED": 1, "FAILED": 1}]
+    assert [b.queue_depth for b in buckets] == [2, 4, 2]

@@ -973,10 +973,7 @@ async def throughput(uow: UnitOfWork, tenant_id: str, minutes: int, now: datetim
     now = now or utcnow()
     until = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
     since = until - timedelta(minutes=minutes)
-    # The smallest run id of a run created at `since`: the ULID of its millisecond with no randomness.
-    since_run_id = str(ULID.from_bytes(int(since.timestamp() * 1000).to_bytes(6, "big") + bytes(10)))
-    params = {"tenant_id": tenant_id, "since": since, "until": until, "minutes": minutes,
-              "since_run_id": since_run_id}
+    params = {"tenant_id": tenant_id, "since": since, "until": until, "minutes": minutes}
     finished: dict[int, dict[str, int]] = {}
     for row in (await uow.conn.execute(Q.runs_throughput_finished, params)).all():
         finished.setdefault(row.minute, {})[row.status] = int(row.n)

@@ -923,10 +923,10 @@ runs_throughput_finished = q(
 
 # A tenant's queue depth at the end of each minute of [:since, :until) (minute 0 starts at :since),
 # approximately: a run waits from created_at until it first starts or ends. Only runs that may have
-# waited in the window are read: those queued or running now (runs_tenant_status_idx), those that
-# ended in the window (runs_tenant_finished_idx) and those created in it (run ids from
-# :since_run_id, runs_tenant_idx). Each contributes +1 at its creation and -1 when it left; the
-# depth at a minute's end is the running sum (marks before :since fold into minute -1).
+# waited in the window are read: those queued or running now (runs_tenant_status_idx) and those
+# that ended in it (runs_tenant_finished_idx); a run created in the window is one or the other.
+# Each contributes +1 at its creation and -1 when it left; the depth at a minute's end is the
+# running sum (marks before :since fold into minute -1).
 runs_throughput_queue_depth = q(
     """
     WITH per_minute AS (
@@ -935,7 +935,7 @@ runs_throughput_queue_depth = q(
         FROM runs
         CROSS JOIN LATERAL (VALUES (created_at, 1), (LEAST(started_at, finished_at), -1)) AS m(at, delta)
         WHERE tenant_id = :tenant_id
-          AND (status IN ('QUEUED', 'RUNNING') OR finished_at >= :since OR run_id >= :since_run_id)
+          AND (status IN ('QUEUED', 'RUNNING') OR finished_at >= :since)
           AND m.at < :until
         GROUP BY 1
     )
