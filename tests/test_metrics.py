@@ -7,6 +7,8 @@ carry what item 5 asks (HTTP port, scrape annotations, HTTP readiness probe, wor
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from features.harness import ROOT, Api, Client, Worker, free_port, wait_until
+from services.run_api.errors import RunNotFound, Unauthenticated
+from services.run_api.interceptors import ErrorInterceptor
+from shared.gen.runs.v1 import run_service_pb2
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,6 +149,106 @@ def test_metrics_help_and_types(api: Api) -> None:
     for family in families:
         assert family.name.startswith("runs_"), family.name  # nothing from the default registry (process_*, ...)
         assert family.documentation, f"{family.name} has no help text"
+
+
+# --- the interceptor counts every call's final code in one place ---------------------------------
+
+
+class Recorder:
+    """A CallObserver that keeps what it is told (and fails on demand, which must not reach the call)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, grpc.StatusCode]] = []
+        self.unary: list[tuple[str, Any, Any]] = []
+        self.streamed: list[tuple[str, Any, Any]] = []
+        self.explode = False
+
+    def observe_call(self, method: str, code: grpc.StatusCode) -> None:
+        self.calls.append((method, code))
+
+    def observe_unary(self, method: str, request: Any, response: Any) -> None:
+        self.unary.append((method, request, response))
+        if self.explode:
+            raise RuntimeError("observer bug")
+
+    def observe_streamed(self, method: str, request: Any, item: Any) -> None:
+        self.streamed.append((method, request, item))
+
+
+async def test_interceptor_reports_each_final_code(caplog: pytest.LogCaptureFixture) -> None:
+    """OK, NOT_FOUND, INTERNAL, UNAUTHENTICATED (from the caller scope), INVALID_ARGUMENT (undecodable), a
+    stream's messages and a stream the client cancels: each call is reported once with its final code."""
+    get = run_service_pb2.GetRunRequest
+    release = asyncio.Event()
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.run_id == "missing":
+            raise RunNotFound(request.run_id)
+        if request.run_id == "bug":
+            raise RuntimeError("a bug")
+        return request
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        yield request
+        yield request
+        if request.run_id == "hang":
+            await release.wait()
+
+    @contextlib.asynccontextmanager
+    async def scope(method: str, metadata: Any) -> Any:
+        if ("key", "k") not in tuple(metadata or ()):
+            raise Unauthenticated("no key")
+        yield None
+
+    recorder = Recorder()
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(scope, recorder)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("runs.v1.RunService", {
+        "GetRun": grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=get.FromString, response_serializer=get.SerializeToString),
+        "WatchRun": grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=get.FromString, response_serializer=get.SerializeToString),
+    }),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    key = (("key", "k"),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/runs.v1.RunService/GetRun", get.SerializeToString, get.FromString)
+            watch = channel.unary_stream("/runs.v1.RunService/WatchRun", get.SerializeToString, get.FromString)
+            raw = channel.unary_unary("/runs.v1.RunService/GetRun", None, None)
+            assert (await call(get(run_id="r1"), metadata=key, timeout=10)).run_id == "r1"
+            for run_id, metadata, code in (("missing", key, grpc.StatusCode.NOT_FOUND),
+                                           ("bug", key, grpc.StatusCode.INTERNAL),
+                                           ("r1", (), grpc.StatusCode.UNAUTHENTICATED)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(get(run_id=run_id), metadata=metadata, timeout=10)
+                assert caught.value.code() == code
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await raw(b"\xff\xff\xff", metadata=key, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert len([m async for m in watch(get(run_id="s1"), metadata=key, timeout=10)]) == 2
+            hanging = watch(get(run_id="hang"), metadata=key, timeout=10)
+            assert (await hanging.read()).run_id == "hang"
+            hanging.cancel()
+            recorder.explode = True  # an observer that raises is logged once; the call still answers
+            assert (await call(get(run_id="r2"), metadata=key, timeout=10)).run_id == "r2"
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(recorder.calls) < 8:  # the cancelled stream is reported as its handler unwinds
+                assert asyncio.get_running_loop().time() < deadline, recorder.calls
+                await asyncio.sleep(0.01)
+    finally:
+        release.set()
+        await server.stop(None)
+    get_run, watch_run = "/runs.v1.RunService/GetRun", "/runs.v1.RunService/WatchRun"
+    c = grpc.StatusCode
+    assert recorder.calls[:6] == [
+        (get_run, c.OK), (get_run, c.NOT_FOUND), (get_run, c.INTERNAL), (get_run, c.UNAUTHENTICATED),
+        (get_run, c.INVALID_ARGUMENT), (watch_run, c.OK),
+    ]
+    assert sorted(recorder.calls[6:]) == sorted([(watch_run, c.CANCELLED), (get_run, c.OK)])
+    assert [u[2].run_id for u in recorder.unary] == ["r1", "r2"]
+    assert [s[2].run_id for s in recorder.streamed] == ["s1", "s1", "hang", "hang"]
+    assert any("call observer failed" in r.getMessage() for r in caplog.records)
 
 
 # --- deploy (issue 10, item 5) -----------------------------------------------------------------
