@@ -5,8 +5,8 @@ for gRPC; an error renders a small page with the error's HTTP status, and a miss
 renders the login form (401). The browser logs in by pasting an API key, kept in the `runs_key`
 cookie (HttpOnly, SameSite=Strict, Secure over https). Live parts are HTML fragments under /ui/
 that the page's script re-fetches (the runs table every 2 s; a run's DAG, timeline and steps on
-each of its Server-Sent Events). Changes go through POST routes that need `X-Runs-Csrf: 1` when
-the key comes from the cookie (the gateway checks it).
+each of its Server-Sent Events). Changes (cancel, rebuild) are the JSON API's POST routes, called
+by the page's script with `X-Runs-Csrf: 1` (required when the key comes from the cookie).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from starlette.templating import Jinja2Templates
 
 from services.run_api.errors import InvalidRequest, RunsError, Unauthenticated
 from services.run_api.http import dag
-from services.run_api.http.gateway import HTTP_STATUS, KEY_COOKIE, Gateway, error_response, read_json
+from services.run_api.http.gateway import HTTP_STATUS, KEY_COOKIE, Gateway
 from services.run_api.interceptors import translate
 from shared.gen.runs.v1 import ops_service_pb2, run_pb2, run_service_pb2, workflow_service_pb2
 
@@ -353,16 +353,6 @@ class Pages:
     async def run_live(self, request: Request) -> Response:
         return self.render(request, "_run_live.html", await self.run_context(request))
 
-    async def rebuild(self, request: Request) -> Response:
-        """POST JSON {change_request_type, input_patch?, dry_run}: RebuildRun of this run (a plan when dry)."""
-        method = RUN_SERVICE + "RebuildRun"
-        try:
-            message = await read_json(request, run_service_pb2.RebuildRunRequest())
-        except InvalidRequest as err:
-            return error_response(err, method)
-        message.base_run_id = request.path_params["run_id"]  # type: ignore[attr-defined]
-        return await self.gateway.respond(request, method, message)
-
     # --- workflows, workers, stats -----------------------------------------------------------
 
     def workflow_view(self, workflow: Any) -> dict[str, Any]:
@@ -446,7 +436,6 @@ class Pages:
             Route("/ui/runs", self.page(self.runs_live), methods=["GET"]),
             Route("/runs/{run_id}", self.page(self.run_page), methods=["GET"]),
             Route("/ui/runs/{run_id}", self.page(self.run_live), methods=["GET"]),
-            Route("/ui/runs/{run_id}/rebuild", self.rebuild, methods=["POST"]),
             Route("/workflows", self.page(self.workflows), methods=["GET"]),
             Route("/workflows/{name}", self.page(self.workflow), methods=["GET"]),
             Route("/workers", self.page(self.workers), methods=["GET"]),

@@ -142,7 +142,7 @@
       document.getElementById("rebuild-preview").addEventListener("click", function () {
         var b;
         try { b = body(true); } catch (err) { show("The input patch is not JSON: " + err.message, "bad"); return; }
-        post("/ui/runs/" + encodeURIComponent(runId) + "/rebuild", b).then(function (data) {
+        post("/v1/runs/" + encodeURIComponent(runId) + "/rebuild", b).then(function (data) {
           result.innerHTML = "";
           var table = el("table", { "class": "mini plan" });
           table.appendChild(el("tr")).innerHTML = "<th>Step</th><th>Action</th><th>Why</th>";
@@ -162,7 +162,7 @@
         var b;
         try { b = body(false); } catch (err) { show("The input patch is not JSON: " + err.message, "bad"); return; }
         go.disabled = true;
-        post("/ui/runs/" + encodeURIComponent(runId) + "/rebuild", b).then(function (data) {
+        post("/v1/runs/" + encodeURIComponent(runId) + "/rebuild", b).then(function (data) {
           window.location.href = "/runs/" + encodeURIComponent(data.run.run_id);
         }).catch(function (err) { go.disabled = false; show("Refused: " + err.message, "bad"); });
       });
