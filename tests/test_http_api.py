@@ -64,6 +64,7 @@ class Stack:
     client: str
     worker_key_id: str
     other_tenant: str  # a client key of tenant "other"
+    other_admin: str  # an admin key of tenant "other"
 
     def http(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -108,7 +109,9 @@ def stack(pg_server: str, template_db: str) -> Iterator[Stack]:
         worker = Worker(api.addr, RUNS_API_KEY=worker_key, RUN_WORKER_ID="http-test", RUN_WORKER_TOOLS=TOOLS,
                         RUN_WORKER_CONCURRENCY="4", RUN_WORKER_POLL_MS="100")
         worker.start()
-        yield Stack(api, url, admin, client, worker_key_id, host_key(url, "client", "other"))
+        other_admin = host_key(url, "admin", "other")
+        _, other_client = create_key(api.addr, other_admin, "client")
+        yield Stack(api, url, admin, client, worker_key_id, other_client, other_admin)
     finally:
         for process in (worker, api):
             if process is not None:
@@ -378,8 +381,7 @@ def test_stats_workers_and_throughput(stack: Stack) -> None:
                        ops.ListWorkers(ops_service_pb2.ListWorkersRequest(), timeout=10).workers)
     with stack.http(stack.other_tenant) as other:  # a client key may not ask; another tenant's admin sees none
         assert other.get("/v1/workers").status_code == 403
-    other_admin = host_key(stack.url, "admin", "other")
-    with stack.http(other_admin) as admin:
+    with stack.http(stack.other_admin) as admin:
         assert admin.get("/v1/workers").json().get("workers", []) == []
         assert sum(b.get("succeeded", 0) for b in admin.get("/v1/throughput").json()["buckets"]) == 0
 
