@@ -90,12 +90,19 @@ def test_api_and_worker_metrics_move(api: Api) -> None:
         for run_id in noop:
             assert client.wait_status(run_id, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "SUCCEEDED"
         assert client.wait_status(failing, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "FAILED"
+        # A cacheable step twice: a miss (no entry yet), then a hit from the cold layer (no Redis here).
+        client.register({"name": "metrics.cached", "steps": [{"key": "say", "tool": "echo",
+                                                              "cache": {"scope": "global"}}]})
+        for _ in range(2):
+            cached = client.start("metrics.cached").run.run_id
+            assert client.wait_status(cached, {"SUCCEEDED", "FAILED", "CANCELED"}, 60) == "SUCCEEDED"
 
         def api_moved() -> Samples:
             s = scrape(metrics)
             done = (
                 value(s, "runs_runs_finished_total", workflow="runtime.noop", status="SUCCEEDED") == 3
                 and value(s, "runs_runs_finished_total", workflow="runtime.tool", status="FAILED") == 1
+                and value(s, "runs_runs_finished_total", workflow="metrics.cached", status="SUCCEEDED") == 2
                 and value(s, "runs_queued", workflow="runtime.noop") == 0
                 and value(s, "runs_workers_connected") >= 1
             )
@@ -104,7 +111,7 @@ def test_api_and_worker_metrics_move(api: Api) -> None:
         after = wait_until(api_moved, 30, "the API's run counters and gauges to move")
         assert value(after, "runs_runs_started_total", workflow="runtime.noop") == 3
         assert value(after, "runs_runs_started_total", workflow="runtime.tool") == 1
-        assert value(after, "runs_grpc_requests_total", method="StartRun", code="OK") == 4
+        assert value(after, "runs_grpc_requests_total", method="StartRun", code="OK") == 6
         assert value(after, "runs_grpc_requests_total", method="GetRun", code="NOT_FOUND") == 1
         assert value(after, "runs_grpc_requests_total", method="ReportRunEvents", code="OK") >= 1
         assert value(after, "runs_pickup_latency_seconds_count", workflow="runtime.noop") == 3
@@ -117,18 +124,22 @@ def test_api_and_worker_metrics_move(api: Api) -> None:
         assert value(after, "runs_reaper_cycles_total", result="ok") > value(before, "runs_reaper_cycles_total",
                                                                              result="ok")
         assert value(after, "runs_metrics_dropped_total") == 0
+        assert value(after, "runs_cache_misses_total", reason="no_entry") == 1
+        assert value(after, "runs_cache_hits_total", layer="cold") == 1
+        assert value(after, "runs_runs_finished_total", workflow="metrics.cached", status="SUCCEEDED") == 2
 
         def worker_moved() -> Samples:
             s = scrape(worker_metrics)
-            done = (value(s, "runs_worker_runs_finished_total", status="succeeded") == 3
+            done = (value(s, "runs_worker_runs_finished_total", status="succeeded") == 5
                     and value(s, "runs_worker_runs_finished_total", status="failed") == 1)
             return s if done else {}
 
         w = wait_until(worker_moved, 30, "the worker's counters to move")
-        assert value(w, "runs_worker_runs_claimed_total") == 4
+        assert value(w, "runs_worker_runs_claimed_total") == 6
         assert value(w, "runs_worker_runs_held") == 0
         assert value(w, "runs_worker_tool_duration_seconds_count", tool="noop", result="ok") == 3
         assert value(w, "runs_worker_tool_duration_seconds_count", tool="fail", result="error") == 1
+        assert value(w, "runs_worker_tool_duration_seconds_count", tool="echo", result="ok") == 1  # then a hit
         assert total(w, "runs_worker_report_latency_seconds_count", code="OK") >= 1
         assert value(w, "runs_worker_reported_events_total") > 0
     finally:

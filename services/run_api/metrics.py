@@ -263,8 +263,9 @@ class ApiMetrics:
                     if len(self._open_steps) >= self.config.max_open_steps:
                         self._open_steps.pop(next(iter(self._open_steps)))  # the oldest never ended here
                     self._open_steps[(e.run_id, step)] = occurred
-                if _field(e.payload, "cache", "result") == "miss":
-                    self.cache_misses.labels(_field(e.payload, "cache", "reason") or "unknown").inc()
+                # A cacheable step that runs carries its miss (or "refresh", a rebuild's rerun) in payload.cache.
+                if reason := _field(e.payload, "cache", "reason"):
+                    self.cache_misses.labels(reason).inc()
             elif e.type in _STEP_ENDS:
                 began = self._open_steps.pop((e.run_id, _field(e.payload, "step_key")), None)
                 ended = _seconds(e.occurred_at)
