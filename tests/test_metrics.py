@@ -148,6 +148,35 @@ def test_api_and_worker_metrics_move(api: Api) -> None:
             assert worker.stop() == 0, worker.output()
 
 
+def test_lease_expiry_is_counted(database_url: str) -> None:
+    """A worker killed while it holds a run: the reaper's expiry, its cycles and the run it fails are counted."""
+    leases = dict(RUN_LEASE_SECONDS="1", RUN_HEARTBEAT_SECONDS="0.3", RUN_WORKER_POLL_MS="200")
+    api = Api(database_url, processes=1, RUN_REAPER_INTERVAL_SECONDS="0.2", **leases)
+    api.start()
+    client = Client(api.addr)
+    worker = Worker(api.addr, **leases)
+    try:
+        run_id = client.start_tool("sleep", {"seconds": 60}, max_attempts=1).run_id
+        worker.start()
+        wait_until(lambda: client.step_status(run_id, "runtime") == "RUNNING", 30, "the sleep step to run")
+        worker.kill()
+        assert client.wait_status(run_id, {"FAILED", "SUCCEEDED", "CANCELED"}, 30) == "FAILED"
+
+        def counted() -> Samples:
+            s = scrape(f"{api.http_url}/metrics")
+            return s if value(s, "runs_runs_finished_total", workflow="runtime.tool", status="FAILED") == 1 else {}
+
+        after = wait_until(counted, 20, "the reaped run to be counted")
+        assert value(after, "runs_lease_expiries_total", outcome="failed") == 1
+        assert value(after, "runs_lease_expiries_total", outcome="requeued") == 0
+        assert value(after, "runs_run_duration_seconds_count", workflow="runtime.tool", status="FAILED") == 1
+        assert value(after, "runs_reaper_cycles_total", result="ok") >= 1
+    finally:
+        client.close()
+        worker.kill()
+        api.stop()
+
+
 def test_metrics_help_and_types(api: Api) -> None:
     """Every family is prefixed runs_ and documented; the API's and a worker's registries are their own."""
     text = httpx.get(f"{api.http_url}/metrics", timeout=10).text
