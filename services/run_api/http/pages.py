@@ -297,6 +297,8 @@ class Pages:
                 start = when(call, "invoked_at")
                 if start is not None:
                     state = short(run_pb2.ToolCallStatus.Name(call.status)).lower()
+                    if state == "failed" and status[key] == "canceled" and call is calls[key][-1]:
+                        state = "canceled"  # the try a cancel stopped
                     label = f"try {call.step_attempt or len(tries) + 1}"
                     tries.append((start, when(call, "finished_at"), state, label))
             step = steps.get(key)
@@ -441,7 +443,7 @@ class Pages:
             Route("/workers", self.page(self.workers), methods=["GET"]),
             Route("/stats", self.page(self.stats), methods=["GET"]),
             Route("/login", self.page(self.login), methods=["GET", "POST"]),
-            Route("/logout", self.logout, methods=["GET", "POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
             Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static"),
         ]
 
