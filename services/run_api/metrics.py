@@ -71,6 +71,8 @@ _RUN_ENDS = frozenset({EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.
 _STEP_ENDS = {EventType.STEP_SUCCEEDED: "SUCCEEDED", EventType.STEP_FAILED: "FAILED"}
 RECORDED = worker_service_pb2.REPORT_OUTCOME_RECORDED
 
+# Workflows remembered to report an empty queue as 0 (past it, a drained queue's series just ends).
+MAX_WORKFLOW_SERIES = 10_000
 # Buckets in seconds: from a hot queue's few milliseconds to runs of an hour.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 7200, 21600)
@@ -205,6 +207,8 @@ class ApiMetrics:
         self._open_steps: dict[tuple[str, str], float] = {}  # (run id, step key) -> step.started occurred_at
         self._resolving = asyncio.Lock()
         self._gauges = asyncio.Lock()
+        self._workflows: set[str] = set()  # seen queued once: reported (as 0) after their queue drains
+        self._failing: set[str] = set()  # reads failing now: logged once per outage, not every second
 
     # --- fed by the interceptor ------------------------------------------------------------------
 
@@ -300,8 +304,9 @@ class ApiMetrics:
             except Exception as err:
                 # Put them back for the next try (bounded: new observations are dropped past the cap).
                 self._pickups, self._ends, self._steps = pickups + self._pickups, ends | self._ends, steps + self._steps
-                log.warning("metrics: cannot read run facts (%s); trying again later", type(err).__name__)
+                self._failed("run facts", err)
                 return 0
+            self._recovered("run facts")
             made = 0
             for run_id, attempt, claimed_at in pickups:
                 row = facts.get(run_id)
@@ -343,13 +348,28 @@ class ApiMetrics:
                     rows = (await conn.execute(runs_queue_by_workflow, {"now": now})).all()
                     workers = int((await conn.execute(workers_connected_count, {"now": now})).scalar_one())
             except Exception as err:
-                log.warning("metrics: cannot read the queue gauges (%s)", type(err).__name__)
+                self._failed("queue gauges", err)
                 return  # the last snapshot stays (the scrape still answers)
+            self._recovered("queue gauges")
             queued = {
                 r.workflow: (int(r.queued), max((now - r.oldest_due).total_seconds(), 0.0) if r.oldest_due else 0.0)
                 for r in rows
             }
+            if len(self._workflows) < MAX_WORKFLOW_SERIES:
+                self._workflows.update(queued)
+            for workflow in self._workflows - queued.keys():
+                queued[workflow] = (0, 0.0)
             self.snapshot = _Snapshot(queued, workers, time.monotonic())
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        if what not in self._failing:
+            self._failing.add(what)
+            log.warning("metrics: cannot read the %s (%s); trying again at each scrape", what, type(err).__name__)
+
+    def _recovered(self, what: str) -> None:
+        if what in self._failing:
+            self._failing.discard(what)
+            log.info("metrics: the %s can be read again", what)
 
     async def scrape(self) -> bytes:
         """The text exposition, with pending facts resolved and gauges fresh."""
