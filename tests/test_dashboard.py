@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ulid import ULID
 
 from features.harness import Api, Client, Worker, create_key, wait_until
 from services.run_api import db
+from services.run_api.http import dag
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
@@ -279,6 +281,14 @@ def test_campaign_run_page_artifacts_and_a_rebuild_with_a_preview(
     shot(page, tmp_path, "workers")
 
 
+def test_unknown_run_renders_the_error_page_with_its_status(api: Api, page: Any) -> None:
+    response = page.goto(f"{api.http_url}/runs/01ARZ3NDEKTSV4RRFFQ69G5FAV")
+    assert response is not None and response.status == 404
+    expect(page.locator(".error-page")).to_contain_text("NOT_FOUND")
+    response = page.goto(f"{api.http_url}/?status=NOPE")
+    assert response is not None and response.status == 400
+
+
 def test_phone_sized_run_page_scrolls_the_graph_not_the_page(api: Api, client: Client, browser: Any,
                                                              tmp_path: Path) -> None:
     run = client.start("campaign.build", CAMPAIGN_INPUT).run
@@ -288,9 +298,13 @@ def test_phone_sized_run_page_scrolls_the_graph_not_the_page(api: Api, client: C
         page = context.new_page()
         page.goto(f"{api.http_url}/runs/{run.run_id}")
         expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
-        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-        assert overflow <= 1, f"the page is {overflow}px wider than a phone's screen"
+        overflow = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        assert page.evaluate(overflow) <= 1, "the run page is wider than a phone's screen"
         shot(page, tmp_path, "run-phone")
+        page.goto(api.http_url + "/")
+        expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_be_visible()
+        assert page.evaluate(overflow) <= 1, "the runs page is wider than a phone's screen (the table scrolls)"
+        shot(page, tmp_path, "runs-phone")
     finally:
         context.close()
 
@@ -341,3 +355,41 @@ def test_with_auth_required_the_page_asks_for_a_key_and_works_after_login(
             context.close()
     finally:
         _stop(api)
+
+
+# --- the server-side layout (pure) ----------------------------------------------------------------
+
+
+def test_layout_puts_each_graphlib_layer_in_a_column_and_draws_every_dependency() -> None:
+    deps = {"brief": [], "copy": ["brief"], "images": ["brief"], "landing_page": ["copy", "images"],
+            "bundle": ["landing_page"]}
+    assert dag.layers(deps) == [["brief"], ["copy", "images"], ["landing_page"], ["bundle"]]
+    graph = dag.layout(deps, status={"brief": "skipped"}, marks={"brief": "reused"})
+    at = {n.key: (n.x, n.y) for n in graph.nodes}
+    assert at["brief"][0] < at["copy"][0] == at["images"][0] < at["landing_page"][0] < at["bundle"][0]
+    assert at["copy"][1] != at["images"][1]
+    assert {(e.source, e.target) for e in graph.edges} == {(d, k) for k, ds in deps.items() for d in ds}
+    assert all(0 <= n.x and n.x + graph.box_w <= graph.width and n.y + graph.box_h <= graph.height
+               for n in graph.nodes)
+    assert next(n for n in graph.nodes if n.key == "brief").mark == "reused"
+    # A cycle (never in a registered spec) still draws, in one column; unknown dependencies are ignored.
+    assert dag.layers({"a": ["b"], "b": ["a"]}) == [["a", "b"]]
+    assert dag.layers({"a": ["gone"]}) == [["a"]]
+
+
+def test_timeline_scales_tries_into_the_span_and_open_tries_end_now() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def at(seconds: float) -> datetime:
+        return t0 + timedelta(seconds=seconds)
+
+    chart = dag.timeline([
+        ("a", [(at(0), at(2), "failed", "try 1"), (at(2), at(5), "succeeded", "try 2")]),
+        ("b", [(at(5), None, "invoked", "try 1")]),
+    ], now=at(10))
+    assert chart.seconds == 10
+    a, b = chart.lanes
+    assert [(x.left, x.width) for x in a.bars] == [(0, 20), (20, 30)]
+    assert (b.bars[0].left, b.bars[0].width) == (50, 50)
+    assert chart.ticks[0] == (0, "0ms") and chart.ticks[-1] == (100, "10s")
+    assert dag.timeline([("a", [])], t0).lanes == []
