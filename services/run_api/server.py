@@ -145,15 +145,17 @@ class ApiServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.monitor = HealthMonitor(self.engine, self.health, HealthConfig())
         self.listener = Listener(ListenerConfig(db.libpq_url(database_url)), self.hub)
-        # Prometheus metrics of this process, in a registry of its own (GET /metrics on the HTTP side).
+        # Prometheus metrics of this process, in a registry of its own (GET /metrics on the HTTP side; with
+        # no HTTP side nothing is observed, so nothing waits for the database facts nobody can scrape).
         self.metrics = ApiMetrics(
             self.engine, settings.lease_seconds, reaper_counters=lambda: dict(self.reaper.counters)
         )
+        observed = self.metrics if settings.http_addr else None
         self.reaper = Reaper(
             self.engine,
             ReaperConfig(interval_seconds=settings.reaper_interval_seconds, policy=settings.lease_policy),
             on_health=self._reaper_health,
-            on_ended=self.metrics.observe_reaped,
+            on_ended=observed.observe_reaped if observed is not None else None,
         )
         self.artifacts = ArtifactStore.from_settings(settings)
         self.cache = CacheLayers.from_settings(settings, self.artifacts)  # Redis in front of step_cache when set
@@ -168,7 +170,7 @@ class ApiServer:
             ),
         )
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ErrorInterceptor(self.authenticator.calling, self.metrics)],
+            interceptors=[aio_server_interceptor(), ErrorInterceptor(self.authenticator.calling, observed)],
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -285,7 +287,8 @@ class ApiServer:
         self._supervise("listener", lambda: self.listener.run(self._loops_stop))
         self._supervise("health", lambda: self.monitor.run(self._loops_stop))
         self._supervise("reaper", lambda: self.reaper.run(self._loops_stop))
-        self._supervise("metrics", lambda: self.metrics.run(self._loops_stop))
+        if self.http is not None:
+            self._supervise("metrics", lambda: self.metrics.run(self._loops_stop))
         if self.settings.embedded_worker:
             from services.run_worker.embedded import EmbeddedWorker
 
