@@ -343,6 +343,7 @@ class Pages:
             "duration": span(started, finished, now),
             "input": pretty(run.input), "output": pretty(run.output),
             "graph": graph, "timeline": chart, "steps": details, "attempts": attempts,
+            "lane_notes": {key: marks.get(key) or status[key] for key in deps},
             "can_cancel": run_status in ACTIVE and not run.HasField("cancel_requested_at"),
             "can_rebuild": run_status == "SUCCEEDED", "change_requests": change_requests,
             "summary": run.steps_summary,

@@ -108,9 +108,13 @@
       EVENT_TYPES.forEach(function (type) { source.addEventListener(type, addEvent); });
       source.onopen = function () { state.textContent = "live"; };
       source.onerror = function () {
-        if (source.readyState === EventSource.CLOSED) { state.textContent = "the stream closed"; }
-        else { state.textContent = "reconnecting…"; }
+        if (source.readyState === EventSource.CLOSED) {  // refused (e.g. the key was revoked): poll instead
+          state.textContent = "the stream closed; refreshing every 2 s";
+          setInterval(function () { if (!document.hidden) { fragment.refresh(); } }, 2000);
+        } else { state.textContent = "reconnecting…"; }
       };
+    } else {
+      setInterval(fragment.refresh, 2000);
     }
 
     document.addEventListener("click", function (e) {
