@@ -18,6 +18,12 @@ process (tests) do not collide. What is counted where:
 
 Counters are per process: with RUN_API_PROCESSES above 1 each scrape of the shared port reaches one
 process (sum over processes needs each one scraped on a port of its own).
+
+Not seen yet (their hooks are in modules this one does not own): calls served through the HTTP
+gateway (it calls the servicers directly, not through the interceptor: its runs started are not
+counted), and runs the API itself cancels while QUEUED (CancelRun records run.canceled in
+handlers.cancel_run; a repeated CancelRun answers the same row, so the answer cannot tell).
+GET /metrics needs no key, like /healthz: keep the HTTP port internal or filter the path.
 """
 
 from __future__ import annotations
