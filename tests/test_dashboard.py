@@ -281,6 +281,19 @@ def test_campaign_run_page_artifacts_and_a_rebuild_with_a_preview(
     shot(page, tmp_path, "workers")
 
 
+def test_a_failed_step_is_drawn_failed_with_its_error(api: Api, client: Client, page: Any, tmp_path: Path) -> None:
+    run = client.start_tool("fail", {"retryable": False, "message": "the printer is on fire"}, max_attempts=1)
+    client.wait_status(run.run_id, {"FAILED"}, 30)
+    response = page.goto(f"{api.http_url}/runs/{run.run_id}")
+    assert response is not None and "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    expect(page.locator("#run-status")).to_have_text("failed")
+    expect(node(page, "runtime")).to_have_attribute("data-status", "failed")
+    page.locator("details#step-runtime summary").click()
+    expect(page.locator("details#step-runtime .flash.bad")).to_contain_text("the printer is on fire")
+    expect(page.locator("#rebuild")).to_be_hidden()  # only a succeeded run is rebuilt
+    shot(page, tmp_path, "run-failed")
+
+
 def test_unknown_run_renders_the_error_page_with_its_status(api: Api, page: Any) -> None:
     response = page.goto(f"{api.http_url}/runs/01ARZ3NDEKTSV4RRFFQ69G5FAV")
     assert response is not None and response.status == 404

@@ -17,6 +17,8 @@ BOX_W, BOX_H = 168, 50
 GAP_X, GAP_Y = 56, 18
 PAD = 10
 MAX_LABEL = 20
+TICK_STEPS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600,
+              7200, 14400, 43200, 86400)
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,7 @@ def timeline(lanes: Sequence[tuple[str, Sequence[Interval]]], now: datetime) -> 
 
 def _ticks(span: float) -> list[tuple[float, str]]:
     """Up to about five axis ticks at a round step: (percent, label)."""
-    step = next((s for s in (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600) if span / s <= 5),
-                span / 5)
+    step = next((s for s in TICK_STEPS if span / s <= 5), span / 5)
     ticks, t = [], 0.0
     while t <= span + 1e-9:
         ticks.append((round(t / span * 100, 3), duration(t)))

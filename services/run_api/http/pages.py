@@ -47,6 +47,16 @@ ACTIVE = {"QUEUED", "RUNNING"}
 PAGE_SIZE = 25
 MAX_SHOWN = 20_000  # characters of a step's input or output shown on the page
 MARKS = {"cache_hit": "cache hit", "reused_from_base": "reused"}
+# Pages run only this origin's script and are never framed (the cancel button is not to be clickjacked);
+# inline style attributes place the timeline's bars.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 
 
 def _has_field(message: type[Message], name: str) -> bool:
@@ -146,7 +156,7 @@ class Pages:
             "path": request.url.path,
             **context,
         }
-        return self.templates.TemplateResponse(request, name, context, status_code=status_code)
+        return self.templates.TemplateResponse(request, name, context, status_code=status_code, headers=PAGE_HEADERS)
 
     def failure(self, request: Request, exc: BaseException, where: str) -> Response:
         """The page for an error: the login form for 401, else a short error page with the status."""
