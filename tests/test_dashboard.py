@@ -175,6 +175,15 @@ def test_runs_page_lists_a_started_run_and_updates_it_live(api: Api, client: Cli
     expect(page.locator(f'tr[data-run="{keyed.run_id}"]')).to_be_visible()
     page.goto(api.http_url + "/?q=" + run.run_id[:20].lower())
     expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_be_visible()
+    # Paging: one run a page (this test started two), the next page has the other.
+    page.goto(api.http_url + "/?size=1")
+    rows = page.locator("table.runs tbody tr[data-run]")
+    expect(rows).to_have_count(1)
+    shown = rows.first.get_attribute("data-run")
+    page.get_by_text("Next page").click()
+    expect(page.get_by_text("First page")).to_be_visible()
+    expect(rows).to_have_count(1)
+    assert rows.first.get_attribute("data-run") != shown
     # Filters: another status hides it, its own shows it.
     page.goto(api.http_url + "/?status=FAILED")
     expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_have_count(0)
@@ -270,6 +279,9 @@ def test_campaign_run_page_artifacts_and_a_rebuild_with_a_preview(
     expect(card.locator("g.node")).to_have_count(5)
     expect(card).to_contain_text("copy_update")
     shot(page, tmp_path, "workflows")
+    card.locator("h2 a").click()  # one workflow: its steps
+    expect(page.locator("table.mini tr")).to_have_count(6)
+    expect(page.locator("table.mini")).to_contain_text("landing_page")
     # Stats: finished runs and queue depth over the last hour; workers: the one connected.
     page.goto(f"{api.http_url}/stats")
     expect(page.locator("figure.chart")).to_have_count(2)

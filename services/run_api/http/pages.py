@@ -44,7 +44,8 @@ WORKFLOW_SERVICE = "/runs.v1.WorkflowService/"
 OPS_SERVICE = "/runs.v1.OpsService/"
 RUN_STATUSES = [n.removeprefix("RUN_STATUS_") for n in run_pb2.RunStatus.keys() if not n.endswith("UNSPECIFIED")]
 ACTIVE = {"QUEUED", "RUNNING"}
-PAGE_SIZE = 25
+PAGE_SIZE = 25  # runs per page unless ?size= says (at most MAX_PAGE_SIZE)
+MAX_PAGE_SIZE = 200
 MAX_SHOWN = 20_000  # characters of a step's input or output shown on the page
 MARKS = {"cache_hit": "cache hit", "reused_from_base": "reused"}
 # Pages run only this origin's script and are never framed (the cancel button is not to be clickjacked);
@@ -222,8 +223,11 @@ class Pages:
         """The runs table's data for the filters in the query string."""
         q = request.query_params
         filters = {"status": q.get("status", "").upper(), "workflow": q.get("workflow", "").strip(),
-                   "q": q.get("q", "").strip()}
-        message = run_service_pb2.ListRunsRequest(page_size=PAGE_SIZE, page_token=q.get("page_token", ""),
+                   "q": q.get("q", "").strip(), "size": q.get("size", "").strip()}
+        size = filters["size"]
+        if size and (not size.isdigit() or not 1 <= int(size) <= MAX_PAGE_SIZE):
+            raise InvalidRequest.field("size", f"size must be a whole number from 1 to {MAX_PAGE_SIZE}")
+        message = run_service_pb2.ListRunsRequest(page_size=int(size or PAGE_SIZE), page_token=q.get("page_token", ""),
                                                   workflow=filters["workflow"])
         if filters["status"]:
             if filters["status"] not in RUN_STATUSES:
