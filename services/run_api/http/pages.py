@@ -60,15 +60,6 @@ PAGE_HEADERS = {
 }
 
 
-def _has_field(message: type[Message], name: str) -> bool:
-    return name in message.DESCRIPTOR.fields_by_name
-
-
-def _ops_message(name: str) -> Any:
-    """An OpsService request class when the proto has it (ListWorkers and GetThroughput came later)."""
-    return getattr(ops_service_pb2, name, None)
-
-
 def when(message: Message, name: str) -> datetime | None:
     """A Timestamp field as an aware datetime, None when unset."""
     if not message.HasField(name):
@@ -233,9 +224,8 @@ class Pages:
             if filters["status"] not in RUN_STATUSES:
                 raise InvalidRequest.field("status", f"status must be one of {', '.join(RUN_STATUSES)}")
             message.status = run_pb2.RunStatus.Value("RUN_STATUS_" + filters["status"])
-        search = _has_field(run_service_pb2.ListRunsRequest, "query")
-        if search and filters["q"]:
-            message.query = filters["q"]  # type: ignore[attr-defined]
+        if filters["q"]:
+            message.query = filters["q"]
         response = await self.call(request, RUN_SERVICE + "ListRuns", message)
         stats = await self.maybe(request, OPS_SERVICE + "GetStats", ops_service_pb2.GetStatsRequest())
         now = datetime.now(UTC)
@@ -255,7 +245,7 @@ class Pages:
                       for s in RUN_STATUSES]
         kept = {k: v for k, v in filters.items() if v}
         return {
-            "rows": rows, "counts": counts, "filters": filters, "search": search,
+            "rows": rows, "counts": counts, "filters": filters,
             "query": urlencode(kept), "page_token": q.get("page_token", ""),
             "next_page": urlencode({**kept, "page_token": response.next_page_token})
             if response.next_page_token else "",
@@ -409,17 +399,10 @@ class Pages:
         view = self.workflow_view(response.workflow)
         return self.render(request, "workflow.html", {"title": view["name"], "w": view, "latest": latest})
 
-    def ops_method(self, name: str) -> Any:
-        """The OpsService request class of `name` when this API serves it (ListWorkers and GetThroughput came later)."""
-        request_class = _ops_message(f"{name}Request")
-        return request_class if hasattr(self.gateway.services.get("runs.v1.OpsService"), name) else None
-
     async def workers(self, request: Request) -> Response:
-        request_class = self.ops_method("ListWorkers")
-        if request_class is None:
-            return self.render(request, "workers.html", {"title": "Workers", "available": False})
         token = request.query_params.get("page_token", "")
-        response = await self.call(request, OPS_SERVICE + "ListWorkers", request_class(page_size=100, page_token=token))
+        response = await self.call(request, OPS_SERVICE + "ListWorkers",
+                                   ops_service_pb2.ListWorkersRequest(page_size=100, page_token=token))
         now = datetime.now(UTC)
         workers = [{
             "id": w.worker_id, "connected": w.connected, "tools": list(w.tools), "capacity": w.capacity,
@@ -427,7 +410,7 @@ class Pages:
             "heartbeat": ago(when(w, "last_heartbeat_at"), now), "started": ago(when(w, "started_at"), now),
         } for w in response.workers]
         return self.render(request, "workers.html", {
-            "title": "Workers", "available": True, "workers": workers, "connected": response.connected,
+            "title": "Workers", "workers": workers, "connected": response.connected,
             "next_page": response.next_page_token,
         })
 
@@ -435,16 +418,13 @@ class Pages:
         stats = await self.call(request, OPS_SERVICE + "GetStats", ops_service_pb2.GetStatsRequest())
         counters = [(f.name, getattr(stats, f.name)) for f in stats.DESCRIPTOR.fields
                     if f.type in (f.TYPE_INT64, f.TYPE_INT32)]
-        charts: list[dict[str, Any]] = []
-        request_class = self.ops_method("GetThroughput")
-        if request_class is not None:
-            response = await self.call(request, OPS_SERVICE + "GetThroughput", request_class(minutes=60))
-            charts = throughput_charts(response.buckets)
+        throughput = await self.call(request, OPS_SERVICE + "GetThroughput",
+                                     ops_service_pb2.GetThroughputRequest(minutes=60))
         return self.render(request, "stats.html", {
             "title": "Stats", "counters": counters, "tenant": stats.tenant_id,
             "by_status": sorted(stats.runs_by_status.items()),
             "hits": sorted(stats.cache_hits_by_layer.items()), "misses": sorted(stats.cache_misses_by_reason.items()),
-            "charts": charts, "throughput_on": request_class is not None,
+            "charts": throughput_charts(throughput.buckets),
         })
 
     def routes(self) -> list[BaseRoute]:
