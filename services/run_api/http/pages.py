@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, quote, urlencode
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -46,6 +46,7 @@ RUN_STATUSES = [n.removeprefix("RUN_STATUS_") for n in run_pb2.RunStatus.keys() 
 ACTIVE = {"QUEUED", "RUNNING"}
 PAGE_SIZE = 25  # runs per page unless ?size= says (at most MAX_PAGE_SIZE)
 MAX_PAGE_SIZE = 200
+MAX_LOGIN_BYTES = 8192  # the login form's body (a key is at most 200 characters)
 MAX_SHOWN = 20_000  # characters of a step's input or output shown on the page
 MARKS = {"cache_hit": "cache hit", "reused_from_base": "reused"}
 # Pages run only this origin's script and are never framed (the cancel button is not to be clickjacked);
@@ -186,8 +187,12 @@ class Pages:
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
             return self.login_form(request, safe_next(request.query_params.get("next", "/")))
-        body = await request.body()
-        form = parse_qs(body.decode("utf-8", "replace")[:4096])
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_LOGIN_BYTES:
+                return self.render(request, "error.html", {"status": 413, "message": "the form is too large"}, 413)
+        form = parse_qs(body.decode("utf-8", "replace"))
         key = (form.get("key") or [""])[0].strip()
         next_path = safe_next((form.get("next") or ["/"])[0])
         try:
