@@ -323,6 +323,7 @@ def test_phone_sized_run_page_scrolls_the_graph_not_the_page(api: Api, client: C
         page = context.new_page()
         page.goto(f"{api.http_url}/runs/{run.run_id}")
         expect(page.locator("#run-status")).to_have_text("succeeded", timeout=WAIT_MS)
+        expect(page.locator("#events-state")).to_contain_text("ended")
         overflow = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
         assert page.evaluate(overflow) <= 1, "the run page is wider than a phone's screen"
         shot(page, tmp_path, "run-phone")
