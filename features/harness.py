@@ -127,7 +127,8 @@ class Process:
 def base_env(**extra: str) -> dict[str, str]:
     """The environment for a child: ours, minus settings that would leak in, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUN_", "RUNS_", "DATABASE_URL", "OTEL_"))}
-    env.update({"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "info"})
+    # No HTTP side unless asked for (Api gives each API a free port): parallel tests would share 8080.
+    env.update({"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "info", "RUN_API_HTTP_ADDR": ""})
     env.update(extra)
     return env
 

@@ -711,6 +711,7 @@ list_runs = fields(
         "page_token": (st.sampled_from(["", "@run:ok"]), st.from_regex(r"\A[0-9A-Za-z]{26}\Z") | hostile_texts),
         "status": int_field(0, 5),
         "workflow": text_field("", "runtime.noop", "runtime.tool"),
+        "query": text_field("", "01", "order-", "runtime"),
     }
 ).map(lambda f: run_service_pb2.ListRunsRequest(**f))
 watch_run = fields({"run_id": run_id_field, "after_sequence": int_field(0, 12, bits=64)}).map(
@@ -725,6 +726,8 @@ claim = fields(
         "once": (st.just(True), st.booleans()),
         "poll_interval_ms": int_field(0, 1000),
         "session_token": session_field,
+        "tools": (st.sampled_from([[], ["noop", "echo"]]),
+                  st.lists(hostile_texts, max_size=3) | st.just(["t"] * 101)),
     }
 ).map(lambda f: worker_service_pb2.ClaimQueuedRunsRequest(**f))
 
@@ -1117,6 +1120,10 @@ register_workflow = st.one_of(
     st.just(workflow_service_pb2.RegisterWorkflowRequest()),
 )
 WF_LOOKUP = (*WF_NAMES, "runtime.noop", "runtime.tool", "campaign.build", "")
+list_workers = fields(
+    {"page_size": int_field(0, 5), "page_token": text_field("", "worker-1")}
+).map(lambda f: ops_service_pb2.ListWorkersRequest(**f))
+get_throughput = fields({"minutes": int_field(0, 1440)}).map(lambda f: ops_service_pb2.GetThroughputRequest(**f))
 list_workflows = fields(
     {"page_size": int_field(0, 5), "page_token": text_field("", *WF_LOOKUP)}
 ).map(lambda f: workflow_service_pb2.ListWorkflowsRequest(**f))
@@ -1220,6 +1227,8 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "ReportRunEvents": report_events(),
     "Heartbeat": heartbeat,
     "GetStats": st.just(ops_service_pb2.GetStatsRequest()),
+    "ListWorkers": list_workers,
+    "GetThroughput": get_throughput,
     "CreateKey": create_key,
     "ListKeys": list_keys,
     "RevokeKey": revoke_key,
@@ -1402,6 +1411,15 @@ def test_report_run_events(stack: Stack, request: Req) -> None:
 
 def test_get_stats(stack: Stack) -> None:
     call(stack, "GetStats", ops_service_pb2.GetStatsRequest())
+
+
+@FUZZ
+@given(ops_call=st.one_of(
+    st.tuples(st.just("ListWorkers"), list_workers.map(Req)),
+    st.tuples(st.just("GetThroughput"), get_throughput.map(Req)),
+))
+def test_ops_service(stack: Stack, ops_call: tuple[str, Req]) -> None:
+    call(stack, ops_call[0], ops_call[1].message)
 
 
 @FUZZ

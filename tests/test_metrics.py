@@ -353,3 +353,20 @@ def test_compose_healthcheck_passes_against_a_real_api(api: Api) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_calls_through_the_http_gateway_are_counted(api: Api) -> None:
+    """The gateway tells the same observer as the gRPC interceptor: requests by method and code, runs started."""
+    metrics = f"{api.http_url}/metrics"
+    before = scrape(metrics)
+    started = httpx.post(f"{api.http_url}/v1/runs", json={"workflow": "runtime.noop"}, timeout=10)
+    assert started.status_code == 200, started.text
+    assert httpx.get(f"{api.http_url}/v1/runs/no-such-run", timeout=10).status_code == 404
+    after = scrape(metrics)
+    requests = "runs_grpc_requests_total"
+    assert value(after, requests, method="StartRun", code="OK") == \
+        value(before, requests, method="StartRun", code="OK") + 1
+    assert value(after, requests, method="GetRun", code="NOT_FOUND") == \
+        value(before, requests, method="GetRun", code="NOT_FOUND") + 1
+    assert total(after, "runs_runs_started_total", workflow="runtime.noop") == \
+        total(before, "runs_runs_started_total", workflow="runtime.noop") + 1

@@ -155,7 +155,7 @@ class CallObserver(Protocol):
         """A server-streaming call sent `item`."""
 
 
-class _Unobserved:
+class Unobserved:
     def observe_call(self, method: str, code: grpc.StatusCode) -> None:
         pass
 
@@ -177,7 +177,7 @@ def _final_code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.S
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
-class _Safe:
+class SafeObserver:
     """An observer whose failures are logged (once per kind) and never reach the call."""
 
     def __init__(self, observer: CallObserver) -> None:
@@ -207,7 +207,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, scope: CallerScope = _no_caller, observer: CallObserver | None = None) -> None:
         self.scope = scope
-        self.observer = _Safe(observer or _Unobserved())
+        self.observer = SafeObserver(observer or Unobserved())
 
     async def intercept_service(
         self,

@@ -19,10 +19,10 @@ process (tests) do not collide. What is counted where:
 Counters are per process: with RUN_API_PROCESSES above 1 each scrape of the shared port reaches one
 process (sum over processes needs each one scraped on a port of its own).
 
-Not seen yet (their hooks are in modules this one does not own): calls served through the HTTP
-gateway (it calls the servicers directly, not through the interceptor: its runs started are not
-counted), and runs the API itself cancels while QUEUED (CancelRun records run.canceled in
-handlers.cancel_run; a repeated CancelRun answers the same row, so the answer cannot tell).
+Calls served through the HTTP gateway are told to the same observer by the gateway (requests by
+method and code, runs started). Not seen yet: runs the API itself cancels while QUEUED (CancelRun
+records run.canceled in handlers.cancel_run; a repeated CancelRun answers the same row, so the
+answer cannot tell); they are in GetStats and the database.
 GET /metrics needs no key, like /healthz: keep the HTTP port internal or filter the path.
 """
 
@@ -41,36 +41,16 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from services.run_api.store import queries as Q
 from shared.events import EventType
 from shared.gen.runs.v1 import worker_service_pb2
 
 log = logging.getLogger(__name__)
-
-# SQL of the metrics (to move to store/queries.py as named statements; kept here while that module has
-# another owner). Times are parameters.
-
-# Queued runs per workflow, and the earliest next_attempt_at among those due by :now (the oldest waiting).
-runs_queue_by_workflow = text(
-    """
-    SELECT workflow, count(*) AS queued, min(next_attempt_at) FILTER (WHERE next_attempt_at <= :now) AS oldest_due
-    FROM runs WHERE status = 'QUEUED' GROUP BY workflow
-    """
-)
-# Workers whose heartbeat lease is live at :now.
-workers_connected_count = text("SELECT count(*) FROM workers WHERE lease_expires_at >= :now")
-# What the metrics need of some runs (by primary key): workflow, state and times.
-runs_metrics_facts = text(
-    """
-    SELECT run_id, workflow, status, attempt, next_attempt_at, started_at, finished_at
-    FROM runs WHERE run_id = ANY(:run_ids)
-    """
-)
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
 _RUN_ENDS = frozenset({EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELED})
@@ -305,7 +285,7 @@ class ApiMetrics:
                 async with self.engine.connect() as conn:
                     size = self.config.resolve_batch
                     for i in range(0, len(ids), size):
-                        rows = await conn.execute(runs_metrics_facts, {"run_ids": ids[i : i + size]})
+                        rows = await conn.execute(Q.runs_metrics_facts, {"run_ids": ids[i : i + size]})
                         facts.update((row.run_id, row) for row in rows)
             except Exception as err:
                 # Put them back for the next try (bounded: new observations are dropped past the cap).
@@ -351,8 +331,8 @@ class ApiMetrics:
             now = self.clock()
             try:
                 async with self.engine.connect() as conn:
-                    rows = (await conn.execute(runs_queue_by_workflow, {"now": now})).all()
-                    workers = int((await conn.execute(workers_connected_count, {"now": now})).scalar_one())
+                    rows = (await conn.execute(Q.runs_queue_by_workflow, {"now": now})).all()
+                    workers = int((await conn.execute(Q.workers_connected_all, {"now": now})).scalar_one())
             except Exception as err:
                 self._failed("queue gauges", err)
                 return  # the last snapshot stays (the scrape still answers)

@@ -214,7 +214,7 @@ class ApiServer:
         """The HTTP side on RUN_API_HTTP_ADDR (None when it is empty), over the same servicers."""
         if not self.settings.http_addr:
             return None
-        gateway = Gateway(self.authenticator, self.servicers)
+        gateway = Gateway(self.authenticator, self.servicers, self.metrics)
         app = create_app(gateway, ready=lambda: bool(self.monitor.serving) and not self.stopping.is_set(),
                          extra=[self.metrics.route()])
         return HttpServer(app, self.settings.http_addr, reuse_port, self.settings.shutdown_grace_seconds)

@@ -190,6 +190,7 @@ class Worker:
             poll_interval_ms=self.settings.poll_ms,
             once=once,
             session_token=self.reporter.session_token,
+            tools=sorted(self.tools),  # shown by ListWorkers and the dashboard's workers page
         )
 
     def _take(self, message: Any) -> None:

@@ -13,6 +13,7 @@ cannot send (no CORS is served).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +27,14 @@ from starlette.responses import JSONResponse, Response
 
 from services.run_api.auth import Authenticator, Caller, acting_as
 from services.run_api.errors import InvalidRequest, RequestTooLarge, RunsError, Unauthenticated
-from services.run_api.interceptors import MAX_MESSAGE_BYTES, cap, translate
+from services.run_api.interceptors import (
+    MAX_MESSAGE_BYTES,
+    CallObserver,
+    SafeObserver,
+    Unobserved,
+    cap,
+    translate,
+)
 from shared.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,15 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+
+
+class RunsErrorCancelled(RunsError):
+    """The client went away while its stream was open (counted as CANCELLED, as gRPC counts it)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+    def __init__(self) -> None:
+        super().__init__("the client went away")
 
 
 class HttpContext:
@@ -92,9 +109,18 @@ def error_response(exc: BaseException, where: str) -> JSONResponse:
 class Gateway:
     """Serves gRPC methods over HTTP: `services` maps a service's full name to its servicer object."""
 
-    def __init__(self, authenticator: Authenticator, services: dict[str, Any]) -> None:
+    def __init__(
+        self, authenticator: Authenticator, services: dict[str, Any], observer: CallObserver | None = None
+    ) -> None:
         self.authenticator = authenticator
         self.services = services
+        # Told of each call as the gRPC interceptor tells it (metrics: requests by method and code, runs started).
+        self.observer = SafeObserver(observer or Unobserved())
+
+    def _ended(self, method: str, exc: BaseException | None) -> None:
+        error = None if exc is None else translate(exc)
+        code = grpc.StatusCode.OK if exc is None else error.code if error is not None else grpc.StatusCode.INTERNAL
+        self.observer.call("observe_call", self.observer.observer.observe_call, method, code)
 
     def key_of(self, request: Request) -> tuple[str | None, bool]:
         """The API key a request carries and whether it came from the cookie."""
@@ -120,10 +146,16 @@ class Gateway:
 
     async def call(self, request: Request, method: str, message: Message) -> Message:
         """Serve unary `method` with `message` as the caller of `request`; domain errors propagate."""
-        caller = await self.caller(request, method)
-        with acting_as(caller), log_context(rpc=method):
-            result: Message = await self.servicer(method)(message, HttpContext(request))
-            return result
+        try:
+            caller = await self.caller(request, method)
+            with acting_as(caller), log_context(rpc=method):
+                result: Message = await self.servicer(method)(message, HttpContext(request))
+        except Exception as exc:
+            self._ended(method, exc)
+            raise
+        self._ended(method, None)
+        self.observer.call("observe_unary", self.observer.observer.observe_unary, method, message, result)
+        return result
 
     async def respond(
         self, request: Request, method: str, message: Message,
@@ -140,7 +172,11 @@ class Gateway:
         self, request: Request, method: str, message: Message
     ) -> AsyncIterator[Message]:
         """Server-streaming `method`, iterated in the caller's task with the caller set (checked before)."""
-        caller = await self.caller(request, method)
+        try:
+            caller = await self.caller(request, method)
+        except Exception as exc:
+            self._ended(method, exc)
+            raise
         return self._stream(caller, method, message, request)
 
     async def _stream(self, caller: Caller, method: str, message: Message, request: Request) -> AsyncIterator[Message]:
@@ -149,6 +185,12 @@ class Gateway:
             try:
                 async for item in items:
                     yield item
+            except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
+                gone = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+                self._ended(method, RunsErrorCancelled() if gone else exc)
+                raise
+            else:
+                self._ended(method, None)
             finally:
                 await items.aclose()
 

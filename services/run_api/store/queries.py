@@ -1052,3 +1052,22 @@ stats_cache_misses_by_reason = q(
     GROUP BY 1
     """
 )
+
+# --- metrics (services/run_api/metrics.py) -----------------------------------------------------
+
+# Queued runs per workflow, and the earliest next_attempt_at among those due by :now (the oldest waiting).
+runs_queue_by_workflow = q(
+    """
+    SELECT workflow, count(*) AS queued, min(next_attempt_at) FILTER (WHERE next_attempt_at <= :now) AS oldest_due
+    FROM runs WHERE status = 'QUEUED' GROUP BY workflow
+    """
+)
+# Workers of every tenant whose heartbeat lease is live at :now.
+workers_connected_all = q("SELECT count(*) FROM workers WHERE lease_expires_at >= :now")
+# What the metrics need of some runs (by primary key): workflow, state and times.
+runs_metrics_facts = q(
+    """
+    SELECT run_id, workflow, status, attempt, next_attempt_at, started_at, finished_at
+    FROM runs WHERE run_id = ANY(:run_ids)
+    """
+)
