@@ -357,6 +357,7 @@ def test_compose_healthcheck_passes_against_a_real_api(api: Api) -> None:
 
 def test_calls_through_the_http_gateway_are_counted(api: Api) -> None:
     """The gateway tells the same observer as the gRPC interceptor: requests by method and code, runs started."""
+    assert f"dashboard on {api.http_url}/" in api.output()  # what make up prints
     metrics = f"{api.http_url}/metrics"
     before = scrape(metrics)
     started = httpx.post(f"{api.http_url}/v1/runs", json={"workflow": "runtime.noop"}, timeout=10)

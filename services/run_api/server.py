@@ -315,8 +315,9 @@ class ApiServer:
             self._embedded_task.add_done_callback(self._embedded_done)
         log.info("run API listening on %s", f"{self.settings.addr.rsplit(':', 1)[0]}:{self.port}")
         if self.http is not None:
-            log.info("HTTP (dashboard, JSON, events, metrics) on http://%s:%d/",
-                     self.settings.http_addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0", self.http.port)
+            host = self.settings.http_addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            log.info("dashboard on http://%s:%d/ (JSON under /v1, run events, /metrics, /healthz)",
+                     f"[{host}]" if ":" in host else host, self.http.port)
         if self.auth_mode == "required":
             log.info("auth required: every call but health and reflection needs an API key")
             if self.settings.tls_cert is None and not is_loopback(self.settings.addr):
