@@ -374,3 +374,20 @@ async def test_builtins_loaded_by_two_processes_at_once_are_registered_once(data
             "SELECT name, count(*) FROM workflows WHERE name LIKE 'procs.race%' GROUP BY name"
         ).fetchall()
     assert dict(rows) == {f"procs.race{i}": 1 for i in range(5)}
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_taken_http_port_is_refused_by_name(database_url: str, processes: str) -> None:
+    """RUN_API_HTTP_ADDR on a port another process holds: the API exits 1 naming the variable, not shared."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        http = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = subprocess.run(
+            [sys.executable, "-m", "services.run_api", "--addr", f"127.0.0.1:{free_port()}", "--database-url",
+             database_url],
+            cwd=ROOT, env=base_env(RUN_API_PROCESSES=processes, RUN_API_HTTP_ADDR=http), capture_output=True,
+            text=True, timeout=60, check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on {http} (RUN_API_HTTP_ADDR): is another process using it?" in done.stderr
