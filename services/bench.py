@@ -9,7 +9,9 @@ channel; completion is read from the database with psycopg (same machine, so cli
 Phases (`--phases`, default all, in this order):
 
 seq      sequential StartRun: one client, one call at a time (each awaited), N calls; no workers, the runs
-         stay queued. runs/s = N / (return of the last call - start of the first).
+         stay queued. runs/s = N / (return of the last call - start of the first). Measured with the
+         bench's grpc.aio client, then again with grpc's blocking client (as the CLI calls); the API's CPU
+         time per call is printed beside them.
 batch    batch StartRuns: N runs in calls of --per-call (1,000, the API's limit), one call at a time, no
          workers. seq and batch share one database and API; 10 StartRun calls warm both up first.
 drain    for each size in --drain (5,000 and 20,000), its own database and API: the queue is filled with
@@ -19,6 +21,9 @@ drain    for each size in --drain (5,000 and 20,000), its own database and API: 
          left?); the figure does not depend on that granularity because it uses recorded_at. The API's
          RSS before and after the drain and every worker's after it come from /proc/<pid>/status (VmRSS of
          the python processes themselves; with RUN_API_PROCESSES > 1 the API's figure is its processes together).
+         CPU time per run of the API, of the workers (start-up included) and of the PostgreSQL backends serving
+         the bench's database (when the server runs on this machine) is printed for each drain: on a machine
+         whose cores they all share, their sum bounds the drain rate.
 dag      the same drain for N runs of a registered 5-step diamond of noop steps (a -> b, c, d -> e).
 latency  pickup latency: W workers spawned and warmed up (each has run at least one run), then single runs
          started one at a time; latency = from StartRun's return (time.time()) to the occurred_at of its
@@ -105,14 +110,28 @@ WARNING = re.compile(r"\bWARNING\b")
 
 # The bench's reads of its own database (it never writes to it; the API does).
 # Is any run still to do? One index probe (runs_status_idx), cheap enough to ask every poll.
-RUNS_LIVE_EXISTS = "SELECT EXISTS (SELECT 1 FROM runs WHERE status IN ('QUEUED', 'RUNNING'))"
+# Every run the bench starts is in tenant "default"; naming it keeps these polls an index range scan of
+# runs_tenant_status_idx: without it, on a million finished runs each poll read the whole index (8,000
+# blocks, with parallel workers), which took CPU from the drain it was watching.
+RUNS_LIVE_EXISTS = "SELECT EXISTS (SELECT 1 FROM runs WHERE tenant_id = 'default' AND status IN ('QUEUED', 'RUNNING'))"
 # How many runs are still to do (progress lines only).
-RUNS_LIVE_COUNT = "SELECT count(*) FROM runs WHERE status IN ('QUEUED', 'RUNNING')"
+RUNS_LIVE_COUNT = "SELECT count(*) FROM runs WHERE tenant_id = 'default' AND status IN ('QUEUED', 'RUNNING')"
 # Runs that ended otherwise than SUCCEEDED (the databases are fresh; history runs are all SUCCEEDED).
-RUNS_UNSUCCESSFUL = "SELECT status, count(*) FROM runs WHERE status IN ('FAILED', 'CANCELED') GROUP BY status"
+RUNS_UNSUCCESSFUL = (
+    "SELECT status, count(*) FROM runs WHERE tenant_id = 'default' AND status IN ('FAILED', 'CANCELED') "
+    "GROUP BY status"
+)
 # Of the given runs: how many SUCCEEDED.
 RUNS_SUCCEEDED_OF = "SELECT count(*) FROM runs WHERE run_id = ANY(%s) AND status = 'SUCCEEDED'"
 # Of the given runs: the last run.completed's recorded_at (epoch seconds) and how many completed.
+# Shared buffers read or hit so far, per table and per index of this database (pg_statio: backends
+# flush their counts at most once a second, so the last second of a drain may be missing).
+POSTGRES_BLOCKS = (
+    "SELECT relname, coalesce(heap_blks_hit + heap_blks_read, 0) FROM pg_statio_user_tables "
+    "UNION ALL SELECT indexrelname, coalesce(idx_blks_hit + idx_blks_read, 0) FROM pg_statio_user_indexes"
+)
+# The server processes serving this database (the API's pool among them), for their CPU time.
+POSTGRES_BACKENDS = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
 RUN_EVENTS_LAST_COMPLETED = (
     "SELECT extract(epoch FROM max(recorded_at))::float8, count(*) FROM run_events "
     "WHERE run_id = ANY(%s) AND type = 'run.completed'"
@@ -289,6 +308,22 @@ def rss_mb(pid: int) -> float:
     raise BenchError(f"process {pid} has no VmRSS (a zombie?)")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process `pid` has used so far, in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def children_of(pid: int) -> list[int]:
     """Pids whose parent is `pid` (scanning /proc)."""
     found = []
@@ -358,7 +393,7 @@ class Context:
 
 def rounded(value: float, unit: str) -> float:
     """A figure's value with the precision its unit deserves."""
-    return round(value, {"runs/s": 1, "ms": 2, "MB": 1}.get(unit, 3)) + 0.0  # + 0.0: no "-0.0"
+    return round(value, {"runs/s": 1, "ms": 2, "MB": 1, "blocks/run": 1}.get(unit, 3)) + 0.0  # + 0.0: no "-0.0"
 
 
 def json_line(figure: Figure, ctx: Context) -> str:
@@ -523,6 +558,16 @@ class Child:
         assert self.target is not None
         self.check_alive()
         return rss_mb(self.target)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the target has used so far."""
+        assert self.target is not None
+        return cpu_seconds(self.target)
+
+    def group_cpu_seconds(self) -> float:
+        """CPU seconds of the target and of the processes it started."""
+        assert self.target is not None
+        return sum(cpu_seconds(pid) for pid in [self.target, *children_of(self.target)])
 
     def group_rss_mb(self) -> tuple[float, int]:
         """RSS of the target and of the processes it started (RUN_API_PROCESSES > 1), in MiB, and how many."""
@@ -806,6 +851,16 @@ class Stack:
             raise BenchError(f"StartRun without an idempotency key was deduplicated: {response.run.run_id}")
         return str(response.run.run_id)
 
+    def start_runs_blocking(self, n: int) -> float:
+        """`n` StartRun calls one after another on a blocking channel of its own; returns the seconds taken."""
+        with grpc.insecure_channel(self.addr) as channel:
+            stub = run_service_pb2_grpc.RunServiceStub(channel)
+            stub.StartRun(run_service_pb2.StartRunRequest(), timeout=CALL_SECONDS)  # connect first
+            began = time.perf_counter()
+            for _ in range(n):
+                stub.StartRun(run_service_pb2.StartRunRequest(), timeout=CALL_SECONDS)
+            return time.perf_counter() - began
+
     async def start_runs(self, count: int, workflow: str = "") -> list[str]:
         """StartRuns of `count` runs (at most --per-call); returns their ids."""
         request = run_service_pb2.StartRunsRequest(
@@ -840,6 +895,14 @@ class Stack:
         assert self.conn is not None
         cur = await self.conn.execute(query, params or None)  # type: ignore[arg-type]
         return await cur.fetchall()
+
+    async def postgres_cpu(self) -> dict[int, float] | None:
+        """CPU seconds so far of each PostgreSQL backend serving this database; None when the server is not
+        on this machine (its processes are not ours to read)."""
+        pids = [row[0] for row in await self.fetch(POSTGRES_BACKENDS)]
+        if not pids or not all(b"postgres" in _cmdline(pid) for pid in pids):
+            return None
+        return {pid: cpu_seconds(pid) for pid in pids}
 
     async def wait_drained(self, what: str, deadline: float) -> None:
         """Poll until no run is QUEUED or RUNNING; fail on a FAILED or CANCELED run, a dead process, the deadline,
@@ -969,18 +1032,28 @@ class Bench:
             for _ in range(WARMUP_CALLS):
                 await stack.start_run()
             if "seq" in o.phases:
+                assert stack.api is not None
                 log(f"seq: {o.seq} StartRun calls, one at a time")
-                began = time.perf_counter()
+                cpu, began = stack.api.group_cpu_seconds(), time.perf_counter()
                 for _ in range(o.seq):
                     await stack.start_run()
                 took = time.perf_counter() - began
                 self.add(Figure("start_run_sequential", o.seq / took, "runs/s", o.seq, 0,
-                                f"{o.seq} calls awaited one by one in {took:.2f} s"))
+                                f"{o.seq} calls awaited one by one in {took:.2f} s (grpc.aio client)"))
+                self.add(Figure("start_run_api_cpu", (stack.api.group_cpu_seconds() - cpu) / o.seq * 1000, "ms",
+                                o.seq, 0, "API CPU per StartRun call"))
+                # The same with grpc's blocking client, as the CLI and most scripts call: it costs the
+                # client less per call than grpc.aio does, so the figure is closer to the API's own.
+                log(f"seq: {o.seq} StartRun calls, one at a time, blocking client")
+                took = await asyncio.to_thread(stack.start_runs_blocking, o.seq)
+                self.add(Figure("start_run_sequential_blocking", o.seq / took, "runs/s", o.seq, 0,
+                                f"{o.seq} calls one by one in {took:.2f} s (grpc blocking client)"))
                 stack.check_processes()
             if "batch" in o.phases:
                 calls = len(list(chunks(o.batch, o.per_call)))
                 log(f"batch: {o.batch} runs in {calls} StartRuns call(s) of up to {o.per_call}")
-                began = time.perf_counter()
+                assert stack.api is not None
+                cpu, began = stack.api.group_cpu_seconds(), time.perf_counter()
                 ids = await stack.queue(o.batch)
                 took = time.perf_counter() - began
                 if len(set(ids)) != o.batch:
@@ -988,6 +1061,8 @@ class Bench:
                 self.add(Figure("start_runs_batch", o.batch / took, "runs/s", o.batch, 0,
                                 f"{calls} call(s) of up to {o.per_call}, one at a time, in {took:.2f} s",
                                 {"per_call": o.per_call}))
+                self.add(Figure("start_runs_api_cpu", (stack.api.group_cpu_seconds() - cpu) / o.batch * 1000,
+                                "ms/run", o.batch, 0, "API CPU per run started by StartRuns", {"per_call": o.per_call}))
                 stack.check_processes()
 
     async def drain(self, n: int, *, dag: bool = False, history: int = 0, secure: bool = False) -> float:
@@ -1012,6 +1087,9 @@ class Bench:
             log(f"{name}: queued in {time.perf_counter() - began:.1f} s; spawning {o.workers} workers")
             assert stack.api is not None
             api_before, api_procs = stack.api.group_rss_mb()
+            api_cpu = stack.api.group_cpu_seconds()
+            pg_cpu = await stack.postgres_cpu()
+            blocks = dict(await stack.fetch(POSTGRES_BLOCKS))
             if o.profile is not None:
                 stack.profile_api(o.profile)
             spawned = time.time()
@@ -1027,6 +1105,23 @@ class Bench:
             rate = n / took
             self.add(Figure(name, rate, "runs/s", n, o.workers,
                             f"{took:.2f} s from spawning the workers to the last run.completed", extra))
+            # Where the CPU went, per run: what bounds a drain on a machine whose cores all these share.
+            cpu = {
+                "api": stack.api.group_cpu_seconds() - api_cpu,
+                "workers": sum(w.cpu_seconds() for w in stack.workers),  # their start-up included, as in the time
+            }
+            pg_after = await stack.postgres_cpu()
+            if pg_cpu is not None and pg_after is not None:
+                cpu["postgres"] = sum(pg_after.values()) - sum(v for pid, v in pg_cpu.items() if pid in pg_after)
+            touched = {rel: n_after - blocks.get(rel, 0) for rel, n_after in await stack.fetch(POSTGRES_BLOCKS)}
+            top = sorted(touched.items(), key=lambda kv: -kv[1])[:6]
+            self.add(Figure(f"{name}_pg_blocks", sum(touched.values()) / n, "blocks/run", n, o.workers,
+                            "shared buffers read or hit per run; most: " +
+                            ", ".join(f"{rel} {count / n:.1f}" for rel, count in top), extra))
+            for part, seconds in cpu.items():
+                self.add(Figure(f"{name}_cpu_{part}", seconds / n * 1000, "ms/run", n, o.workers,
+                                f"CPU of the {part} per run" + (" (backends of the bench's database)"
+                                                                 if part == "postgres" else ""), extra))
             api = "API" if api_procs == 1 else f"API, its {api_procs} processes together (RUN_API_PROCESSES)"
             self.add(Figure(f"{name}_api_rss_before", api_before, "MB", n, o.workers, f"{api}, queue full", extra))
             self.add(Figure(f"{name}_api_rss_after", api_after, "MB", n, o.workers, f"{api}, queue drained", extra))

@@ -61,13 +61,19 @@ def test_every_phase_end_to_end(pg_server: str) -> None:
     got = figures(done.stdout)
     rss = {f"{d}_{p}" for d in ("drain_noop_100", "drain_dag_20")
            for p in ("api_rss_before", "api_rss_after", "api_rss_growth", "worker_1_rss", "worker_2_rss")}
+    cpu = {f"{d}_{p}" for d in ("drain_noop_100", "drain_dag_20")
+           for p in ("cpu_api", "cpu_workers", "cpu_postgres", "pg_blocks")}
     latency = {f"pickup_latency_{q}" for q in ("p50", "p95", "p99", "max")}
-    assert set(got) == {"start_run_sequential", "start_runs_batch", "drain_noop_100", "drain_dag_20"} | rss | latency
+    seq = {"start_run_sequential", "start_run_sequential_blocking", "start_run_api_cpu", "start_runs_api_cpu"}
+    assert set(got) == seq | {"start_runs_batch", "drain_noop_100", "drain_dag_20"} | rss | cpu | latency
     for name, line in got.items():
         assert COMMON <= set(line), name
         assert line["machine"]["cpu_count"] >= 1
         assert line["postgres"][:2].isdigit()
-        assert line["unit"] == ("MB" if "rss" in name else "ms" if name.startswith("pickup") else "runs/s"), name
+        unit = ("MB" if "rss" in name else "blocks/run" if name.endswith("pg_blocks") else "ms/run"
+                if "_cpu_" in name or name == "start_runs_api_cpu" else "ms"
+                if name.startswith("pickup") or name == "start_run_api_cpu" else "runs/s")
+        assert line["unit"] == unit, name
         if not name.endswith("growth"):  # RSS may shrink
             assert line["value"] > 0, name
     assert (got["start_run_sequential"]["n"], got["start_run_sequential"]["workers"]) == (20, 0)
