@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -127,17 +127,32 @@ def template_db(pg_server: str) -> Iterator[str]:
         conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
 
 
-@pytest.fixture
-def database_url(pg_server: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for one test (SQLAlchemy URL with the psycopg driver)."""
+@contextlib.contextmanager
+def fresh_database(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database copied from the template (SQLAlchemy URL), dropped afterwards."""
     name = f"runs_t_{str(ULID()).lower()}"
     with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
         conn.execute(
             pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name), pgsql.Identifier(template_db))
         )
-    yield db.with_database(pg_server, name)
-    with contextlib.suppress(psycopg.Error), psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
-        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+    try:
+        yield db.with_database(pg_server, name)
+    finally:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def make_database(pg_server: str, template_db: str) -> Callable[[], contextlib.AbstractContextManager[str]]:
+    """`with make_database() as url:` a fresh, migrated database (for fixtures of a wider scope than a test)."""
+    return lambda: fresh_database(pg_server, template_db)
+
+
+@pytest.fixture
+def database_url(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test (SQLAlchemy URL with the psycopg driver)."""
+    with fresh_database(pg_server, template_db) as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,18 +17,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql as pgsql
-from ulid import ULID
 
 from features.harness import Api, Client, Worker, create_key, wait_until
-from services.run_api import db
 from services.run_api.http import dag
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -70,16 +66,10 @@ CAMPAIGN_INPUT = {"product": "Acme Rockets", "audience": "coyotes", "color": "#d
 
 
 @pytest.fixture(scope="module")
-def module_database(pg_server: str, template_db: str) -> Iterator[str]:
+def module_database(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -> Iterator[str]:
     """A fresh database for this module's shared API (copied from the migrated template)."""
-    name = f"runs_t_{str(ULID()).lower()}"
-    with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
-        conn.execute(
-            pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name), pgsql.Identifier(template_db))
-        )
-    yield db.with_database(pg_server, name)
-    with contextlib.suppress(psycopg.Error), psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
-        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+    with make_database() as url:
+        yield url
 
 
 def _stop(*processes: Any) -> None:

@@ -17,7 +17,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,7 +26,6 @@ import grpc
 import httpx
 import psycopg
 import pytest
-from psycopg import sql as pgsql
 from starlette.applications import Starlette
 from ulid import ULID
 
@@ -43,7 +42,6 @@ from shared.gen.runs.v1 import (
     ops_service_pb2,
     ops_service_pb2_grpc,
     run_service_pb2,
-    run_service_pb2_grpc,
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
@@ -93,12 +91,12 @@ def host_key(url: str, role: str, tenant: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(pg_server: str, template_db: str) -> Iterator[Stack]:
-    name = f"runs_t_{str(ULID()).lower()}"
-    with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
-        conn.execute(pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name),
-                                                                        pgsql.Identifier(template_db)))
-    url = db.with_database(pg_server, name)
+def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -> Iterator[Stack]:
+    with make_database() as url:
+        yield from _stack(url)
+
+
+def _stack(url: str) -> Iterator[Stack]:
     admin = f"test-admin-{secrets.token_urlsafe(24)}"
     api = Api(url, RUNS_AUTH="required", RUNS_BOOTSTRAP_ADMIN_KEY=admin, RUN_WORKER_POLL_MS="100")
     worker: Worker | None = None
@@ -118,8 +116,6 @@ def stack(pg_server: str, template_db: str) -> Iterator[Stack]:
                 process.stop()
                 print(f"--- {process.name} ---\n{process.output()[-4000:]}")
                 process.log_path.unlink(missing_ok=True)
-        with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
-            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
 
 
 def fields(response: httpx.Response) -> list[str]:
