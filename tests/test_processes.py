@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -391,3 +392,24 @@ def test_a_taken_http_port_is_refused_by_name(database_url: str, processes: str)
         )
     assert done.returncode == 1, done.stderr
     assert f"cannot listen on {http} (RUN_API_HTTP_ADDR): is another process using it?" in done.stderr
+
+
+def test_a_second_group_cannot_share_the_http_port_of_a_first(database_url: str) -> None:
+    """Review of issue 10: the group's processes bound RUN_API_HTTP_ADDR with SO_REUSEPORT and nobody held it,
+    so a second group of the same user on the same HTTP port started and the kernel split dashboard requests
+    between two unrelated APIs. The parent now holds the HTTP port as it holds the gRPC one."""
+    first = Api(database_url, processes=2)
+    first.start()
+    try:
+        assert httpx.get(f"{first.http_url}/healthz", timeout=10).status_code == 200
+        http = f"127.0.0.1:{first.http_port}"
+        done = subprocess.run(
+            [sys.executable, "-m", "services.run_api", "--addr", f"127.0.0.1:{free_port()}", "--database-url",
+             database_url],
+            cwd=ROOT, env=base_env(RUN_API_PROCESSES="2", RUN_API_HTTP_ADDR=http), capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+        assert done.returncode == 1, done.stderr
+        assert f"cannot listen on {http} (RUN_API_HTTP_ADDR): is another process using it?" in done.stderr
+    finally:
+        first.stop()

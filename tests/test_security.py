@@ -758,3 +758,16 @@ def test_finding17_runs_record_who_started_and_canceled_them(auth_api: AuthApi) 
         assert json_format.MessageToDict(queued.payload)["created_by"] == key_id
     finally:
         client.close()
+
+
+def test_a_public_http_address_needs_auth_set(database_url: str) -> None:
+    """Review of issue 10: auth was resolved from the gRPC address alone, so RUN_API_HTTP_ADDR=0.0.0.0:… with
+    RUNS_AUTH unset served the JSON API and the dashboard to the network with no key. Now it refuses to start,
+    naming RUN_API_HTTP_ADDR and RUNS_AUTH, like a public gRPC address."""
+    http = f"0.0.0.0:{free_port()}"
+    args = [sys.executable, "-m", "services.run_api", "--addr", f"127.0.0.1:{free_port()}", "--database-url",
+            database_url]
+    done = subprocess.run(args, cwd=ROOT, env=base_env(RUN_API_HTTP_ADDR=http), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2, f"exit {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert f"{http} (RUN_API_HTTP_ADDR)" in done.stderr and "RUNS_AUTH" in done.stderr, done.stderr

@@ -119,25 +119,26 @@ async def _serve(settings: ApiSettings, url: str, with_worker: bool, ready_fd: i
 # --- RUN_API_PROCESSES > 1: a parent and its API processes on one port ------------------------
 
 
-def _reserve_port(addr: str) -> tuple[socket.socket, int]:
+def _reserve_port(addr: str, name: str = "") -> tuple[socket.socket, int]:
     """Check that the port of `addr` is free and hold it for the API processes; port 0 picks one.
 
     The socket held is bound with SO_REUSEPORT but never listens, so the kernel hands it no
     connection; it keeps the port from anyone but processes that also set SO_REUSEPORT.
     """
     host, _, port_text = addr.rpartition(":")
+    where = f"{addr} ({name})" if name else addr
     try:
         infos = socket.getaddrinfo(host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except (socket.gaierror, ValueError) as err:
-        raise ListenError(f"cannot listen on {addr}: {err}") from None
+        raise ListenError(f"cannot listen on {where}: {err}") from None
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: taken means taken
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError:
-            raise ListenError(f"cannot listen on {addr}: is another process using it?") from None
+            raise ListenError(f"cannot listen on {where}: is another process using it?") from None
         port = int(probe.getsockname()[1])
     hold = socket.socket(family, kind, proto)
     hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -146,7 +147,7 @@ def _reserve_port(addr: str) -> tuple[socket.socket, int]:
         hold.bind((sockaddr[0], port, *sockaddr[2:]))
     except OSError as err:
         hold.close()
-        raise ListenError(f"cannot listen on {addr}: {err.strerror}") from None
+        raise ListenError(f"cannot listen on {where}: {err.strerror}") from None
     return hold, port
 
 
@@ -185,10 +186,11 @@ class ApiProcesses:
         return [sys.executable, "-m", "services.run_api", "serve", "--child-of", str(os.getpid()),
                 "--child-index", str(index), "--ready-fd", str(ready_fd)]
 
-    def _env(self, addr: str) -> dict[str, str]:
+    def _env(self, addr: str, http_addr: str) -> dict[str, str]:
         """Each process's settings: the parent's (flags included) as environment, the URL kept off argv."""
         s = self.settings
         return {**os.environ, "RUN_API_PROCESSES": "1", "RUN_API_ADDR": addr, "DATABASE_URL": self.url,
+                "RUN_API_HTTP_ADDR": http_addr,
                 "RUNS_DATA_DIR": s.data_dir, "RUN_API_MIGRATE": "false", "RUN_LEASE_SECONDS": repr(s.lease_seconds),
                 "RUN_WORKER_EMBEDDED": "true" if s.embedded_worker else "false"}
 
@@ -200,6 +202,16 @@ class ApiProcesses:
             asyncio.run(_migrate_when_reachable(self.url))
         hold, port = _reserve_port(self.settings.addr)
         addr = f"{self.settings.addr.rsplit(':', 1)[0]}:{port}"
+        # The HTTP port too: held here, so the group's processes share it with each other only (and port 0
+        # becomes one port for all of them).
+        http_hold, http_addr = None, ""
+        if self.settings.http_addr:
+            try:
+                http_hold, http_port = _reserve_port(self.settings.http_addr, "RUN_API_HTTP_ADDR")
+            except ListenError:
+                hold.close()
+                raise
+            http_addr = f"{self.settings.http_addr.rsplit(':', 1)[0]}:{http_port}"
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -207,7 +219,7 @@ class ApiProcesses:
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}  # only to wake select()
         previous_fd = signal.set_wakeup_fd(wake_w)
         try:
-            code = self._supervise(addr, port, wake_r)
+            code = self._supervise(addr, http_addr, port, wake_r)
         finally:
             self._stop_all()
             signal.set_wakeup_fd(previous_fd)
@@ -216,16 +228,18 @@ class ApiProcesses:
             for fd in (wake_r, wake_w):
                 os.close(fd)
             hold.close()
+            if http_hold is not None:
+                http_hold.close()
         if code == 0 and not self.clean:
             log.error("API processes did not stop cleanly: %s",
                       ", ".join(f"pid {p}: {_exit_code(c.returncode)}" for p, c in self.children.items()))
             return 1
         return code
 
-    def _supervise(self, addr: str, port: int, wake_r: int) -> int:
+    def _supervise(self, addr: str, http_addr: str, port: int, wake_r: int) -> int:
         ready_r, ready_w = os.pipe()
         try:
-            env = self._env(addr)
+            env = self._env(addr, http_addr)
             for index in range(1, self.settings.processes + 1):
                 # A process group of its own: Ctrl-C reaches the parent only, which stops the worker first.
                 child = subprocess.Popen(self._command(index, ready_w), env=env, pass_fds=(ready_w,), process_group=0)
@@ -431,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         if args.command == "serve":
-            auth.resolve_mode(settings.auth, settings.addr)  # refuse an unsafe address before anything starts
+            # Refuse an unsafe address before anything starts.
+            auth.resolve_mode(settings.auth, settings.addr, settings.http_addr)
         url = db.resolve_database_url(settings.database_url, settings.data_dir)
         if args.command == "migrate":
             db.migrate(url)

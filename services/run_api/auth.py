@@ -152,14 +152,16 @@ def is_loopback(addr: str) -> bool:
         return False
 
 
-def resolve_mode(auth: str, addr: str) -> str:
-    """The auth mode the server runs with: 'required' or 'off' (unset: off on loopback, else refuse)."""
+def resolve_mode(auth: str, addr: str, http_addr: str = "") -> str:
+    """The auth mode the server runs with: 'required' or 'off' (unset: off when both the gRPC address and
+    the HTTP one, if any, are loopback; else refuse)."""
     if auth:
         return auth
-    if is_loopback(addr):
+    if is_loopback(addr) and (not http_addr or is_loopback(http_addr)):
         return "off"
+    where = addr if not is_loopback(addr) else f"{http_addr} (RUN_API_HTTP_ADDR)"
     raise AuthConfigError(
-        f"the API would listen on {addr} with auth off: set RUNS_AUTH=required (and create keys), "
+        f"the API would listen on {where} with auth off: set RUNS_AUTH=required (and create keys), "
         "or RUNS_AUTH=off to accept unauthenticated calls from the network"
     )
 

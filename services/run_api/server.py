@@ -135,7 +135,8 @@ class ApiServer:
     def __init__(self, settings: ApiSettings, database_url: str, reuse_port: bool = False) -> None:
         self.settings = settings
         self.database_url = database_url
-        self.auth_mode = resolve_mode(settings.auth, settings.addr)  # AuthConfigError: refuse to start
+        # AuthConfigError: refuse to start.
+        self.auth_mode = resolve_mode(settings.auth, settings.addr, settings.http_addr)
         self.engine = db.make_engine(database_url, settings.db_pool_size)
         self.authenticator = Authenticator(
             self.engine, self.auth_mode, KeyCache(settings.auth_cache_seconds), clock=utcnow
@@ -215,7 +216,7 @@ class ApiServer:
         if not self.settings.http_addr:
             return None
         gateway = Gateway(self.authenticator, self.servicers, self.metrics)
-        app = create_app(gateway, ready=lambda: bool(self.monitor.serving) and not self.stopping.is_set(),
+        app = create_app(gateway, ready=lambda: bool(self.monitor.serving) and not self._stopped,
                          extra=[self.metrics.route()])
         return HttpServer(app, self.settings.http_addr, reuse_port, self.settings.shutdown_grace_seconds)
 
@@ -318,14 +319,18 @@ class ApiServer:
             host = self.settings.http_addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             log.info("dashboard on http://%s:%d/ (JSON under /v1, run events, /metrics, /healthz)",
                      f"[{host}]" if ":" in host else host, self.http.port)
+        exposed = [a for a in (self.settings.addr, self.settings.http_addr) if a and not is_loopback(a)]
         if self.auth_mode == "required":
             log.info("auth required: every call but health and reflection needs an API key")
             if self.settings.tls_cert is None and not is_loopback(self.settings.addr):
                 log.warning("API keys travel in plaintext on %s: set RUN_API_TLS_CERT and RUN_API_TLS_KEY, or "
                             "terminate TLS in front of the API", self.settings.addr)
-        elif self.settings.auth == "off" and not is_loopback(self.settings.addr):
+            if self.settings.http_addr and not is_loopback(self.settings.http_addr):
+                log.info("the HTTP side on %s serves plain HTTP: put a TLS terminator in front of it, or keys "
+                         "and the dashboard's cookie travel in plaintext", self.settings.http_addr)
+        elif self.settings.auth == "off" and exposed:
             log.warning("auth is OFF on %s (RUNS_AUTH=off): anyone who reaches this address can start, cancel "
-                        "and execute runs; set RUNS_AUTH=required", self.settings.addr)
+                        "and execute runs; set RUNS_AUTH=required", " and ".join(exposed))
         else:
             log.info("auth is off: the API listens on loopback only (set RUNS_AUTH=required to require keys)")
         return self.port
