@@ -360,7 +360,8 @@ def test_calls_through_the_http_gateway_are_counted(api: Api) -> None:
     assert f"dashboard on {api.http_url}/" in api.output()  # what make up prints
     metrics = f"{api.http_url}/metrics"
     before = scrape(metrics)
-    started = httpx.post(f"{api.http_url}/v1/runs", json={"workflow": "runtime.noop"}, timeout=10)
+    started = httpx.post(f"{api.http_url}/v1/runs", json={"workflow": "runtime.noop"}, timeout=10,
+                         headers={"X-Runs-Csrf": "1"})
     assert started.status_code == 200, started.text
     assert httpx.get(f"{api.http_url}/v1/runs/no-such-run", timeout=10).status_code == 404
     after = scrape(metrics)
@@ -371,3 +372,16 @@ def test_calls_through_the_http_gateway_are_counted(api: Api) -> None:
         value(before, requests, method="GetRun", code="NOT_FOUND") + 1
     assert total(after, "runs_runs_started_total", workflow="runtime.noop") == \
         total(before, "runs_runs_started_total", workflow="runtime.noop") + 1
+
+
+def test_tenant_chosen_label_values_are_capped() -> None:
+    """Review of issue 10: workflow and step names are chosen by tenants; past the cap a new value is "other",
+    so no tenant grows the series without bound (a cache layer a worker names must be a known one)."""
+    from services.run_api.metrics import CACHE_LAYERS, OTHER, LabelCap
+
+    cap = LabelCap(2)
+    assert [cap("a"), cap("b"), cap("c"), cap("a")] == ["a", "b", OTHER, "a"]
+    pairs = LabelCap(1)
+    assert pairs(("wf", "step")) == ("wf", "step")
+    assert pairs(("wf", "other-step")) == (OTHER, OTHER)
+    assert {"hot", "cold"} == CACHE_LAYERS

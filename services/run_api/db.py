@@ -73,11 +73,19 @@ def migrate(url: str, revision: str = "head") -> None:
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     engine = create_engine(sqlalchemy_url(url))
     try:
-        with engine.begin() as conn:
-            # One migrator at a time, even with several API replicas starting together.
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7206157371)")
-            config.attributes["connection"] = conn
-            command.upgrade(config, revision)
+        with engine.connect() as conn:
+            # One migrator at a time, even with several API replicas starting together. A session lock, not
+            # a transaction's: each migration runs in its own transaction, and one may build an index
+            # CONCURRENTLY outside any (alembic's autocommit_block).
+            conn.exec_driver_sql("SELECT pg_advisory_lock(7206157371)")
+            conn.commit()
+            try:
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+            finally:
+                conn.rollback()  # whatever a failed migration left open
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(7206157371)")
+                conn.commit()
     finally:
         engine.dispose()
 

@@ -64,6 +64,30 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 7200, 21600)
 
 
+# Label values chosen by tenants (workflow and step names) are capped: past these many distinct values a
+# new one is counted as "other", so no tenant can grow the series (and the scrape) without bound.
+MAX_WORKFLOW_LABELS = 1_000
+MAX_STEP_LABELS = 5_000  # distinct (workflow, step) pairs
+CACHE_LAYERS = frozenset({"hot", "cold"})  # what a worker may name; anything else is "other"
+OTHER = "other"
+
+
+class LabelCap:
+    """Admits up to `limit` distinct label values (tuples); the rest become OTHER."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[Any] = set()
+
+    def __call__(self, value: Any) -> Any:
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        return (OTHER,) * len(value) if isinstance(value, tuple) else OTHER
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """How often gauges are read and pending facts resolved, and how much may wait for resolution."""
@@ -185,6 +209,8 @@ class ApiMetrics:
         self.dropped = Counter("runs_metrics_dropped", "Observations dropped because too many waited for their "
                                "database facts.", registry=r)
         r.register(_DatabaseGauges(self))
+        self.workflow_label = LabelCap(MAX_WORKFLOW_LABELS)
+        self.step_label = LabelCap(MAX_STEP_LABELS)
         self.snapshot = _Snapshot({}, 0, float("-inf"))
         # Pending, to be resolved with the runs' database facts:
         self._pickups: list[tuple[str, int, float]] = []  # run id, attempt, claimed at (epoch seconds)
@@ -236,7 +262,7 @@ class ApiMetrics:
     def _started(self, responses: Iterable[Any]) -> None:
         for one in responses:
             if not one.deduplicated:
-                self.runs_started.labels(one.run.workflow).inc()
+                self.runs_started.labels(self.workflow_label(one.run.workflow)).inc()
 
     def _reported(self, request: Any, response: Any) -> None:
         recorded = {r.event_id for r in response.results if r.outcome == RECORDED}
@@ -263,9 +289,11 @@ class ApiMetrics:
                     step = _field(e.payload, "step_key")
                     self._steps.append((e.run_id, step, _STEP_ENDS[e.type], max(ended - began, 0.0)))
             elif e.type == EventType.STEP_SKIPPED and _field(e.payload, "reason") == "cache_hit":
-                self.cache_hits.labels(_field(e.payload, "cache", "layer") or "unknown").inc()
+                layer = _field(e.payload, "cache", "layer")
+                self.cache_hits.labels(layer if layer in CACHE_LAYERS else OTHER).inc()
 
     def _finished(self, workflow: str, status: str, started: datetime | None, finished: datetime | None) -> None:
+        workflow = self.workflow_label(workflow)
         self.runs_finished.labels(workflow, status).inc()
         if started is not None and finished is not None:
             self.run_duration.labels(workflow, status).observe(max((finished - started).total_seconds(), 0.0))
@@ -302,7 +330,8 @@ class ApiMetrics:
                 if row is None or row.next_attempt_at is None:
                     continue
                 if row.attempt == attempt and row.status != "QUEUED":
-                    self.pickup.labels(row.workflow).observe(max(claimed_at - row.next_attempt_at.timestamp(), 0.0))
+                    waited = max(claimed_at - row.next_attempt_at.timestamp(), 0.0)
+                    self.pickup.labels(self.workflow_label(row.workflow)).observe(waited)
                     made += 1
             for run_id, attempt in ends:
                 row = facts.get(run_id)
@@ -312,7 +341,7 @@ class ApiMetrics:
             for run_id, step, status, seconds in steps:
                 row = facts.get(run_id)
                 if row is not None:
-                    self.step_duration.labels(row.workflow, step, status).observe(seconds)
+                    self.step_duration.labels(*self.step_label((row.workflow, step)), status).observe(seconds)
                     made += 1
             return made
 
@@ -337,10 +366,12 @@ class ApiMetrics:
                 self._failed("queue gauges", err)
                 return  # the last snapshot stays (the scrape still answers)
             self._recovered("queue gauges")
-            queued = {
-                r.workflow: (int(r.queued), max((now - r.oldest_due).total_seconds(), 0.0) if r.oldest_due else 0.0)
-                for r in rows
-            }
+            queued: dict[str, tuple[int, float]] = {}
+            for r in rows:  # workflows past the label cap add up under "other" (count summed, oldest kept)
+                n, age = int(r.queued), max((now - r.oldest_due).total_seconds(), 0.0) if r.oldest_due else 0.0
+                label = self.workflow_label(r.workflow)
+                was_n, was_age = queued.get(label, (0, 0.0))
+                queued[label] = (was_n + n, max(was_age, age))
             if len(self._workflows) < MAX_WORKFLOW_SERIES:
                 self._workflows.update(queued)
             for workflow in self._workflows - queued.keys():

@@ -27,12 +27,15 @@ UPGRADE = [
     "ALTER TABLE workers ADD COLUMN tools text[]",
     "ALTER TABLE workers ADD COLUMN capacity integer",
     "ALTER TABLE workers ADD COLUMN workspace_id text",
-    "CREATE INDEX runs_tenant_finished_idx ON runs (tenant_id, finished_at) WHERE finished_at IS NOT NULL",
-    """
-    CREATE INDEX runs_idempotency_prefix_idx ON runs (tenant_id, (idempotency_key COLLATE "C"))
-        WHERE idempotency_key IS NOT NULL
-    """,
 ]
+# Built CONCURRENTLY, outside a transaction: on a large `runs` a plain CREATE INDEX would block every
+# StartRun and claim while the API migrates on start. A build that failed half-way leaves an INVALID
+# index behind and this migration unrecorded, so each is dropped first when it exists.
+INDEXES = {
+    "runs_tenant_finished_idx": "ON runs (tenant_id, finished_at) WHERE finished_at IS NOT NULL",
+    "runs_idempotency_prefix_idx":
+        'ON runs (tenant_id, (idempotency_key COLLATE "C")) WHERE idempotency_key IS NOT NULL',
+}
 
 DOWNGRADE = [
     "DROP INDEX runs_idempotency_prefix_idx",
@@ -46,6 +49,10 @@ DOWNGRADE = [
 def upgrade() -> None:
     for statement in UPGRADE:
         op.execute(statement)
+    with op.get_context().autocommit_block():
+        for name, definition in INDEXES.items():
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            op.execute(f"CREATE INDEX CONCURRENTLY {name} {definition}")
 
 
 def downgrade() -> None:
