@@ -13,19 +13,27 @@ Playwright's own browser download is never used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
 
 from features.harness import Api, Client, Worker, create_key, wait_until
-from services.run_api.http import dag
+from services.run_api.auth import Authenticator
+from services.run_api.http import dag, pages
+from services.run_api.http.gateway import Gateway
+from shared.events import TERMINAL_EVENTS, EventType
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
@@ -159,14 +167,14 @@ def test_runs_page_lists_a_started_run_and_updates_it_live(api: Api, client: Cli
     assert page.evaluate("window.__same_page") == 1
     # Search by idempotency key prefix, and by run id prefix.
     keyed = client.start("", {}, idempotency_key="dash-search-42").run
-    page.fill("input[name=q]", "dash-search")
+    page.fill("input[name=query]", "dash-search")
     page.locator(".filters button[type=submit]").click()
     expect(page.locator("table.runs tbody tr[data-run]")).to_have_count(1)
     expect(page.locator(f'tr[data-run="{keyed.run_id}"]')).to_be_visible()
-    page.goto(api.http_url + "/?q=" + run.run_id[:20].lower())
+    page.goto(api.http_url + "/?query=" + run.run_id[:20].lower())
     expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_be_visible()
     # Paging: one run a page (this test started two), the next page has the other.
-    page.goto(api.http_url + "/?size=1")
+    page.goto(api.http_url + "/?page_size=1")
     rows = page.locator("table.runs tbody tr[data-run]")
     expect(rows).to_have_count(1)
     shown = rows.first.get_attribute("data-run")
@@ -190,6 +198,11 @@ def test_run_page_shows_the_dag_and_a_step_turning_from_running_to_succeeded(
     page.goto(f"{api.http_url}/runs/{run.run_id}")
     expect(page.locator("#run-dag g.node")).to_have_count(4)
     expect(page.locator("#run-dag path.edge")).to_have_count(4)
+    # The script listens for shared.events' types and ends the log on its terminal ones (no copy in app.js).
+    live = page.locator("#run-live")
+    assert live.get_attribute("data-event-types").split() == [e.value for e in EventType]
+    assert live.get_attribute("data-terminal-types").split() == sorted(e.value for e in TERMINAL_EVENTS)
+    assert "run.completed" not in (ROOT / "services/run_api/http/static/app.js").read_text()
     expect(node(page, "wait")).to_have_attribute("data-status", "running")
     expect(node(page, "prepare")).to_have_attribute("data-status", "succeeded")
     expect(node(page, "finish")).to_have_attribute("data-status", "created")
@@ -304,6 +317,128 @@ def test_unknown_run_renders_the_error_page_with_its_status(api: Api, page: Any)
     assert response is not None and response.status == 400
 
 
+def test_query_strings_are_read_as_the_json_api_reads_them(api: Api, client: Client) -> None:
+    """The dashboard builds its requests with routes.from_query and lets the servicer judge them."""
+    with httpx.Client(base_url=api.http_url, timeout=10) as http:
+        # A digit Python's isdigit() accepts but int() does not: 400, never a 500 with a stack.
+        for url in ("/?page_size=%C2%B2", "/ui/runs?page_size=%C2%B2",
+                    "/workflows/dashboard.gate?version=%C2%B2", "/workflows/dashboard.gate?version=%C2%B2%C2%B2"):
+            response = http.get(url)
+            assert response.status_code == 400, (url, response.status_code)
+            assert "page_size" in response.text or "version" in response.text
+        assert http.get("/?page_size=300").status_code == 200  # the servicer's limit (500 at most), not a copy
+        negative = http.get("/?page_size=-1")
+        assert negative.status_code == 400 and "must not be negative" in negative.text  # the servicer's words
+        assert http.get("/?colour=red").status_code == 400  # an unknown parameter, as GET /v1/runs says
+        assert http.get("/?status=running&workflow=&query=").status_code == 200  # the filter form's empty fields
+        assert http.get("/workflows/dashboard.gate?version=1").status_code == 200
+
+
+def test_login_and_logout_are_refused_from_another_origin(api: Api) -> None:
+    """Login CSRF (the attacker's key in the victim's browser) and forced logout: refused unless same-origin."""
+    form = {"key": "runs_attackers-key", "next": "/"}
+    foreign: list[dict[str, str]] = [
+        {"Origin": "https://evil.example"},
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},
+        {"Origin": api.http_url.replace("127.0.0.1", "localhost")},  # another origin on this machine
+    ]
+    host = api.http_url.removeprefix("http://")
+    with httpx.Client(base_url=api.http_url, timeout=10, cookies={"runs_key": "the-victims-key"}) as http:
+        for headers in foreign:
+            login = http.post("/login", data=form, headers=headers)
+            assert login.status_code == 403, headers
+            assert "set-cookie" not in login.headers, headers
+            logout = http.post("/logout", headers=headers)
+            assert logout.status_code == 403, headers
+            assert "set-cookie" not in logout.headers, headers  # the cookie is not cleared
+        # The dashboard's own forms (a browser sends its origin) and clients that send neither header pass.
+        for headers in ({"Origin": api.http_url, "Sec-Fetch-Site": "same-origin"}, {"Origin": f"http://{host}"}, {}):
+            login = http.post("/login", data=form, headers=headers)
+            assert login.status_code == 303 and "runs_key=" in login.headers["set-cookie"], headers
+            logout = http.post("/logout", headers=headers)
+            assert logout.status_code == 303 and "runs_key=" in logout.headers["set-cookie"], headers
+
+
+@pytest.mark.parametrize(("http_addr", "secure"), [
+    ("127.0.0.1:8080", False), ("[::1]:8080", False), ("localhost:8080", False),
+    ("0.0.0.0:8080", True), ("[::]:8080", True), ("10.0.0.5:8080", True), ("runs.example.com:80", True),
+    (None, True),
+])
+def test_the_key_cookie_is_secure_unless_the_http_address_is_loopback(http_addr: str | None, secure: bool) -> None:
+    """Behind a TLS terminator the request's scheme is http: the flag follows the address the API listens on.
+    (The dashboard's app alone, in this process: auth off never reads the database.)"""
+    gateway = Gateway(Authenticator(cast(Any, None), "off"), {})
+    app = Starlette(routes=pages.routes(gateway, http_addr=http_addr))
+
+    async def login_and_logout() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://runs.internal:8080") as http:
+            return (await http.post("/login", data={"key": "runs_some-key", "next": "/"}),
+                    await http.post("/logout"))
+
+    # In a thread of its own: Playwright's sync API may hold this thread's event loop (other tests of the module).
+    with ThreadPoolExecutor(1) as pool:
+        login, logout = pool.submit(asyncio.run, asyncio.wait_for(login_and_logout(), 10)).result(20)
+    assert login.status_code == 303
+    cookie = login.headers["set-cookie"].lower()
+    assert cookie.startswith("runs_key=") and "httponly" in cookie and "samesite=strict" in cookie
+    assert ("; secure" in cookie) is secure, cookie
+    assert logout.status_code == 303 and ("; secure" in logout.headers["set-cookie"].lower()) is secure
+
+
+def _get_stats_calls(http: httpx.Client) -> float:
+    """GetStats calls this API answered (its /metrics)."""
+    text = http.get("/metrics").text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "runs_grpc_requests_total" and sample.labels.get("method") == "GetStats")
+
+
+def test_the_runs_table_polls_counts_by_status_at_most_every_10_seconds(api: Api, client: Client) -> None:
+    """Each open runs tab re-fetches the table every 2 s; GetStats (a scan) is not repeated each time."""
+    with httpx.Client(base_url=api.http_url, timeout=10) as http:
+        before = _get_stats_calls(http)
+        for _ in range(6):
+            response = http.get("/ui/runs")
+            assert response.status_code == 200 and 'class="counts"' in response.text  # the counts are shown
+        # Six refreshes in well under 10 s: at most one fetch, or two if a kept answer expired meanwhile.
+        assert _get_stats_calls(http) - before <= 2
+    assert pages.COUNTS_SECONDS >= 10
+
+
+def test_the_stream_s_own_error_event_is_shown_and_a_refused_cancel_says_why(
+    api: Api, client: Client, page: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    run = client.start(GATE_SPEC["name"], {"gate": str(gate)}).run
+    page.goto(f"{api.http_url}/runs/{run.run_id}")
+    expect(node(page, "wait")).to_have_attribute("data-status", "running")
+    expect(page.locator("#cancel")).to_be_visible()
+    # The page stops refreshing its fragment (as if the server were slow): the run ends behind its back,
+    # so the page still offers Cancel, and the handler's refusal must be shown, not swallowed.
+    page.route("**/ui/runs/**", lambda route: route.abort())
+    gate.touch()
+    client.wait_status(run.run_id, {"SUCCEEDED"}, 30)
+    expect(page.locator('#events tr[data-type="run.completed"]')).to_have_count(1)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel").click()
+    expect(page.locator("#action-result")).to_contain_text("cannot be canceled")
+    shot(page, tmp_path, "cancel-refused")
+    page.unroute("**/ui/runs/**")
+    # The server's error on the stream (`event: runs.error`, e.g. it is stopping) is said on the page.
+    stream = ("retry: 600000\n\n"
+              'id: 1\nevent: run.queued\ndata: {"sequence":"1","type":"run.queued","payload":{}}\n\n'
+              'event: runs.error\ndata: {"code":"UNAVAILABLE","message":"the server is stopping"}\n\n')
+    page.route(f"**/v1/runs/{run.run_id}/events*", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}, body=stream))
+    page.goto(f"{api.http_url}/runs/{run.run_id}")
+    expect(page.locator('#events tr[data-type="run.queued"]')).to_have_count(1)
+    expect(page.locator("#events-state")).to_contain_text("the server is stopping")
+    shot(page, tmp_path, "stream-error")
+
+
 def test_phone_sized_run_page_scrolls_the_graph_not_the_page(api: Api, client: Client, browser: Any,
                                                              tmp_path: Path) -> None:
     run = client.start("campaign.build", CAMPAIGN_INPUT).run
@@ -358,8 +493,9 @@ def test_with_auth_required_the_page_asks_for_a_key_and_works_after_login(
             expect(page.locator(".counts")).to_have_count(0)  # GetStats is for admin keys: hidden
             shot(page, tmp_path, "runs-after-login")
             # A cookie-authenticated change without the CSRF header is refused; the page's own cancel works.
-            refused = page.request.post(f"{api.http_url}/v1/runs/{run.run_id}/cancel", data="{}")
-            assert refused.status == 401
+            refused = page.request.post(f"{api.http_url}/v1/runs/{run.run_id}/cancel", data="{}",
+                                        headers={"Content-Type": "application/json"})
+            assert refused.status in (401, 403)  # 403 once the gateway says PERMISSION_DENIED for it
             page.goto(f"{api.http_url}/runs/{run.run_id}")
             page.once("dialog", lambda dialog: dialog.accept())
             page.locator("#cancel").click()

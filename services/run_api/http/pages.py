@@ -3,21 +3,30 @@
 Every page gets its data through `Gateway.call`, so keys, roles and tenants are checked exactly as
 for gRPC; an error renders a small page with the error's HTTP status, and a missing or bad key
 renders the login form (401). The browser logs in by pasting an API key, kept in the `runs_key`
-cookie (HttpOnly, SameSite=Strict, Secure over https). Live parts are HTML fragments under /ui/
-that the page's script re-fetches (the runs table every 2 s; a run's DAG, timeline and steps on
-each of its Server-Sent Events). Changes (cancel, rebuild) are the JSON API's POST routes, called
-by the page's script with `X-Runs-Csrf: 1` (required when the key comes from the cookie).
+cookie (HttpOnly, SameSite=Strict; Secure unless the HTTP address is loopback, so a dashboard
+served off loopback must be reached over https, e.g. behind a TLS terminator). POST /login and
+/logout are refused unless they come from this origin (Origin / Sec-Fetch-Site): no login CSRF.
+Live parts are HTML fragments under /ui/ that the page's script re-fetches (the runs table every
+2 s, its counts by status at most every COUNTS_SECONDS per caller; a run's DAG, timeline and
+steps on each of its Server-Sent Events). Changes (cancel, rebuild) are the JSON API's POST
+routes, called by the page's script with `X-Runs-Csrf: 1`.
+
+Query strings are read as the JSON API reads them (`routes.from_query`: the runs page takes
+/v1/runs' status, workflow, query, page_size and page_token), and the servicers validate them; the
+event types the page's script listens for and which of them end a run come from shared.events.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -27,10 +36,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from services.run_api.errors import InvalidRequest, RunsError, Unauthenticated
+from services.run_api.auth import is_loopback
+from services.run_api.errors import PermissionDenied, RunsError, Unauthenticated
 from services.run_api.http import dag
 from services.run_api.http.gateway import HTTP_STATUS, KEY_COOKIE, Gateway
+from services.run_api.http.routes import from_query
 from services.run_api.interceptors import translate
+from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, EventType, RunStatus
 from shared.gen.runs.v1 import ops_service_pb2, run_pb2, run_service_pb2, workflow_service_pb2
 
 log = logging.getLogger(__name__)
@@ -43,9 +55,12 @@ RUN_SERVICE = "/runs.v1.RunService/"
 WORKFLOW_SERVICE = "/runs.v1.WorkflowService/"
 OPS_SERVICE = "/runs.v1.OpsService/"
 RUN_STATUSES = [n.removeprefix("RUN_STATUS_") for n in run_pb2.RunStatus.keys() if not n.endswith("UNSPECIFIED")]
-ACTIVE = {"QUEUED", "RUNNING"}
-PAGE_SIZE = 25  # runs per page unless ?size= says (at most MAX_PAGE_SIZE)
-MAX_PAGE_SIZE = 200
+# The run page's script listens for these Server-Sent Events; the terminal ones end its log.
+EVENT_TYPES = [e.value for e in EventType]
+TERMINAL_TYPES = sorted(e.value for e in TERMINAL_EVENTS)
+PAGE_SIZE = 25  # runs per page unless ?page_size= says (the servicer caps it)
+COUNTS_SECONDS = 10.0  # the runs page's counts by status (GetStats) are fetched at most this often per caller
+MAX_COUNTS_CACHED = 1000  # callers whose counts are kept
 MAX_LOGIN_BYTES = 8192  # the login form's body (a key is at most 200 characters)
 MAX_SHOWN = 20_000  # characters of a step's input or output shown on the page
 MARKS = {"cache_hit": "cache hit", "reused_from_base": "reused"}
@@ -112,6 +127,36 @@ def artifact_url(run_id: str, step_key: str, name: str) -> str:
     return f"/v1/runs/{quote(run_id, safe='')}/artifacts/{quote(step_key, safe='')}/{quote(name, safe='/')}"
 
 
+def cookie_secure(http_addr: str | None) -> bool:
+    """Whether the key cookie is Secure: always, unless the HTTP side listens on a loopback address
+    (None: not known, so Secure). The request's own scheme is no guide: behind a TLS terminator it is http."""
+    return not (http_addr and is_loopback(http_addr))
+
+
+def _origin_netloc(scheme: str, netloc: str) -> str:
+    """host[:port] lower-cased, without the scheme's default port."""
+    netloc = netloc.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme.lower(), "")
+    return netloc.removesuffix(default) if default and netloc.endswith(default) else netloc
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a form POST comes from a page of this origin: a Sec-Fetch-Site other than same-origin
+    (or none: typed by the user) and an Origin whose host is not the request's Host are refused;
+    a request with neither header (not from a browser) passes."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False  # "null" (a sandboxed frame, a redirect across origins) or garbage
+    host = request.headers.get("host", "")
+    return bool(host) and _origin_netloc(parts.scheme, parts.netloc) == _origin_netloc(parts.scheme, host)
+
+
 def spec_dependencies(spec: workflow_service_pb2.WorkflowSpec) -> dict[str, list[str]]:
     """Each step's dependencies, in the spec's order."""
     return {step.key: list(step.depends_on) for step in spec.steps}
@@ -120,10 +165,14 @@ def spec_dependencies(spec: workflow_service_pb2.WorkflowSpec) -> dict[str, list
 class Pages:
     """The dashboard's routes over `gateway`, rendered with the templates under templates/."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, secure_cookie: bool = True) -> None:
         self.gateway = gateway
+        self.secure_cookie = secure_cookie
         self.templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
-        self.templates.env.globals.update(statuses=RUN_STATUSES)
+        self.templates.env.globals.update(statuses=RUN_STATUSES, event_types=EVENT_TYPES,
+                                          terminal_types=TERMINAL_TYPES)
+        # GetStats (a scan of the caller's runs) per caller, so open runs tabs polling every 2 s do not repeat it.
+        self._counts: dict[str, tuple[float, Any]] = {}
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -184,9 +233,21 @@ class Pages:
         return self.render(request, "login.html", {"next": next_path, "message": message, "title": "Log in"},
                            status_code)
 
+    def cross_site(self, request: Request) -> Response | None:
+        """The refusal of a form POST from another origin (login CSRF, forced logout), else None."""
+        if same_origin(request):
+            return None
+        error = PermissionDenied("this form is accepted only from this dashboard's own pages "
+                                 "(a proxy in front must pass the Host header through)")
+        return self.render(request, "error.html", {"status": 403, "code": error.code.name,
+                                                   "message": error.message}, 403)
+
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
             return self.login_form(request, safe_next(request.query_params.get("next", "/")))
+        refused = self.cross_site(request)
+        if refused is not None:
+            return refused
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -204,35 +265,49 @@ class Pages:
             return self.login_form(request, next_path, err.message, HTTP_STATUS.get(err.code, 401))
         response = RedirectResponse(next_path, status_code=303)
         if key:
-            response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict",
-                                secure=request.url.scheme == "https", path="/")
+            response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", secure=self.secure_cookie,
+                                path="/")
         return response
 
     async def logout(self, request: Request) -> Response:
+        refused = self.cross_site(request)
+        if refused is not None:
+            return refused
         response = RedirectResponse("/login" if self.auth_on else "/", status_code=303)
-        response.delete_cookie(KEY_COOKIE, path="/", httponly=True, samesite="strict")
+        response.delete_cookie(KEY_COOKIE, path="/", httponly=True, samesite="strict", secure=self.secure_cookie)
         return response
 
     # --- runs --------------------------------------------------------------------------------
 
+    async def counts_by_status(self, request: Request) -> Any:
+        """GetStats for the request's caller (None when refused), fetched at most every COUNTS_SECONDS per caller.
+        Called after the caller's ListRuns succeeded, so a revoked key never reads a cached answer."""
+        key = self.gateway.key_of(request)[0] or ""
+        caller = hashlib.sha256(key.encode()).hexdigest()
+        now = time.monotonic()
+        kept = self._counts.get(caller)
+        if kept is not None and now - kept[0] < COUNTS_SECONDS:
+            return kept[1]
+        stats = await self.maybe(request, OPS_SERVICE + "GetStats", ops_service_pb2.GetStatsRequest())
+        self._counts.pop(caller, None)
+        self._counts[caller] = (time.monotonic(), stats)
+        while len(self._counts) > MAX_COUNTS_CACHED:
+            del self._counts[next(iter(self._counts))]  # the oldest
+        return stats
+
     async def runs_context(self, request: Request) -> dict[str, Any]:
-        """The runs table's data for the filters in the query string."""
+        """The runs table's data for the filters in the query string (read as GET /v1/runs reads it)."""
+        # The filter form sends its empty fields too (?status=&workflow=): an empty one is no filter.
+        filled = [(k, v.strip()) for k, v in request.query_params.multi_items() if v.strip()]
+        message = run_service_pb2.ListRunsRequest()
+        from_query(Request({**request.scope, "query_string": urlencode(filled).encode()}), message)
+        if not message.page_size:
+            message.page_size = PAGE_SIZE
         q = request.query_params
         filters = {"status": q.get("status", "").upper(), "workflow": q.get("workflow", "").strip(),
-                   "q": q.get("q", "").strip(), "size": q.get("size", "").strip()}
-        size = filters["size"]
-        if size and (not size.isdigit() or not 1 <= int(size) <= MAX_PAGE_SIZE):
-            raise InvalidRequest.field("size", f"size must be a whole number from 1 to {MAX_PAGE_SIZE}")
-        message = run_service_pb2.ListRunsRequest(page_size=int(size or PAGE_SIZE), page_token=q.get("page_token", ""),
-                                                  workflow=filters["workflow"])
-        if filters["status"]:
-            if filters["status"] not in RUN_STATUSES:
-                raise InvalidRequest.field("status", f"status must be one of {', '.join(RUN_STATUSES)}")
-            message.status = run_pb2.RunStatus.Value("RUN_STATUS_" + filters["status"])
-        if filters["q"]:
-            message.query = filters["q"]
+                   "query": q.get("query", "").strip(), "page_size": q.get("page_size", "").strip()}
         response = await self.call(request, RUN_SERVICE + "ListRuns", message)
-        stats = await self.maybe(request, OPS_SERVICE + "GetStats", ops_service_pb2.GetStatsRequest())
+        stats = await self.counts_by_status(request)
         now = datetime.now(UTC)
         rows = []
         for run in response.runs:
@@ -249,13 +324,14 @@ class Pages:
             counts = [(s, int(stats.runs_by_status.get(s, stats.runs_by_status.get("RUN_STATUS_" + s, 0))))
                       for s in RUN_STATUSES]
         kept = {k: v for k, v in filters.items() if v}
+        token = q.get("page_token", "").strip()
         return {
             "rows": rows, "counts": counts, "filters": filters,
             "query": urlencode(kept), "page_token": q.get("page_token", ""),
             "next_page": urlencode({**kept, "page_token": response.next_page_token})
             if response.next_page_token else "",
             "first_page": urlencode(kept),
-            "live_url": "/ui/runs?" + urlencode({**kept, "page_token": q.get("page_token", "")}),
+            "live_url": "/ui/runs?" + urlencode({**kept, "page_token": token} if token else kept),
         }
 
     async def runs(self, request: Request) -> Response:
@@ -346,15 +422,18 @@ class Pages:
         created, started, finished = when(run, "created_at"), when(run, "started_at"), when(run, "finished_at")
         attempts = [{"attempt": a.attempt, "worker": a.worker_id, "outcome": a.outcome, "error": a.error,
                      "duration": span(when(a, "claimed_at"), when(a, "ended_at"), now)} for a in got.attempts]
+        terminal = run_status in TERMINAL_STATUSES
         return {
-            "run": run, "status": run_status, "terminal": run_status not in ACTIVE,
+            "run": run, "status": run_status, "terminal": terminal,
             "age": ago(created, now), "created": created.isoformat() if created else "",
             "duration": span(started, finished, now),
             "input": pretty(run.input), "output": pretty(run.output),
             "graph": graph, "timeline": chart, "steps": details, "attempts": attempts,
             "lane_notes": {key: marks.get(key) or status[key] for key in deps},
-            "can_cancel": run_status in ACTIVE and not run.HasField("cancel_requested_at"),
-            "can_rebuild": run_status == "SUCCEEDED", "change_requests": change_requests,
+            # Cancel is offered until the run ends (the handler refuses what it must; the page shows why);
+            # only a SUCCEEDED run is rebuilt (rebuild.py's rule).
+            "can_cancel": not terminal,
+            "can_rebuild": run_status == RunStatus.SUCCEEDED, "change_requests": change_requests,
             "summary": run.steps_summary,
         }
 
@@ -391,13 +470,11 @@ class Pages:
         })
 
     async def workflow(self, request: Request) -> Response:
-        raw = request.query_params.get("version", "0")
-        if not raw.isdigit() or len(raw) > 9:
-            raise InvalidRequest.field("version", "version must be a whole number")
-        response = await self.call(request, WORKFLOW_SERVICE + "GetWorkflow", workflow_service_pb2.GetWorkflowRequest(
-            name=request.path_params["name"], version=int(raw)))
+        message = workflow_service_pb2.GetWorkflowRequest()
+        from_query(request, message, name=request.path_params["name"])
+        response = await self.call(request, WORKFLOW_SERVICE + "GetWorkflow", message)
         latest = response.workflow.version
-        if raw != "0":
+        if message.version:
             newest = await self.maybe(request, WORKFLOW_SERVICE + "GetWorkflow",
                                       workflow_service_pb2.GetWorkflowRequest(name=request.path_params["name"]))
             latest = newest.workflow.version if newest is not None else latest
@@ -487,6 +564,7 @@ def chart(
             "labels": labels}
 
 
-def routes(gateway: Gateway) -> list[BaseRoute]:
-    """The dashboard's routes (pages, fragments, login, /static) over `gateway`."""
-    return Pages(gateway).routes()
+def routes(gateway: Gateway, http_addr: str | None = None) -> list[BaseRoute]:
+    """The dashboard's routes (pages, fragments, login, /static) over `gateway`; `http_addr` is the
+    address the HTTP side listens on (the key cookie is Secure unless it is loopback; None: Secure)."""
+    return Pages(gateway, secure_cookie=cookie_secure(http_addr)).routes()

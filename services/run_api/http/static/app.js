@@ -1,14 +1,14 @@
 // The dashboard's little script: live fragments, the run's event stream, cancel and rebuild.
-// Changes are POSTed with the X-Runs-Csrf header the API requires of cookie-authenticated calls.
+// Changes are POSTed with the X-Runs-Csrf header the API requires of them. The event types to
+// listen for, and which of them end a run, are the server's (shared.events), in the run page's
+// data-event-types and data-terminal-types; what the page offers (cancel, rebuild) is the server's
+// too (the fragment's markup), and a refusal is shown with the handler's own message.
 (function () {
   "use strict";
-  var TERMINAL = { "run.completed": 1, "run.failed": 1, "run.canceled": 1 };
-  var EVENT_TYPES = [
-    "run.queued", "run.claimed", "run.started", "run.completed", "run.failed", "run.canceled",
-    "run.cancel_requested", "run.lease_expired", "run.requeued", "run.readopted", "run.released",
-    "step.created", "step.started", "step.succeeded", "step.failed", "step.skipped", "step.canceled",
-    "tool.invoked", "tool.succeeded", "tool.failed", "message"
-  ];
+
+  function words(node, name) {
+    return (node.getAttribute(name) || "").split(" ").filter(function (w) { return w !== ""; });
+  }
 
   function post(url, body) {
     return fetch(url, {
@@ -50,6 +50,7 @@
   }
 
   // --- runs page -----------------------------------------------------------------------------
+  // The table every 2 s; its counts by status are refreshed by the server at most every 10 s.
   var runs = document.getElementById("runs-live");
   if (runs) {
     var table = new LiveFragment(runs);
@@ -60,17 +61,29 @@
   var run = document.getElementById("run-live");
   if (run) {
     var runId = run.getAttribute("data-run");
-    var source = null, timer = null, seen = {};
+    var source = null, timer = null, seen = {}, refused = "", streamError = "";
     var state = document.getElementById("events-state");
     var log = document.querySelector("#events tbody");
+    var terminal = {};
+    words(run, "data-terminal-types").forEach(function (type) { terminal[type] = true; });
 
+    // A refused cancel's message, shown next to the button (again after each refresh of the fragment).
+    var showRefusal = function () {
+      var actions = run.querySelector(".actions");
+      var old = document.getElementById("action-result");
+      if (old) { old.parentNode.removeChild(old); }
+      if (refused && actions) {
+        actions.appendChild(el("p", { "class": "flash bad", id: "action-result", role: "alert" }, refused));
+      }
+    };
     var fragment = new LiveFragment(run, function () {
       var head = run.querySelector(".run-head");
       var rebuild = document.getElementById("rebuild");
       if (rebuild && head) {
         var hasTypes = rebuild.querySelector("option") !== null;
-        rebuild.hidden = !(hasTypes && head.getAttribute("data-status") === "SUCCEEDED");
+        rebuild.hidden = !(hasTypes && head.getAttribute("data-can-rebuild") === "1");
       }
+      showRefusal();
     });
     var soon = function () { clearTimeout(timer); timer = setTimeout(fragment.refresh, 150); };
 
@@ -94,7 +107,7 @@
       row.appendChild(el("td", {}, String(event.attempt || "")));
       row.appendChild(el("td", {}, details.join(" ").slice(0, 300)));
       if (log.rows.length < 5000) { log.appendChild(row); }
-      if (TERMINAL[event.type]) {
+      if (terminal[event.type]) {
         source.close();
         state.textContent = "The run has ended; the log is complete.";
       } else {
@@ -103,15 +116,30 @@
       soon();
     };
 
+    // The server's own error on the stream (e.g. it is stopping): {"code", "message"}; the stream then
+    // ends and the browser reconnects after the last event it has.
+    var serverError = function (msg) {
+      var data = {};
+      try { data = JSON.parse(msg.data); } catch (e) { /* not JSON: say what there is */ }
+      streamError = (data && data.message) || String(msg.data || "error");
+      state.textContent = "the stream failed: " + streamError + "; reconnecting…";
+    };
+
     if (window.EventSource) {
       source = new EventSource(run.getAttribute("data-events"));
-      EVENT_TYPES.forEach(function (type) { source.addEventListener(type, addEvent); });
-      source.onopen = function () { state.textContent = "live"; };
-      source.onerror = function () {
+      words(run, "data-event-types").concat(["message"]).forEach(function (type) {
+        source.addEventListener(type, addEvent);
+      });
+      source.addEventListener("runs.error", serverError);
+      source.onopen = function () { streamError = ""; state.textContent = "live"; };
+      source.onerror = function (e) {  // the connection's own error (or an older server's "error" event)
+        if (e && typeof e.data === "string" && e.data) { serverError(e); return; }
         if (source.readyState === EventSource.CLOSED) {  // refused (e.g. the key was revoked): poll instead
           state.textContent = "the stream closed; refreshing every 2 s";
           setInterval(function () { if (!document.hidden) { fragment.refresh(); } }, 2000);
-        } else { state.textContent = "reconnecting…"; }
+        } else {
+          state.textContent = "reconnecting…" + (streamError ? " (the stream failed: " + streamError + ")" : "");
+        }
       };
     } else {
       setInterval(fragment.refresh, 2000);
@@ -122,9 +150,16 @@
       if (target && target.id === "cancel") {
         if (!window.confirm("Cancel run " + runId + "?")) { return; }
         target.disabled = true;
+        refused = "";
+        showRefusal();
         post("/v1/runs/" + encodeURIComponent(runId) + "/cancel", { reason: "canceled from the dashboard" })
           .then(soon)
-          .catch(function (err) { target.disabled = false; window.alert("Cancel refused: " + err.message); });
+          .catch(function (err) {
+            target.disabled = false;
+            refused = "Cancel refused: " + err.message;
+            showRefusal();
+            soon();  // the run may have ended meanwhile: show what it is now
+          });
       }
     });
 
