@@ -203,8 +203,11 @@ class ApiSettings:
     def __post_init__(self) -> None:
         if ":" not in self.addr:
             raise SettingsError(f"RUN_API_ADDR must be host:port, got {self.addr!r}")
-        if self.http_addr and ":" not in self.http_addr:
-            raise SettingsError(f"RUN_API_HTTP_ADDR must be host:port or empty, got {self.http_addr!r}")
+        if self.http_addr:
+            _, sep, port = self.http_addr.rpartition(":")
+            if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+                raise SettingsError(
+                    f"RUN_API_HTTP_ADDR must be host:port (a port 0-65535) or empty, got {self.http_addr!r}")
         if self.auth not in ("", "required", "off"):
             raise SettingsError(f"RUNS_AUTH must be required or off, got {self.auth!r}")
         if (self.tls_cert is None) != (self.tls_key is None):

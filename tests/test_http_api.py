@@ -2,8 +2,8 @@
 
 One API with RUNS_AUTH=required (an admin key from RUNS_BOOTSTRAP_ADMIN_KEY, client and worker
 keys made through KeyService, a second tenant's key made on the API host) and one worker are shared
-by the module's tests; each test makes its own runs. The keepalive and disconnect tests serve the
-routes in-process over an ApiServer's own servicers, to look at its hub.
+by the module's tests; each test makes its own runs. The keepalive, disconnect, stream error and
+loopback (auth off, Host check) tests serve the app in-process over an ApiServer's own servicers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,14 +26,16 @@ import grpc
 import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 from ulid import ULID
 
 from features.harness import ROOT, Api, Client, Worker, base_env, create_key, wait_until
 from services.run_api import db, handlers
 from services.run_api.http import routes
-from services.run_api.http.app import HttpServer
-from services.run_api.http.gateway import Gateway
+from services.run_api.http.app import HttpServer, create_app, host_name, loopback_hosts
+from services.run_api.http.gateway import MAX_BODY_BYTES, Gateway
 from services.run_api.server import ApiServer
 from services.run_api.store.events import CHANNEL_EVENTS
 from services.run_api.store.uow import UnitOfWork
@@ -45,7 +47,7 @@ from shared.gen.runs.v1 import (
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
-from shared.settings import ApiSettings
+from shared.settings import ApiSettings, SettingsError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,8 +66,11 @@ class Stack:
     other_tenant: str  # a client key of tenant "other"
     other_admin: str  # an admin key of tenant "other"
 
-    def http(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
+    def http(self, key: str | None = None, csrf: bool = True, **kwargs: Any) -> httpx.Client:
+        """A client with `key` as bearer, sending `X-Runs-Csrf: 1` (which every POST needs) unless `csrf` is False."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if csrf:
+            headers["X-Runs-Csrf"] = "1"
         return httpx.Client(base_url=self.api.http_url, headers=headers, timeout=20, **kwargs)
 
     @contextlib.contextmanager
@@ -122,6 +127,11 @@ def fields(response: httpx.Response) -> list[str]:
     """The field names of a 400's field violations."""
     assert response.status_code == 400, response.text
     return [v["field"] for v in response.json()["field_violations"]]
+
+
+def fields_of(response: httpx.Response) -> list[str]:
+    """The field names of an error's field violations, whatever its status."""
+    return [v["field"] for v in response.json().get("field_violations", [])]
 
 
 def start(http: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -246,6 +256,39 @@ def test_events_of_a_finished_run_and_resume(stack: Stack) -> None:
         assert [int(m["id"]) for m in resumed] == list(range(middle + 1, len(events) + 1))
         assert fields(http.get(f"/v1/runs/{run['run_id']}/events", headers={"Last-Event-ID": "x"})) == [
             "Last-Event-ID"]
+        # Review of issue 10 (finding 12): "²" is a digit to str.isdigit, not to int(): a 400, not a 500.
+        assert fields(http.get(f"/v1/runs/{run['run_id']}/events", headers={b"Last-Event-ID": b"\xb2"})) == [
+            "Last-Event-ID"]  # the header's byte 0xB2 is "²" in ISO-8859-1
+        assert fields(http.get(f"/v1/runs/{run['run_id']}/events", params={"after_sequence": "²"})) == [
+            "Last-Event-ID"]
+        # Resumed after the terminal event: nothing more, the stream ends.
+        with http.stream("GET", f"/v1/runs/{run['run_id']}/events", headers={"Last-Event-ID": str(len(events))}) as r:
+            assert r.status_code == 200 and [m for m in read_sse(r) if "comment" not in m] == []
+
+
+def get_run_calls(stack: Stack) -> float:
+    """How many GetRun calls the API has served (its /metrics, any code)."""
+    text = httpx.get(f"{stack.api.http_url}/metrics", timeout=10).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "runs_grpc_requests_total" and sample.labels.get("method") == "GetRun")
+
+
+def test_the_event_stream_checks_the_run_without_get_run(stack: Stack) -> None:
+    """Review of issue 10 (finding 13): the stream's own first pass checks the run (no full GetRun per connect);
+    an unknown run and another tenant's are still refused with a status before the stream starts."""
+    with stack.http(stack.client) as http:
+        run = start(http, workflow="runtime.noop", workspace_id="nobody-claims")  # stays queued: 1 event
+        before = get_run_calls(stack)
+        with http.stream("GET", f"/v1/runs/{run['run_id']}/events", headers={"Last-Event-ID": "1"}) as response:
+            assert response.status_code == 200  # open at once, though nothing after event 1 is there yet
+        with http.stream("GET", f"/v1/runs/{run['run_id']}/events") as response:
+            first = next(m for m in read_sse(response) if "comment" not in m)
+            assert (first["event"], first["id"]) == ("run.queued", "1")
+        missing = http.get(f"/v1/runs/{ULID()}/events")
+        assert (missing.status_code, missing.json()["code"]) == (404, "NOT_FOUND")
+        assert get_run_calls(stack) == before
+    with stack.http(stack.other_tenant) as other:
+        assert other.get(f"/v1/runs/{run['run_id']}/events").status_code == 404
 
 
 def test_live_stream_receives_the_terminal_event(stack: Stack) -> None:
@@ -275,13 +318,85 @@ def test_keys_tenants_cookie_and_csrf(stack: Stack) -> None:
             response = other.get(f"/v1/runs/{mine['run_id']}{path}")
             assert response.status_code == 404, (path, response.text)
         assert other.post(f"/v1/runs/{mine['run_id']}/cancel", json={}).status_code == 404
-    with stack.http(cookies={"runs_key": stack.client}) as browser:
+    with stack.http(csrf=False, cookies={"runs_key": stack.client}) as browser:
         assert browser.get(f"/v1/runs/{mine['run_id']}").json()["run"]["run_id"] == mine["run_id"]
         refused = browser.post(f"/v1/runs/{mine['run_id']}/cancel", json={})
-        assert refused.status_code == 401 and "x-runs-csrf" in refused.json()["message"]
+        assert (refused.status_code, refused.json()["code"]) == (403, "PERMISSION_DENIED")
+        assert "x-runs-csrf" in refused.json()["message"]
         assert browser.get(f"/v1/runs/{mine['run_id']}").json()["run"]["status"] == "RUN_STATUS_QUEUED"
         allowed = browser.post(f"/v1/runs/{mine['run_id']}/cancel", json={}, headers={"X-Runs-Csrf": "1"})
         assert allowed.status_code == 200 and allowed.json()["run"]["status"] == "RUN_STATUS_CANCELED"
+
+
+def test_changes_need_the_csrf_header_a_json_body_and_this_origin(stack: Stack) -> None:
+    """Review of issue 10 (findings 2, 16): whatever the credential, a POST needs X-Runs-Csrf: 1 (else 403),
+    a JSON Content-Type (else 415), and no other Origin or cross-site Sec-Fetch-Site (else 403)."""
+    with stack.http(stack.client) as http:
+        run = start(http, workflow="runtime.noop", workspace_id="nobody-claims")
+    cancel = f"/v1/runs/{run['run_id']}/cancel"
+    own = stack.api.http_url  # http://127.0.0.1:<port>: the request's own origin
+    with stack.http(stack.client, csrf=False) as bearer:
+        refused = bearer.post(cancel, json={})
+        assert (refused.status_code, refused.json()["code"]) == (403, "PERMISSION_DENIED"), refused.text
+        csrf = {"X-Runs-Csrf": "1"}
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Sec-Fetch-Site": "same-site"}, {"Origin": own.replace("127.0.0.1", "localhost")}):
+            response = bearer.post(cancel, json={}, headers={**csrf, **headers})
+            assert (response.status_code, response.json()["code"]) == (403, "PERMISSION_DENIED"), headers
+        plain = bearer.post(cancel, content=b"{}", headers={**csrf, "Content-Type": "text/plain"})
+        assert plain.status_code == 415 and fields_of(plain) == ["Content-Type"], plain.text
+        assert bearer.post(cancel, content=b"", headers=csrf).status_code == 415  # no Content-Type at all
+        assert bearer.get(f"/v1/runs/{run['run_id']}").json()["run"]["status"] == "RUN_STATUS_QUEUED"
+        allowed = bearer.post(cancel, json={}, headers={**csrf, "Origin": own, "Sec-Fetch-Site": "same-origin"})
+        assert allowed.status_code == 200, allowed.text
+        assert allowed.json()["run"]["status"] == "RUN_STATUS_CANCELED"
+
+
+def test_the_caller_is_checked_before_the_request_is_read(stack: Stack) -> None:
+    """Review of issue 10 (finding 11): no key: 401, not a 400 listing the fields or parameters."""
+    with stack.http() as anonymous:
+        for response in (
+            anonymous.post("/v1/runs", json={"bogus": 1}),
+            anonymous.post("/v1/runs", content=b"{not json", headers={"Content-Type": "application/json"}),
+            anonymous.post("/v1/runs", content=b" " * (MAX_BODY_BYTES + 1),
+                           headers={"Content-Type": "application/json"}),
+            anonymous.get("/v1/runs", params={"bogus": "1"}),
+            anonymous.get(f"/v1/runs/{ULID()}/events", headers={"Last-Event-ID": "x"}),
+            anonymous.get(f"/v1/runs/{ULID()}/artifacts/s/n", params={"bogus": "1"}),
+        ):
+            assert (response.status_code, response.json()["code"]) == (401, "UNAUTHENTICATED"), response.text
+            assert "field_violations" not in response.json()
+
+
+def test_a_body_too_large_is_413(stack: Stack) -> None:
+    """Review of issue 10 (finding 16): past MAX_BODY_BYTES, declared or streamed (chunked), is 413."""
+    body = b'{"input": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    with stack.http(stack.client) as http:
+        declared = http.post("/v1/runs", content=body, headers={"Content-Type": "application/json"})
+        assert (declared.status_code, declared.json()["code"]) == (413, "RESOURCE_EXHAUSTED"), declared.text
+        chunked = http.post("/v1/runs", content=iter([body[:1024], body[1024:]]),
+                            headers={"Content-Type": "application/json"})
+        assert "content-length" not in chunked.request.headers
+        assert chunked.status_code == 413, chunked.text
+
+
+def test_traceparent_is_the_started_runs_trace(stack: Stack) -> None:
+    """Review of issue 10 (finding 18): POST /v1/runs continues the caller's W3C trace (a SERVER span), so the
+    run's stored trace context (what the worker continues) carries the caller's trace id."""
+    trace_id = secrets.token_hex(16)
+    with stack.http(stack.client) as http:
+        response = http.post("/v1/runs", json={"workflow": "runtime.noop", "workspace_id": "nobody-claims"},
+                             headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        assert response.status_code == 200, response.text
+        run_id = response.json()["run"]["run_id"]
+        untraced = start(http, workflow="runtime.noop", workspace_id="nobody-claims")["run_id"]
+    with psycopg.connect(db.libpq_url(stack.url)) as conn:
+        rows = conn.execute("SELECT run_id, trace_context FROM runs WHERE run_id = ANY(%s)", ([run_id, untraced],))
+        stored: dict[str, dict[str, str]] = dict(rows.fetchall())
+    parent = stored[run_id]["traceparent"]
+    assert parent.split("-")[1] == trace_id, stored
+    # Without one the gateway's span starts a trace of its own (not an empty context).
+    assert stored[untraced]["traceparent"].split("-")[1] not in (trace_id, "0" * 32), stored
 
 
 # --- steps, artifacts, rebuild, explain, workflows --------------------------------------------
@@ -308,6 +423,7 @@ def test_steps_artifacts_download_rebuild_explain(stack: Stack) -> None:
         assert download.headers["content-type"].startswith("text/plain")
         assert download.headers["content-disposition"].startswith('attachment; filename="report.txt"')
         assert download.headers["content-security-policy"] == "sandbox"
+        assert download.headers["cache-control"] == "no-store"  # never kept by a shared machine's browser
         assert http.get(f"/v1/runs/{run_id}/artifacts/runtime/missing.txt").status_code == 404
         with stack.http(stack.other_tenant) as other:
             assert other.get(f"/v1/runs/{run_id}/artifacts/runtime/report.txt").status_code == 404
@@ -385,40 +501,122 @@ def test_stats_workers_and_throughput(stack: Stack) -> None:
 # --- in-process: keepalive and disconnect ------------------------------------------------------
 
 
-async def test_keepalive_while_idle_and_disconnect_unsubscribes(database_url: str) -> None:
+@contextlib.asynccontextmanager
+async def in_process(database_url: str, app_of: Callable[[ApiServer, Gateway], ASGIApp]) -> AsyncIterator[
+        tuple[ApiServer, str]]:
+    """An ApiServer on loopback with auth unset (so off) and no worker, its app (`app_of`) served over HTTP on
+    127.0.0.1; (the server, the HTTP base URL)."""
     settings = dataclasses.replace(ApiSettings(), addr="127.0.0.1:0", http_addr="", database_url=database_url)
     server = ApiServer(settings, database_url)
     await server.start()
-    app = Starlette(routes=routes.routes(Gateway(server.authenticator, server.servicers), keepalive_seconds=0.2))
-    http = HttpServer(app, "127.0.0.1:0")
+    http = HttpServer(app_of(server, Gateway(server.authenticator, server.servicers)), "127.0.0.1:0")
     port = http.bind()
     serving = asyncio.create_task(http.run())
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            response = await client.post("/v1/runs", json={"workflow": "runtime.noop"})  # no worker: stays queued
-            run_id = response.json()["run"]["run_id"]
-            key = (CHANNEL_EVENTS, run_id)
-            started = time.monotonic()
-            async with client.stream("GET", f"/v1/runs/{run_id}/events") as stream:
-                lines = aiter(stream.aiter_lines())
-                assert await anext(lines) == "id: 1"
-                assert (await anext(lines)) == "event: run.queued"
-                comments = 0
-                while comments < 2:
-                    line = await anext(lines)
-                    comments += line == ": keepalive"
-                assert time.monotonic() - started < 5
-                assert key in server.hub._waiters  # the stream is subscribed while open
-            # The client went away: the server-side stream ends and unsubscribes.
-            deadline = time.monotonic() + 10
-            while key in server.hub._waiters:
-                assert time.monotonic() < deadline, "the event stream kept its hub subscription"
-                await asyncio.sleep(0.02)
+        yield server, f"http://127.0.0.1:{port}"
     finally:
         http.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
         await server.stop()
+
+
+CSRF = {"X-Runs-Csrf": "1"}
+
+
+async def test_keepalive_while_idle_and_disconnect_unsubscribes(database_url: str) -> None:
+    def app(server: ApiServer, gateway: Gateway) -> ASGIApp:
+        return Starlette(routes=routes.routes(gateway, keepalive_seconds=0.2))
+
+    async with in_process(database_url, app) as (server, url), \
+            httpx.AsyncClient(base_url=url, headers=CSRF, timeout=10) as client:
+        response = await client.post("/v1/runs", json={"workflow": "runtime.noop"})  # no worker: stays queued
+        run_id = response.json()["run"]["run_id"]
+        key = (CHANNEL_EVENTS, run_id)
+        async with client.stream("GET", f"/v1/runs/{run_id}/events") as stream:
+            lines = aiter(stream.aiter_lines())
+            assert await anext(lines) == "id: 1"
+            assert (await anext(lines)) == "event: run.queued"
+            comments = 0
+            while comments < 2:
+                line = await anext(lines)
+                comments += line == ": keepalive"
+            # The hub has no public count of its subscribers: its private map is read.
+            assert key in server.hub._waiters  # the stream is subscribed while open
+        # The client went away: the server-side stream ends and unsubscribes.
+        deadline = time.monotonic() + 10
+        while key in server.hub._waiters:
+            assert time.monotonic() < deadline, "the event stream kept its hub subscription"
+            await asyncio.sleep(0.02)
+
+
+async def test_an_error_in_an_open_stream_is_a_runs_error_event(database_url: str) -> None:
+    """Review of issue 10 (finding 14): not `event: error`, which fires a browser EventSource's onerror."""
+    def app(server: ApiServer, gateway: Gateway) -> ASGIApp:
+        return Starlette(routes=routes.routes(gateway, keepalive_seconds=0.2))
+
+    async with in_process(database_url, app) as (server, url), \
+            httpx.AsyncClient(base_url=url, headers=CSRF, timeout=10) as client:
+        run_id = (await client.post("/v1/runs", json={"workflow": "runtime.noop"})).json()["run"]["run_id"]
+        async with client.stream("GET", f"/v1/runs/{run_id}/events") as stream:
+            lines = aiter(stream.aiter_lines())
+            assert await anext(lines) == "id: 1"
+            server.stopping.set()  # what the API's shutdown does first: open streams end, to be resumed
+            server.hub.wake_all()
+            rest = [line async for line in lines]
+        assert "event: error" not in rest
+        at = rest.index("event: runs.error")
+        error = json.loads(rest[at + 1].removeprefix("data: "))
+        assert error["code"] == "UNAVAILABLE" and "after_sequence" in error["message"], rest
+
+
+async def test_a_loopback_api_without_auth_refuses_cross_site_posts_and_foreign_hosts(database_url: str) -> None:
+    """Review of issue 10 (finding 2): auth off on loopback: a web page's cross-site form (text/plain, its own
+    Origin) may not start a run (a shell tool on this machine); a page whose name points at 127.0.0.1 (DNS
+    rebinding: its Host is its own name) gets nothing, on any route."""
+    def app(server: ApiServer, gateway: Gateway) -> ASGIApp:
+        return create_app(gateway, ready=lambda: True, http_addr="127.0.0.1:8080")  # as the API makes it
+
+    body = json.dumps({"workflow": "runtime.tool", "input": {"tool": "shell", "args": {"command": ["true"]}}})
+    async with in_process(database_url, app) as (_, url), httpx.AsyncClient(base_url=url, timeout=10) as client:
+        port = url.rsplit(":", 1)[1]
+        form = {"Content-Type": "text/plain", "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+        for headers in (form, {"Content-Type": "text/plain"}, {"Content-Type": "text/plain", **CSRF}):
+            refused = await client.post("/v1/runs", content=body, headers=headers)
+            assert refused.status_code in (403, 415), (headers, refused.text)
+        assert (await client.get("/v1/runs")).json().get("runs", []) == []  # nothing was started
+        for path in ("/v1/runs", "/healthz", "/", "/static/app.js"):
+            foreign = await client.get(path, headers={"Host": f"evil.example:{port}"})
+            assert (foreign.status_code, foreign.json()["code"]) == (400, "INVALID_ARGUMENT"), path
+        refused = await client.post("/v1/runs", content=body, headers={
+            "Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}", "Content-Type": "application/json",
+            **CSRF})
+        assert refused.status_code == 400
+        for host in (f"localhost:{port}", f"[::1]:{port}", "127.0.0.1", f"LOCALHOST:{port}"):
+            assert (await client.get("/v1/runs", headers={"Host": host})).status_code == 200, host
+        started = await client.post("/v1/runs", content=json.dumps({"workflow": "runtime.noop"}),
+                                    headers={"Content-Type": "application/json", "Origin": url, **CSRF})
+        assert started.status_code == 200, started.text
+
+
+def test_loopback_hosts_and_host_names() -> None:
+    assert loopback_hosts("127.0.0.1:8080") == ["localhost", "127.0.0.1", "::1"]
+    assert loopback_hosts("[::1]:0") == ["localhost", "127.0.0.1", "::1"]
+    assert loopback_hosts("127.0.0.2:8080") == ["localhost", "127.0.0.1", "::1", "127.0.0.2"]
+    assert loopback_hosts("localhost:8080") == ["localhost", "127.0.0.1", "::1"]
+    for public in ("0.0.0.0:8080", ":8080", "10.0.0.1:8080", "[::]:8080", "runs.example:443"):
+        assert loopback_hosts(public) is None, public
+    assert [host_name(h) for h in ("LocalHost:80", "[::1]:8080", "[::1]", "a:b", "[::1]x", "", "h:²")] == [
+        "localhost", "::1", "::1", None, None, None, None]
+
+
+def test_the_http_address_needs_a_port() -> None:
+    """Review of issue 10 (finding 17): RUN_API_HTTP_ADDR's port is checked when read, like the worker's."""
+    for bad in ("localhost", "localhost:abc", "localhost:", "localhost:70000", "localhost:²"):
+        with pytest.raises(SettingsError, match="RUN_API_HTTP_ADDR"):
+            ApiSettings.from_env({"RUN_API_HTTP_ADDR": bad})
+    assert ApiSettings.from_env({"RUN_API_HTTP_ADDR": "[::1]:0"}).http_addr == "[::1]:0"
+    assert ApiSettings.from_env({"RUN_API_HTTP_ADDR": ""}).http_addr == ""
 
 
 # --- the statements behind them, with a fixed clock -------------------------------------------

@@ -5,38 +5,105 @@ and its /static files; /metrics joins through `extra`); `HttpServer` binds RUN_A
 (with SO_REUSEPORT when the API runs as several processes) and serves until stopped. uvicorn's
 own signal handling is left out: the API process owns SIGTERM and stops this server in its
 shutdown order.
+
+On a loopback address every request must name a loopback host in its `Host` header
+(`allowed_hosts`, from `loopback_hosts`): a web page whose name an attacker points at 127.0.0.1
+(DNS rebinding) would otherwise be this server's own origin to the browser.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.run_api.auth import is_loopback
 from services.run_api.http import pages, routes
 from services.run_api.http.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
-def create_app(gateway: Gateway, ready: Callable[[], bool], extra: list[BaseRoute] | None = None) -> Starlette:
-    """The ASGI app: /v1 JSON and events, /healthz (ready: the database answers), `extra` routes, the dashboard."""
+
+def loopback_hosts(addr: str) -> list[str] | None:
+    """The host names a request may send in `Host` to a server on `addr` (host:port) when it is a loopback
+    address (localhost, 127.0.0.1, ::1 and the address's own host, any port); None (no check) otherwise."""
+    host = addr.rpartition(":")[0].strip("[]")
+    if not host or not is_loopback(addr):
+        return None
+    return list(dict.fromkeys([*LOOPBACK_NAMES, host.lower()]))
+
+
+def host_name(header: str) -> str | None:
+    """The host of a Host header (host, host:port, [v6]:port) lower-cased, None when malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1:]
+        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit())):
+            return None
+        return header[1:end]
+    name, sep, port = header.partition(":")
+    if sep and not (port.isascii() and port.isdigit()):
+        return None
+    return name or None
+
+
+class HostCheck:
+    """ASGI middleware: an HTTP request whose Host header names none of `allowed` is refused with 400
+    (a request without Host, HTTP/1.0 and no browser, passes)."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(h.lower().strip("[]") for h in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = dict(scope["headers"]).get(b"host")
+            if raw is not None and host_name(raw.decode("latin-1")) not in self.allowed:
+                body = json.dumps({"code": "INVALID_ARGUMENT", "message": (
+                    "unknown Host: this server is on a loopback address and answers only to "
+                    + ", ".join(sorted(self.allowed)))}).encode()
+                await send({"type": "http.response.start", "status": 400, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    gateway: Gateway, ready: Callable[[], bool], extra: list[BaseRoute] | None = None,
+    http_addr: str | None = None, allowed_hosts: Sequence[str] | None = None,
+) -> Starlette:
+    """The ASGI app: /v1 JSON and events, /healthz (ready: the database answers), `extra` routes, the dashboard.
+
+    `http_addr`: the address the app is served on (RUN_API_HTTP_ADDR). On a loopback address every route
+    accepts only a loopback Host (`loopback_hosts`: no DNS rebinding), and the dashboard's key cookie is
+    not Secure (plain http to localhost); None: unknown, no Host check and a Secure cookie.
+    `allowed_hosts`: the host names accepted in the Host header, in place of those `http_addr` implies."""
+    if allowed_hosts is None and http_addr:
+        allowed_hosts = loopback_hosts(http_addr)
 
     async def healthz(request: Request) -> Response:
         ok = ready()
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
 
+    middleware = [] if allowed_hosts is None else [Middleware(HostCheck, allowed=list(allowed_hosts))]
     return Starlette(routes=[
-        Route("/healthz", healthz), *routes.routes(gateway), *(extra or []), *pages.routes(gateway),
-    ])
+        Route("/healthz", healthz), *routes.routes(gateway), *(extra or []), *pages.routes(gateway, http_addr),
+    ], middleware=middleware)
 
 
 def listen(addr: str, reuse_port: bool) -> socket.socket:

@@ -1,11 +1,15 @@
 """The JSON API under /v1 and the run event stream (Server-Sent Events), each route one gRPC method.
 
 Path and query parameters (and a JSON body for POST) become the method's proto request; the
-response is its proto3 JSON. An unknown query parameter or body field is a 400 naming it.
+response is its proto3 JSON. An unknown query parameter or body field is a 400 naming it; the caller
+is checked before the request is read (a POST also needs `X-Runs-Csrf: 1` and a JSON body: see gateway).
 `GET /v1/runs/{run_id}/events` streams WatchRun as Server-Sent Events: `event:` the event type,
 `id:` its sequence, `data:` the event as JSON; a reconnecting browser's `Last-Event-ID` (or
 `?after_sequence=`) resumes after that sequence, and the stream ends after the terminal event.
-While the run is idle a comment line is sent every KEEPALIVE_SECONDS, so proxies keep it open.
+While the run is idle a comment line is sent every KEEPALIVE_SECONDS, so proxies keep it open. An
+error once the stream is open (e.g. the server stopping) comes as an `event: runs.error` message
+(not `error`, which a browser's EventSource takes for a broken connection); a refusal before it
+(unknown run, another tenant's, no key) is the response's status.
 
 | route | method |
 | --- | --- |
@@ -50,6 +54,8 @@ OPS_SERVICE = "/runs.v1.OpsService/"
 # A comment line this often while a run's stream is idle (proxies close connections silent for long).
 KEEPALIVE_SECONDS = 15.0
 KEEPALIVE = b": keepalive\n\n"
+# How long an event stream waits for its first event before it answers 200 and keeps waiting (see run_events).
+FIRST_EVENT_WAIT_SECONDS = 5.0
 # Short status names in query strings (?status=RUNNING) as well as the enum's own.
 _RUN_STATUS = {n.removeprefix("RUN_STATUS_"): n for n in run_pb2.RunStatus.keys()}
 _STEP_STATUS = {n.removeprefix("STEP_STATUS_"): n for n in run_pb2.StepStatus.keys()}
@@ -83,8 +89,9 @@ def resume_after(request: Request) -> int:
     unknown = sorted(set(request.query_params) - {"after_sequence"})
     if unknown:
         raise InvalidRequest([(name[:100], "unknown query parameter; known: after_sequence") for name in unknown])
-    raw = request.headers.get("last-event-id") or request.query_params.get("after_sequence") or "0"
-    if not raw.strip().isdigit() or len(raw) > 18:
+    raw = (request.headers.get("last-event-id") or request.query_params.get("after_sequence") or "0").strip()
+    # ASCII digits only: str.isdigit() accepts "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise InvalidRequest.field("Last-Event-ID", "must be an event sequence (a whole number)")
     return int(raw)
 
@@ -97,44 +104,43 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(base, safe='')}"
 
 
-async def keepalive(items: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
-    """`items`, with KEEPALIVE sent whenever none came for `seconds`.
+class Pump:
+    """Iterates `items` in a task of its own (all in one task, so the stream's context stays whole) and
+    hands them over through a queue, so that waiting for the next one with a timeout never cancels the
+    stream itself. `close()` cancels and awaits the task, which closes `items` (its hub subscription too)."""
 
-    A pump task iterates `items` (all in one task, so the stream's context stays whole) and hands
-    them over through a queue; waiting on the queue with a timeout never cancels the stream itself.
-    When this generator is closed (the stream ended, or the client went away and the response was
-    cancelled), the pump is cancelled and awaited, which closes `items` (its hub subscription too).
-    """
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=16)
+    def __init__(self, items: AsyncIterator[Any]) -> None:
+        self.items = items
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=16)
+        self.task = asyncio.create_task(self._pump(), name="sse-pump")
 
-    async def pump() -> None:
+    async def _pump(self) -> None:
         try:
-            async for item in items:
-                await queue.put(("item", item))
+            async for item in self.items:
+                await self.queue.put(("item", item))
         except Exception as exc:
-            await queue.put(("error", exc))
+            await self.queue.put(("error", exc))
         else:
-            await queue.put(("end", None))
+            await self.queue.put(("end", None))
         finally:
-            await items.aclose()  # type: ignore[attr-defined]
+            await self.items.aclose()  # type: ignore[attr-defined]
 
-    task = asyncio.create_task(pump(), name="sse-pump")
-    try:
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(queue.get(), seconds)
-            except TimeoutError:
-                yield KEEPALIVE
-                continue
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        task.cancel()
+    async def get(self, seconds: float) -> tuple[str, Any] | None:
+        """("item", it), ("error", exc) or ("end", None); None when nothing came for `seconds`."""
+        try:
+            return await asyncio.wait_for(self.queue.get(), seconds)
+        except TimeoutError:
+            return None
+
+    async def close(self) -> None:
+        self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await self.task
+
+
+def error_event(exc: BaseException, where: str) -> bytes:
+    """An error inside an open event stream, as a `runs.error` message (its data: the error's JSON body)."""
+    return f"event: runs.error\ndata: {bytes(error_response(exc, where).body).decode()}\n\n".encode()
 
 
 def routes(gateway: Gateway, keepalive_seconds: float = KEEPALIVE_SECONDS) -> list[BaseRoute]:
@@ -143,16 +149,11 @@ def routes(gateway: Gateway, keepalive_seconds: float = KEEPALIVE_SECONDS) -> li
     def unary(
         method: str, build: Callable[[Request], Awaitable[Message] | Message]
     ) -> Callable[[Request], Awaitable[Response]]:
-        """An endpoint serving unary `method` with the request `build` makes of the HTTP request."""
+        """An endpoint serving unary `method` with the request `build` makes of the HTTP request (once the
+        caller has been checked)."""
 
         async def endpoint(request: Request) -> Response:
-            try:
-                message = build(request)
-                if not isinstance(message, Message):
-                    message = await message
-            except InvalidRequest as err:
-                return error_response(err, method)
-            return await gateway.respond(request, method, message)
+            return await gateway.respond(request, method, build)
 
         return endpoint
 
@@ -179,40 +180,58 @@ def routes(gateway: Gateway, keepalive_seconds: float = KEEPALIVE_SECONDS) -> li
         method = RUN_SERVICE + "WatchRun"
         run_id = request.path_params["run_id"]
         try:
+            caller = await gateway.authorize(request, method)
             after = resume_after(request)
-            # Refuse an unknown run, another tenant's, or a missing key with a status, before the stream starts.
-            await gateway.call(request, RUN_SERVICE + "GetRun", run_service_pb2.GetRunRequest(run_id=run_id))
-            items = await gateway.stream(
-                request, method, run_service_pb2.WatchRunRequest(run_id=run_id, after_sequence=after)
-            )
+            # WatchRun checks the run (unknown, another tenant's) in its first pass, before its first event.
+            # It is asked from the event before `after` on, so that a run that exists answers at once with an
+            # event the client has seen (dropped below) and a refusal is this response's status; no GetRun.
+            watch = run_service_pb2.WatchRunRequest(run_id=run_id, after_sequence=max(after - 1, 0))
+            items = await gateway.stream(request, method, watch, caller)
         except Exception as exc:
             return error_response(exc, method)
+        pump = Pump(items)
+        # Only an ?after_sequence= past the run's last event leaves nothing to answer at once; then the
+        # stream opens after FIRST_EVENT_WAIT_SECONDS and a refusal found later comes as a runs.error event.
+        first = await pump.get(FIRST_EVENT_WAIT_SECONDS)
+        if first is not None and first[0] == "error":
+            await pump.close()
+            return error_response(first[1], method)
 
         async def events() -> AsyncIterator[bytes]:
+            got = first
             try:
-                async for item in items:
-                    yield sse(to_json(item.event))  # type: ignore[attr-defined]
-            except Exception as exc:  # e.g. the server is stopping: the browser reconnects with Last-Event-ID
-                error = error_response(exc, method)
-                yield f"event: error\ndata: {bytes(error.body).decode()}\n\n".encode()
+                while True:
+                    if got is None:
+                        got = await pump.get(keepalive_seconds)
+                        if got is None:
+                            yield KEEPALIVE
+                            continue
+                    kind, value = got
+                    got = None
+                    if kind == "end":
+                        return
+                    if kind == "error":  # e.g. the server is stopping: the browser reconnects with Last-Event-ID
+                        yield error_event(value, method)
+                        return
+                    if value.event.sequence > after:
+                        yield sse(to_json(value.event))
             finally:
-                await items.aclose()  # type: ignore[attr-defined]
+                await pump.close()
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(
-            keepalive(events(), keepalive_seconds), media_type="text/event-stream", headers=headers
-        )
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     async def download_artifact(request: Request) -> Response:
         method = RUN_SERVICE + "DownloadArtifact"
         params = request.path_params
         try:
+            caller = await gateway.authorize(request, method)
             if request.query_params:
                 raise InvalidRequest([(n[:100], "unknown query parameter") for n in sorted(request.query_params)])
             message = run_service_pb2.DownloadArtifactRequest(
                 run_id=params["run_id"], step_key=params["step_key"], name=params["name"]
             )
-            items = await gateway.stream(request, method, message)
+            items = await gateway.stream(request, method, message, caller)
             # The first message describes the artifact; every refusal (auth, tenant, unknown) comes before it.
             first = await anext(items)
         except Exception as exc:
@@ -233,7 +252,8 @@ def routes(gateway: Gateway, keepalive_seconds: float = KEEPALIVE_SECONDS) -> li
             "Content-Security-Policy": "sandbox",
             "X-Content-Type-Options": "nosniff",
             "ETag": f'"{artifact.sha256}"',
-            "Cache-Control": "private, max-age=3600",
+            # Not kept by the browser or a proxy: the next user of a shared machine must not find it there.
+            "Cache-Control": "no-store",
         }
         return StreamingResponse(chunks(), media_type=artifact.media_type or "application/octet-stream",
                                  headers=headers)
