@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -405,7 +406,16 @@ def test_the_runs_table_polls_counts_by_status_at_most_every_10_seconds(api: Api
             assert response.status_code == 200 and 'class="counts"' in response.text  # the counts are shown
         # Six refreshes in well under 10 s: at most one fetch, or two if a kept answer expired meanwhile.
         assert _get_stats_calls(http) - before <= 2
+        # Loading the page (a person's click, not a timer) shows the counts of now.
+        before = _get_stats_calls(http)
+        assert http.get("/").status_code == 200
+        assert _get_stats_calls(http) - before == 1
     assert pages.COUNTS_SECONDS >= 10
+
+
+def fulfill(route: Any, **response: Any) -> None:
+    """A Playwright route handler answering with `response` (a handler of two arguments is given the request too)."""
+    route.fulfill(**response)
 
 
 def test_the_stream_s_own_error_event_is_shown_and_a_refused_cancel_says_why(
@@ -427,16 +437,22 @@ def test_the_stream_s_own_error_event_is_shown_and_a_refused_cancel_says_why(
     expect(page.locator("#action-result")).to_contain_text("cannot be canceled")
     shot(page, tmp_path, "cancel-refused")
     page.unroute("**/ui/runs/**")
-    # The server's error on the stream (`event: runs.error`, e.g. it is stopping) is said on the page.
-    stream = ("retry: 600000\n\n"
-              'id: 1\nevent: run.queued\ndata: {"sequence":"1","type":"run.queued","payload":{}}\n\n'
-              'event: runs.error\ndata: {"code":"UNAVAILABLE","message":"the server is stopping"}\n\n')
-    page.route(f"**/v1/runs/{run.run_id}/events*", lambda route: route.fulfill(
-        status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}, body=stream))
-    page.goto(f"{api.http_url}/runs/{run.run_id}")
-    expect(page.locator('#events tr[data-type="run.queued"]')).to_have_count(1)
-    expect(page.locator("#events-state")).to_contain_text("the server is stopping")
-    shot(page, tmp_path, "stream-error")
+    # The server's error on the stream (`event: runs.error`) is said on the page: a failure (e.g. the
+    # server is stopping) and the browser reconnects; a refusal (e.g. the key was revoked) and it stops.
+    events_url = f"**/v1/runs/{run.run_id}/events*"
+    for code, message, said in (("UNAVAILABLE", "the server is stopping", "reconnecting"),
+                                ("UNAUTHENTICATED", "the API key was revoked", "refused")):
+        stream = ("retry: 600000\n\n"
+                  'id: 1\nevent: run.queued\ndata: {"sequence":"1","type":"run.queued","payload":{}}\n\n'
+                  f'event: runs.error\ndata: {{"code":"{code}","message":"{message}"}}\n\n')
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        page.route(events_url, functools.partial(fulfill, status=200, headers=headers, body=stream))
+        page.goto(f"{api.http_url}/runs/{run.run_id}")
+        expect(page.locator('#events tr[data-type="run.queued"]')).to_have_count(1)
+        expect(page.locator("#events-state")).to_contain_text(message)
+        expect(page.locator("#events-state")).to_contain_text(said)
+        shot(page, tmp_path, f"stream-error-{code.lower()}")
+        page.unroute(events_url)
 
 
 def test_phone_sized_run_page_scrolls_the_graph_not_the_page(api: Api, client: Client, browser: Any,

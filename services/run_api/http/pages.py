@@ -7,7 +7,7 @@ cookie (HttpOnly, SameSite=Strict; Secure unless the HTTP address is loopback, s
 served off loopback must be reached over https, e.g. behind a TLS terminator). POST /login and
 /logout are refused unless they come from this origin (Origin / Sec-Fetch-Site): no login CSRF.
 Live parts are HTML fragments under /ui/ that the page's script re-fetches (the runs table every
-2 s, its counts by status at most every COUNTS_SECONDS per caller; a run's DAG, timeline and
+2 s, its counts by status then at most every COUNTS_SECONDS per caller; a run's DAG, timeline and
 steps on each of its Server-Sent Events). Changes (cancel, rebuild) are the JSON API's POST
 routes, called by the page's script with `X-Runs-Csrf: 1`.
 
@@ -279,14 +279,15 @@ class Pages:
 
     # --- runs --------------------------------------------------------------------------------
 
-    async def counts_by_status(self, request: Request) -> Any:
-        """GetStats for the request's caller (None when refused), fetched at most every COUNTS_SECONDS per caller.
-        Called after the caller's ListRuns succeeded, so a revoked key never reads a cached answer."""
+    async def counts_by_status(self, request: Request, fresh: bool) -> Any:
+        """GetStats for the request's caller (None when refused): for the live table's polls at most every
+        COUNTS_SECONDS per caller, for a page load (`fresh`) always. Called after the caller's ListRuns
+        succeeded, so a revoked key never reads a kept answer."""
         key = self.gateway.key_of(request)[0] or ""
         caller = hashlib.sha256(key.encode()).hexdigest()
         now = time.monotonic()
         kept = self._counts.get(caller)
-        if kept is not None and now - kept[0] < COUNTS_SECONDS:
+        if not fresh and kept is not None and now - kept[0] < COUNTS_SECONDS:
             return kept[1]
         stats = await self.maybe(request, OPS_SERVICE + "GetStats", ops_service_pb2.GetStatsRequest())
         self._counts.pop(caller, None)
@@ -295,8 +296,9 @@ class Pages:
             del self._counts[next(iter(self._counts))]  # the oldest
         return stats
 
-    async def runs_context(self, request: Request) -> dict[str, Any]:
-        """The runs table's data for the filters in the query string (read as GET /v1/runs reads it)."""
+    async def runs_context(self, request: Request, fresh: bool = True) -> dict[str, Any]:
+        """The runs table's data for the filters in the query string (read as GET /v1/runs reads it);
+        `fresh`: counts by status fetched now, else possibly kept from up to COUNTS_SECONDS ago."""
         # The filter form sends its empty fields too (?status=&workflow=): an empty one is no filter.
         filled = [(k, v.strip()) for k, v in request.query_params.multi_items() if v.strip()]
         message = run_service_pb2.ListRunsRequest()
@@ -307,7 +309,7 @@ class Pages:
         filters = {"status": q.get("status", "").upper(), "workflow": q.get("workflow", "").strip(),
                    "query": q.get("query", "").strip(), "page_size": q.get("page_size", "").strip()}
         response = await self.call(request, RUN_SERVICE + "ListRuns", message)
-        stats = await self.counts_by_status(request)
+        stats = await self.counts_by_status(request, fresh)
         now = datetime.now(UTC)
         rows = []
         for run in response.runs:
@@ -339,7 +341,7 @@ class Pages:
         return self.render(request, "runs.html", {**context, "title": "Runs"})
 
     async def runs_live(self, request: Request) -> Response:
-        return self.render(request, "_runs_live.html", await self.runs_context(request))
+        return self.render(request, "_runs_live.html", await self.runs_context(request, fresh=False))
 
     # --- one run -----------------------------------------------------------------------------
 

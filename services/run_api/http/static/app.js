@@ -116,13 +116,28 @@
       soon();
     };
 
-    // The server's own error on the stream (e.g. it is stopping): {"code", "message"}; the stream then
-    // ends and the browser reconnects after the last event it has.
+    var polling = false;
+    var pollInstead = function (why) {
+      state.textContent = why + "; refreshing every 2 s";
+      if (!polling) {
+        polling = true;
+        setInterval(function () { if (!document.hidden) { fragment.refresh(); } }, 2000);
+      }
+    };
+    // The server's own error on the stream, {"code", "message"}: a refusal (the key was revoked, the run
+    // is not the caller's) closes it, anything else (e.g. the server is stopping) ends it and the
+    // browser reconnects after the last event it has.
+    var REFUSALS = { UNAUTHENTICATED: 1, PERMISSION_DENIED: 1, NOT_FOUND: 1, INVALID_ARGUMENT: 1 };
     var serverError = function (msg) {
       var data = {};
-      try { data = JSON.parse(msg.data); } catch (e) { /* not JSON: say what there is */ }
-      streamError = (data && data.message) || String(msg.data || "error");
-      state.textContent = "the stream failed: " + streamError + "; reconnecting…";
+      try { data = JSON.parse(msg.data) || {}; } catch (e) { /* not JSON: say what there is */ }
+      streamError = data.message || String(msg.data || "error");
+      if (REFUSALS[data.code]) {
+        source.close();
+        pollInstead("the stream was refused: " + streamError);
+      } else {
+        state.textContent = "the stream failed: " + streamError + "; reconnecting…";
+      }
     };
 
     if (window.EventSource) {
@@ -134,9 +149,8 @@
       source.onopen = function () { streamError = ""; state.textContent = "live"; };
       source.onerror = function (e) {  // the connection's own error (or an older server's "error" event)
         if (e && typeof e.data === "string" && e.data) { serverError(e); return; }
-        if (source.readyState === EventSource.CLOSED) {  // refused (e.g. the key was revoked): poll instead
-          state.textContent = "the stream closed; refreshing every 2 s";
-          setInterval(function () { if (!document.hidden) { fragment.refresh(); } }, 2000);
+        if (source.readyState === EventSource.CLOSED) {  // refused with a status (e.g. no key): poll instead
+          pollInstead("the stream closed");
         } else {
           state.textContent = "reconnecting…" + (streamError ? " (the stream failed: " + streamError + ")" : "");
         }
