@@ -87,7 +87,7 @@ fuzz: $(GEN)
 lint: $(GEN)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint protos
-	$(VENV)/bin/mypy shared services
+	$(VENV)/bin/mypy shared services runs_client
 
 # Each phase on a fresh database (DATABASE_URL's server, else an embedded PostgreSQL) and API process;
 # a table, then one JSON line per figure. E.g. make bench BENCH_ARGS="--history 1000000 --secure",
