@@ -160,6 +160,15 @@ class LogSettings:
 DEFAULT_HTTP_ADDR = "127.0.0.1:8080"
 
 
+def _check_listen_addr(variable: str, addr: str) -> None:
+    """An optional listen address must be host:port with a port 0-65535 (empty: not served)."""
+    if not addr:
+        return
+    _, sep, port = addr.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{variable} must be host:port (a port 0-65535) or empty, got {addr!r}")
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     """Settings of the run API process."""
@@ -168,6 +177,8 @@ class ApiSettings:
     # The HTTP side (JSON, Server-Sent Events, dashboard, /metrics): host:port, "" for none. From the
     # environment it defaults to 127.0.0.1:8080; settings built in code (tests, tools) serve none.
     http_addr: str = ""
+    # /metrics on an address of its own (host:port), and not on the HTTP side; "": on the HTTP side.
+    metrics_addr: str = ""
     database_url: str | None = None
     data_dir: str = ".runs"
     migrate_on_start: bool = True
@@ -203,11 +214,8 @@ class ApiSettings:
     def __post_init__(self) -> None:
         if ":" not in self.addr:
             raise SettingsError(f"RUN_API_ADDR must be host:port, got {self.addr!r}")
-        if self.http_addr:
-            _, sep, port = self.http_addr.rpartition(":")
-            if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-                raise SettingsError(
-                    f"RUN_API_HTTP_ADDR must be host:port (a port 0-65535) or empty, got {self.http_addr!r}")
+        _check_listen_addr("RUN_API_HTTP_ADDR", self.http_addr)
+        _check_listen_addr("RUN_API_METRICS_ADDR", self.metrics_addr)
         if self.auth not in ("", "required", "off"):
             raise SettingsError(f"RUNS_AUTH must be required or off, got {self.auth!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -229,6 +237,7 @@ class ApiSettings:
         return cls(
             addr=_str(env, "RUN_API_ADDR", "127.0.0.1:50051"),
             http_addr=env.get("RUN_API_HTTP_ADDR", DEFAULT_HTTP_ADDR).strip(),
+            metrics_addr=env.get("RUN_API_METRICS_ADDR", "").strip(),
             database_url=env.get("DATABASE_URL", "").strip() or None,
             data_dir=_str(env, "RUNS_DATA_DIR", ".runs"),
             migrate_on_start=_bool(env, "RUN_API_MIGRATE", True),
@@ -283,10 +292,7 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise SettingsError("RUN_WORKER_CONCURRENCY must be at least 1")
-        if self.metrics_addr:
-            _, sep, port = self.metrics_addr.rpartition(":")
-            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-                raise SettingsError(f"RUN_WORKER_METRICS_ADDR must be host:port or empty, got {self.metrics_addr!r}")
+        _check_listen_addr("RUN_WORKER_METRICS_ADDR", self.metrics_addr)
         if self.batch_limit < 1:
             raise SettingsError("RUN_WORKER_BATCH_LIMIT must be at least 1")
         if self.step_parallelism < 1:

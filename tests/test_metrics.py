@@ -311,7 +311,7 @@ def test_deploy_manifests_parse_and_expose_metrics() -> None:
     docs = {p.name: _docs(p) for p in manifests}
     api = next(d for d in docs["api-deployment.yaml"] if d["kind"] == "Deployment")
     worker = next(d for d in docs["worker-deployment.yaml"] if d["kind"] == "Deployment")
-    for deployment, port in ((api, "8080"), (worker, "9100")):
+    for deployment, port in ((api, "9090"), (worker, "9100")):
         annotations = _pod_template(deployment)["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/port"] == port
@@ -322,10 +322,13 @@ def test_deploy_manifests_parse_and_expose_metrics() -> None:
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     configmap = next(d for d in docs["configmap.yaml"] if d["kind"] == "ConfigMap")
     assert (env.get("RUN_API_HTTP_ADDR") or configmap["data"].get("RUN_API_HTTP_ADDR")) == "0.0.0.0:8080"
+    assert env.get("RUN_API_METRICS_ADDR") == "0.0.0.0:9090"  # metrics off the dashboard's port
+    assert any(p["containerPort"] == 9090 for p in container["ports"])
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert "grpc" in container["startupProbe"] or "grpc" in container["livenessProbe"]
     service = next(d for d in docs["api-service.yaml"] if d["kind"] == "Service")
     assert any(p["port"] == 8080 for p in service["spec"]["ports"])
+    assert not any(p["port"] == 9090 for p in service["spec"]["ports"])
     worker_container = _pod_template(worker)["spec"]["containers"][0]
     worker_env = {e["name"]: e.get("value") for e in worker_container.get("env", [])}
     assert worker_env["RUN_WORKER_METRICS_ADDR"] == "0.0.0.0:9100"
@@ -338,6 +341,8 @@ def test_compose_exposes_http_and_worker_metrics() -> None:
     services = compose["services"]
     api = services["api"]
     assert api["environment"]["RUN_API_HTTP_ADDR"] == "0.0.0.0:8080"
+    assert api["environment"]["RUN_API_METRICS_ADDR"] == "0.0.0.0:9090"
+    assert api["labels"]["prometheus.io/port"] == "9090"
     assert any(str(p).endswith(":8080") for p in api["ports"])
     worker = services["worker"]
     assert worker["environment"]["RUN_WORKER_METRICS_ADDR"] == "0.0.0.0:9100"
@@ -385,3 +390,20 @@ def test_tenant_chosen_label_values_are_capped() -> None:
     assert pairs(("wf", "step")) == ("wf", "step")
     assert pairs(("wf", "other-step")) == (OTHER, OTHER)
     assert {"hot", "cold"} == CACHE_LAYERS
+
+
+def test_metrics_on_an_address_of_their_own(database_url: str) -> None:
+    """RUN_API_METRICS_ADDR moves /metrics off the dashboard's port (an internal address for the scraper),
+    with /healthz beside it; the HTTP side then has no /metrics."""
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    api = Api(database_url, processes=1, RUN_API_METRICS_ADDR=metrics_addr)
+    api.start()
+    try:
+        wait_until(lambda: f"metrics on http://{metrics_addr}/metrics" in api.output(), 10, "the metrics line")
+        samples = scrape(f"http://{metrics_addr}/metrics")
+        assert any(name == "runs_workers_connected" for name, _ in samples)
+        assert httpx.get(f"http://{metrics_addr}/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"{api.http_url}/metrics", timeout=10).status_code == 404
+        assert httpx.get(f"http://{metrics_addr}/v1/runs", timeout=10).status_code == 404  # nothing else there
+    finally:
+        api.stop()

@@ -186,11 +186,11 @@ class ApiProcesses:
         return [sys.executable, "-m", "services.run_api", "serve", "--child-of", str(os.getpid()),
                 "--child-index", str(index), "--ready-fd", str(ready_fd)]
 
-    def _env(self, addr: str, http_addr: str) -> dict[str, str]:
+    def _env(self, addr: str, http_env: dict[str, str]) -> dict[str, str]:
         """Each process's settings: the parent's (flags included) as environment, the URL kept off argv."""
         s = self.settings
         return {**os.environ, "RUN_API_PROCESSES": "1", "RUN_API_ADDR": addr, "DATABASE_URL": self.url,
-                "RUN_API_HTTP_ADDR": http_addr,
+                "RUN_API_HTTP_ADDR": "", "RUN_API_METRICS_ADDR": "", **http_env,
                 "RUNS_DATA_DIR": s.data_dir, "RUN_API_MIGRATE": "false", "RUN_LEASE_SECONDS": repr(s.lease_seconds),
                 "RUN_WORKER_EMBEDDED": "true" if s.embedded_worker else "false"}
 
@@ -202,16 +202,20 @@ class ApiProcesses:
             asyncio.run(_migrate_when_reachable(self.url))
         hold, port = _reserve_port(self.settings.addr)
         addr = f"{self.settings.addr.rsplit(':', 1)[0]}:{port}"
-        # The HTTP port too: held here, so the group's processes share it with each other only (and port 0
+        # The HTTP ports too: held here, so the group's processes share each with each other only (and port 0
         # becomes one port for all of them).
-        http_hold, http_addr = None, ""
-        if self.settings.http_addr:
-            try:
-                http_hold, http_port = _reserve_port(self.settings.http_addr, "RUN_API_HTTP_ADDR")
-            except ListenError:
-                hold.close()
-                raise
-            http_addr = f"{self.settings.http_addr.rsplit(':', 1)[0]}:{http_port}"
+        holds, http_env = [hold], {}
+        for variable, wanted in (("RUN_API_HTTP_ADDR", self.settings.http_addr),
+                                 ("RUN_API_METRICS_ADDR", self.settings.metrics_addr)):
+            if wanted:
+                try:
+                    held, held_port = _reserve_port(wanted, variable)
+                except ListenError:
+                    for one in holds:
+                        one.close()
+                    raise
+                holds.append(held)
+                http_env[variable] = f"{wanted.rsplit(':', 1)[0]}:{held_port}"
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -219,7 +223,7 @@ class ApiProcesses:
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}  # only to wake select()
         previous_fd = signal.set_wakeup_fd(wake_w)
         try:
-            code = self._supervise(addr, http_addr, port, wake_r)
+            code = self._supervise(addr, http_env, port, wake_r)
         finally:
             self._stop_all()
             signal.set_wakeup_fd(previous_fd)
@@ -227,19 +231,18 @@ class ApiProcesses:
                 signal.signal(sig, handler)
             for fd in (wake_r, wake_w):
                 os.close(fd)
-            hold.close()
-            if http_hold is not None:
-                http_hold.close()
+            for one in holds:
+                one.close()
         if code == 0 and not self.clean:
             log.error("API processes did not stop cleanly: %s",
                       ", ".join(f"pid {p}: {_exit_code(c.returncode)}" for p, c in self.children.items()))
             return 1
         return code
 
-    def _supervise(self, addr: str, http_addr: str, port: int, wake_r: int) -> int:
+    def _supervise(self, addr: str, http_env: dict[str, str], port: int, wake_r: int) -> int:
         ready_r, ready_w = os.pipe()
         try:
-            env = self._env(addr, http_addr)
+            env = self._env(addr, http_env)
             for index in range(1, self.settings.processes + 1):
                 # A process group of its own: Ctrl-C reaches the parent only, which stops the worker first.
                 child = subprocess.Popen(self._command(index, ready_w), env=env, pass_fds=(ready_w,), process_group=0)

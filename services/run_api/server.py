@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.routing import BaseRoute
 
 from services.run_api import db, registry
 from services.run_api.artifacts import ArtifactStore
@@ -30,7 +31,7 @@ from services.run_api.auth import (
 )
 from services.run_api.cache import CacheLayers
 from services.run_api.handlers import RetryPolicy, utcnow
-from services.run_api.http.app import HttpServer, create_app
+from services.run_api.http.app import HttpServer, create_app, create_metrics_app
 from services.run_api.http.gateway import Gateway
 from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
@@ -151,7 +152,7 @@ class ApiServer:
         self.metrics = ApiMetrics(
             self.engine, settings.lease_seconds, reaper_counters=lambda: dict(self.reaper.counters)
         )
-        observed = self.metrics if settings.http_addr else None
+        observed = self.metrics if settings.http_addr or settings.metrics_addr else None
         self.reaper = Reaper(
             self.engine,
             ReaperConfig(interval_seconds=settings.reaper_interval_seconds, policy=settings.lease_policy),
@@ -199,7 +200,17 @@ class ApiServer:
             workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server,
         ), strict=True):
             add(self.servicers[name], self.server)  # type: ignore[operator]
+        # The HTTP side, and /metrics on an address of its own when RUN_API_METRICS_ADDR is set.
         self.http = self._http_server(reuse_port)
+        self.http_servers: dict[str, tuple[HttpServer, str]] = {}  # variable -> (server, address)
+        if self.http is not None:
+            self.http_servers["RUN_API_HTTP_ADDR"] = (self.http, settings.http_addr)
+        if settings.metrics_addr:
+            metrics_app = create_metrics_app(self.metrics.route(), ready=self._ready, addr=settings.metrics_addr)
+            self.http_servers["RUN_API_METRICS_ADDR"] = (
+                HttpServer(metrics_app, settings.metrics_addr, reuse_port, settings.shutdown_grace_seconds),
+                settings.metrics_addr,
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
@@ -209,16 +220,20 @@ class ApiServer:
         self._stopped = False
         self._embedded_stop = asyncio.Event()
         self._embedded_task: asyncio.Task[None] | None = None
-        self._http_task: asyncio.Task[None] | None = None
+        self._http_tasks: list[asyncio.Task[None]] = []
 
     def _http_server(self, reuse_port: bool) -> HttpServer | None:
         """The HTTP side on RUN_API_HTTP_ADDR (None when it is empty), over the same servicers."""
         if not self.settings.http_addr:
             return None
         gateway = Gateway(self.authenticator, self.servicers, self.metrics)
-        app = create_app(gateway, ready=lambda: bool(self.monitor.serving) and not self._stopped,
-                         extra=[self.metrics.route()])
+        extra: list[BaseRoute] = [] if self.settings.metrics_addr else [self.metrics.route()]
+        app = create_app(gateway, ready=self._ready, extra=extra, http_addr=self.settings.http_addr)
         return HttpServer(app, self.settings.http_addr, reuse_port, self.settings.shutdown_grace_seconds)
+
+    def _ready(self) -> bool:
+        """Readiness of the HTTP side (/healthz): the database answers and no shutdown has begun."""
+        return bool(self.monitor.serving) and not self._stopped
 
     def _http_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._stopped:
@@ -273,22 +288,23 @@ class ApiServer:
         if self.port == 0:
             await self.engine.dispose()
             raise ListenError(f"cannot listen on {self.settings.addr}: is another process using it?")
-        if self.http is not None:
+        for variable, (http, addr) in self.http_servers.items():
             try:
-                self.http.bind()
+                http.bind()
             except (OSError, ValueError):
+                for bound, _ in self.http_servers.values():
+                    bound.close()
                 await self.engine.dispose()
-                raise ListenError(
-                    f"cannot listen on {self.settings.http_addr} (RUN_API_HTTP_ADDR): is another process using it?"
-                ) from None
+                raise ListenError(f"cannot listen on {addr} ({variable}): is another process using it?") from None
         await self.server.start()
-        if self.http is not None:
-            self._http_task = asyncio.create_task(self.http.run(), name="http")
-            self._http_task.add_done_callback(self._http_done)
+        for variable, (http, _) in self.http_servers.items():
+            task = asyncio.create_task(http.run(), name=variable)
+            task.add_done_callback(self._http_done)
+            self._http_tasks.append(task)
         self._supervise("listener", lambda: self.listener.run(self._loops_stop))
         self._supervise("health", lambda: self.monitor.run(self._loops_stop))
         self._supervise("reaper", lambda: self.reaper.run(self._loops_stop))
-        if self.http is not None:
+        if self.http_servers:
             self._supervise("metrics", lambda: self.metrics.run(self._loops_stop))
         if self.settings.embedded_worker:
             from services.run_worker.embedded import EmbeddedWorker
@@ -317,8 +333,13 @@ class ApiServer:
         log.info("run API listening on %s", f"{self.settings.addr.rsplit(':', 1)[0]}:{self.port}")
         if self.http is not None:
             host = self.settings.http_addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-            log.info("dashboard on http://%s:%d/ (JSON under /v1, run events, /metrics, /healthz)",
-                     f"[{host}]" if ":" in host else host, self.http.port)
+            log.info("dashboard on http://%s:%d/ (JSON under /v1, run events, %s/healthz)",
+                     f"[{host}]" if ":" in host else host, self.http.port,
+                     "" if self.settings.metrics_addr else "/metrics, ")
+        if self.settings.metrics_addr:
+            metrics_http, _ = self.http_servers["RUN_API_METRICS_ADDR"]
+            host = self.settings.metrics_addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, metrics_http.port)
         exposed = [a for a in (self.settings.addr, self.settings.http_addr) if a and not is_loopback(a)]
         if self.auth_mode == "required":
             log.info("auth required: every call but health and reflection needs an API key")
@@ -363,12 +384,12 @@ class ApiServer:
                 await asyncio.wait_for(self._embedded_task, self.settings.shutdown_grace_seconds + 30)
         self.stopping.set()
         self.hub.wake_all()  # open streams notice `stopping` and end with UNAVAILABLE
-        if self.http is not None and self._http_task is not None:
-            self.http.stop()
+        for http, _ in self.http_servers.values():
+            http.stop()
         await self.server.stop(self.settings.shutdown_grace_seconds)
-        if self._http_task is not None:
+        if self._http_tasks:
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._http_task, self.settings.shutdown_grace_seconds + 5)
+                await asyncio.wait_for(asyncio.gather(*self._http_tasks), self.settings.shutdown_grace_seconds + 5)
         self._loops_stop.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks.values(), timeout=self.settings.shutdown_grace_seconds)

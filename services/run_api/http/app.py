@@ -96,14 +96,29 @@ def create_app(
     if allowed_hosts is None and http_addr:
         allowed_hosts = loopback_hosts(http_addr)
 
+    middleware = [] if allowed_hosts is None else [Middleware(HostCheck, allowed=list(allowed_hosts))]
+    return Starlette(routes=[
+        healthz_route(ready), *routes.routes(gateway), *(extra or []), *pages.routes(gateway, http_addr),
+    ], middleware=middleware)
+
+
+def healthz_route(ready: Callable[[], bool]) -> Route:
+    """GET /healthz: 200 SERVING while `ready()`, else 503 NOT_SERVING (an HTTP readiness probe)."""
+
     async def healthz(request: Request) -> Response:
         ok = ready()
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
 
-    middleware = [] if allowed_hosts is None else [Middleware(HostCheck, allowed=list(allowed_hosts))]
-    return Starlette(routes=[
-        Route("/healthz", healthz), *routes.routes(gateway), *(extra or []), *pages.routes(gateway, http_addr),
-    ], middleware=middleware)
+    return Route("/healthz", healthz)
+
+
+def create_metrics_app(route: BaseRoute, ready: Callable[[], bool], addr: str) -> Starlette:
+    """The app of RUN_API_METRICS_ADDR: /metrics (`route`) and /healthz, nothing else (an internal address
+    for the scraper, so the dashboard's port need not expose every tenant's workflow names)."""
+
+    allowed = loopback_hosts(addr)
+    middleware = [] if allowed is None else [Middleware(HostCheck, allowed=allowed)]
+    return Starlette(routes=[route, healthz_route(ready)], middleware=middleware)
 
 
 def listen(addr: str, reuse_port: bool) -> socket.socket:
@@ -156,6 +171,11 @@ class HttpServer:
         """Serve on the bound socket until stop()."""
         assert self.sock is not None, "bind() first"
         await self.server.serve(sockets=[self.sock])
+
+    def close(self) -> None:
+        """Let go of a bound socket that never served (start-up failed)."""
+        if self.sock is not None:
+            self.sock.close()
 
     def stop(self) -> None:
         """Stop accepting, let open requests finish (streams end when the API stops them)."""
