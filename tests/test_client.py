@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -65,11 +66,26 @@ PIPELINE = {
 }
 
 
+def own_ports() -> dict[str, int]:
+    """gRPC and HTTP ports from the kernel's ephemeral range for an Api.
+
+    features.harness.free_port hands each xdist worker a fixed block, which a second pytest session on
+    the same machine walks in the same order: its API could take our port while ours restarts in place
+    (then our client talks to its API). An ephemeral port is not handed out again while free soon after.
+    """
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+    return {"port": ports[0], "http_port": ports[1]}
+
+
 @pytest.fixture(scope="module")
 def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -> Iterator[Api]:
     """One API and one worker for the module's read-mostly tests."""
     with make_database() as url:
-        api = Api(url)
+        api = Api(url, **own_ports())
         api.start()
         worker = Worker(api.addr, **WORKER_ENV)
         worker.start()
@@ -233,8 +249,9 @@ async def test_async_client_basic_flow(stack: Api) -> None:
         assert workflow.name == "client.pipeline"
 
 
-def test_watch_resumes_when_the_api_restarts_mid_watch(database_url: str) -> None:
-    api = Api(database_url)
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_watch_resumes_when_the_api_restarts_mid_watch(database_url: str, how: str) -> None:
+    api = Api(database_url, **own_ports())
     api.start()
     worker: Worker | None = None
     try:
@@ -243,8 +260,11 @@ def test_watch_resumes_when_the_api_restarts_mid_watch(database_url: str) -> Non
             stream = c.watch(run.run_id, timeout=60)
             first = next(stream)
             assert first.sequence == 1 and first.type == "run.queued"
-            assert api.stop() == 0
-            api = Api(database_url, port=api.port)  # the same address, a new process
+            if how == "sigterm":
+                assert api.stop() == 0  # a graceful stop ends the watch with UNAVAILABLE (shutting down)
+            else:
+                api.kill()  # the connection just drops
+            api = Api(database_url, port=api.port, http_port=api.http_port)  # the same address, a new process
             api.start()
             worker = Worker(api.addr, **WORKER_ENV)
             worker.start()
@@ -259,9 +279,9 @@ def test_watch_resumes_when_the_api_restarts_mid_watch(database_url: str) -> Non
         api.stop()
 
 
-def test_unary_calls_retry_unavailable_then_give_up(database_url: str) -> None:
-    api = Api(database_url)  # never started: nothing listens on its port
-    with Client(api.addr, key="", retry=Retry(attempts=3, backoff_seconds=0.01, backoff_max_seconds=0.02)) as c:
+def test_unary_calls_retry_unavailable_then_give_up() -> None:
+    addr = f"127.0.0.1:{own_ports()['port']}"  # nothing listens there
+    with Client(addr, key="", retry=Retry(attempts=3, backoff_seconds=0.01, backoff_max_seconds=0.02)) as c:
         with pytest.raises(Unavailable) as down:
             c.get_run("01J00000000000000000000000")
         assert down.value.status_code is grpc.StatusCode.UNAVAILABLE
@@ -271,7 +291,10 @@ def test_unary_calls_retry_unavailable_then_give_up(database_url: str) -> None:
 
 async def test_keys_and_tls(database_url: str, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
     admin = f"test-admin-{secrets.token_urlsafe(24)}"
-    api = TlsApi(database_url, pki, ClientTls(ca=pki.ca), RUNS_AUTH="required", RUNS_BOOTSTRAP_ADMIN_KEY=admin)
+    api = TlsApi(
+        database_url, pki, ClientTls(ca=pki.ca), RUNS_AUTH="required", RUNS_BOOTSTRAP_ADMIN_KEY=admin,
+        **own_ports(),  # type: ignore[arg-type]  # TlsApi hands its keywords on to Api
+    )
     api.start()
     try:
         with Client(api.addr, key="", tls_ca=pki.ca) as anonymous, pytest.raises(Unauthenticated):
