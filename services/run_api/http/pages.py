@@ -5,7 +5,7 @@ for gRPC; an error renders a small page with the error's HTTP status, and a miss
 renders the login form (401). The browser logs in by pasting an API key, kept in the `runs_key`
 cookie (HttpOnly, SameSite=Strict; Secure unless the HTTP address is loopback, so a dashboard
 served off loopback must be reached over https, e.g. behind a TLS terminator). POST /login and
-/logout are refused unless they come from this origin (Origin / Sec-Fetch-Site): no login CSRF.
+/logout are refused unless they come from this origin (gateway.same_origin): no login CSRF.
 Live parts are HTML fragments under /ui/ that the page's script re-fetches (the runs table every
 2 s, its counts by status then at most every COUNTS_SECONDS per caller; a run's DAG, timeline and
 steps on each of its Server-Sent Events). Changes (cancel, rebuild) are the JSON API's POST
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -39,7 +39,7 @@ from starlette.templating import Jinja2Templates
 from services.run_api.auth import is_loopback
 from services.run_api.errors import PermissionDenied, RunsError, Unauthenticated
 from services.run_api.http import dag
-from services.run_api.http.gateway import HTTP_STATUS, KEY_COOKIE, Gateway
+from services.run_api.http.gateway import KEY_COOKIE, Gateway, http_status, same_origin
 from services.run_api.http.routes import from_query
 from services.run_api.interceptors import translate
 from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, EventType, RunStatus
@@ -133,30 +133,6 @@ def cookie_secure(http_addr: str | None) -> bool:
     return not (http_addr and is_loopback(http_addr))
 
 
-def _origin_netloc(scheme: str, netloc: str) -> str:
-    """host[:port] lower-cased, without the scheme's default port."""
-    netloc = netloc.lower()
-    default = {"http": ":80", "https": ":443"}.get(scheme.lower(), "")
-    return netloc.removesuffix(default) if default and netloc.endswith(default) else netloc
-
-
-def same_origin(request: Request) -> bool:
-    """Whether a form POST comes from a page of this origin: a Sec-Fetch-Site other than same-origin
-    (or none: typed by the user) and an Origin whose host is not the request's Host are refused;
-    a request with neither header (not from a browser) passes."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None and site.lower() not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True
-    parts = urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return False  # "null" (a sandboxed frame, a redirect across origins) or garbage
-    host = request.headers.get("host", "")
-    return bool(host) and _origin_netloc(parts.scheme, parts.netloc) == _origin_netloc(parts.scheme, host)
-
-
 def spec_dependencies(spec: workflow_service_pb2.WorkflowSpec) -> dict[str, list[str]]:
     """Each step's dependencies, in the spec's order."""
     return {step.key: list(step.depends_on) for step in spec.steps}
@@ -206,7 +182,7 @@ class Pages:
         if error is None:
             log.error("unhandled error in the dashboard's %s", where, exc_info=exc)
             return self.render(request, "error.html", {"status": 500, "message": "internal error"}, 500)
-        status = HTTP_STATUS.get(error.code, 500)
+        status = http_status(error)
         if isinstance(error, Unauthenticated) or status == 401:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             # Say why only when a key was sent (revoked, expired, unknown); without one the form says enough.
@@ -262,7 +238,7 @@ class Pages:
             authenticator = self.gateway.authenticator
             await authenticator.caller(RUN_SERVICE + "ListRuns", metadata, authenticator.clock())
         except RunsError as err:
-            return self.login_form(request, next_path, err.message, HTTP_STATUS.get(err.code, 401))
+            return self.login_form(request, next_path, err.message, http_status(err))
         response = RedirectResponse(next_path, status_code=303)
         if key:
             response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", secure=self.secure_cookie,
