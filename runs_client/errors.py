@@ -24,10 +24,11 @@ class RunsError(Exception):
 
     def __init__(
         self,
+        status_code: grpc.StatusCode | None,
         message: str,
-        status_code: grpc.StatusCode | None = None,
         field_violations: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """`status_code` None: the class's own (INVALID_ARGUMENT for InvalidArgument, ...)."""
         self.status_code: grpc.StatusCode | None = status_code if status_code is not None else self.default_code
         self.message = message
         self.field_violations: list[tuple[str, str]] = list(field_violations)
@@ -104,7 +105,7 @@ class RunTimeout(RunsError):
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
     def __init__(self, message: str, run_id: str, run: Any = None) -> None:
-        super().__init__(message)
+        super().__init__(None, message)
         self.run_id = run_id
         self.run = run
 
@@ -168,4 +169,4 @@ def from_rpc_error(error: BaseException) -> RunsError:
     """The RunsError for a failed gRPC call (raise it `from error`)."""
     code = status_code_of(error)
     cls = _BY_CODE.get(code, RunsError)
-    return cls(_details_of(error) or code.name.lower(), code, field_violations_of(error))
+    return cls(code, _details_of(error) or code.name.lower(), field_violations_of(error))

@@ -88,12 +88,12 @@ def to_struct(data: Mapping[str, Any] | None, name: str = "input") -> struct_pb2
     if data is None:
         return None
     if not isinstance(data, Mapping):
-        raise InvalidArgument(f"{name} must be a dict", field_violations=[(name, "must be a dict")])
+        raise InvalidArgument(None, f"{name} must be a dict", field_violations=[(name, "must be a dict")])
     struct = struct_pb2.Struct()
     try:
         struct.update(dict(data))
     except (TypeError, ValueError) as error:
-        raise InvalidArgument(f"{name} is not JSON-like: {error}", field_violations=[(name, str(error))]) from None
+        raise InvalidArgument(None, f"{name} is not JSON-like: {error}", [(name, str(error))]) from None
     return struct
 
 
@@ -121,6 +121,7 @@ def run_status_value(status: RunStatus | str | None) -> run_pb2.RunStatus.ValueT
         return run_pb2.RunStatus.Value(f"RUN_STATUS_{name}")
     except ValueError:
         raise InvalidArgument(
+            None,
             f"unknown run status {status!r}", field_violations=[("status", f"one of {[s.value for s in RunStatus]}")]
         ) from None
 
@@ -493,7 +494,7 @@ def workflow_spec(spec: SpecSource) -> workflow_service_pb2.WorkflowSpec:
             parsed = load_spec_text(text, "json" if path.suffix.lower() == ".json" else "yaml")
     except SpecError as error:
         violations = [(v.field, v.description) for v in error.violations]
-        raise InvalidArgument("the workflow spec is invalid", field_violations=violations) from None
+        raise InvalidArgument(None, "the workflow spec is invalid", field_violations=violations) from None
     message = workflow_service_pb2.WorkflowSpec()
     json_format.ParseDict(to_proto_dict(spec_to_dict(parsed)), message)
     return message

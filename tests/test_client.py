@@ -186,6 +186,9 @@ def test_errors_map_to_exceptions_with_field_violations(client: Client) -> None:
     with pytest.raises(InvalidArgument) as status:
         next(client.list_runs(status="SLEEPING"))
     assert status.value.fields == ["status"]
+    with pytest.raises(InvalidArgument) as not_json:  # refused before anything is sent
+        client.start_run("runtime.noop", {"when": object()})
+    assert not_json.value.fields == ["input"]
 
 
 def test_register_rebuild_and_explain(client: Client, tmp_path: Path) -> None:
