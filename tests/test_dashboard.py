@@ -504,6 +504,7 @@ def test_with_auth_required_the_page_asks_for_a_key_and_works_after_login(
             expect(page.locator("#run-status")).to_have_text("queued")
             cookie = next(c for c in context.cookies() if c["name"] == "runs_key")
             assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert not cookie["secure"]  # the API listens on loopback: plain http to it keeps the cookie
             page.goto(f"{api.http_url}/")
             expect(page.locator(f'tr[data-run="{run.run_id}"]')).to_be_visible()
             expect(page.locator(".counts")).to_have_count(0)  # GetStats is for admin keys: hidden
