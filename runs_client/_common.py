@@ -14,11 +14,16 @@ from shared.settings import ClientTls
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
 
-# Reconnect soon after the API comes back (gRPC's own default starts at 1 s and grows to 120 s).
 CHANNEL_OPTIONS = (
+    # Reconnect soon after the API comes back (gRPC's own default starts at 1 s and grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Notice a dead peer under a long watch (the API accepts pings every 5 s; the worker sends the same).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    # GetRun of a large run carries every step's output (gRPC's default limit is 4 MiB).
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
 
 # Codes a retried call may meet again: only UNAVAILABLE (the call did not reach a server that answered).
