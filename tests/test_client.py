@@ -5,10 +5,13 @@ No test sleeps to wait: waits are the client's own (WatchRun) or conditions poll
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import secrets
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -267,8 +270,18 @@ def test_watch_resumes_when_the_api_restarts_mid_watch(database_url: str, how: s
                 assert api.stop() == 0  # a graceful stop ends the watch with UNAVAILABLE (shutting down)
             else:
                 api.kill()  # the connection just drops
-            api = Api(database_url, port=api.port, http_port=api.http_port)  # the same address, a new process
-            api.start()
+            # a unary call made while the API is down succeeds once it is back (retried on UNAVAILABLE)
+            calling = threading.Event()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                def get_while_down() -> RunStatus:
+                    calling.set()
+                    return c.get_run(run.run_id).status
+
+                got = pool.submit(get_while_down)
+                calling.wait(10)
+                api = Api(database_url, port=api.port, http_port=api.http_port)  # the same address, a new process
+                api.start()
+                assert got.result(timeout=30) is RunStatus.QUEUED
             worker = Worker(api.addr, **WORKER_ENV)
             worker.start()
             rest = list(stream)
@@ -290,6 +303,12 @@ def test_unary_calls_retry_unavailable_then_give_up() -> None:
         assert down.value.status_code is grpc.StatusCode.UNAVAILABLE
         with pytest.raises(Unavailable):
             list(c.watch("01J00000000000000000000000"))
+    # start_run without an idempotency key is never retried (a retry could start a second run)
+    with Client(addr, key="", retry=Retry(attempts=3, backoff_seconds=5, backoff_max_seconds=5)) as c:
+        began = time.monotonic()
+        with pytest.raises(Unavailable):
+            c.start_run("runtime.noop")
+        assert time.monotonic() - began < 2.5  # a retry would first wait 2.5-5 s
 
 
 async def test_keys_and_tls(database_url: str, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
