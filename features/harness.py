@@ -290,7 +290,7 @@ class Client:
 
     def steps(self, run_id: str, status: str = "") -> dict[str, Any]:
         """ListRunSteps, by step key (only steps in `status` when given)."""
-        value = run_pb2.StepStatus.Value(f"STEP_STATUS_{status}") if status else 0
+        value = run_pb2.StepStatus.Value(f"STEP_STATUS_{status}" if status else "STEP_STATUS_UNSPECIFIED")
         response = self.stub.ListRunSteps(run_service_pb2.ListRunStepsRequest(run_id=run_id, status=value), timeout=10)
         return {step.step_key: step for step in response.steps}
 
