@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from features.harness import Api, Worker
+from features.harness import ROOT, Api, Worker
 from runs_client import (
     AlreadyExists,
     AsyncClient,
@@ -220,6 +220,8 @@ def test_register_rebuild_and_explain(client: Client, tmp_path: Path) -> None:
 
 
 def test_the_readme_example_runs(stack: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The example is the README's own text (README_EXAMPLE must stay a copy of its block).
+    assert f"```python\n{README_EXAMPLE}```" in (Path(ROOT) / "README.md").read_text()
     monkeypatch.setenv("RUN_API_ADDR", stack.addr)
     monkeypatch.delenv("RUNS_API_KEY", raising=False)
     printed = io.StringIO()
