@@ -74,8 +74,11 @@ def test_every_phase_end_to_end(pg_server: str) -> None:
                 if "_cpu_" in name or name == "start_runs_api_cpu" else "ms"
                 if name.startswith("pickup") or name == "start_run_api_cpu" else "runs/s")
         assert line["unit"] == unit, name
-        if not name.endswith("growth"):  # RSS may shrink
+        # RSS may shrink; a drain this short may end before PostgreSQL's backends flush their buffer counts
+        # (at most once a second), so its pg_blocks may read 0.
+        if not name.endswith(("growth", "pg_blocks")):
             assert line["value"] > 0, name
+        assert line["value"] >= 0 or name.endswith("growth"), name
     assert (got["start_run_sequential"]["n"], got["start_run_sequential"]["workers"]) == (20, 0)
     assert (got["start_runs_batch"]["n"], got["start_runs_batch"]["per_call"]) == (200, 150)
     assert (got["drain_noop_100"]["n"], got["drain_noop_100"]["workers"]) == (100, 2)
