@@ -168,7 +168,7 @@ HOT: dict[str, list[set[str]]] = {
     "workers_session_lock": [RUNNING_IDX],
     # reports (handlers.report_events, store.events.append and the projector)
     "run_lock_many": [{"runs_pkey"}],
-    "run_lock_many_for_report": [{"runs_pkey"}, {"run_steps_pkey"}, {"tool_calls_pkey"}],
+    "run_lock_many_for_report": [{"runs_pkey"}, {"run_steps_pkey"}, {"tool_calls_pkey"}, {"run_events_event_id_uq"}],
     "run_events_claimers": [{"run_events_pk", "run_events_event_id_uq"}],
     "run_events_find_ids": [{"run_events_pk", "run_events_event_id_uq"}],
     "run_events_readopted": [{"run_events_pk", "run_events_event_id_uq"}],
@@ -248,6 +248,7 @@ def hot_params(worker_id: str, running: list[str], history: list[str]) -> dict[s
         "workspace_id": "default", "project_id": None, "limit": 100, "run_id": running[0], "attempt": 1,
         "step_key": "runtime", "tool_call_id": str(ULID()), "skip_run_ids": [], "only_run_id": None,
         "after_sequence": 0, "run_ids": ids, "attempts": [1] * n, "event_ids": [str(ULID()) for _ in ids],
+        "event_ids_by_run": json.dumps({run_id: [str(ULID())] for run_id in ids}),
         "tool_call_ids": [str(ULID()) for _ in ids], "session_token_hash": None, "capacity": 100,
         "batch_limit": 100, "lease_expires_at": now + timedelta(seconds=30),
         "lease_text": (now + timedelta(seconds=30)).isoformat(), "channel_events": "runs_events",

@@ -614,8 +614,10 @@ async def report_events(
     The session, the holder and the steps are checked first: a report that fails them records nothing.
     """
     now = now or utcnow()
-    params = {"run_ids": sorted({e.run_id for e in reported}), "worker_id": worker_id,
-              "event_ids": sorted({e.event_id for e in reported})}
+    by_run: dict[str, list[str]] = {}
+    for e in reported:
+        by_run.setdefault(e.run_id, []).append(e.event_id)
+    params = {"run_ids": sorted(by_run), "worker_id": worker_id, "event_ids_by_run": json.dumps(by_run)}
     locked = (await uow.conn.execute(Q.run_lock_many_for_report, params)).all()
     if locked:
         _check_token(locked[0].session_token_hash, session_token)

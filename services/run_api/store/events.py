@@ -426,7 +426,8 @@ async def append(
     if locked is not None:  # run_lock_many_for_report found the reported event ids the log holds already
         known = {(row.run_id, event_id): sequence for row in rows for event_id, sequence in row.known}
     elif dedupe and states:
-        params = {"run_ids": list(states), "event_ids": sorted({e.event_id for e in events})}
+        pairs = sorted({(e.run_id, e.event_id) for e in events if e.run_id in states})
+        params = {"run_ids": [r for r, _ in pairs], "event_ids": [e for _, e in pairs]}
         for row in (await conn.execute(Q.run_events_find_ids, params)).all():
             known[(row.run_id, row.event_id)] = row.sequence
 
