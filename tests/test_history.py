@@ -168,7 +168,8 @@ HOT: dict[str, list[set[str]]] = {
     "workers_session_lock": [RUNNING_IDX],
     # reports (handlers.report_events, store.events.append and the projector)
     "run_lock_many": [{"runs_pkey"}],
-    "run_lock_many_for_report": [{"runs_pkey"}, {"run_steps_pkey"}, {"tool_calls_pkey"}, {"run_events_event_id_uq"}],
+    "run_lock_many_for_report": [{"runs_pkey"}, {"run_steps_pkey"}, {"tool_calls_pkey"},
+                                 {"run_events_pk", "run_events_event_id_uq"}],
     "run_events_claimers": [{"run_events_pk", "run_events_event_id_uq"}],
     "run_events_find_ids": [{"run_events_pk", "run_events_event_id_uq"}],
     "run_events_readopted": [{"run_events_pk", "run_events_event_id_uq"}],
