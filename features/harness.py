@@ -5,6 +5,7 @@ Nothing here sleeps to wait: every wait is a condition polled against a deadline
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -50,11 +51,15 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
     return last
 
 
-# Under pytest-xdist (make test) each worker process takes ports from its own block of 1,000 below the
+# Under pytest-xdist (make test) each worker process takes ports from its own block of 250 below the
 # kernel's ephemeral range (which serves bind(0) and outgoing connections): a port chosen here stays
 # free until the process it is meant for binds it, which another worker's choice could otherwise take.
-_PORT_BLOCKS, _PORT_BLOCK = 20_000, 1_000
-_next_port = itertools.count()
+# The blocks of a session start at an offset drawn from its run id (PYTEST_XDIST_TESTRUNUID), and each
+# worker starts at a point of its block drawn the same way, so two pytest sessions on one machine rarely
+# walk the same ports in step.
+_PORT_BLOCKS, _PORT_BLOCK, _BLOCK_COUNT = 20_000, 250, 48  # 20000..31999
+_SESSION = int(hashlib.sha256(os.environ.get("PYTEST_XDIST_TESTRUNUID", "").encode()).hexdigest()[:8], 16)
+_next_port = itertools.count(_SESSION % _PORT_BLOCK)
 
 
 def free_port() -> int:
@@ -64,7 +69,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
-    base = _PORT_BLOCKS + (int(worker[2:]) % 10) * _PORT_BLOCK
+    base = _PORT_BLOCKS + ((_SESSION // _PORT_BLOCK + int(worker[2:])) % _BLOCK_COUNT) * _PORT_BLOCK
     for _ in range(_PORT_BLOCK):
         port = base + next(_next_port) % _PORT_BLOCK
         with socket.socket() as s:
