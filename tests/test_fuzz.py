@@ -1179,6 +1179,7 @@ def rebuild_run(draw: st.DrawFn) -> run_service_pb2.RebuildRunRequest:
 explain_step = fields({"run_id": run_id_field, "step_key": step_key_field}).map(
     lambda f: run_service_pb2.ExplainStepRequest(**f)
 )
+explain_run = fields({"run_id": run_id_field}).map(lambda f: run_service_pb2.ExplainRunRequest(**f))
 list_cache_entries = fields(
     {"workflow": workflow_name_field, "step_key": step_key_field, "page_size": int_field(0, 50),
      "page_token": text_field("", "not-a-token")}
@@ -1242,6 +1243,7 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "GetWorkflow": get_workflow,
     "RebuildRun": rebuild_run(),
     "ExplainStep": explain_step,
+    "ExplainRun": explain_run,
     "ListCacheEntries": list_cache_entries,
     "InvalidateCache": invalidate_cache,
     "LookupStepCache": lookup_step_cache(),
@@ -1377,6 +1379,12 @@ def test_cancel_run(stack: Stack, request: Req) -> None:
 @given(request=get_run.map(Req))
 def test_get_run(stack: Stack, request: Req) -> None:
     call(stack, "GetRun", request.message)
+
+
+@FUZZ
+@given(request=explain_run.map(Req))
+def test_explain_run(stack: Stack, request: Req) -> None:
+    call(stack, "ExplainRun", request.message)
 
 
 @FUZZ

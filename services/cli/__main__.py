@@ -12,7 +12,8 @@ Commands:
   runs artifacts RUN
   runs artifact RUN STEP NAME -o FILE
   runs rebuild RUN --change TYPE [--input-patch JSON] [--steps a,b] [--dry-run] [--wait [--timeout SECONDS]]
-  runs explain RUN [STEP]          (why each step ran, hit the cache or was reused)
+  runs explain RUN [STEP]          (why the run is queued, running or ended; then why each step ran,
+                                   hit the cache or was reused; with STEP only that step)
   runs cache ls [--workflow W] [--step S] [--page-size N] [--page-token T] [--all]
   runs cache rm --workflow W [--step S] [--key K]
   runs workflows [--page-size N] [--page-token T] [--all]

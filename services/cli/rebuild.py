@@ -1,9 +1,14 @@
-"""`runs rebuild RUN` and `runs explain RUN [STEP]`: partial rebuilds of a finished run, and why steps ran.
+"""`runs rebuild RUN` and `runs explain RUN [STEP]`: partial rebuilds of a finished run, why a run is where
+it is, and why its steps ran.
 
 `rebuild` prints the plan (each step's rerun or reuse and the reason) and the new run; `--dry-run`
 creates nothing; `--wait` follows the new run to its end like `start --wait`. `explain` reads the
 API's explanation of each step: the decision, the cache key, the miss reason and, for a miss, what
-differs from the nearest earlier cache entry.
+differs from the nearest earlier cache entry. `explain RUN` without a STEP first says why the run is
+where it is (ExplainRun: a queued run's place in its workspace's queue, its backoff and the live
+workers that could take it; a running run's holder, heartbeat, lease and current steps; a finished
+run's ending, failing step and attempts), then explains every step; `--json` prints
+{"run": ExplainRunResponse, "steps": [...]}. With a STEP only that step is explained ({"steps": [...]}).
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import grpc
+
 from services.cli.common import (
     EXIT_OK,
     UNARY_DEADLINE_SECONDS,
     cell,
     dumps,
+    err,
     format_fields,
     format_table,
+    iso_time,
     json_object,
     out,
     plain_numbers,
@@ -61,9 +70,16 @@ def add_parsers(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     rebuild.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                          help=f"with --wait: give up after this many seconds [{DEFAULT_WAIT_TIMEOUT_SECONDS:g}]")
 
-    explain = add("explain", "Say why a run's steps ran, hit the cache or were reused, from the run's log.")
+    explain = add(
+        "explain",
+        "Say why a run is where it is (queued: its place in the queue, backoff and the live workers that could "
+        "take it; running: its holder, heartbeat, lease and current steps; finished: how it ended, the failing "
+        "step, the attempts), then why each step ran, hit the cache or was reused. With STEP: only that step's "
+        "explanation. --json: {\"run\": ..., \"steps\": [...]} (with STEP: {\"steps\": [...]}).",
+    )
     explain.add_argument("run_id", metavar="RUN")
-    explain.add_argument("step_key", metavar="STEP", nargs="?", default="", help="only this step [every step]")
+    explain.add_argument("step_key", metavar="STEP", nargs="?", default="",
+                         help="explain only this step, not the run [the run, then every step]")
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
@@ -130,6 +146,53 @@ def format_explanation(step: run_service_pb2.StepExplanation) -> str:
     return f"{step.step_key}: {step.decision}\n" + "\n".join("  " + line for line in body.splitlines())
 
 
+def format_run_explanation(response: run_service_pb2.ExplainRunResponse) -> str:
+    """ExplainRun's answer: the run and its state, the summary line, then the facts of its state and attempts."""
+    run = response.run
+    pairs = [("run", f"{run.run_id} {run_status_name(run.status)} (workflow {run.workflow or '-'}, "
+                     f"workspace {run.workspace_id or '-'})"),
+             ("state", response.state), ("why", response.summary)]
+    if response.HasField("queue"):
+        q = response.queue
+        pairs += [
+            ("queue", f"{q.runs_ahead} ahead ({q.due_ahead} of them due now) in workspace {q.workspace_id}"),
+            ("due", "now" if q.due
+             else f"backing off until {iso_time(q, 'next_attempt_at')} ({q.backoff_seconds:.0f}s)"),
+            ("workers", f"{q.live_workers} live serving the workspace ({q.free_slots} free slots), "
+                        f"{q.live_workers_elsewhere} live elsewhere"),
+            ("tools", f"{', '.join(q.tools_needed) or 'unknown'}: available {q.tools_available} "
+                      f"({q.live_workers_with_tools} with them, {q.live_workers_tools_unknown} declared none)"),
+        ]
+        if q.worker_ids:
+            pairs.append(("worker_ids", ", ".join(q.worker_ids)))
+    if response.HasField("holder"):
+        h = response.holder
+        pairs += [
+            ("worker", f"{h.worker_id or '-'} ({'live' if h.worker_live else 'lease expired'})"),
+            ("claimed_at", iso_time(h, "claimed_at")),
+            ("heartbeat", iso_time(h, "last_heartbeat_at")),
+            ("lease_until", iso_time(h, "lease_expires_at")),
+            ("steps", ", ".join(h.running_steps) or "none running"),
+            ("attempt", f"{h.attempt}/{h.max_attempts}"),
+            ("cancel", (f"requested: {h.cancel_reason}" if h.cancel_reason else "requested")
+             if h.cancel_requested else "not requested"),
+        ]
+    if response.HasField("ending"):
+        e = response.ending
+        pairs += [("finished_at", iso_time(e, "finished_at")), ("stop_reason", e.stop_reason),
+                  ("error", e.error)]
+        if e.failed_step:
+            pairs.append(("failed_step", f"{e.failed_step}: {e.failed_step_error or '-'}"))
+    text = format_fields(pairs)
+    if response.attempts:
+        text += "\nattempts:\n" + format_table(
+            ("ATTEMPT", "WORKER", "CLAIMED_AT", "ENDED_AT", "OUTCOME", "ERROR"),
+            ((str(a.attempt), cell(a.worker_id), iso_time(a, "claimed_at"), iso_time(a, "ended_at"), a.outcome,
+              cell(a.error)) for a in response.attempts),
+        )
+    return text
+
+
 def format_explanations(steps: Sequence[run_service_pb2.StepExplanation]) -> str:
     """Every step's explanation, separated by blank lines."""
     return "\n\n".join(format_explanation(s) for s in steps) if steps else "no steps"
@@ -158,10 +221,25 @@ def cmd_rebuild(stub: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_explain(stub: Any, args: argparse.Namespace) -> int:
-    """`runs explain RUN [STEP]`: why each step ran, hit the cache or was reused."""
+    """`runs explain RUN [STEP]`: why the run is where it is (without STEP), then why each step (or STEP) ran."""
+    run = None
+    if not args.step_key:
+        try:
+            run = stub.ExplainRun(run_service_pb2.ExplainRunRequest(run_id=args.run_id),
+                                  timeout=UNARY_DEADLINE_SECONDS)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            err("this API does not explain runs (no ExplainRun: an older server); the steps only")
     request = run_service_pb2.ExplainStepRequest(run_id=args.run_id, step_key=args.step_key)
     steps = stub.ExplainStep(request, timeout=UNARY_DEADLINE_SECONDS).steps
-    out(dumps({"steps": [to_dict(s) for s in steps]}) if args.json else format_explanations(steps))
+    if args.json:
+        document: dict[str, Any] = {"run": to_dict(run)} if run is not None else {}
+        out(dumps({**document, "steps": [to_dict(s) for s in steps]}))
+    elif run is not None:
+        out(format_run_explanation(run) + "\n\nsteps:\n" + format_explanations(steps))
+    else:
+        out(format_explanations(steps))
     return EXIT_OK
 
 

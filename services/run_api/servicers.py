@@ -21,6 +21,7 @@ from services.run_api import (
     cache_service,
     checks,
     convert,
+    explain,
     handlers,
     payloads,
     rebuild,
@@ -128,6 +129,13 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
         for item in items:
             json_format.ParseDict({k: v for k, v in item.items() if v is not None}, out.steps.add())
         return out
+
+    async def ExplainRun(
+        self, request: run_service_pb2.ExplainRunRequest, context: grpc.aio.ServicerContext
+    ) -> run_service_pb2.ExplainRunResponse:
+        async with UnitOfWork(self.engine) as uow:
+            found = await explain.explain_run(uow, request.run_id, current_caller())
+        return explain.to_message(found)
 
     async def ListCacheEntries(
         self, request: run_service_pb2.ListCacheEntriesRequest, context: grpc.aio.ServicerContext

@@ -21,6 +21,7 @@ error once the stream is open (e.g. the server stopping) comes as an `event: run
 | GET /v1/runs/{run_id}/events | RunService.WatchRun (SSE) |
 | GET /v1/runs/{run_id}/steps (?status) | RunService.ListRunSteps |
 | GET /v1/runs/{run_id}/explain, /v1/runs/{run_id}/steps/{step_key}/explain | RunService.ExplainStep |
+| GET /v1/runs/{run_id}/why | RunService.ExplainRun |
 | GET /v1/runs/{run_id}/artifacts | RunService.ListRunArtifacts |
 | GET /v1/runs/{run_id}/artifacts/{step_key}/{name} | RunService.DownloadArtifact (the bytes) |
 | GET /v1/workflows (?page_size, page_token) | WorkflowService.ListWorkflows |
@@ -273,6 +274,8 @@ def routes(gateway: Gateway, keepalive_seconds: float = KEEPALIVE_SECONDS) -> li
               unary(RUN_SERVICE + "ListRunSteps", query(R.ListRunStepsRequest, run_id="run_id")), methods=["GET"]),
         Route("/v1/runs/{run_id}/explain",
               unary(RUN_SERVICE + "ExplainStep", query(R.ExplainStepRequest, run_id="run_id")), methods=["GET"]),
+        Route("/v1/runs/{run_id}/why",
+              unary(RUN_SERVICE + "ExplainRun", query(R.ExplainRunRequest, run_id="run_id")), methods=["GET"]),
         Route("/v1/runs/{run_id}/steps/{step_key}/explain",
               unary(RUN_SERVICE + "ExplainStep", query(R.ExplainStepRequest, run_id="run_id", step_key="step_key")),
               methods=["GET"]),

@@ -1077,3 +1077,56 @@ runs_metrics_facts = q(
     FROM runs WHERE run_id = ANY(:run_ids)
     """
 )
+
+# --- ExplainRun (services/run_api/explain.py) --------------------------------------------------
+
+# Where a QUEUED run stands in its tenant's workspace queue and which live workers could take it, in
+# one row: the queued runs before it in claim order (runs_claim_idx: a range of the index, the row
+# comparison is its key order), those of them due now, and over the live workers (heartbeat lease not
+# expired at :now) of the tenant serving the workspace: how many, how many declared every tool in
+# :tools (tools NULL: declared nothing, counted apart), their free slots (capacity minus runs held,
+# runs_running_worker_idx), up to 20 ids; and the tenant's live workers serving other workspaces.
+runs_explain_queue = q(
+    """
+    SELECT
+        (SELECT count(*) FROM runs r
+         WHERE r.tenant_id = :tenant_id AND r.workspace_id = :workspace_id AND r.status = 'QUEUED'
+           AND (r.next_attempt_at, r.run_id) < (CAST(:next_attempt_at AS timestamptz), CAST(:run_id AS text)))
+            AS runs_ahead,
+        (SELECT count(*) FROM runs r
+         WHERE r.tenant_id = :tenant_id AND r.workspace_id = :workspace_id AND r.status = 'QUEUED'
+           AND (r.next_attempt_at, r.run_id) < (CAST(:next_attempt_at AS timestamptz), CAST(:run_id AS text))
+           AND r.next_attempt_at <= :now) AS due_ahead,
+        count(w.worker_id) AS live_workers,
+        count(w.worker_id) FILTER (WHERE w.tools @> CAST(:tools AS text[])) AS live_workers_with_tools,
+        count(w.worker_id) FILTER (WHERE w.tools IS NULL) AS live_workers_tools_unknown,
+        COALESCE(sum(GREATEST(COALESCE(w.capacity, 1) - (
+            SELECT count(*) FROM runs h WHERE h.worker_id = w.worker_id AND h.status = 'RUNNING'), 0)), 0)
+            AS free_slots,
+        COALESCE((array_agg(w.worker_id ORDER BY w.worker_id))[1:20], '{}') AS worker_ids,
+        (SELECT count(*) FROM workers o
+         WHERE o.tenant_id = :tenant_id AND o.lease_expires_at >= :now
+           AND o.workspace_id IS DISTINCT FROM :workspace_id) AS live_workers_elsewhere
+    FROM workers w
+    WHERE w.tenant_id = :tenant_id AND w.workspace_id = :workspace_id AND w.lease_expires_at >= :now
+    """
+)
+
+# A RUNNING run's holder as the workers table sees it (no row: the holder's session is gone) and the
+# run's steps RUNNING now, in one row.
+runs_explain_holder = q(
+    """
+    SELECT w.last_heartbeat_at, w.lease_expires_at, COALESCE(w.lease_expires_at >= :now, false) AS worker_live,
+        ARRAY(SELECT s.step_key FROM run_steps s WHERE s.run_id = :run_id AND s.status = 'RUNNING'
+              ORDER BY s.started_at, s.step_key) AS running_steps
+    FROM (VALUES (1)) AS one (n) LEFT JOIN workers w ON w.worker_id = :worker_id
+    """
+)
+
+# The first step of a run that failed (by when it finished), with its error.
+run_steps_first_failed = q(
+    """
+    SELECT step_key, error FROM run_steps WHERE run_id = :run_id AND status = 'FAILED'
+    ORDER BY finished_at NULLS LAST, step_key LIMIT 1
+    """
+)
