@@ -23,10 +23,12 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import sqlalchemy
 
 from features.harness import ROOT, Api, Client, Worker, base_env, create_key, wait_until
 from services.cli import __main__ as cli_main
 from services.cli.common import field_violations
+from services.run_api.store import queries as Q
 from shared.gen.runs.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 
 pytestmark = pytest.mark.timeout(90)
@@ -39,6 +41,7 @@ class Stack:
     """The module's API, its keys and clients."""
 
     api: Api
+    url: str
     client_key: str
     other_key: str  # a client key of tenant "other" (which has no worker)
     worker_key_id: str
@@ -84,7 +87,7 @@ def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -
                 worker.start()
             other_admin = host_key(url, "admin", "other")
             _, other_key = create_key(api.addr, other_admin, "client")
-            stack = Stack(api, client_key, other_key, worker_key_id)
+            stack = Stack(api, url, client_key, other_key, worker_key_id)
             with stack.client() as client:  # both workers are live before any test asks who serves what
                 for workspace in ("default", "busy"):
                     client.wait_status(client.start("", workspace_id=workspace).run.run_id, {"SUCCEEDED"}, 30)
@@ -349,3 +352,27 @@ def test_cli_explain_against_an_api_without_explain_run(capsys: pytest.CaptureFi
     printed = capsys.readouterr()
     assert printed.out == "no steps\n"
     assert "does not explain runs" in printed.err
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(node for child in plan.get("Plans", []) for node in _nodes(child))]
+
+
+def test_queue_position_reads_the_claim_index(stack: Stack) -> None:
+    """The runs ahead are a range of runs_claim_idx (the row comparison is its key order), never a scan of runs."""
+    engine = sqlalchemy.create_engine(stack.url, poolclass=sqlalchemy.pool.NullPool)
+    params = {"tenant_id": "default", "workspace_id": "default", "run_id": "01" + "0" * 24, "now": "2030-01-01Z",
+              "next_attempt_at": "2030-01-01Z", "tools": ["noop"]}
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SET enable_seqscan = off"))  # a tiny table: ask what the index can serve
+            explain = sqlalchemy.text("EXPLAIN (FORMAT JSON) " + Q.runs_explain_queue.text)
+            nodes = _nodes(conn.execute(explain, params).scalar_one()[0]["Plan"])
+    finally:
+        engine.dispose()
+    on_runs = [n for n in nodes if n.get("Relation Name") == "runs"]
+    claim = [n for n in on_runs if n.get("Index Name") == "runs_claim_idx"]
+    assert len(claim) == 2, on_runs  # runs ahead, and those of them due
+    assert all("ROW(next_attempt_at, run_id) < ROW(" in n["Index Cond"] for n in claim), claim
+    # The rest (each live worker's held runs) is served by a partial index of RUNNING runs (seq scans off).
+    assert not [n for n in on_runs if n["Node Type"] == "Seq Scan"], on_runs
