@@ -1780,6 +1780,11 @@ class CacheStub(FakeStub):
                                            change_request=request.change_request_type))
         return response
 
+    def ExplainRun(self, request: Any, timeout: float | None = None) -> Any:
+        # An API without ExplainRun: `runs explain RUN` prints the steps only (tests/test_explain_run.py
+        # covers the run's explanation against a real API).
+        raise FakeRpcError(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
     def ExplainStep(self, request: Any, timeout: float | None = None) -> Any:
         self._record("ExplainStep", request, timeout)
         return run_service_pb2.ExplainStepResponse(steps=self.explained)
