@@ -16,6 +16,7 @@ from runs_client.models import (
     Event,
     Rebuild,
     Run,
+    RunExplanation,
     RunStatus,
     SpecSource,
     StartRun,
@@ -186,6 +187,11 @@ class AsyncClient:
         request = rebuild_request(base_run_id, change, steps, input_patch, dry_run)
         retry = self.retry if dry_run else NO_RETRY
         return Rebuild.from_proto(await self._call(self._runs.RebuildRun, request, retry))
+
+    async def explain_run(self, run_id: str) -> RunExplanation:
+        """Why the run is where it is (see Client.explain_run)."""
+        request = run_service_pb2.ExplainRunRequest(run_id=run_id)
+        return RunExplanation.from_proto(await self._call(self._runs.ExplainRun, request, self.retry))
 
     async def explain(self, run_id: str, step_key: str = "") -> list[StepExplanation]:
         """Why each step ran, hit the cache or was reused (see Client.explain)."""

@@ -15,6 +15,7 @@ from runs_client.models import (
     Event,
     Rebuild,
     Run,
+    RunExplanation,
     RunStatus,
     SpecSource,
     StartRun,
@@ -194,6 +195,12 @@ class Client:
         only the plan comes back."""
         request = rebuild_request(base_run_id, change, steps, input_patch, dry_run)
         return Rebuild.from_proto(self._call(self._runs.RebuildRun, request, self.retry if dry_run else NO_RETRY))
+
+    def explain_run(self, run_id: str) -> RunExplanation:
+        """Why the run is where it is (ExplainRun): its place in the queue and the workers that could take it,
+        who holds it, or how it ended; `summary` says it in one line."""
+        request = run_service_pb2.ExplainRunRequest(run_id=run_id)
+        return RunExplanation.from_proto(self._call(self._runs.ExplainRun, request, self.retry))
 
     def explain(self, run_id: str, step_key: str = "") -> list[StepExplanation]:
         """Why each step (or the one named) ran, hit the cache or was reused (ExplainStep)."""

@@ -358,6 +358,36 @@ class Difference:
 
 
 @dataclass(frozen=True)
+class RunExplanation:
+    """Why a run is where it is (ExplainRun): `state` is queued, backing_off, running or finished, `summary`
+    one line for people; `queue`, `holder` or `ending` (the generated messages, typed by their stubs) is
+    set for a queued, running or finished run; `attempts` are every attempt so far, oldest first."""
+
+    run: Run
+    state: str
+    summary: str
+    queue: run_service_pb2.QueueExplanation | None
+    holder: run_service_pb2.HolderExplanation | None
+    ending: run_service_pb2.EndingExplanation | None
+    attempts: tuple[Attempt, ...]
+    proto: run_service_pb2.ExplainRunResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, response: run_service_pb2.ExplainRunResponse) -> RunExplanation:
+        """The RunExplanation of an ExplainRun answer."""
+        return cls(
+            run=Run.from_proto(response.run, attempts=response.attempts),
+            state=response.state,
+            summary=response.summary,
+            queue=response.queue if response.HasField("queue") else None,
+            holder=response.holder if response.HasField("holder") else None,
+            ending=response.ending if response.HasField("ending") else None,
+            attempts=tuple(Attempt.from_proto(a) for a in response.attempts),
+            proto=response,
+        )
+
+
+@dataclass(frozen=True)
 class StepExplanation:
     """Why one step ran, hit the cache or was reused (decision: executed, cache_hit, reused_from_base, ...)."""
 

@@ -341,3 +341,24 @@ async def test_keys_and_tls(database_url: str, pki: Pki, monkeypatch: pytest.Mon
             assert from_env.get_run(run.run_id).run_id == run.run_id
     finally:
         api.stop()
+
+
+def test_explain_run_says_why_a_run_waits_and_how_it_ended(client: Client) -> None:
+    """explain_run (ExplainRun): a run for a workspace no worker serves is queued with no live worker there;
+    a finished run says how it ended, with its attempts."""
+    waiting = client.start_run("runtime.noop", workspace_id="nobody-serves-this")
+    why = client.explain_run(waiting.run_id)
+    assert (why.state, why.run.run_id) == ("queued", waiting.run_id)
+    assert why.queue is not None and why.holder is None and why.ending is None
+    assert (why.queue.workspace_id, why.queue.live_workers) == ("nobody-serves-this", 0)
+    assert why.queue.live_workers_elsewhere >= 1  # the module's worker serves "default"
+    assert why.summary
+    client.cancel(waiting.run_id)
+
+    done = client.wait(client.start_run("runtime.noop").run_id, timeout=30)
+    ended = client.explain_run(done.run_id)
+    assert (ended.state, ended.run.status) == ("finished", RunStatus.SUCCEEDED)
+    assert ended.ending is not None and ended.ending.stop_reason == "completed"
+    assert [a.attempt for a in ended.attempts] == [1]
+    with pytest.raises(NotFound):
+        client.explain_run("01ARZ3NDEKTSV4RRFFQ69G5FAV")
