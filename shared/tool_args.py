@@ -3,8 +3,9 @@
 Pure data and a pure function, no I/O. The API (shared/workflows.py, check_tool_args) refuses a
 runtime.tool run whose arguments a stock tool could never run with; each stock tool
 (services/run_worker/tools/) refuses the same arguments in the same words. Both read the schemas
-here, so the rules exist once. A schema is open: arguments it does not declare are accepted (echo
-returns them, shell hands them to its command in RUNS_INPUT).
+here, so the rules exist once. A closed schema (sleep, fail) refuses an argument it does not
+declare, naming it, so a misspelt name is not silently ignored; an open one accepts them (noop is
+handed runtime.noop's input, echo returns them, shell hands them to its command in RUNS_INPUT).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from shared.text import shorten
 
 
 class Kind(enum.Enum):
@@ -58,13 +61,18 @@ class ToolArgs:
     args: Mapping[str, Arg] = field(default_factory=dict)
     switch: str = ""
     switched: Mapping[str, Arg] = field(default_factory=dict)
+    closed: bool = False  # arguments it does not declare are refused
+    tool: str = ""  # the tool's name, for the refusal of an unknown argument
 
     def get(self, args: Mapping[str, Any], name: str) -> Any:
         """The value of `name` in `args`, or its declared default."""
         return args.get(name, self.args[name].default)
 
     def check(self, args: Mapping[str, Any]) -> None:
-        """Raise ArgError for the first argument (in declaration order) that does not fit."""
+        """Raise ArgError for the first argument (in declaration order) that does not fit.
+
+        A closed schema then refuses the first (by name) argument it does not declare.
+        """
         switched = bool(self.switch) and args.get(self.switch) is True
         for name, spec in self.args.items():
             prefix = ""
@@ -76,6 +84,12 @@ class ToolArgs:
                 continue
             if not _fits(args[name], spec):
                 raise ArgError(name, prefix + _refusal(name, spec))
+        if self.closed:
+            unknown = sorted(str(name) for name in args if name not in self.args)
+            if unknown:
+                name = shorten(unknown[0])
+                of = f" of tool {self.tool}" if self.tool else ""
+                raise ArgError(name, f"unknown argument {name!r}{of}; known: {', '.join(self.args) or 'none'}")
 
 
 def _fits(value: Any, spec: Arg) -> bool:
@@ -112,12 +126,13 @@ def _refusal(name: str, spec: Arg) -> str:
 
 NOOP = ToolArgs()
 ECHO = ToolArgs()
-SLEEP = ToolArgs({"seconds": Arg(Kind.NUMBER, default=1.0, minimum=0, doc="how long to sleep")})
+SLEEP = ToolArgs({"seconds": Arg(Kind.NUMBER, default=1.0, minimum=0, doc="how long to sleep")},
+                 closed=True, tool="sleep")
 FAIL = ToolArgs({
     "times": Arg(Kind.NUMBER, minimum=0, doc="fail only on tries up to this one; absent: always"),
     "retryable": Arg(Kind.BOOL, default=True, doc="false ends the step at once"),
     "message": Arg(default="failed on purpose", doc="the error (str() of any value)"),
-})
+}, closed=True, tool="fail")
 SHELL = ToolArgs(
     {
         "command": Arg(Kind.STRINGS, required=True, hint="(program and arguments)",
