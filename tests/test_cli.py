@@ -376,7 +376,7 @@ def test_json_documents_use_proto_field_names() -> None:
     assert set(doc) >= {"run", "steps", "tool_calls"}
     assert doc["steps"] == [] and doc["tool_calls"] == []
     assert doc["run"]["run_id"] == "01RUN" and doc["run"]["stop_reason"] == "completed"
-    assert doc["run"]["status"] == "RUN_STATUS_SUCCEEDED"
+    assert doc["run"]["status"] == "SUCCEEDED"  # as the tables name it
     assert doc["run"]["max_attempts"] == 3
     listing = cli.list_json([make_run()], "")
     assert listing == {"runs": [cli.to_dict(make_run())], "next_page_token": ""}
@@ -561,7 +561,7 @@ def test_start_wait_succeeded_exits_0_and_prints_the_final_run(capsys: pytest.Ca
     assert run_cli(stub, "start", "--wait", "--json") == 0
     assert stub.names() == ["StartRun", "WatchRun", "GetRun"]
     assert stub.calls[1][2] == cli.DEFAULT_WAIT_TIMEOUT_SECONDS
-    assert json.loads(capsys.readouterr().out)["status"] == "RUN_STATUS_SUCCEEDED"
+    assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"
 
 
 @pytest.mark.parametrize("status", [run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELED])
@@ -664,7 +664,7 @@ def test_watch_json_prints_one_object_per_line(capsys: pytest.CaptureFixture[str
     assert run_cli(FakeStub(), "watch", "01RUN", "--json") == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["type"] for line in lines] == ["run.queued", "run.completed"]
-    assert json.loads(lines[1])["sequence"] == "2"  # int64 as a string: the protobuf JSON mapping
+    assert json.loads(lines[1])["sequence"] == 2  # int64 as a number (not the protobuf JSON mapping's string)
 
 
 def test_watch_interrupted_exits_130_quietly(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1064,7 +1064,7 @@ def test_keys_table_is_aligned_and_one_line_per_key() -> None:
 def test_keys_json_documents() -> None:
     response = key_service_pb2.CreateKeyResponse(key=make_key(), secret="rk_s")
     assert keys.created_json(response) == {"key": cli.to_dict(make_key()), "secret": "rk_s"}
-    assert keys.created_json(response)["key"]["role"] == "KEY_ROLE_CLIENT"
+    assert keys.created_json(response)["key"]["role"] == "CLIENT"
     assert keys.list_json([make_key()], "") == {"keys": [cli.to_dict(make_key())], "next_page_token": ""}
 
 
@@ -1112,7 +1112,7 @@ def test_keys_create_json_keeps_stdout_machine_readable(capsys: pytest.CaptureFi
     assert run_cli(FakeKeyStub(), "keys", "create", "--role", "worker", "--json") == 0
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
-    assert doc["secret"] == "rk_only_once" and doc["key"]["role"] == "KEY_ROLE_WORKER"
+    assert doc["secret"] == "rk_only_once" and doc["key"]["role"] == "WORKER"
     assert captured.err.strip() == keys.SECRET_NOTE
 
 
@@ -1649,7 +1649,7 @@ def test_steps_and_artifacts_commands(capsys: pytest.CaptureFixture[str]) -> Non
     assert run_cli(stub, "artifacts", "01RUN") == 0
     assert "hero.svg" in capsys.readouterr().out
     assert run_cli(stub, "artifacts", "01RUN", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["artifacts"][0]["size"] == "6"  # int64: a string in JSON
+    assert json.loads(capsys.readouterr().out)["artifacts"][0]["size"] == 6  # int64: a number in JSON
 
 
 def test_artifact_downloads_and_verifies(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -1861,7 +1861,7 @@ def test_rebuild_wait_follows_the_new_run_like_start_wait(capsys: pytest.Capture
     failed = CacheStub(final=make_run(status=run_pb2.RUN_STATUS_FAILED, run_id="01NEW"))
     assert run_cli(failed, "rebuild", "01BASE", "--steps", "copy", "--wait", "--json") == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["run"]["status"] == "RUN_STATUS_FAILED" and len(doc["plan"]) == 5
+    assert doc["run"]["status"] == "FAILED" and len(doc["plan"]) == 5
 
 
 def test_rebuild_refusals_keep_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -2100,7 +2100,7 @@ def test_live_campaign_run_dag_steps_and_verified_artifacts(
         assert code == 0, err
     run = json.loads(out)
     run_id = run["run_id"]
-    assert run["status"] == "RUN_STATUS_SUCCEEDED" and run["workflow_version"] >= 1
+    assert run["status"] == "SUCCEEDED" and run["workflow_version"] >= 1
     assert run["output"]["bundle"]["result"]["files"] == ["brief.txt", "copy.txt", "hero.svg", "index.html"]
 
     code, out, _ = runs(capsys, live_api, "get", run_id)
@@ -2166,7 +2166,7 @@ def test_live_rebuild_explain_and_cache(
     assert [(p["step_key"], p["action"]) for p in doc["plan"]] == [
         ("brief", "reuse"), ("copy", "rerun"), ("images", "reuse"), ("landing_page", "rerun"), ("bundle", "rerun")]
     new = doc["run"]
-    assert new["status"] == "RUN_STATUS_SUCCEEDED" and new["trigger"] == "rebuild" and new["base_run_id"] == base
+    assert new["status"] == "SUCCEEDED" and new["trigger"] == "rebuild" and new["base_run_id"] == base
     assert new["change_request"] == "copy_update" and new["input"]["color"] == "#d9480f"
 
     code, out, _ = runs(capsys, live_api, "steps", new["run_id"])
@@ -2203,3 +2203,199 @@ def test_live_rebuild_explain_and_cache(
 
 
 KEYS_OF_CAMPAIGN = ("brief", "copy", "images", "landing_page", "bundle")
+
+
+# --- issue 11 item 5: --version, stats, start --workspace, JSON numbers and status names -------
+
+
+def test_version_prints_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    expected = f"runs {metadata.version('runs')}"
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, expected, "")
+
+
+def test_start_workspace_sets_the_requests_workspace_id() -> None:
+    assert cli.start_request(parse("start", "--workspace", "gpu")).workspace_id == "gpu"
+    assert cli.start_request(parse("start", "--tool", "noop", "--workspace", "w2")).workspace_id == "w2"
+    assert cli.start_request(parse("start")).workspace_id == ""
+    batch_stub = FakeStub()
+    assert run_cli(batch_stub, "start", "--count", "2", "--workspace", "gpu") == 0
+    assert [r.workspace_id for r in batch_stub.calls[0][1].requests] == ["gpu", "gpu"]
+
+
+def test_json_keeps_whole_numbers_and_int64_as_numbers_and_names_statuses_like_the_tables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = make_run(last_sequence=12)
+    run.output.update({"exit_code": 0, "ratio": 2.5, "nested": {"count": 3, "list": [1.0, 1.5]}})
+    stub = FakeStub(final=run)
+    assert run_cli(stub, "get", "01RUN", "--json") == 0
+    text = capsys.readouterr().out
+    doc = json.loads(text)["run"]
+    assert '"exit_code": 0,' in text or '"exit_code": 0\n' in text
+    assert doc["output"] == {"exit_code": 0, "ratio": 2.5, "nested": {"count": 3, "list": [1, 1.5]}}
+    assert doc["last_sequence"] == 12 and isinstance(doc["last_sequence"], int)
+    assert doc["status"] == "SUCCEEDED" == runs_cli.format_run(run).split("status")[1].split()[0]
+    assert "RUN_STATUS_" not in text and ".0" not in text
+    assert run_cli(stub, "get", "01RUN") == 0
+    assert '"exit_code":0' in capsys.readouterr().out
+    # every message: enums of steps and tool calls, maps of int64, Timestamps unchanged
+    step = run_pb2.Step(step_key="a", status=run_pb2.STEP_STATUS_SKIPPED)
+    assert common.to_dict(step)["status"] == "SKIPPED"
+    call = run_pb2.ToolCall(
+        tool_call_id="c", status=run_pb2.TOOL_CALL_STATUS_INVOKED, invoked_at=ts("2025-01-31T12:00:00")
+    )
+    assert common.to_dict(call)["status"] == "INVOKED" and common.to_dict(call)["invoked_at"] == "2025-01-31T12:00:00Z"
+    assert common.enum_prefix(run_pb2.ToolCallStatus.DESCRIPTOR) == "TOOL_CALL_STATUS_"
+
+
+def canceled_response(run_status: int) -> run_service_pb2.GetRunResponse:
+    """A run of two steps whose running step and its tool call were interrupted (recorded FAILED)."""
+    return run_service_pb2.GetRunResponse(
+        run=make_run(status=run_status, stop_reason="canceled"),  # attempt 2 of 3
+        steps=[
+            run_pb2.Step(step_key="first", status=run_pb2.STEP_STATUS_SUCCEEDED, attempt=1),
+            run_pb2.Step(step_key="second", status=run_pb2.STEP_STATUS_FAILED, attempt=1),
+        ],
+        tool_calls=[
+            run_pb2.ToolCall(tool_call_id="old", step_key="second", status=run_pb2.TOOL_CALL_STATUS_FAILED, attempt=1),
+            run_pb2.ToolCall(tool_call_id="new", step_key="second", status=run_pb2.TOOL_CALL_STATUS_FAILED, attempt=2),
+            run_pb2.ToolCall(
+                tool_call_id="done", step_key="first", status=run_pb2.TOOL_CALL_STATUS_SUCCEEDED, attempt=2
+            ),
+        ],
+    )
+
+
+def test_get_shows_canceled_for_a_step_and_tool_call_that_a_cancel_interrupted() -> None:
+    response = canceled_response(run_pb2.RUN_STATUS_CANCELED)
+    text = cli.format_get(response)
+    steps_rows = {r["STEP"]: r["STATUS"] for r in table_rows(text.split("steps:\n")[1].split("\n\n")[0])}
+    calls = {r["TOOL_CALL_ID"]: r["STATUS"] for r in table_rows(text.split("tool calls:\n")[1].split("\n\n")[0])}
+    assert steps_rows == {"first": "SUCCEEDED", "second": "CANCELED"}
+    # an earlier attempt's failure stays FAILED; only the last attempt's interrupted call is CANCELED
+    assert calls == {"old": "FAILED", "new": "CANCELED", "done": "SUCCEEDED"}
+    doc = cli.get_json(response)
+    assert [s["status"] for s in doc["steps"]] == ["SUCCEEDED", "CANCELED"]
+    assert [c["status"] for c in doc["tool_calls"]] == ["FAILED", "CANCELED", "SUCCEEDED"]
+    assert response.steps[1].status == run_pb2.STEP_STATUS_FAILED  # the response itself is left alone
+    # a run that FAILED keeps FAILED
+    failed = cli.get_json(canceled_response(run_pb2.RUN_STATUS_FAILED))
+    assert [s["status"] for s in failed["steps"]] == ["SUCCEEDED", "FAILED"]
+    assert [c["status"] for c in failed["tool_calls"]] == ["FAILED", "FAILED", "SUCCEEDED"]
+
+
+class FakeOpsStub:
+    """OpsService.GetStats with a canned answer or error."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.calls: list[Any] = []
+
+    def GetStats(self, request: Any, timeout: float | None = None) -> Any:
+        from shared.gen.runs.v1 import ops_service_pb2
+
+        self.calls.append((request, timeout))
+        if self.error is not None:
+            raise self.error
+        return ops_service_pb2.GetStatsResponse(
+            tenant_id="acme", claimed=7, completed=5, failed=1, canceled=1,
+            runs_by_status={"SUCCEEDED": 5, "QUEUED": 2, "FAILED": 1},
+            cache_hits_by_layer={"hot": 3}, cache_misses_by_reason={"no_entry": 4},
+        )
+
+
+def test_stats_prints_a_table_and_json_with_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeOpsStub()
+    assert run_cli(stub, "stats") == 0
+    out = capsys.readouterr().out
+    head, table = out.split("\n", 1)
+    assert head == "tenant: acme"
+    rows = [(r["WHAT"], r["NAME"], r["COUNT"]) for r in table_rows(table)]
+    assert rows[:3] == [("runs", "QUEUED", "2"), ("runs", "SUCCEEDED", "5"), ("runs", "FAILED", "1")]
+    assert ("event", "claimed", "7") in rows and ("event", "lease_expired", "0") in rows
+    assert ("cache hit", "hot", "3") in rows and ("cache miss", "no_entry", "4") in rows
+    assert stub.calls[0][1] == cli.UNARY_DEADLINE_SECONDS
+    assert run_cli(stub, "stats", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["claimed"] == 7 and doc["lease_expired"] == 0 and doc["runs_by_status"]["QUEUED"] == 2
+    assert doc["cache_hits_by_layer"] == {"hot": 3} and doc["tenant_id"] == "acme"
+
+
+def test_stats_refused_prints_the_error_once_and_exits_6(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeOpsStub(error=FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "OpsService needs an admin key"))
+    assert run_cli(stub, "stats") == 6
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("PERMISSION_DENIED") == 1
+    assert "`runs stats` need an admin key" in captured.err
+
+
+def test_live_stats_needs_an_admin_key_when_auth_is_required(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import secrets
+
+    from features.harness import create_key
+
+    for name in ("RUNS_API_KEY", "RUNS_TLS_CA", "RUNS_TLS_CERT", "RUNS_TLS_KEY", "RUN_API_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    admin = f"test-admin-{secrets.token_urlsafe(24)}"
+    api = Api(database_url, RUNS_AUTH="required", RUNS_BOOTSTRAP_ADMIN_KEY=admin)
+    api.start()
+    try:
+        _, client = create_key(api.addr, admin, "client")
+        monkeypatch.setenv("RUNS_API_KEY", client)
+        assert runs(capsys, api, "start", "--workspace", "w9")[0] == 0
+        code, out, err = runs(capsys, api, "stats")
+        assert code == 6 and out == "" and err.count("PERMISSION_DENIED") == 1, err
+        monkeypatch.setenv("RUNS_API_KEY", admin)
+        code, out, err = runs(capsys, api, "stats")
+        assert code == 0, err
+        rows = [(r["WHAT"], r["NAME"], r["COUNT"]) for r in table_rows(out.split("\n", 1)[1])]
+        assert ("runs", "QUEUED", "1") in rows and ("event", "claimed", "0") in rows
+        code, out, _ = runs(capsys, api, "stats", "--json")
+        assert code == 0 and json.loads(out)["runs_by_status"] == {"QUEUED": 1} and json.loads(out)["claimed"] == 0
+        code, out, _ = runs(capsys, api, "list", "--json")
+        assert code == 0 and json.loads(out)["runs"][0]["workspace_id"] == "w9"
+        assert isinstance(json.loads(out)["runs"][0]["last_sequence"], int)
+    finally:
+        api.stop()
+        print(f"--- api ---\n{api.output()[-6000:]}")
+        api.log_path.unlink(missing_ok=True)
+
+
+def test_live_canceled_tool_call_shows_canceled(
+    live_api: Api, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    from features.harness import wait_until
+
+    with live_worker(live_api, request):
+        code, out, err = runs(capsys, live_api, "start", "--tool", "sleep", "--args", '{"seconds": 30}', "--json")
+        assert code == 0, err
+        run_id = json.loads(out)["run_id"]
+
+        def invoked() -> bool:
+            doc = json.loads(runs(capsys, live_api, "get", run_id, "--json")[1])
+            return any(c["status"] == "INVOKED" for c in doc["tool_calls"])
+
+        wait_until(invoked, 30, "the sleep tool call to be invoked")
+        assert runs(capsys, live_api, "cancel", run_id)[0] == 0
+
+        def ended() -> dict[str, Any] | None:
+            doc: dict[str, Any] = json.loads(runs(capsys, live_api, "get", run_id, "--json")[1])
+            return doc if doc["run"]["status"] == "CANCELED" else None
+
+        doc = wait_until(ended, 30, "the run to be CANCELED")
+    assert doc is not None and [c["status"] for c in doc["tool_calls"]] == ["CANCELED"]
+    assert [s["status"] for s in doc["steps"]] == ["CANCELED"]
+    assert isinstance(doc["run"]["last_sequence"], int)
+    code, out, _ = runs(capsys, live_api, "get", run_id)
+    assert code == 0 and "FAILED" not in out.split("tool calls:\n")[1].split("\n\n")[0]

@@ -2,7 +2,8 @@
 
 Commands:
   runs start [--workflow W [--workflow-version N]] [--input JSON] [--idempotency-key K]
-             [--max-attempts N] [--project P] [--tool NAME [--args JSON]] [--wait [--timeout SECONDS]]
+             [--max-attempts N] [--project P] [--workspace W] [--tool NAME [--args JSON]]
+             [--wait [--timeout SECONDS]]
              [--count N]       (N runs in one StartRuns call)
   runs get ID                      (the run, its steps as a DAG table, tool calls, attempts)
   runs list [--status S] [--workflow W] [--page-size N] [--page-token T] [--all]
@@ -23,10 +24,15 @@ Commands:
                    [--ttl SECONDS] [--description D]
   runs keys list [--include-revoked] [--page-size N] [--page-token T] [--all]
   runs keys revoke KEY_ID
+  runs stats                       (your tenant's counters; needs an admin key when keys are required)
+  runs --version
 
 Global flags (before or after the command): --addr HOST:PORT (default $RUN_API_ADDR, else
 127.0.0.1:50051) and --json (machine-readable output: protobuf JSON with proto field names;
-`watch --json` prints one JSON object per line per event).
+`watch --json` prints one JSON object per line per event). JSON and tables name statuses the same
+way, without the enum prefix ("SUCCEEDED", not "RUN_STATUS_SUCCEEDED"); 64-bit counters such as
+last_sequence are numbers, and whole numbers in inputs and outputs print without ".0". In `get`,
+a step or tool call that a run's cancel interrupted shows CANCELED (the server records FAILED).
 
 Connection: TLS when --tls-ca FILE ($RUNS_TLS_CA) names the CA of the API's certificate; for an
 API that requires mutual TLS also --tls-cert FILE and --tls-key FILE ($RUNS_TLS_CERT,
@@ -55,11 +61,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from importlib import metadata
 from typing import Any
 
 import grpc
 
-from services.cli import cache, keys, rebuild, steps, workflows
+from services.cli import cache, keys, rebuild, stats, steps, workflows
 from services.cli.common import (
     EXIT_CODES,
     EXIT_ERROR,
@@ -86,6 +93,7 @@ from services.cli.common import (
     positive_float,
     positive_int,
     print_page,
+    shown_status,
     to_dict,
 )
 from services.cli.runs import (
@@ -99,6 +107,7 @@ from services.cli.runs import (
 from shared.channels import channel as open_channel
 from shared.gen.runs.v1 import (
     key_service_pb2_grpc,
+    ops_service_pb2_grpc,
     run_pb2,
     run_service_pb2,
     run_service_pb2_grpc,
@@ -107,6 +116,17 @@ from shared.gen.runs.v1 import (
 
 TOOL_WORKFLOW = "runtime.tool"
 STATUS_CHOICES = ("queued", "running", "succeeded", "failed", "canceled")
+
+
+DISTRIBUTION = "runs"  # pyproject.toml's [project] name
+
+
+def package_version() -> str:
+    """The installed version of this project's distribution ('unknown' when it is not installed)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 # --- argument parsing --------------------------------------------------------------------------
@@ -131,6 +151,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
         formatter_class=formatter,
         parents=[global_flags(environ, suppress=False)],
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = global_flags(environ, suppress=True)
     commands: dict[str, argparse.ArgumentParser] = {}
@@ -175,6 +196,10 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     )
     start.add_argument(
         "--project", default="", metavar="P", help="project inside your tenant [the key's project, else default]"
+    )
+    start.add_argument(
+        "--workspace", default="", metavar="W",
+        help="workspace the run belongs to (only workers serving W claim it) [the key's workspace, else default]",
     )
     start.add_argument(
         "--tool",
@@ -234,6 +259,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     steps.add_parsers(add)
     rebuild.add_parsers(add)
     workflows.add_parsers(add)
+    stats.add_parsers(add)
 
     group = add("cache", "List or remove step cache entries of your tenant.")
     commands.update({f"cache {name}": p for name, p in cache.add_parsers(group, common, EXIT_CODES).items()})
@@ -288,6 +314,7 @@ def start_request(args: argparse.Namespace) -> run_service_pb2.StartRunRequest:
         idempotency_key=args.idempotency_key,
         max_attempts=args.max_attempts,
         project_id=args.project,
+        workspace_id=args.workspace,
         workflow_version=args.workflow_version,
     )
     run_input: dict[str, Any] | None = args.input
@@ -324,11 +351,32 @@ def format_runs_table(runs: Sequence[run_pb2.Run]) -> str:
     )
 
 
+def shown_steps(response: run_service_pb2.GetRunResponse) -> list[run_pb2.Step]:
+    """The run's steps as `get` shows them: those a cancel interrupted as CANCELED (see `shown_status`)."""
+    run_status = run_status_name(response.run.status)
+    shown = []
+    for step in response.steps:
+        name = steps.step_status_name(step.status)
+        if shown_status(name, run_status) != name:
+            copy = run_pb2.Step()
+            copy.CopyFrom(step)
+            copy.status = run_pb2.STEP_STATUS_CANCELED
+            step = copy
+        shown.append(step)
+    return shown
+
+
+def tool_call_status(call: run_pb2.ToolCall, run: run_pb2.Run) -> str:
+    """A tool call's status as `get` shows it (CANCELED when the run's cancel interrupted it)."""
+    name = enum_name(run_pb2.ToolCallStatus, call.status, "TOOL_CALL_STATUS_")
+    return shown_status(name, run_status_name(run.status), call.attempt in (0, run.attempt))
+
+
 def format_get(response: run_service_pb2.GetRunResponse) -> str:
     """A GetRunResponse: the run, then tables of its steps, tool calls and attempts."""
     parts = [format_run(response.run)]
     if response.steps:
-        parts.append("steps:\n" + steps.format_steps_table(response.steps, datetime.now(UTC)))
+        parts.append("steps:\n" + steps.format_steps_table(shown_steps(response), datetime.now(UTC)))
     else:
         parts.append("steps: none")
     if response.tool_calls:
@@ -352,7 +400,7 @@ def format_get(response: run_service_pb2.GetRunResponse) -> str:
                         cell(c.tool_call_id),
                         cell(c.step_key),
                         cell(c.tool),
-                        enum_name(run_pb2.ToolCallStatus, c.status, "TOOL_CALL_STATUS_"),
+                        tool_call_status(c, response.run),
                         str(c.step_attempt or "-"),
                         str(c.attempt),
                         iso_time(c, "invoked_at"),
@@ -391,8 +439,8 @@ def get_json(response: run_service_pb2.GetRunResponse) -> dict[str, Any]:
     """The JSON document of `get --json` (lists are always present, possibly empty)."""
     return {
         "run": to_dict(response.run),
-        "steps": [to_dict(s) for s in response.steps],
-        "tool_calls": [to_dict(c) for c in response.tool_calls],
+        "steps": [to_dict(s) for s in shown_steps(response)],
+        "tool_calls": [{**to_dict(c), "status": tool_call_status(c, response.run)} for c in response.tool_calls],
         "attempts": [to_dict(a) for a in response.attempts],
     }
 
@@ -503,6 +551,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     **steps.COMMANDS,
     **rebuild.COMMANDS,
     **workflows.COMMANDS,
+    **stats.COMMANDS,
     "cache": cache.cmd_cache,
     "keys": keys.cmd_keys,
 }
@@ -510,6 +559,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 # The stub each command calls; the others call RunService.
 STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "keys": key_service_pb2_grpc.KeyServiceStub,
+    **{name: ops_service_pb2_grpc.OpsServiceStub for name in stats.COMMANDS},
     **{name: workflow_service_pb2_grpc.WorkflowServiceStub for name in workflows.COMMANDS},
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC
@@ -14,6 +15,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -154,7 +156,10 @@ def global_flags(env: Mapping[str, str], suppress: bool) -> argparse.ArgumentPar
         "--addr", metavar="HOST:PORT", default=default(default_addr),
         help=f"Run API address (RUN_API_ADDR) [{default_addr}]",
     )
-    p.add_argument("--json", action="store_true", default=default(False), help="machine-readable JSON output")
+    p.add_argument(
+        "--json", action="store_true", default=default(False),
+        help="machine-readable JSON output (statuses as in tables, e.g. SUCCEEDED; whole numbers without .0)",
+    )
     p.add_argument(
         "--tls-ca", metavar="FILE", default=default(_env(env, "RUNS_TLS_CA")),
         help="connect with TLS, trusting this CA certificate (PEM) (RUNS_TLS_CA)",
@@ -207,8 +212,64 @@ def err(text: str) -> None:
 
 
 def to_dict(message: Message) -> dict[str, Any]:
-    """A message as JSON-able data (protobuf JSON mapping, proto field names)."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """A message as JSON-able data: the protobuf JSON mapping with proto field names, made to read like the
+    tables: enum values by their short name (RUN_STATUS_SUCCEEDED -> "SUCCEEDED", as `enum_name` prints them),
+    64-bit integers as numbers (not strings) and whole Struct numbers without '.0'."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return _readable(cast(Descriptor, message.DESCRIPTOR), data)
+
+
+_INT64_TYPES = frozenset({
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+})
+_STRUCT_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+
+
+def enum_prefix(enum: EnumDescriptor) -> str:
+    """The prefix of an enum's value names: its name in UPPER_SNAKE and '_' (RunStatus -> 'RUN_STATUS_')."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+
+
+def _readable_scalar(field: FieldDescriptor, value: Any) -> Any:
+    """One JSON-mapped value of a non-message field, read like the tables (see `to_dict`)."""
+    if field.enum_type is not None and isinstance(value, str):
+        return value.removeprefix(enum_prefix(field.enum_type))
+    if field.type in _INT64_TYPES and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _readable_value(field: FieldDescriptor, value: Any) -> Any:
+    """One JSON-mapped value (not a repeated list or map) of `field`."""
+    kind = field.message_type
+    if kind is None:
+        return _readable_scalar(field, value)
+    if kind.full_name in _STRUCT_TYPES:
+        return plain_numbers(value)
+    if isinstance(value, dict) and not kind.full_name.startswith("google.protobuf."):
+        return _readable(kind, value)
+    return value
+
+
+def _readable(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (MessageToDict of a `descriptor` message) with `_readable_value` applied to every field."""
+    result = dict(data)
+    for field in descriptor.fields:
+        if field.name not in result:
+            continue
+        value = result[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            result[field.name] = {k: _readable_value(value_field, v) for k, v in value.items()}
+        elif isinstance(value, list) and not (field.message_type and field.message_type.full_name in _STRUCT_TYPES):
+            result[field.name] = [_readable_value(field, v) for v in value]
+        else:
+            result[field.name] = _readable_value(field, value)
+    return result
 
 
 def dumps(data: Any, compact: bool = False) -> str:
@@ -244,6 +305,19 @@ def enum_name(enum: Any, value: int, prefix: str) -> str:
     except ValueError:
         return str(value)
     return name.removeprefix(prefix)
+
+
+INTERRUPTED_STATUSES = frozenset({"FAILED", "RUNNING", "INVOKED", "CREATED"})
+
+
+def shown_status(status: str, run_status: str, same_attempt: bool = True) -> str:
+    """A step's or tool call's status as `get` shows it (short names, see `to_dict`): in a CANCELED run,
+    one left FAILED or unfinished by the run's last attempt shows CANCELED. The projection records a
+    step or tool call that the cancel interrupted as FAILED (tool calls have no CANCELED status);
+    only the display says CANCELED, and only where the run itself was canceled."""
+    if run_status == "CANCELED" and same_attempt and status in INTERRUPTED_STATUSES:
+        return "CANCELED"
+    return status
 
 
 def iso_time(message: Message, field: str) -> str:
@@ -396,7 +470,7 @@ def describe_rpc_error(
         message = details or "(no details)"
         hints.append(
             "  the API key is valid, but its role, tenant or project does not allow this call "
-            "(`runs keys` needs an admin key)"
+            "(`runs keys` and `runs stats` need an admin key)"
         )
     else:
         message = details or "(no details)"
