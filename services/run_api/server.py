@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.routing import BaseRoute
@@ -37,6 +36,7 @@ from services.run_api.interceptors import ErrorInterceptor
 from services.run_api.listener import Hub, Listener, ListenerConfig
 from services.run_api.metrics import ApiMetrics
 from services.run_api.reaper import Reaper, ReaperConfig
+from services.run_api.reflection import enable_reflection
 from services.run_api.servicers import (
     KeyService,
     OpsService,
@@ -212,7 +212,7 @@ class ApiServer:
                 settings.metrics_addr,
             )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)  # as v1alpha and v1
         self.port = 0
         self._loops_stop = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
