@@ -32,7 +32,8 @@ Global flags (before or after the command): --addr HOST:PORT (default $RUN_API_A
 `watch --json` prints one JSON object per line per event). JSON and tables name statuses the same
 way, without the enum prefix ("SUCCEEDED", not "RUN_STATUS_SUCCEEDED"); 64-bit counters such as
 last_sequence are numbers, and whole numbers in inputs and outputs print without ".0". In `get`,
-a step or tool call that a run's cancel interrupted shows CANCELED (the server records FAILED).
+a step or tool call that a run's cancel interrupted shows CANCELED (the server records FAILED or
+leaves it unfinished).
 
 Connection: TLS when --tls-ca FILE ($RUNS_TLS_CA) names the CA of the API's certificate; for an
 API that requires mutual TLS also --tls-cert FILE and --tls-key FILE ($RUNS_TLS_CERT,
@@ -145,7 +146,7 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
         prog="runs",
         description=(
             "Start, inspect, watch, cancel and rebuild runs of the Run API; explain their steps; manage the step "
-            "cache; register workflows; manage API keys."
+            "cache; register workflows; manage API keys; show your tenant's counters (stats)."
         ),
         epilog=EXIT_CODES,
         formatter_class=formatter,
