@@ -221,7 +221,7 @@ def test_the_cli_connects_with_tls_ca_and_explains_a_refusal(
     tls_api: TlsApi, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["--addr", tls_api.addr, "--tls-ca", pki.ca, "start", "--project", "p1", "--json"]) == 0
-    assert '"status": "RUN_STATUS_QUEUED"' in capsys.readouterr().out
+    assert '"status": "QUEUED"' in capsys.readouterr().out
     assert cli.main(["--addr", tls_api.addr, "list"]) == 5
     assert "if it serves TLS, pass --tls-ca" in capsys.readouterr().err
     assert cli.main(["--addr", tls_api.addr, "--tls-ca", pki.other_ca, "list"]) == 5
