@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -235,6 +236,20 @@ def auth_mode() -> str:
     mode = os.environ.get("RUNS_TEST_AUTH", "off").strip() or "off"
     assert mode in ("off", "required"), f"RUNS_TEST_AUTH must be off or required, got {mode!r}"
     return mode
+
+
+def host_key(url: str, role: str, tenant: str = "default") -> tuple[str, str]:
+    """`python -m services.run_api keys create` on the API host (any tenant, no key needed); the key's (id, secret)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.run_api", "keys", "create", "--role", role, "--tenant", tenant,
+         "--database-url", url],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, f"keys create exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    key_id = re.search(r"^key id:\s+(\S+)", done.stdout, re.M)
+    secret = re.search(r"^secret:\s+(\S+)", done.stdout, re.M)
+    assert key_id and secret, done.stdout
+    return key_id.group(1), secret.group(1)
 
 
 def create_key(addr: str, admin_key: str, role: str, **fields: Any) -> tuple[str, str]:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import sqlalchemy
 
-from features.harness import ROOT, Api, Client, Worker, base_env, create_key, wait_until
+from features.harness import ROOT, Api, Client, Worker, base_env, create_key, host_key, wait_until
 from services.cli import __main__ as cli_main
 from services.cli.common import field_violations
 from services.run_api.store import queries as Q
@@ -55,19 +55,6 @@ class Stack:
             client.close()
 
 
-def host_key(url: str, role: str, tenant: str) -> str:
-    """A key of any tenant, made on the API host; its secret."""
-    done = subprocess.run(
-        [sys.executable, "-m", "services.run_api", "keys", "create", "--role", role, "--tenant", tenant,
-         "--database-url", url],
-        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    secret = re.search(r"^secret:\s+(\S+)", done.stdout, re.M)
-    assert secret, done.stdout
-    return secret.group(1)
-
-
 @pytest.fixture(scope="module")
 def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -> Iterator[Stack]:
     with make_database() as url:
@@ -85,7 +72,7 @@ def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -
                                   RUN_WORKER_WORKSPACE_ID="busy", RUN_WORKER_CONCURRENCY="1", **common))
             for worker in workers:
                 worker.start()
-            other_admin = host_key(url, "admin", "other")
+            _, other_admin = host_key(url, "admin", "other")
             _, other_key = create_key(api.addr, other_admin, "client")
             stack = Stack(api, url, client_key, other_key, worker_key_id)
             with stack.client() as client:  # both workers are live before any test asks who serves what

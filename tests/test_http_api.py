@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 from ulid import ULID
 
-from features.harness import ROOT, Api, Client, Worker, base_env, create_key, wait_until
+from features.harness import Api, Client, Worker, create_key, host_key, wait_until
 from services.run_api import db, handlers
 from services.run_api.http import routes
 from services.run_api.http.app import HttpServer, create_app, host_name, loopback_hosts
@@ -82,19 +79,6 @@ class Stack:
             client.close()
 
 
-def host_key(url: str, role: str, tenant: str) -> str:
-    """A key of any tenant, made on the API host (`python -m services.run_api keys create`); its secret."""
-    done = subprocess.run(
-        [sys.executable, "-m", "services.run_api", "keys", "create", "--role", role, "--tenant", tenant,
-         "--database-url", url],
-        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    secret = re.search(r"^secret:\s+(\S+)", done.stdout, re.M)
-    assert secret, done.stdout
-    return secret.group(1)
-
-
 @pytest.fixture(scope="module")
 def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -> Iterator[Stack]:
     with make_database() as url:
@@ -112,7 +96,7 @@ def _stack(url: str) -> Iterator[Stack]:
         worker = Worker(api.addr, RUNS_API_KEY=worker_key, RUN_WORKER_ID="http-test", RUN_WORKER_TOOLS=TOOLS,
                         RUN_WORKER_CONCURRENCY="4", RUN_WORKER_POLL_MS="100")
         worker.start()
-        other_admin = host_key(url, "admin", "other")
+        _, other_admin = host_key(url, "admin", "other")
         _, other_client = create_key(api.addr, other_admin, "client")
         yield Stack(api, url, admin, client, worker_key_id, other_client, other_admin)
     finally:

@@ -8,7 +8,6 @@ test names the finding it covers; each asserts something the unfixed server got 
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import subprocess
 import sys
@@ -29,7 +28,18 @@ from grpc_status import rpc_status
 from psycopg import sql as pgsql
 from ulid import ULID
 
-from features.harness import ROOT, Api, Client, Process, Worker, base_env, create_key, free_port, wait_until
+from features.harness import (
+    ROOT,
+    Api,
+    Client,
+    Process,
+    Worker,
+    base_env,
+    create_key,
+    free_port,
+    host_key,
+    wait_until,
+)
 from services.run_api import db
 from services.run_worker.tools import ToolContext
 from services.run_worker.worker import Worker as InProcessWorker
@@ -553,20 +563,6 @@ def auth_api(pg_server: str, template_db: str) -> Iterator[AuthApi]:
         stop_all(api)
         with psycopg.connect(db.admin_url(pg_server), autocommit=True) as conn:
             conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
-
-
-def host_key(url: str, role: str, tenant: str = "default") -> tuple[str, str]:
-    """`python -m services.run_api keys create` on the API host; returns the key's (id, secret)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "services.run_api", "keys", "create", "--role", role, "--tenant", tenant,
-         "--database-url", url],
-        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode == 0, f"keys create exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    key_id = re.search(r"^key id:\s+(\S+)", done.stdout, re.M)
-    secret = re.search(r"^secret:\s+(\S+)", done.stdout, re.M)
-    assert key_id and secret, done.stdout
-    return key_id.group(1), secret.group(1)
 
 
 def _list_runs(channel: grpc.Channel) -> Any:
