@@ -75,10 +75,13 @@ def test_every_phase_end_to_end(pg_server: str) -> None:
                 if name.startswith("pickup") or name == "start_run_api_cpu" else "runs/s")
         assert line["unit"] == unit, name
         # RSS may shrink; a drain this short may end before PostgreSQL's backends flush their buffer counts
-        # (at most once a second), so its pg_blocks may read 0.
-        if not name.endswith(("growth", "pg_blocks")):
+        # (at most once a second), so its pg_blocks may read 0; and on a loaded machine a worker can start a
+        # run's tool before the bench's grpc.aio client has taken StartRun's answer, so a pickup latency
+        # (StartRun's return to tool.invoked) can be below 0 (seen in CI: p50 -1.33 ms over 5 samples).
+        if not name.endswith(("growth", "pg_blocks")) and not name.startswith("pickup_latency"):
             assert line["value"] > 0, name
-        assert line["value"] >= 0 or name.endswith("growth"), name
+        if not name.endswith("growth") and not name.startswith("pickup_latency"):
+            assert line["value"] >= 0, name
     assert (got["start_run_sequential"]["n"], got["start_run_sequential"]["workers"]) == (20, 0)
     assert (got["start_runs_batch"]["n"], got["start_runs_batch"]["per_call"]) == (200, 150)
     assert (got["drain_noop_100"]["n"], got["drain_noop_100"]["workers"]) == (100, 2)
