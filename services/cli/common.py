@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from runs_client.models import plain_numbers  # one copy: the CLI prints numbers as the client returns them
 from shared.settings import ClientTls
 
 T = TypeVar("T")
@@ -277,17 +278,6 @@ def dumps(data: Any, compact: bool = False) -> str:
     if compact:
         return json.dumps(data, separators=(",", ":"))
     return json.dumps(data, indent=2)
-
-
-def plain_numbers(value: Any) -> Any:
-    """`value` with whole floats as ints (Struct numbers are doubles: 3.0 reads better as 3)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: plain_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_numbers(v) for v in value]
-    return value
 
 
 def compact_struct(message: Message, field: str) -> str:
