@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 GEN := shared/gen/runs/v1/run_pb2.py
 PROTOS := $(wildcard protos/runs/v1/*.proto)
 
@@ -14,14 +15,24 @@ help:
 	@echo "make fuzz      the property-based fuzz suite of every RPC with FUZZ_EXAMPLES=2000 per group (long)"
 	@echo "make api | worker | migrate | proto | lint | bench | replay"
 
+# make up: the runtime dependencies and protoc (extra "proto", to generate shared/gen), no dev tools.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the runtime dependencies into $(VENV)"
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[proto]'
+	@touch $(STAMP)
+
+# make test, lint, fuzz: the dev tools too, and shared/gen again with mypy-protobuf's type stubs.
+$(DEV_STAMP): $(STAMP)
+	@echo "installing the dev tools into $(VENV)"
+	@$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -m shared.protogen
+	@touch $(DEV_STAMP)
 
 $(GEN): $(STAMP) $(PROTOS) shared/protogen.py
-	$(PY) -m shared.protogen
+	@echo "generating shared/gen from protos/"
+	@$(PY) -m shared.protogen
 
 proto: $(STAMP)
 	$(PY) -m shared.protogen
@@ -51,7 +62,7 @@ replay: $(GEN)
 # with PYTHONDONTWRITEBYTECODE set each would compile them again (0.3 s of CPU per API and worker).
 TEST_PROCESSES ?= 3
 XDIST := -n $(TEST_PROCESSES) --dist loadfile
-bytecode: $(GEN)
+bytecode: $(DEV_STAMP) $(GEN)
 	$(PY) -m compileall -q services shared
 
 # The concurrency and fault scenarios again with every API a group of two processes (RUN_API_PROCESSES).
@@ -81,10 +92,10 @@ test-features: bytecode
 
 # tests/test_fuzz.py runs 40 examples per RPC group inside `make test`; this runs many more.
 FUZZ_EXAMPLES ?= 2000
-fuzz: $(GEN)
+fuzz: $(DEV_STAMP) $(GEN)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py --timeout=3600
 
-lint: $(GEN)
+lint: $(DEV_STAMP) $(GEN)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint protos
 	$(VENV)/bin/mypy shared services runs_client

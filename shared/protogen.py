@@ -1,4 +1,9 @@
-"""Generates the Python stubs of protos/ into shared/gen (run by `make proto`)."""
+"""Generates the Python modules of protos/ into shared/gen (run by `make proto`, `make up`, `make test`).
+
+grpcio-tools (protoc and the gRPC plugin) is a runtime dependency: a checkout has no generated code
+until this runs. The .pyi type stubs come from mypy-protobuf, a dev tool: written (quietly) when it is
+installed, as for `make test` and `make lint`, and skipped otherwise; nothing at run time reads them.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ def main() -> int:
     OUT.mkdir(parents=True)
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = pathlib.Path(protoc.__file__).parent / "_proto"
+    mypy_plugin = pathlib.Path(sys.executable).parent / "protoc-gen-mypy"
+    stubs = [f"--plugin=protoc-gen-mypy={mypy_plugin}", f"--mypy_out=quiet:{OUT}"] if mypy_plugin.exists() else []
     rc = protoc.main(
         [
             "grpc_tools.protoc",
@@ -28,8 +35,7 @@ def main() -> int:
             f"-I{include}",
             f"--python_out={OUT}",
             f"--grpc_python_out={OUT}",
-            f"--plugin=protoc-gen-mypy={pathlib.Path(sys.executable).parent / 'protoc-gen-mypy'}",
-            f"--mypy_out={OUT}",
+            *stubs,
             *files,
         ]
     )
