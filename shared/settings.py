@@ -169,6 +169,24 @@ def _check_listen_addr(variable: str, addr: str) -> None:
         raise SettingsError(f"{variable} must be host:port (a port 0-65535) or empty, got {addr!r}")
 
 
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def _check_nats(url: str, stream: str) -> None:
+    """RUNS_NATS_URL: "" (off) or comma-separated server URLs; RUNS_NATS_STREAM: a JetStream stream name."""
+    for server in (s.strip() for s in url.split(",")) if url else ():
+        scheme, sep, rest = server.partition("://")
+        if not sep or scheme.lower() not in NATS_SCHEMES or not rest.strip("/"):
+            raise SettingsError(
+                f"RUNS_NATS_URL must be a NATS server URL such as nats://127.0.0.1:4222 (several: comma-separated; "
+                f"schemes {', '.join(NATS_SCHEMES)}) or empty, got {server!r}"
+            )
+    if not stream or len(stream) > 255 or not all(c.isascii() and (c.isalnum() or c in "_-") for c in stream):
+        raise SettingsError(
+            f"RUNS_NATS_STREAM must be letters, digits, '_' or '-' (a JetStream stream name), got {stream!r}"
+        )
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     """Settings of the run API process."""
@@ -209,6 +227,9 @@ class ApiSettings:
     artifact_max_bytes: int = DEFAULT_ARTIFACT_MAX_BYTES
     # The step cache's hot layer (a Redis URL); None: the cache works from PostgreSQL alone.
     redis_url: str | None = None
+    # Run events on NATS JetStream: the server URL(s), "" for off; the stream the publisher ensures.
+    nats_url: str = ""
+    nats_stream: str = "RUNS"
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
@@ -230,6 +251,7 @@ class ApiSettings:
             raise SettingsError("RUN_LEASE_SECONDS must be positive")
         if self.default_max_attempts < 1:
             raise SettingsError("RUN_DEFAULT_MAX_ATTEMPTS must be at least 1")
+        _check_nats(self.nats_url, self.nats_stream)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ApiSettings:
@@ -262,6 +284,8 @@ class ApiSettings:
             artifacts_url=env.get("RUNS_ARTIFACTS_URL", "").strip(),
             artifact_max_bytes=_int(env, "RUNS_ARTIFACT_MAX_BYTES", DEFAULT_ARTIFACT_MAX_BYTES, minimum=1),
             redis_url=env.get("REDIS_URL", "").strip() or None,
+            nats_url=env.get("RUNS_NATS_URL", "").strip(),
+            nats_stream=_str(env, "RUNS_NATS_STREAM", "RUNS"),
             log=LogSettings.from_env(env),
         )
 
