@@ -162,7 +162,7 @@ LIVE_RUN_BY_ID = {"runs_pkey", "runs_claim_idx"} | RUNNING_IDX
 # INSERT reads no table, so it only must not scan one).
 HOT: dict[str, list[set[str]]] = {
     # claim loop (handlers.claim_runs: one statement) and the claim stream's session
-    "runs_claim": [RUNNING_IDX, {"runs_claim_idx"}],
+    "runs_claim": [RUNNING_IDX, {"runs_claim_tools_idx"}],  # per tool set, in claim order
     "runs_project_claimed_many": [LIVE_RUN_BY_ID],  # a heartbeat's re-adoption, and replay
     "run_steps_for_claims": [{"run_steps_pkey"}],
     "workers_session_lock": [RUNNING_IDX],
@@ -251,7 +251,7 @@ def hot_params(worker_id: str, running: list[str], history: list[str]) -> dict[s
         "after_sequence": 0, "run_ids": ids, "attempts": [1] * n, "event_ids": [str(ULID()) for _ in ids],
         "event_ids_by_run": json.dumps({run_id: [str(ULID())] for run_id in ids}),
         "tool_call_ids": [str(ULID()) for _ in ids], "session_token_hash": None, "capacity": 100,
-        "batch_limit": 100, "lease_expires_at": now + timedelta(seconds=30),
+        "batch_limit": 100, "tools": ["echo", "noop"], "lease_expires_at": now + timedelta(seconds=30),
         "lease_text": (now + timedelta(seconds=30)).isoformat(), "channel_events": "runs_events",
         "rows": json.dumps([{**row, "run_id": run_id, "tool_call_id": str(ULID())} for run_id in ids]),
     }

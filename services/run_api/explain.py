@@ -25,8 +25,6 @@ from services.run_api.store.uow import UnitOfWork
 from shared.events import RunStatus
 from shared.gen.runs.v1 import run_service_pb2
 
-# The step tool that invokes the tool named by the run's input (workflows/runtime.tool.yaml).
-DISPATCH = "runtime.dispatch"
 MAX_WORKER_IDS = 20
 
 
@@ -98,26 +96,6 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
 
-def tools_needed(spec: dict[str, Any] | None, run_input: Any) -> list[str] | None:
-    """The tools a workflow's steps invoke (a runtime.dispatch step: the run's input.tool), or None when
-    they cannot be known (no pinned spec, or a dispatch step whose tool is not the run's input.tool)."""
-    if not spec or not isinstance(spec.get("steps"), list):
-        return None
-    out: set[str] = set()
-    for step in spec["steps"]:
-        tool = step.get("tool") if isinstance(step, dict) else None
-        if not isinstance(tool, str):
-            return None
-        if tool == DISPATCH:
-            named = run_input.get("tool") if isinstance(run_input, dict) else None
-            expression = (step.get("input") or {}).get("tool") if isinstance(step.get("input"), dict) else None
-            if expression != "input.tool" or not isinstance(named, str) or not named:
-                return None
-            tool = named
-        out.add(tool)
-    return sorted(out)
-
-
 async def explain_run(uow: UnitOfWork, run_id: str, caller: Caller, now: datetime | None = None) -> Explanation:
     """Why the run is where it is (RunNotFound for a missing run or another tenant's, as GetRun)."""
     now = now or handlers.utcnow()
@@ -131,11 +109,10 @@ async def explain_run(uow: UnitOfWork, run_id: str, caller: Caller, now: datetim
 
 
 async def _queued(uow: UnitOfWork, row: Any, tries: list[handlers.AttemptRecord], now: datetime) -> Explanation:
-    spec = None
-    if row.spec_hash:
+    needed = list(row.required_tools) if row.required_tools is not None else None
+    if needed is None and row.spec_hash:  # queued before runs recorded the tools they need
         found = (await uow.conn.execute(Q.workflow_specs_by_hash, {"hashes": [row.spec_hash]})).first()
-        spec = found.spec if found is not None else None
-    needed = tools_needed(spec, row.input)
+        needed = handlers.tools_needed(found.spec if found is not None else None, row.input)
     facts = (await uow.conn.execute(Q.runs_explain_queue, {
         "tenant_id": row.tenant_id, "workspace_id": row.workspace_id, "run_id": row.run_id,
         "next_attempt_at": row.next_attempt_at, "now": now, "tools": needed or [],
@@ -182,9 +159,10 @@ def queue_summary(queue: Queue, row: Any, tries: list[handlers.AttemptRecord]) -
     if queue.tools_needed:
         tools = ", ".join(queue.tools_needed)
         if queue.tools_available == "no":
-            parts.append(f"none of them declared the tools it needs ({tools})")
+            parts.append(f"none of them declared the tools it needs ({tools}): it waits for a worker that has them")
         elif queue.tools_available == "unknown":
-            parts.append(f"whether they have the tools it needs ({tools}) is unknown: they declared none")
+            parts.append(f"whether they have the tools it needs ({tools}) is unknown: they declared none "
+                         "(such a worker takes any run)")
         else:
             verb = "has" if queue.live_workers_with_tools == 1 else "have"
             parts.append(f"{queue.live_workers_with_tools} of them {verb} the tools it needs ({tools})")

@@ -97,6 +97,9 @@ class Claim:
     tenant_id: str = "default"
     project_id: str | None = None  # a worker key limited to a project claims only its runs
     session_token_hash: str | None = None  # the stream's session: claims stop once it is replaced
+    # The tools the worker declared: it is handed only runs whose required_tools are all among them.
+    # None (it declared none: an older client) takes any run, as before tools were routed.
+    tools: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -203,12 +206,41 @@ def run_request_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# The step tool that invokes the tool named by the run's input (workflows/runtime.tool.yaml).
+DISPATCH = "runtime.dispatch"
+
+
+def tools_needed(spec: dict[str, Any] | None, run_input: Any) -> list[str] | None:
+    """The distinct tools a workflow version's steps invoke, sorted (a runtime.dispatch step: the run's
+    input.tool), or None when they cannot be known (no spec, or a dispatch step whose tool is not the
+    run's input.tool). A run's required_tools, and what ExplainRun says a queued run needs."""
+    if not spec or not isinstance(spec.get("steps"), list):
+        return None
+    out: set[str] = set()
+    for step in spec["steps"]:
+        tool = step.get("tool") if isinstance(step, dict) else None
+        if not isinstance(tool, str):
+            return None
+        if tool == DISPATCH:
+            named = run_input.get("tool") if isinstance(run_input, dict) else None
+            expression = (step.get("input") or {}).get("tool") if isinstance(step.get("input"), dict) else None
+            if expression != "input.tool" or not isinstance(named, str) or not named:
+                return None
+            tool = named
+        out.add(tool)
+    return sorted(out)
+
+
 def queued_event(
     workflow: str, version: int, spec_hash: str | None, place: Placement, caller: Caller, run_input: dict[str, Any],
     max_attempts: int, backoff: tuple[float, float], request_hash: str, trace_context: dict[str, str],
-    idempotency_key: str | None = None, **extra: Any,
+    idempotency_key: str | None = None, required_tools: list[str] | None = None, **extra: Any,
 ) -> store.NewEvent:
-    """A new run's run.queued event (StartRun's; a rebuild adds its fields through `extra`)."""
+    """A new run's run.queued event (StartRun's; a rebuild adds its fields through `extra`).
+
+    `required_tools` (tools_needed of its pinned spec; None: unknown, any worker may take it) routes
+    its claims: only a worker that declared all of them is handed the run.
+    """
     return store.NewEvent(
         run_id=str(ULID()),
         type=EventType.RUN_QUEUED,
@@ -230,6 +262,7 @@ def queued_event(
             "idempotency_key": idempotency_key,
             "request_hash": request_hash,
             "trace_context": trace_context,
+            "required_tools": required_tools,
             **extra,
         },
     )
@@ -277,6 +310,7 @@ def _queued(checked: _Checked, policy: RetryPolicy, caller: Caller) -> store.New
     return queued_event(
         checked.workflow, checked.pinned.version, checked.pinned.spec_hash, place, caller, cmd.input,
         checked.max_attempts, backoff, request_hash, cmd.trace_context, idempotency_key=cmd.idempotency_key or None,
+        required_tools=tools_needed(checked.pinned.spec, cmd.input),
     )
 
 
@@ -483,7 +517,8 @@ async def run_exists(uow: UnitOfWork, run_id: str, caller: Caller) -> Any:
 
 @dataclass(frozen=True)
 class Declared:
-    """What a worker says about itself when its session opens (shown by ListWorkers, never used to route)."""
+    """What a worker says about itself when its session opens (shown by ListWorkers and ExplainRun; its
+    claims are routed by the tools its claim stream declares, Claim.tools)."""
 
     tools: tuple[str, ...] = ()
     capacity: int | None = None
@@ -562,7 +597,7 @@ async def claim_runs(uow: UnitOfWork, claim: Claim, now: datetime | None = None)
         uow.conn, worker_id=claim.worker_id, session_token_hash=claim.session_token_hash,
         tenant_id=claim.tenant_id, workspace_id=claim.workspace_id, project_id=claim.project_id,
         capacity=claim.capacity, batch_limit=claim.batch_limit, now=now,
-        lease_expires_at=now + timedelta(seconds=claim.lease_seconds),
+        lease_expires_at=now + timedelta(seconds=claim.lease_seconds), tools=claim.tools,
     )
     if claim.session_token_hash is not None and worker.claim_session_token_hash != claim.session_token_hash:
         raise PermissionDenied("this worker's session was replaced or has ended: open a new claim stream")

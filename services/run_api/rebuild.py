@@ -26,13 +26,14 @@ from services.run_api.handlers import (
     queued_event,
     run_exists,
     run_request_hash,
+    tools_needed,
 )
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
 from shared.events import EventType, RunStatus, StepStatus
 from shared.merge_patch import merge_patch
-from shared.workflow import WorkflowSpec, canonical_json, parse_spec
+from shared.workflow import WorkflowSpec, canonical_json, parse_spec, spec_to_dict
 from shared.workflow.plan import RERUN, PlanError, PlanStep, rebuild_plan
 from shared.workflow.spec import MAX_STEPS
 
@@ -95,6 +96,7 @@ async def rebuild_run(uow: UnitOfWork, cmd: RebuildRun, caller: Caller) -> tuple
         base.workflow, base.workflow_version, base.spec_hash, place, caller, run_input, base.max_attempts, backoff,
         run_request_hash(base.workflow, place, run_input, base.max_attempts, *backoff, base.workflow_version),
         cmd.trace_context,
+        required_tools=tools_needed(spec_to_dict(spec), run_input),  # the whole version's, as StartRun's
         trigger="rebuild",
         base_run_id=base.run_id,
         change_request=cmd.change_request_type or None,

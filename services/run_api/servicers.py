@@ -354,6 +354,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             lease_seconds=self.config.lease_seconds,
             tenant_id=caller.tenant_id,
             project_id=caller.project_id,
+            tools=tools or None,  # declared none: takes any run (an older client)
         )
         poll_ms = request.poll_interval_ms or round(self.config.poll_seconds * 1000)
         poll_ms = max(handlers.MIN_POLL_MS, min(poll_ms, handlers.MAX_POLL_MS))

@@ -347,6 +347,7 @@ def _queued_params(p: Mapping[str, Any]) -> dict[str, Any]:
         "base_run_id": p.get("base_run_id"),
         "change_request": p.get("change_request"),
         "rebuild_rerun": p.get("rebuild_rerun"),
+        "required_tools": p.get("required_tools"),
     }
 
 
@@ -375,12 +376,15 @@ async def queue_runs(conn: AsyncConnection, events: Sequence[NewEvent]) -> list[
 async def claim(
     conn: AsyncConnection, *, worker_id: str, session_token_hash: str | None, tenant_id: str, workspace_id: str,
     project_id: str | None, capacity: int, batch_limit: int, now: datetime, lease_expires_at: datetime,
+    tools: Sequence[str] | None = None,
 ) -> tuple[Any, list[Any]]:
     """Claim due queued runs for a worker in one statement: (the worker's state, the claimed runs' rows).
 
     The rows are projected already (RUNNING, the next attempt, held by the worker); each run's
     run.claimed event is recorded with them and its watchers are notified. Nothing is claimed when
     the worker is full, its heartbeat lease lapsed, or `session_token_hash` is not its session's.
+    With `tools` (what the worker declared) only runs whose required_tools are all among them are
+    claimed; None claims any run.
     """
     rows = (
         await conn.execute(Q.runs_claim, {
@@ -388,7 +392,7 @@ async def claim(
             "workspace_id": workspace_id, "project_id": project_id, "capacity": capacity,
             "batch_limit": batch_limit, "now": now, "lease_expires_at": lease_expires_at,
             "lease_text": lease_expires_at.isoformat(), "event_ids": [new_event_id() for _ in range(batch_limit)],
-            "channel_events": CHANNEL_EVENTS,
+            "channel_events": CHANNEL_EVENTS, "tools": None if tools is None else sorted(set(tools)),
         })
     ).all()
     return rows[0], [row for row in rows if row.run_id is not None]

@@ -19,7 +19,7 @@ RUN_COLUMNS = """
     started_at, finished_at, cancel_requested_at, cancel_reason, next_attempt_at, worker_id,
     lease_expires_at, stop_reason, error, last_sequence, tenant_id, project_id, created_by,
     cancel_requested_by, workflow_version, spec_hash, output, trigger, base_run_id, change_request,
-    rebuild_rerun
+    rebuild_rerun, required_tools
 """
 
 # --- runs: reads -------------------------------------------------------------------------------
@@ -166,9 +166,17 @@ _RUNS_RETURNING = ", ".join(f"runs.{c.strip()}" for c in RUN_COLUMNS.split(","))
 # attempt, the event ids the caller made) and the projection runs_project_claimed_many makes of them,
 # and a notification per claimed run. One row per claimed run (run columns), or one row of NULL run
 # columns when none was claimed; every row carries the worker's state (claim_* columns).
+# Routed by tools: a run goes only to a worker whose declared :tools contain all its required_tools
+# (NULL, a run queued before tools were recorded, counts as none); :tools NULL (the worker declared
+# none) takes any run. So that runs no live worker can take never slow the claims of the others, the
+# queue is read per tool set (runs_claim_tools_idx: tenant, workspace, tool set, claim order): `sets`
+# walks the distinct tool sets of the workspace's queue (a loose index scan, one descent per set),
+# then each set the worker has every tool of gives its first due runs in claim order (a range of the
+# index, locked SKIP LOCKED), merged into claim order. With more than one such set, the runs a set
+# gave beyond the batch stay locked only until the statement ends.
 runs_claim = q(
     f"""
-    WITH w AS (
+    WITH RECURSIVE w AS (
         SELECT (SELECT count(*) FROM runs WHERE worker_id = :worker_id AND status = 'RUNNING') AS held,
                NOT EXISTS (SELECT 1 FROM workers WHERE worker_id = :worker_id AND lease_expires_at >= :now)
                    AS lapsed,
@@ -180,14 +188,31 @@ runs_claim = q(
                                       AND w.session_token_hash IS DISTINCT FROM CAST(:session_token_hash AS text))
                     THEN 0 ELSE GREATEST(LEAST(CAST(:batch_limit AS integer), :capacity - w.held), 0) END AS n
         FROM w
+    ), sets (tools) AS (
+        (SELECT COALESCE(required_tools, '{{}}') FROM runs
+         WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND status = 'QUEUED'
+           AND (SELECT n FROM lim) > 0
+         ORDER BY COALESCE(required_tools, '{{}}') LIMIT 1)
+        UNION ALL
+        SELECT (SELECT COALESCE(r.required_tools, '{{}}') FROM runs r
+                WHERE r.tenant_id = :tenant_id AND r.workspace_id = :workspace_id AND r.status = 'QUEUED'
+                  AND COALESCE(r.required_tools, '{{}}') > sets.tools
+                ORDER BY COALESCE(r.required_tools, '{{}}') LIMIT 1)
+        FROM sets WHERE sets.tools IS NOT NULL
     ), c AS (
-        SELECT run_id, attempt, last_sequence, next_attempt_at FROM runs
-        WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND status = 'QUEUED'
-          AND next_attempt_at <= :now
-          AND (CAST(:project_id AS text) IS NULL OR project_id = :project_id)
-        ORDER BY next_attempt_at, run_id
+        SELECT t.* FROM sets CROSS JOIN LATERAL (
+            SELECT run_id, attempt, last_sequence, next_attempt_at FROM runs
+            WHERE tenant_id = :tenant_id AND workspace_id = :workspace_id AND status = 'QUEUED'
+              AND COALESCE(required_tools, '{{}}') = sets.tools
+              AND next_attempt_at <= :now
+              AND (CAST(:project_id AS text) IS NULL OR project_id = :project_id)
+            ORDER BY next_attempt_at, run_id
+            LIMIT (SELECT n FROM lim)
+            FOR UPDATE SKIP LOCKED
+        ) AS t
+        WHERE sets.tools IS NOT NULL AND (CAST(:tools AS text[]) IS NULL OR sets.tools <@ CAST(:tools AS text[]))
+        ORDER BY t.next_attempt_at, t.run_id
         LIMIT (SELECT n FROM lim)
-        FOR UPDATE SKIP LOCKED
     ), numbered AS (
         SELECT c.*, row_number() OVER (ORDER BY c.next_attempt_at, c.run_id) AS i FROM c
     ), e AS (
@@ -281,11 +306,12 @@ runs_project_queued = q(
     INSERT INTO runs (run_id, tenant_id, project_id, workspace_id, workflow, input, status, attempt,
         max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash,
         trace_context, created_by, created_at, updated_at, next_attempt_at, last_sequence,
-        workflow_version, spec_hash, trigger, base_run_id, change_request, rebuild_rerun)
+        workflow_version, spec_hash, trigger, base_run_id, change_request, rebuild_rerun, required_tools)
     SELECT :run_id, :tenant_id, :project_id, :workspace_id, :workflow, CAST(:input AS jsonb), 'QUEUED', 0,
         :max_attempts, :retry_backoff_seconds, :retry_backoff_max_seconds, :idempotency_key, :request_hash,
         CAST(:trace_context AS jsonb), :created_by, t.at, t.at, t.at, :sequence,
-        :workflow_version, :spec_hash, :trigger, :base_run_id, :change_request, :rebuild_rerun
+        :workflow_version, :spec_hash, :trigger, :base_run_id, :change_request, :rebuild_rerun,
+        CAST(:required_tools AS text[])
     FROM (SELECT COALESCE(CAST(:recorded_at AS timestamptz), clock_timestamp()) AS at) AS t
     ON CONFLICT (tenant_id, workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING {RUN_COLUMNS}
@@ -304,17 +330,18 @@ runs_queue_many = q(
                  input jsonb, max_attempts integer, retry_backoff_seconds double precision,
                  retry_backoff_max_seconds double precision, idempotency_key text, request_hash text,
                  trace_context jsonb, created_by text, workflow_version integer, spec_hash text, trigger text,
-                 base_run_id text, change_request text, rebuild_rerun text[], event_id text,
-                 occurred_at timestamptz, payload jsonb)
+                 base_run_id text, change_request text, rebuild_rerun text[], required_tools text[],
+                 event_id text, occurred_at timestamptz, payload jsonb)
     ), ins AS (
         INSERT INTO runs (run_id, tenant_id, project_id, workspace_id, workflow, input, status, attempt,
             max_attempts, retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash,
             trace_context, created_by, created_at, updated_at, next_attempt_at, last_sequence,
-            workflow_version, spec_hash, trigger, base_run_id, change_request, rebuild_rerun)
+            workflow_version, spec_hash, trigger, base_run_id, change_request, rebuild_rerun, required_tools)
         SELECT v.run_id, v.tenant_id, v.project_id, v.workspace_id, v.workflow, v.input, 'QUEUED', 0,
             v.max_attempts, v.retry_backoff_seconds, v.retry_backoff_max_seconds, v.idempotency_key,
             v.request_hash, v.trace_context, v.created_by, t.at, t.at, t.at, 1,
-            v.workflow_version, v.spec_hash, v.trigger, v.base_run_id, v.change_request, v.rebuild_rerun
+            v.workflow_version, v.spec_hash, v.trigger, v.base_run_id, v.change_request, v.rebuild_rerun,
+            v.required_tools
         FROM v CROSS JOIN LATERAL (SELECT clock_timestamp() AS at, v.ord) AS t
         ORDER BY v.ord
         ON CONFLICT (tenant_id, workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
