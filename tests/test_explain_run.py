@@ -358,7 +358,9 @@ def test_queue_position_reads_the_claim_index(stack: Stack) -> None:
     finally:
         engine.dispose()
     on_runs = [n for n in nodes if n.get("Relation Name") == "runs"]
-    claim = [n for n in on_runs if n.get("Index Name") == "runs_claim_idx"]
+    # On this tiny table runs_claim_tools_idx (the same prefix, then the tool set) costs the same and
+    # may be chosen; with a real queue the planner takes runs_claim_idx (measured with 21,000 queued runs).
+    claim = [n for n in on_runs if n.get("Index Name") in ("runs_claim_idx", "runs_claim_tools_idx")]
     assert len(claim) == 2, on_runs  # runs ahead, and those of them due
     assert all("ROW(next_attempt_at, run_id) < ROW(" in n["Index Cond"] for n in claim), claim
     # The rest (each live worker's held runs) is served by a partial index of RUNNING runs (seq scans off).
