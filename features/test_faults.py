@@ -13,7 +13,7 @@ from pytest_bdd import given, parsers, scenarios, then, when
 
 from features.conftest import Context, Stack, event_types
 from features.harness import Worker, wait_until
-from shared.gen.runs.v1 import ops_service_pb2, ops_service_pb2_grpc
+from shared.gen.runs.v1 import ops_service_pb2, ops_service_pb2_grpc, run_service_pb2
 
 scenarios("faults.feature")
 
@@ -200,6 +200,23 @@ def cancel_running(stack: Stack, ctx: Context) -> None:
 def start_with_attempts(stack: Stack, ctx: Context, tool: str, args: str, attempts: int) -> None:
     """A runtime.tool run with max_attempts."""
     ctx.last_run_id = stack.client.start_tool(tool, json.loads(args), max_attempts=attempts).run_id
+
+
+@then("the worker takes a noop run queued after it, and the shell run stays QUEUED with no attempt")
+def passed_over(stack: Stack, ctx: Context) -> None:
+    """Claims are routed by the tools workers declare: the worker claims a later run, not the first."""
+    later = stack.client.start("").run.run_id
+    stack.client.wait_status(later, {"SUCCEEDED"}, 30)
+    run = stack.client.get(ctx.last_run_id)
+    assert (stack.client.status(ctx.last_run_id), run.run.attempt, list(run.attempts)) == ("QUEUED", 0, [])
+
+
+@then(parsers.parse("ExplainRun says no worker declared the tools it needs ({tools})"))
+def explained(stack: Stack, ctx: Context, tools: str) -> None:
+    """The queued run's explanation names the missing tools."""
+    answer = stack.client.stub.ExplainRun(run_service_pb2.ExplainRunRequest(run_id=ctx.last_run_id), timeout=10)
+    assert (list(answer.queue.tools_needed), answer.queue.tools_available) == (tools.split(", "), "no")
+    assert f"none of them declared the tools it needs ({tools}): it waits" in answer.summary, answer.summary
 
 
 @then(parsers.parse("GetRun shows attempts: {spec}"))
