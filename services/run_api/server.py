@@ -306,6 +306,12 @@ class ApiServer:
         self._supervise("reaper", lambda: self.reaper.run(self._loops_stop))
         if self.http_servers:
             self._supervise("metrics", lambda: self.metrics.run(self._loops_stop))
+        if self.settings.nats_url:
+            from services.run_api.outbox import OutboxConfig, OutboxPublisher  # nats-py only when it is used
+
+            outbox = OutboxPublisher(OutboxConfig(self.settings.nats_url, self.settings.nats_stream),
+                                     db.libpq_url(self.database_url))
+            self._supervise("outbox", lambda: outbox.run(self._loops_stop))  # one active across processes
         if self.settings.embedded_worker:
             from services.run_worker.embedded import EmbeddedWorker
 
