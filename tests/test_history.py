@@ -54,7 +54,7 @@ SNAPSHOT = {
 
 # Columns that differ from run to run by nature (ids, times, who, the trace).
 VARYING = {"run_id", "tool_call_id", "event_id", "worker_id", "trace_context", "created_at", "updated_at",
-           "started_at", "finished_at", "next_attempt_at", "occurred_at", "recorded_at", "invoked_at"}
+           "started_at", "finished_at", "next_attempt_at", "occurred_at", "recorded_at", "invoked_at", "tx_id"}
 
 
 def snapshot(conn: psycopg.Connection) -> dict[str, list[Any]]:
