@@ -1,10 +1,54 @@
 """The tool contract: what a tool is (Tool), what it is given (ToolContext) and how it fails (ToolError).
 
-A tool is a `Tool`: a name, a version string (the step cache will key on it), whether it is
-deterministic, its argument schema (shared/tool_args.py; None for a tool that declares none) and an
-async fn(args, ctx) returning a JSON object. It raises ToolError to fail (retryable or not).
-Cancellation arrives as asyncio.CancelledError: tools clean up and let it propagate. Every name here
-is also importable from `services.run_worker.tools`.
+This docstring is the reference for writing a tool of your own; examples/runs-example-tools is a
+complete package. Every name here is also importable from `services.run_worker.tools`.
+
+The function. A tool is an async function `fn(args: Json, ctx: ToolContext) -> Json`:
+
+- `args` is the step's input: its `args` merged with what its `input` selectors picked from the
+  run context (for runtime.tool, the run's input.args). A plain dict of JSON values; numbers from a
+  protobuf Struct may arrive as floats (2.0 for 2).
+- It returns its output: a JSON object (a dict of JSON values). The output is recorded on the step
+  (tool.succeeded, ListRunSteps), steps that depend on it can select from it (the JMESPath
+  `steps.KEY.output.FIELD`), and a sink step's output is part of the run's output.
+- Files: write them in `ctx.workdir` (a fresh empty directory per try, removed after it) and record
+  them with `ctx.add_artifact(path, name=None, media_type=None)`; they are uploaded after the tool
+  returns successfully (at most MAX_ARTIFACTS per step). `await ctx.fetch_artifact(artifact, dest)`
+  fetches an upstream step's artifact (an object from the run context) into the workdir.
+- Failure: raise `ToolError(message, retryable=True, output=None)`. Retryable failures are tried
+  again under the step's retry policy; `retryable=False` ends the step at once (use it for bad
+  arguments and anything a retry cannot fix); `output` is recorded with the failure. Any other
+  exception fails the try as a retryable error "TypeName: text".
+- Cancellation (CancelRun, a lost lease, worker shutdown) arrives as asyncio.CancelledError at an
+  await: clean up and let it propagate. A tool that blocks (CPU or blocking I/O) should run that
+  part in a thread (`asyncio.to_thread`) so the worker keeps heartbeating.
+
+ToolContext fields: `run_id`; `attempt` (the step's try, 1 first; for runtime.noop and runtime.tool
+the run's attempt); `step_key`; `workdir` ("" outside a run); `fetcher` and `artifacts` (used by
+the two methods above; do not touch them directly).
+
+The Tool. `Tool(name, fn, version="1", deterministic=True, schema=None, instant=False)`:
+
+- `version`: a string; change it whenever the output for the same arguments changes. The step
+  cache (steps with a cache scope) keys on the tool's name, version and arguments, so a new
+  version never reuses an old result.
+- `deterministic`: False for tools whose output varies with time or the world (sleep, fail, a
+  network call); their steps are never cached.
+- `schema`: a shared.tool_args.ToolArgs declaring the arguments (Arg(kind, required, default,
+  minimum, doc)); `closed=True` also refuses undeclared names. Call `check_args(schema, args)`
+  first thing in fn: it raises a non-retryable ToolError naming the argument ("n must be a number
+  >= 1", "unknown argument 'x' of tool word_count; known: text"). Check what a schema cannot
+  express yourself, naming the argument in the message.
+- `instant`: True only when the tool returns at once and touches nothing but its output (no
+  workdir, no artifacts, no side effects): its try then gets no working directory and its result
+  is reported in the same report as its start.
+
+Registering. A worker runs the tools named by RUN_WORKER_TOOLS (or --tools): stock tools by name,
+others from the `runs.tools` entry point group of the installed packages, each entry loading a
+Tool (its name is the entry's) or an async callable (its `version` and `deterministic` attributes
+are read if present). The worker declares these names when its claim stream opens, and is handed
+only runs whose workflow's tools it has all of; a run needing a tool no live worker declared
+waits QUEUED (`runs explain RUN` says which tools it waits for).
 """
 
 from __future__ import annotations
@@ -28,7 +72,8 @@ _NAME_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class ToolError(Exception):
-    """A tool failed; `retryable` False ends the step at once instead of retrying."""
+    """A tool failed with `message`; `retryable` False ends the step at once instead of retrying;
+    `output` (a JSON object) is recorded with the failure (e.g. a command's exit code and stderr)."""
 
     def __init__(self, message: str, retryable: bool = True, output: Json | None = None) -> None:
         super().__init__(message)
@@ -56,7 +101,11 @@ Fetcher = Callable[[Mapping[str, Any], str], Awaitable[None]]
 
 @dataclass(frozen=True)
 class ToolContext:
-    """What a tool may know about the call and what it may do besides returning its output."""
+    """What a tool may know about the call and what it may do besides returning its output.
+
+    run_id, attempt (the step's try, from 1), step_key, workdir (a fresh directory per try; "" outside
+    a run or for an instant tool); record files with add_artifact, fetch upstream ones with fetch_artifact.
+    """
 
     run_id: str
     attempt: int  # the step's try (the run's attempt for runtime.noop and runtime.tool)
@@ -123,7 +172,7 @@ ToolFn = Callable[[Json, ToolContext], Awaitable[Json]]
 
 @dataclass(frozen=True)
 class Tool:
-    """A registered tool; calling it calls its fn."""
+    """A registered tool; calling it calls its fn (see the module docstring for each field)."""
 
     name: str
     fn: ToolFn
