@@ -663,13 +663,14 @@ def test_finding13_a_worker_process_works_with_its_key(auth_api: AuthApi) -> Non
 
 
 def test_finding13_a_worker_with_a_bad_key_exits_with_a_clear_error(auth_api: AuthApi) -> None:
-    """A worker whose key is refused stops (exit 1, naming UNAUTHENTICATED) instead of retrying forever."""
+    """A worker whose key is refused stops (the CLI's words and exit code 6) instead of retrying forever."""
     worker = Worker(auth_api.api.addr, RUNS_API_KEY="runs_not-a-real-key", RUN_WORKER_POLL_MS="100")
     worker.start()
     try:
         wait_until(lambda: not worker.running, 30, "the worker to exit")
-        assert worker.proc is not None and worker.proc.returncode == 1
-        assert "the API refused this worker (UNAUTHENTICATED)" in worker.output(), worker.output()
+        assert worker.proc is not None and worker.proc.returncode == 6
+        assert f"error: UNAUTHENTICATED: the Run API at {auth_api.api.addr} did not accept the API key" \
+            in worker.output(), worker.output()
         assert "Traceback" not in worker.output()
     finally:
         stop_all(worker)

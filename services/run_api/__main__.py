@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import pathlib
 import select
 import signal
 import socket
@@ -20,10 +22,11 @@ from services.run_api import auth, db
 from services.run_api.server import ApiServer, ListenError
 from services.run_api.store import events
 from shared.logs import configure_logging
-from shared.settings import STOCK_TOOLS, ApiSettings, SettingsError
+from shared.settings import STOCK_TOOLS, ApiSettings, SettingsError, WorkerSettings, parse_tools
 from shared.telemetry import configure_tracing
 
 log = logging.getLogger("services.run_api")
+
 
 
 def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Namespace:
@@ -74,25 +77,116 @@ async def _migrate_when_reachable(url: str, timeout: float = 60.0) -> None:
             delay = min(delay * 2, 5.0)
 
 
-def _start_worker(settings: ApiSettings, port: int) -> subprocess.Popen[bytes]:
-    """The --with-worker worker process, connected to the API's port."""
-    host = settings.addr.rsplit(":", 1)[0]
-    env = {**os.environ, "RUN_API_ADDR": f"{host}:{port}"}
-    if not env.get("RUN_WORKER_TOOLS", "").strip() and auth.is_loopback(settings.addr):
-        # A local development worker: shell is opt-in elsewhere, allowed here unless told otherwise.
-        env["RUN_WORKER_TOOLS"] = ",".join(STOCK_TOOLS)
-        log.info("the local worker allows the shell tool (RUN_WORKER_TOOLS=%s)", env["RUN_WORKER_TOOLS"])
-    # Its own session: Ctrl-C reaches the API, which then stops the worker in order.
-    worker = subprocess.Popen([sys.executable, "-m", "services.run_worker"], env=env, start_new_session=True)
-    log.info("started worker process pid %d", worker.pid)
-    return worker
+class LocalWorker:
+    """The --with-worker worker process (make up), connected to the API's port.
+
+    It writes a line to the pipe `ready` once its claim stream is open: then the API prints the
+    ready banner. Ctrl-C reaches the API only (the worker has its own session); the API stops the
+    worker first (SIGTERM: it drains), and a second Ctrl-C sends it a second SIGTERM (it releases
+    its runs at once).
+    """
+
+    def __init__(self, settings: ApiSettings, port: int) -> None:
+        host = settings.addr.rsplit(":", 1)[0]
+        env = {**os.environ, "RUN_API_ADDR": f"{host}:{port}"}
+        if not env.get("RUN_WORKER_TOOLS", "").strip() and auth.is_loopback(settings.addr):
+            # A local development worker: shell is opt-in elsewhere, allowed here unless told otherwise.
+            env["RUN_WORKER_TOOLS"] = ",".join(STOCK_TOOLS)
+            log.info("the local worker allows the shell tool (RUN_WORKER_TOOLS=%s)", env["RUN_WORKER_TOOLS"])
+        self.settings, self.addr = settings, f"{host}:{port}"
+        self.ready, ready_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.run_worker", "--ready-fd", str(ready_w)],
+                                         env=env, start_new_session=True, pass_fds=(ready_w,))
+        except BaseException:
+            os.close(self.ready)
+            raise
+        finally:
+            os.close(ready_w)
+        self.signals = 0
+        try:
+            self.tools = parse_tools(env.get("RUN_WORKER_TOOLS", ""))
+            self.drain_seconds = WorkerSettings.from_env(env).drain_seconds
+        except (ValueError, SettingsError):  # the worker says what is wrong and exits
+            self.tools, self.drain_seconds = (), 0.0
+        log.info("started worker process pid %d", self.proc.pid)
+
+    def read_ready(self) -> bool:
+        """Read the worker's line (call when `ready` is readable): True if it connected, False if it exited."""
+        connected = bool(os.read(self.ready, 64))
+        os.close(self.ready)
+        self.ready = -1
+        if not connected:
+            self.proc.wait()
+            log.error("the worker exited with %s before it connected; the API serves without it",
+                      _exit_code(self.proc.returncode))
+        return connected
+
+    def banner(self, http_url: str | None, auth_required: bool) -> str:
+        """What make up prints once the API and its worker are up."""
+        from services.cli.common import DEFAULT_ADDR  # where `runs` connects without --addr
+
+        runs = pathlib.Path(sys.executable).parent / "runs"
+        cli = os.path.relpath(runs) if runs.exists() else "runs"
+        if self.addr != DEFAULT_ADDR:
+            cli = f"{cli} --addr {self.addr}"
+        if "shell" in self.tools:
+            try_it = (f"{cli} start --workflow campaign.build "
+                      """--input '{"product": "Acme Rockets", "audience": "coyotes"}' --wait""")
+        else:
+            try_it = f"{cli} start --wait"
+        lines = [
+            "",
+            f"Runs is ready: the API on {self.addr} and one worker (pid {self.proc.pid}, tools: "
+            f"{', '.join(sorted(self.tools))}).",
+            f"  dashboard  {http_url}/" if http_url else "  dashboard  off (set RUN_API_HTTP_ADDR to serve it)",
+            f"  try        {try_it}",
+        ]
+        if auth_required:
+            lines.append("  keys       auth is required: set RUNS_API_KEY "
+                         "(python -m services.run_api keys create --help)")
+        lines += [
+            f"  stop       Ctrl-C: runs in progress get up to {self.drain_seconds:g}s to finish "
+            "(RUN_WORKER_DRAIN_SECONDS); Ctrl-C again gives them back to the queue at once",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def on_signal(self) -> None:
+        """Ctrl-C or SIGTERM to the API: the second and later ones are passed on, so the worker releases its runs."""
+        self.signals += 1
+        if self.signals >= 2 and self.proc.poll() is None:
+            log.info("stopping again: the worker releases its runs now")
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """SIGTERM the worker and wait for it (it drains while the API still serves it)."""
+        if self.ready >= 0:
+            os.close(self.ready)
+            self.ready = -1
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait()
 
 
-def _stop_worker(worker: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM the --with-worker worker and wait for it (it drains while the API still serves it)."""
-    if worker is not None and worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait()
+def _http_url(addr: str, port: int | str) -> str:
+    host = addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+async def _announce(worker: LocalWorker, server: ApiServer) -> None:
+    """Print the banner once the worker's claim stream is open."""
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    loop.add_reader(worker.ready, readable.set_result, None)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(worker.ready)
+    if worker.read_ready():
+        http = server.http_servers.get("RUN_API_HTTP_ADDR")
+        banner = worker.banner(_http_url(http[1], http[0].port) if http else None, server.auth_mode == "required")
+        print(banner, file=sys.stderr, flush=True)
 
 
 async def _serve(settings: ApiSettings, url: str, with_worker: bool, ready_fd: int | None = None) -> int:
@@ -100,18 +194,33 @@ async def _serve(settings: ApiSettings, url: str, with_worker: bool, ready_fd: i
         await _migrate_when_reachable(url)
     server = ApiServer(settings, url, reuse_port=ready_fd is not None)
     stop = asyncio.Event()
+    worker: LocalWorker | None = None
+
+    def on_signal() -> None:
+        stop.set()
+        if worker is not None:
+            worker.on_signal()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     port = await server.start()
     if ready_fd is not None:  # one of RUN_API_PROCESSES: tell the parent this process serves
         os.write(ready_fd, f"{os.getpid()}\n".encode())
         os.close(ready_fd)
-    worker = _start_worker(settings, port) if with_worker else None
+    announce: asyncio.Task[None] | None = None
+    if with_worker:
+        worker = LocalWorker(settings, port)
+        announce = asyncio.create_task(_announce(worker, server), name="banner")
     try:
         await server.wait(stop)
     finally:
-        await asyncio.to_thread(_stop_worker, worker)
+        if announce is not None:
+            announce.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await announce
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
         await server.stop()
     return 1 if server.failed else 0
 
@@ -180,7 +289,7 @@ class ApiProcesses:
     def __init__(self, settings: ApiSettings, url: str, with_worker: bool) -> None:
         self.settings, self.url, self.with_worker = settings, url, with_worker
         self.children: dict[int, subprocess.Popen[bytes]] = {}
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: LocalWorker | None = None
 
     def _command(self, index: int, ready_fd: int) -> list[str]:
         return [sys.executable, "-m", "services.run_api", "serve", "--child-of", str(os.getpid()),
@@ -219,8 +328,9 @@ class ApiProcesses:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-        previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}  # only to wake select()
+        # The handlers wake select() (the wakeup fd); a second stop signal also goes on to the worker.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: None)
         previous_fd = signal.set_wakeup_fd(wake_w)
         try:
             code = self._supervise(addr, http_env, port, wake_r)
@@ -239,6 +349,10 @@ class ApiProcesses:
             return 1
         return code
 
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.worker is not None:
+            self.worker.on_signal()
+
     def _supervise(self, addr: str, http_env: dict[str, str], port: int, wake_r: int) -> int:
         ready_r, ready_w = os.pipe()
         try:
@@ -251,7 +365,8 @@ class ApiProcesses:
             ready_w = -1
             starting, pending, ready_open = set(self.children), b"", True
             while True:
-                readable, _, _ = select.select([wake_r, *([ready_r] if ready_open else [])], [], [])
+                banner = [self.worker.ready] if self.worker is not None and self.worker.ready >= 0 else []
+                readable, _, _ = select.select([wake_r, *([ready_r] if ready_open else []), *banner], [], [])
                 if wake_r in readable:
                     signals = os.read(wake_r, 1024)
                     if signal.SIGTERM in signals or signal.SIGINT in signals:
@@ -262,6 +377,11 @@ class ApiProcesses:
                         log.error("API process pid %d exited unexpectedly with %s; stopping the others",
                                   pid, _exit_code(code))
                         return code if code > 0 else 1
+                if banner and banner[0] in readable and self.worker is not None and self.worker.read_ready():
+                    http = http_env.get("RUN_API_HTTP_ADDR")
+                    required = auth.resolve_mode(self.settings.auth, addr, self.settings.http_addr) == "required"
+                    print(self.worker.banner(_http_url(http, http.rsplit(":", 1)[1]) if http else None, required),
+                          file=sys.stderr, flush=True)
                 if ready_r in readable:
                     chunk = os.read(ready_r, 1024)
                     ready_open = bool(chunk)  # at its end once every process has written (or died)
@@ -273,7 +393,7 @@ class ApiProcesses:
                         log.info("run API listening on %s with %d processes (pids %s)", addr, len(self.children),
                                  " ".join(map(str, self.children)))
                         if self.with_worker:
-                            self.worker = _start_worker(self.settings, port)
+                            self.worker = LocalWorker(self.settings, port)
         finally:
             for fd in (ready_r, ready_w):
                 if fd >= 0:
@@ -281,7 +401,8 @@ class ApiProcesses:
 
     def _stop_all(self) -> None:
         """Stop the worker first (it drains while the API serves it), then every API process."""
-        _stop_worker(self.worker)
+        if self.worker is not None:
+            self.worker.stop()
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)

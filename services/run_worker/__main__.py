@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -14,7 +16,7 @@ import grpc
 
 from services.run_worker.metrics import WorkerMetrics
 from services.run_worker.tools import Tool, UnknownTools, registry
-from services.run_worker.worker import Worker
+from services.run_worker.worker import ONCE_DEADLINE_SECONDS, Worker
 from shared.logs import configure_logging
 from shared.settings import SettingsError, WorkerSettings, parse_tools
 from shared.telemetry import configure_tracing
@@ -46,7 +48,8 @@ def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse
     p.add_argument("--heartbeat-seconds", type=float, default=defaults.heartbeat_seconds,
                    help="heartbeat interval (RUN_HEARTBEAT_SECONDS) [a third of RUN_LEASE_SECONDS]")
     p.add_argument("--drain-seconds", type=float, default=defaults.drain_seconds,
-                   help="on SIGTERM, how long held runs may finish (RUN_WORKER_DRAIN_SECONDS) [%(default)s]")
+                   help="on SIGTERM or Ctrl-C, how long held runs may finish; a second one releases them at once "
+                        "(RUN_WORKER_DRAIN_SECONDS) [%(default)s]")
     p.add_argument("--tools", type=_tool_list, default=defaults.tools,
                    help="tools this worker runs, comma-separated: stock ones or from the runs.tools entry points; "
                         f"shell runs commands on this host (RUN_WORKER_TOOLS) [{','.join(defaults.tools)}]")
@@ -54,10 +57,19 @@ def parse_args(argv: Sequence[str] | None, defaults: WorkerSettings) -> argparse
                    help="CA certificate (PEM) to trust for a TLS API (RUNS_TLS_CA); the key comes from RUNS_API_KEY")
     p.add_argument("--once", action="store_true",
                    help="claim one batch, execute it, print counters as one JSON line, and exit")
+    # Internal: make up's API passes a pipe; the worker writes a line to it once its claim stream opens.
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-async def _main(settings: WorkerSettings, once: bool, tools: dict[str, Tool]) -> int:
+def _tell_ready(fd: int) -> None:
+    with contextlib.suppress(OSError):  # the API stopped waiting: nothing to tell
+        os.write(fd, b"connected\n")
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+async def _main(settings: WorkerSettings, once: bool, tools: dict[str, Tool], ready_fd: int | None = None) -> int:
     metrics = WorkerMetrics() if settings.metrics_addr else None
     if metrics is not None:
         metrics.serve(settings.metrics_addr)  # OSError (address taken): the process fails at start
@@ -69,9 +81,17 @@ async def _main(settings: WorkerSettings, once: bool, tools: dict[str, Tool]) ->
             print(json.dumps(out), flush=True)
             return 0
         stop = asyncio.Event()
+
+        def on_signal() -> None:  # the first stops claiming and drains; the second releases the held runs
+            if stop.is_set():
+                worker.release_now.set()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
+        if ready_fd is not None:
+            worker.on_connected = lambda: _tell_ready(ready_fd)
         await worker.run(stop)
         return 0
     finally:
@@ -108,12 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log, actor="worker")
     configure_tracing("runs-worker")
     try:
-        return asyncio.run(_main(settings, args.once, tools))
+        return asyncio.run(_main(settings, args.once, tools, args.ready_fd))
     except KeyboardInterrupt:
         return 130
-    except grpc.aio.AioRpcError as err:  # the API refused us outright (bad flags, no or a revoked key)
-        print(f"error: the API refused this worker ({err.code().name}): {err.details()}", file=sys.stderr)
-        return 1
+    except grpc.aio.AioRpcError as err:  # --once: the API is down; else it refused us (bad flags, no or a bad key)
+        from services.cli.common import describe_rpc_error  # the CLI's words and exit codes, on this path only
+
+        lines, code = describe_rpc_error(err, settings.api_addr, ONCE_DEADLINE_SECONDS,
+                                         has_key=bool(settings.api_key), tls=settings.tls)
+        print("\n".join(lines), file=sys.stderr)
+        return code
     except Exception as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

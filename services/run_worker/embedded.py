@@ -2,7 +2,8 @@
 
 It reuses Worker.run_cycle, the same code as `--once`, over a gRPC channel to its own server.
 Cycles never overlap: one ends before the next starts, woken by a queued-run notification or
-the poll interval.
+the poll interval. Stopped mid-cycle, its runs get RUN_WORKER_DRAIN_SECONDS to finish (logged as
+draining), then the rest are released back to the queue, as a worker process does.
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ class EmbeddedWorker:
         try:
             with self.hub.subscribe((CHANNEL_QUEUED, f"{TENANT}/{self.settings.workspace_id}")) as waiter:  # type: ignore[attr-defined]
                 while not stop.is_set():
+                    cycle = asyncio.create_task(worker.run_cycle())
+                    stopped = asyncio.create_task(stop.wait())
+                    await asyncio.wait([cycle, stopped], return_when=asyncio.FIRST_COMPLETED)
+                    stopped.cancel()
+                    if not cycle.done():  # stopping mid-cycle: the runs get the drain time, then go back
+                        await worker.drain()
                     try:
-                        counters = await worker.run_cycle()
+                        counters = await cycle
                     except grpc.aio.AioRpcError as err:
                         log.warning("embedded worker cycle failed: %s", err.code().name)
                         counters = None

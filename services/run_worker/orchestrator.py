@@ -177,8 +177,8 @@ async def _send(reporter: Reporter, handle: RunHandle, events: list[Any]) -> lis
 async def _fail_refused(run_id: str, handle: RunHandle, reporter: Reporter, err: ReportRefused) -> Result:
     """A report of the run was refused: end the run FAILED with a plain event that cannot be refused the same way."""
     if err.not_ours:
-        log.error("the API does not accept this worker's reports for the run (%s); stopping it", err,
-                  extra={"run_id": run_id})
+        # The reporter logged the API's answer ("report refused: ..."): not printed a second time here.
+        log.error("the API does not accept this worker's reports for the run; stopping it", extra={"run_id": run_id})
         return Result.LOST  # its lease lapses and the reaper gives it to another worker
     error = f"the worker's report was refused: {str(err)[:500]}"
     log.error("report refused; failing the run", extra={"run_id": run_id})

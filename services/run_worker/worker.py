@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -27,6 +28,12 @@ from shared.logs import log_context
 from shared.settings import ClientTls, WorkerSettings
 
 log = logging.getLogger(__name__)
+
+# The longest wait between two tries of the claim stream: as the channel's own reconnect backoff (below), so a
+# restarted API has its workers back within a few seconds.
+MAX_RECONNECT_SECONDS = 2.0
+# How long `--once` waits for its claim stream (the CLI's deadline words its "did not answer within").
+ONCE_DEADLINE_SECONDS = 30.0
 
 
 def open_channel(addr: str, tls: ClientTls, api_key: str | None) -> grpc.aio.Channel:
@@ -81,6 +88,11 @@ class Worker:
         self._reporter_task: asyncio.Task[None] | None = None
         self._heartbeat_stop = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # Set by a second stop signal: give the held runs back now instead of draining them.
+        self.release_now = asyncio.Event()
+        # Called once, when the first claim stream opens (`python -m services.run_worker` tells make up).
+        self.on_connected: Callable[[], None] | None = None
+        self._connections = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -107,6 +119,7 @@ class Worker:
     # --- executing ------------------------------------------------------------------------------
 
     def _spawn(self, claimed: Any) -> None:
+        claimed_at = time.monotonic()
         handle = RunHandle(claimed.run_id, claimed.attempt)
         previous = self.held.get(claimed.run_id)
         if previous is not None:
@@ -115,11 +128,11 @@ class Worker:
         self.counters["claimed"] += 1
         if self.metrics is not None:
             self.metrics.runs_claimed.inc()
-        task = asyncio.create_task(self._execute(claimed, handle), name=f"run-{claimed.run_id}")
+        task = asyncio.create_task(self._execute(claimed, handle, claimed_at), name=f"run-{claimed.run_id}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _execute(self, claimed: Any, handle: RunHandle) -> Result:
+    async def _execute(self, claimed: Any, handle: RunHandle, claimed_at: float) -> Result:
         try:
             result = await execute(claimed, handle, self.reporter, self.tools, self.artifacts, self.engine)
         except Exception:
@@ -129,6 +142,12 @@ class Worker:
             if self.held.get(claimed.run_id) is handle:
                 del self.held[claimed.run_id]
         self.counters[result.value] += 1
+        workflow = claimed.workflow
+        if workflow == "runtime.tool" and "tool" in claimed.input:
+            workflow = f"{workflow} ({claimed.input['tool']})"
+        # The one line per run: not one per event.
+        log.info("run finished: %s %s in %.2fs", workflow, result.value, time.monotonic() - claimed_at,
+                 extra={"run_id": claimed.run_id})
         if self.metrics is not None:
             self.metrics.runs_finished.labels(result.value).inc()
         return result
@@ -196,9 +215,6 @@ class Worker:
     def _take(self, message: Any) -> None:
         """Apply one claim-stream message: the session (first message), new runs, cancel requests."""
         if message.session_token:
-            if message.session_token != self.reporter.session_token:
-                log.info("worker session opened as %s (capacity %d, batch %d, poll %d ms)", message.worker_id,
-                         message.capacity, message.batch_limit, message.poll_interval_ms)
             self.reporter.session_token = message.session_token
         for claimed in message.runs:
             self._spawn(claimed)
@@ -210,7 +226,8 @@ class Worker:
         """One cycle: claim up to the batch limit, execute, report; returns this cycle's counters."""
         self._start_side_tasks()
         before = Counter(self.counters)
-        async for message in self.stub.ClaimQueuedRuns(self._claim_request(once=True), timeout=30):
+        request = self._claim_request(once=True)
+        async for message in self.stub.ClaimQueuedRuns(request, timeout=ONCE_DEADLINE_SECONDS):
             self._take(message)
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -220,16 +237,30 @@ class Worker:
 
     async def _consume(self, call: Any) -> None:
         async for message in call:
+            if message.session_token:  # the stream's first message: it is open
+                self._connected(message)
             self._take(message)
+
+    def _connected(self, message: Any) -> None:
+        self._connections += 1
+        if self._connections > 1:
+            log.info("reconnected to %s", self.settings.api_addr)
+            return
+        log.info("connected to %s as %s (capacity %d, batch %d, poll %d ms)", self.settings.api_addr,
+                 message.worker_id, message.capacity, message.batch_limit, message.poll_interval_ms)
+        if self.on_connected is not None:
+            self.on_connected()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until `stop` is set, reconnecting with backoff; then drain."""
         self._start_side_tasks()
-        delay = 0.1
+        delay, failure = 0.1, ""  # failure: the last one logged; the same one again is not logged again
         with log_context(worker_id=self.settings.worker_id):
-            log.info("worker started; claiming from %s", self.settings.api_addr)
+            log.info("worker started; claiming from %s; tools: %s", self.settings.api_addr,
+                     ", ".join(sorted(self.tools)))
             while not stop.is_set():
                 self._check_side_tasks()
+                connections = self._connections
                 call = self.stub.ClaimQueuedRuns(self._claim_request(once=False))
                 consumer = asyncio.create_task(self._consume(call))
                 stopper = asyncio.create_task(stop.wait())
@@ -241,29 +272,48 @@ class Worker:
                         await consumer
                     break
                 err = consumer.exception()
+                if self._connections > connections:  # this stream had opened: a new outage begins
+                    delay, failure = 0.1, ""
                 if isinstance(err, grpc.aio.AioRpcError):
                     # Bad settings or a missing/revoked key: retrying cannot help. (PERMISSION_DENIED can:
                     # a live session under our id ends when its lease lapses.)
                     if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
                         raise err
-                    log.warning("claim stream ended (%s: %s); reconnecting in %.1fs",
-                                err.code().name, err.details(), delay)
+                    if f"{err.code().name}: {err.details()}" != failure:
+                        failure = f"{err.code().name}: {err.details()}"
+                        log.warning("claim stream to %s ended (%s); reconnecting with backoff (up to %gs)",
+                                    self.settings.api_addr, failure, MAX_RECONNECT_SECONDS)
                 elif err is not None:
                     raise err
                 else:
                     delay = 0.1
                 await _wait(stop, delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_RECONNECT_SECONDS)
             await self.drain()
+            log.info("worker stopped")
 
     async def drain(self) -> None:
-        """Let held runs finish up to the drain timeout, then give the rest back to the queue."""
-        if self.tasks:
-            log.info("draining %d run(s) for up to %.1fs", len(self.tasks), self.settings.drain_seconds)
-            _, pending = await asyncio.wait(set(self.tasks), timeout=self.settings.drain_seconds)
-            if pending:
-                log.warning("releasing %d unfinished run(s) back to the queue", len(pending))
-                for handle in list(self.held.values()):
-                    handle.release.set()
-                await asyncio.wait(pending, timeout=10)
-        log.info("worker stopped", extra={"worker_id": self.settings.worker_id})
+        """Let held runs finish up to the drain timeout, or until `release_now`; then give the rest back.
+
+        A released run goes back to the queue at once: the API is told, so any worker may claim it right
+        away, without waiting for its lease to expire.
+        """
+        pending = set(self.tasks)
+        if pending and not self.release_now.is_set():
+            log.info("draining %d run(s) for up to %gs (RUN_WORKER_DRAIN_SECONDS); stop again (Ctrl-C) to release "
+                     "them now", len(pending), self.settings.drain_seconds)
+            asked = asyncio.create_task(self.release_now.wait())
+            deadline = asyncio.get_running_loop().time() + self.settings.drain_seconds
+            while pending and not asked.done():
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                await asyncio.wait([*pending, asked], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                pending = {task for task in pending if not task.done()}
+            asked.cancel()
+        if pending:
+            why = "as asked" if self.release_now.is_set() else f"after {self.settings.drain_seconds:g}s"
+            log.warning("releasing %d unfinished run(s) back to the queue %s", len(pending), why)
+            for handle in list(self.held.values()):
+                handle.release.set()
+            await asyncio.wait(pending, timeout=10)
