@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -268,6 +267,10 @@ class OutboxPublisher:
         while not stop.is_set():
             js = await self._ready(stop)
             if js is None:
+                if self._nc is not None and self._nc.is_reconnecting:
+                    # nats-py reconnects by itself; publishing meanwhile would only fill its buffer.
+                    await sleep_or_stop(stop, self.config.poll_seconds)
+                    continue
                 await sleep_or_stop(stop, delay)
                 delay = min(delay * 2, self.config.retry_max_seconds)
                 continue
@@ -351,20 +354,13 @@ class OutboxPublisher:
         """The JetStream context once connected and the stream is there; None while NATS cannot be used."""
         try:
             if self._nc is None:
-                self._nc = await nats.connect(
-                    servers=self.config.servers,
-                    name=f"runs-outbox-{os.getpid()}",
-                    connect_timeout=2,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
-                    error_cb=_quiet("error"),
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                )
+                self._nc = await self._connect(stop)
+                if self._nc is None:
+                    return None
                 self._js = self._nc.jetstream()
+                self._nats.ok()
             if not self._nc.is_connected or self._js is None:
-                return None  # nats-py reconnects by itself; publishing meanwhile would only fill its buffer
+                return None
             if not self._stream_ready:
                 await self._ensure_stream(self._js)
                 self._stream_ready = True
@@ -374,6 +370,33 @@ class OutboxPublisher:
                 self._nc = self._js = None
             return None
         return self._js
+
+    async def _connect(self, stop: asyncio.Event) -> NatsClient | None:
+        """Connect, trying until NATS answers (nats-py's own loop, which never gives up) or `stop` is set."""
+        nc = NatsClient()
+        connecting = asyncio.create_task(nc.connect(
+            servers=self.config.servers,
+            name=f"runs-outbox-{os.getpid()}",
+            connect_timeout=2,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,  # the first connection too, and every reconnection after an outage
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        ))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if connecting.done():
+            connecting.result()
+            return nc
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        return None
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         """Create the stream (subjects runs.events.>) unless it exists; an existing one is used as it is."""
@@ -393,12 +416,16 @@ class OutboxPublisher:
             log.warning("outbox publisher: stream %s exists with subjects %s (not %s); it is used as it is",
                         self.config.stream, subjects, STREAM_SUBJECTS)
 
+    async def _on_error(self, err: Exception) -> None:
+        if not self._closing:
+            self._nats.failed(err)  # logged once per outage; nats-py calls this on every reconnect attempt
+
     async def _on_disconnected(self) -> None:
-        if self._nats.since is None and not self._closing:
+        if not self._closing:
             self._nats.failed(ConnectionError("disconnected"))
 
     async def _on_reconnected(self) -> None:
-        log.info("outbox publisher: reconnected to NATS")
+        self._nats.ok()
 
     async def _close_nats(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
@@ -406,12 +433,3 @@ class OutboxPublisher:
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 5)
-
-
-def _quiet(what: str) -> Callable[[Exception], Awaitable[None]]:
-    """A nats-py callback that logs at debug level (its default logs every reconnect attempt as an error)."""
-
-    async def callback(err: Exception) -> None:
-        log.debug("outbox publisher: NATS %s: %s", what, err)
-
-    return callback
