@@ -18,13 +18,18 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy
+from ulid import ULID
 
 from features.harness import ROOT, Api, Client, Worker
 from services.run_api import db
+from services.run_api.store import queries as Q
 from shared.gen.runs.v1 import run_service_pb2
 from shared.workflow import load_spec_text, spec_to_dict
 
@@ -156,3 +161,62 @@ def test_the_tools_check_their_arguments_naming_the_field(stack: Stack) -> None:
     assert [(a.attempt, a.outcome) for a in client.get(run_id).attempts] == [(1, "failed")]  # not retried
     count = client.steps(run_id)["count"]
     assert "text must be a string, got " in count.error, count.error
+
+
+# --- the claim reads only the tool sets a worker has -----------------------------------------------
+
+UNTAKEABLE = 5000
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(node for child in plan.get("Plans", []) for node in _plan_nodes(child))]
+
+
+def test_a_crowd_of_runs_nobody_can_take_does_not_slow_the_claim(stack: Stack) -> None:
+    """5,000 queued runs needing a tool nobody has, ahead of runs that need noop, none or nothing recorded
+    (NULL: queued before runs recorded their tools): a claim of a worker with noop takes the latter in
+    claim order, reading runs_claim_tools_idx per tool set (a few rows), never the crowd; one that declared
+    no tools takes the crowd's first runs. Measured with EXPLAIN ANALYZE, rolled back."""
+    now = datetime.now(UTC)
+    url = db.libpq_url(stack.database_url)
+    columns = ("INSERT INTO runs (run_id, workspace_id, workflow, input, status, max_attempts, retry_backoff_seconds, "
+               "retry_backoff_max_seconds, request_hash, created_at, updated_at, next_attempt_at, last_sequence, "
+               "required_tools) ")
+    takeable = {"T1": ["noop"], "T2": None, "T3": ["noop"], "T4": []}  # queued after the crowd, in this order
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(columns + "SELECT 'A' || lpad(g::text, 25, '0'), 'crowded', 'x', '{}', 'QUEUED', 1, 1, 1, 'h', "
+                     "%(t)s, %(t)s, %(t)s + g * interval '1 ms', 1, ARRAY['gpu'] FROM generate_series(1, %(n)s) g",
+                     {"t": now - timedelta(hours=2), "n": UNTAKEABLE})
+        for i, (run_id, tools) in enumerate(takeable.items()):
+            conn.execute(columns + "VALUES (%s, 'crowded', 'x', '{}', 'QUEUED', 1, 1, 1, 'h', %s, %s, %s, 1, %s)",
+                         (run_id.ljust(26, "0"), now, now, now - timedelta(hours=1) + timedelta(seconds=i), tools))
+        conn.execute("INSERT INTO workers (worker_id, lease_expires_at, last_heartbeat_at, started_at) "
+                     "VALUES ('crowd-worker', %s, %s, %s)", (now + timedelta(hours=1), now, now))
+        conn.execute("ANALYZE runs")
+    engine = sqlalchemy.create_engine(stack.database_url, poolclass=sqlalchemy.pool.NullPool)
+
+    def claim(tools: list[str] | None) -> tuple[list[str], list[dict[str, Any]]]:
+        params = {"worker_id": "crowd-worker", "session_token_hash": None, "tenant_id": "default",
+                  "workspace_id": "crowded", "project_id": None, "capacity": 3, "batch_limit": 3, "now": now,
+                  "lease_expires_at": now + timedelta(seconds=30), "lease_text": "", "channel_events": "runs_events",
+                  "event_ids": [str(ULID()) for _ in range(3)], "tools": tools}
+        with engine.connect() as conn:
+            claimed = [r.run_id[:2] for r in conn.execute(Q.runs_claim, params) if r.run_id]
+            conn.rollback()
+            explain = sqlalchemy.text("EXPLAIN (ANALYZE, FORMAT JSON) " + Q.runs_claim.text)
+            plan = conn.execute(explain, params).scalar_one()[0]["Plan"]
+            conn.rollback()
+        return claimed, [n for n in _plan_nodes(plan) if n.get("Relation Name") == "runs" and "Index Name" in n]
+
+    try:
+        claimed, reads = claim(["echo", "noop"])
+        assert claimed == ["T1", "T2", "T3"]  # claim order across the tool sets it has; NULL and {} need nothing
+        queue_reads = [n for n in reads if n["Index Name"] in ("runs_claim_idx", "runs_claim_tools_idx")]
+        assert queue_reads and {n["Index Name"] for n in queue_reads} == {"runs_claim_tools_idx"}, reads
+        rows = sum(n["Actual Rows"] * n["Actual Loops"] for n in queue_reads)
+        assert rows < 20, reads  # the crowd's set is passed over in one index descent, not read
+        claimed, _ = claim(None)  # declared no tools: takes anything, in claim order
+        assert claimed == ["A0", "A0", "A0"]
+        assert claim(["shell"])[0] == ["T2", "T4"]
+    finally:
+        engine.dispose()
