@@ -29,7 +29,7 @@ from nats.js.api import DeliverPolicy
 
 from features.harness import Api, Client, Process, Worker, free_port, wait_until
 from services.run_api import db
-from services.run_api.outbox import OutboxConfig, OutboxPublisher, subject
+from services.run_api.outbox import OutboxConfig, OutboxPublisher, redact, subject
 from shared.gen.runs.v1 import run_service_pb2
 from shared.settings import ApiSettings, SettingsError
 
@@ -288,6 +288,7 @@ async def until(check: Any, timeout: float, what: str) -> None:
 
 
 def test_settings_name_the_variable_and_subjects_are_tokens() -> None:
+    """Bad settings are refused naming their variable; names become subject tokens; logs hide passwords."""
     assert ApiSettings.from_env({}).nats_url == "" and ApiSettings.from_env({}).nats_stream == "RUNS"
     assert ApiSettings.from_env({"RUNS_NATS_URL": "nats://a:4222, nats://b:4222"}).nats_url
     for env, variable in (({"RUNS_NATS_URL": "127.0.0.1:4222"}, "RUNS_NATS_URL"),
@@ -298,3 +299,4 @@ def test_settings_name_the_variable_and_subjects_are_tokens() -> None:
     assert subject("campaign.build", "step.succeeded") == "runs.events.campaign.build.step.succeeded"
     assert subject("my flow*.>", "run.queued") == "runs.events.my_flow_._.run.queued"
     assert subject(None, "x..y") == "runs.events._.x._.y"
+    assert redact("nats://user:secret@127.0.0.1:4222") == "nats://127.0.0.1:4222"  # what the logs name

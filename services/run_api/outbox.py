@@ -141,6 +141,12 @@ def msg_id(row: dict[str, Any]) -> str:
     return f"{row['run_id']}:{row['event_id']}"
 
 
+def redact(url: str) -> str:
+    """A server URL without its user and password (for logs)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+
+
 def key_of(row: dict[str, Any]) -> Key:
     """A row's place in the tail's order."""
     return (int(row["tx"]), row["run_id"], row["sequence"])
@@ -207,7 +213,7 @@ class OutboxPublisher:
         self._js: JetStreamContext | None = None
         self._stream_ready = False
         self._db = Trouble("the database")
-        self._nats = Trouble(f"NATS ({', '.join(self.config.servers)})")
+        self._nats = Trouble(f"NATS ({', '.join(map(redact, self.config.servers))})")
         self._bug = Trouble("publishing")
         self._closing = False
 
