@@ -287,7 +287,7 @@ class OutboxPublisher:
             if not rows:
                 await sleep_or_stop(stop, self.config.poll_seconds)
                 continue
-            plan, last, ahead = await self._plan(conn, rows, ahead)
+            plan, last, still_ahead = await self._plan(conn, rows, ahead)
             try:
                 await self._publish(js, plan)
             except (nats.errors.Error, TimeoutError, OSError) as err:
@@ -295,18 +295,14 @@ class OutboxPublisher:
                 self._stream_ready = False  # a NATS that came back empty needs its stream again
                 await sleep_or_stop(stop, delay)
                 delay = min(delay * 2, self.config.retry_max_seconds)
-                # Retry from the checkpoint: what was acknowledged comes again and JetStream drops it.
-                row = await (await conn.execute(CHECKPOINT_READ, {"name": self.config.name})).fetchone()
-                assert row is not None
-                ahead = {(int(t), r, s) for t, r, s in row["ahead"]}
-                continue
+                continue  # from the checkpoint again: what was acknowledged comes again and JetStream drops it
             self._nats.ok()
             delay = self.config.retry_min_seconds
             await conn.execute(CHECKPOINT_WRITE, {
                 "name": self.config.name, "tx": str(last[0]), "run_id": last[1], "sequence": last[2],
-                "ahead": Jsonb([[str(t), r, s] for t, r, s in sorted(ahead)]),
+                "ahead": Jsonb([[str(t), r, s] for t, r, s in sorted(still_ahead)]),
             })
-            checkpoint = last
+            checkpoint, ahead = last, still_ahead
             self.counters["batches"] += 1
             self._bug.ok()
             if len(rows) < self.config.batch:
