@@ -114,11 +114,11 @@ hist_runs_insert = """
 INSERT INTO runs (run_id, tenant_id, project_id, workspace_id, workflow, input, status, attempt, max_attempts,
     retry_backoff_seconds, retry_backoff_max_seconds, idempotency_key, request_hash, trace_context, created_by,
     created_at, updated_at, started_at, finished_at, next_attempt_at, worker_id, lease_expires_at, stop_reason,
-    last_sequence, workflow_version, spec_hash, output, trigger)
+    last_sequence, workflow_version, spec_hash, output, trigger, required_tools)
 SELECT s.run_id, 'default', 'default', 'default', %(workflow)s, '{}'::jsonb, 'SUCCEEDED', 1, %(max_attempts)s,
     %(backoff)s, %(backoff_max)s, NULL, %(request_hash)s, s.trace_context, NULL,
     s.t0, s.w2_rec + interval '0.08 ms', s.w1_rec, s.w2_rec + interval '0.08 ms', s.t0, s.worker_id, NULL,
-    'completed', 9, %(version)s, %(spec_hash)s, '{"runtime": {"ok": true}}'::jsonb, 'start'
+    'completed', 9, %(version)s, %(spec_hash)s, '{"runtime": {"ok": true}}'::jsonb, 'start', ARRAY[%(tool)s]
 FROM runs_hist_stage s ORDER BY s.g
 """
 
@@ -214,7 +214,7 @@ def _params(conn: psycopg.Connection, runs: int, days: float, end: datetime) -> 
             "project_id": "default", "max_attempts": settings.default_max_attempts, "request_hash": request_hash,
             "workspace_id": "default", "idempotency_key": None, "workflow_version": version,
             "retry_backoff_seconds": settings.retry_backoff_seconds,
-            "retry_backoff_max_seconds": settings.retry_backoff_max_seconds,
+            "retry_backoff_max_seconds": settings.retry_backoff_max_seconds, "required_tools": [NOOP_TOOL],
         }),
         "step_created": json.dumps({"tool": NOOP_TOOL, "step_key": NOOP_STEP, "depends_on": []}),
         "step_started": json.dumps({"try": 1.0, "step_key": NOOP_STEP}),
