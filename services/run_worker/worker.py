@@ -189,14 +189,18 @@ class Worker:
                 self.counters["readopted"] += 1
 
     async def _heartbeat_loop(self) -> None:
+        failing = ""  # the failure last logged: while the API stays away, once, not at every beat
         while not self._heartbeat_stop.is_set():
             await _wait(self._heartbeat_stop, self.settings.heartbeat_seconds)
             if self._heartbeat_stop.is_set():
                 return
             try:
                 await self.heartbeat_once()
+                failing = ""
             except grpc.aio.AioRpcError as err:
-                log.warning("heartbeat failed: %s", err.code().name)
+                if err.code().name != failing:
+                    failing = err.code().name
+                    log.warning("heartbeat failed: %s", failing)
 
     # --- claiming -------------------------------------------------------------------------------
 
