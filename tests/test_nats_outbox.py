@@ -231,7 +231,8 @@ async def test_a_runs_events_written_by_an_older_transaction_wait_for_its_earlie
     make_database: Any, nats_server: NatsServer
 ) -> None:
     """Transaction B gets its id first, A writes the run's event 1 and commits, then B writes event 2: B's
-    tx_id is lower, yet event 1 is published first, and only once. (The publisher starts while NATS is down.)"""
+    tx_id is lower, yet event 1 is published first, and only once. The publisher starts while NATS is down,
+    and later loses its database session (terminated): it takes the lock again and goes on."""
     nats_server.stop(10)
     with make_database() as url:
         conninfo = db.libpq_url(url)
@@ -262,15 +263,30 @@ async def test_a_runs_events_written_by_an_older_transaction_wait_for_its_earlie
                 return await _stream_count(nats_server.url) >= 3
 
             await until(all_there, 20, "three events in the stream")
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as check:
+                async def checkpoint_at_a() -> bool:
+                    row = await (await check.execute("SELECT tx_id::text, ahead FROM outbox_checkpoints")).fetchone()
+                    return row is not None and row[0] == xid_a and row[1] == []  # past event 1, nothing ahead
+
+                await until(checkpoint_at_a, 20, "the checkpoint past event 1")
+                killed = await one(check, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                                          "application_name LIKE 'runs-outbox-%' AND datname = current_database()")
+                assert killed == 1
+                await check.execute(insert, ("R", 3, "run.started", "e3"))
+
+                async def four() -> bool:
+                    return await _stream_count(nats_server.url) >= 4
+
+                await until(four, 20, "event 3 after the publisher's session was terminated")
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
-    got = await _read_stream(nats_server.url, 3)
+    got = await _read_stream(nats_server.url, 4)
     order = [(json.loads(m.data)["run_id"], json.loads(m.data)["sequence"]) for m in got]
-    assert order.index(("R", 1)) < order.index(("R", 2)), order
-    assert sorted(order) == [("OTHER", 1), ("R", 1), ("R", 2)]
+    assert order.index(("R", 1)) < order.index(("R", 2)) < order.index(("R", 3)), order
+    assert sorted(order) == [("OTHER", 1), ("R", 1), ("R", 2), ("R", 3)]
     assert publisher.counters["early"] == 1  # event 1 went out ahead of its place, and was skipped there
-    assert publisher.counters["published"] == 3 and publisher.counters["duplicates"] == 0
+    assert publisher.counters["published"] == 4 and publisher.counters["duplicates"] == 0
 
 
 async def one(conn: psycopg.AsyncConnection[Any], query: str) -> Any:
