@@ -197,6 +197,10 @@ async def _serve(settings: ApiSettings, url: str, with_worker: bool, ready_fd: i
     worker: LocalWorker | None = None
 
     def on_signal() -> None:
+        if stop.is_set() and settings.embedded_worker:  # a second one: the embedded worker releases its runs
+            from services.run_worker.embedded import release_held_runs
+
+            release_held_runs()
         stop.set()
         if worker is not None:
             worker.on_signal()

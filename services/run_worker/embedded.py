@@ -3,7 +3,8 @@
 It reuses Worker.run_cycle, the same code as `--once`, over a gRPC channel to its own server.
 Cycles never overlap: one ends before the next starts, woken by a queued-run notification or
 the poll interval. Stopped mid-cycle, its runs get RUN_WORKER_DRAIN_SECONDS to finish (logged as
-draining), then the rest are released back to the queue, as a worker process does.
+draining), then the rest are released back to the queue, as a worker process does; a second
+Ctrl-C or SIGTERM to the API releases them at once (release_held_runs).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ log = logging.getLogger(__name__)
 CHANNEL_QUEUED = "runs_queued"
 # The embedded worker's key belongs to tenant "default": it is woken by that tenant's queued runs.
 TENANT = "default"
+
+# The embedded workers running in this process (one per API server), for release_held_runs.
+_RUNNING: set[Worker] = set()
+
+
+def release_held_runs() -> None:
+    """A second Ctrl-C to the API: its embedded worker gives its runs back at once instead of draining."""
+    for worker in _RUNNING:
+        worker.release_now.set()
 
 
 class _Waiter(Protocol):
@@ -44,6 +54,7 @@ class EmbeddedWorker:
         """Cycle until `stop` is set; the current cycle always finishes first."""
         worker = Worker(self.settings)
         log.info("embedded worker started", extra={"worker_id": self.settings.worker_id})
+        _RUNNING.add(worker)
         try:
             with self.hub.subscribe((CHANNEL_QUEUED, f"{TENANT}/{self.settings.workspace_id}")) as waiter:  # type: ignore[attr-defined]
                 while not stop.is_set():
@@ -67,5 +78,6 @@ class EmbeddedWorker:
                     wait.cancel()
                     stopped.cancel()
         finally:
+            _RUNNING.discard(worker)
             await worker.close()
             log.info("embedded worker stopped")
