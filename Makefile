@@ -39,8 +39,11 @@ proto: $(STAMP)
 
 install: $(GEN)
 
+# GRPC_ENABLE_FORK_SUPPORT=false: gRPC's fork handlers serve children that use gRPC without exec; the API's
+# children (the worker, pg_ctl) exec at once, and the handlers only print a stray line when the API stops.
 up: $(GEN)
-	$(PY) -m services.run_api --with-worker
+	@echo "starting the API with one worker (python -m services.run_api --with-worker); Ctrl-C stops them"
+	@GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m services.run_api --with-worker
 
 api: $(GEN)
 	$(PY) -m services.run_api
