@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from features.harness import ROOT, Api, Client, Process, Worker, base_env, free_port, wait_until
+from services.run_api.__main__ import _runs_command
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -66,7 +67,7 @@ def up(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -> I
             stopped(api)
 
 
-def test_make_up_ends_with_a_ready_banner(up: Api) -> None:
+def test_make_up_ends_with_a_ready_banner(up: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the worker's claim stream is open: the API address, the dashboard, a command to try, how to stop."""
     line_with(up, r"^Runs is ready")
     worker_pid = line_with(up, r"started worker process pid (\d+)").group(1)
@@ -75,7 +76,8 @@ def test_make_up_ends_with_a_ready_banner(up: Api) -> None:
         "echo, fail, noop, shell, sleep)."
     assert lines[1] == f"  dashboard  {up.http_url}/"
     # The worker has the shell tool (a loopback API's local worker): the sample campaign, as the README shows it.
-    runs = ".venv/bin/runs" if (ROOT / ".venv/bin/runs").exists() else "runs"
+    monkeypatch.chdir(ROOT)  # the API's working directory
+    runs = _runs_command()  # .venv/bin/runs in a checkout
     assert lines[2] == f"  try        {runs} --addr {up.addr} start --workflow campaign.build --input " \
         """'{"product": "Acme Rockets", "audience": "coyotes"}' --wait"""
     assert lines[3] == "  stop       Ctrl-C: runs in progress get up to 30s to finish (RUN_WORKER_DRAIN_SECONDS); " \

@@ -126,8 +126,7 @@ class LocalWorker:
         """What make up prints once the API and its worker are up."""
         from services.cli.common import DEFAULT_ADDR  # where `runs` connects without --addr
 
-        runs = pathlib.Path(sys.executable).parent / "runs"
-        cli = os.path.relpath(runs) if runs.exists() else "runs"
+        cli = _runs_command()
         if self.addr != DEFAULT_ADDR:
             cli = f"{cli} --addr {self.addr}"
         if "shell" in self.tools:
@@ -167,6 +166,15 @@ class LocalWorker:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait()
+
+
+def _runs_command() -> str:
+    """How to call this installation's `runs` from here: .venv/bin/runs in a checkout (else its full path, or runs)."""
+    runs = pathlib.Path(sys.executable).parent / "runs"
+    if not runs.exists():
+        return "runs"
+    relative = os.path.relpath(runs)
+    return str(runs) if relative.startswith("..") else relative
 
 
 def _http_url(addr: str, port: int | str) -> str:
