@@ -202,7 +202,10 @@ class Reporter:
                         if not future.done():
                             future.set_exception(ReportRefused(reason, code))
                     return
-                log.warning("report failed (%s); retrying in %.2fs", type(err).__name__, delay)
+                # Once per batch, not at every retry while the API is away.
+                (log.debug if delay > self.config.retry_min_seconds else log.warning)(
+                    "report failed (%s); retrying with backoff",
+                    err.code().name if isinstance(err, grpc.aio.AioRpcError) else type(err).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_seconds)
         results = list(response.results)
