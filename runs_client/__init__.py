@@ -42,6 +42,7 @@ from runs_client.models import (
     Step,
     StepExplanation,
     StepStatus,
+    ToolCall,
     Workflow,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "Step",
     "StepExplanation",
     "StepStatus",
+    "ToolCall",
     "Unauthenticated",
     "Unavailable",
     "Workflow",

@@ -22,8 +22,8 @@ from runs_client.models import (
     StartRun,
     StepExplanation,
     Workflow,
+    list_runs_request,
     rebuild_request,
-    run_status_value,
     start_spec,
     workflow_spec,
 )
@@ -99,7 +99,7 @@ class AsyncClient:
     async def get_run(self, run_id: str) -> Run:
         """The run with its steps and attempts."""
         response = await self._call(self._runs.GetRun, run_service_pb2.GetRunRequest(run_id=run_id), self.retry)
-        return Run.from_proto(response.run, response.steps, response.attempts)
+        return Run.from_proto(response.run, response.steps, response.attempts, tool_calls=response.tool_calls)
 
     async def cancel(self, run_id: str, reason: str = "") -> Run:
         """Cancel a run (see Client.cancel)."""
@@ -114,19 +114,27 @@ class AsyncClient:
         query: str = "",
     ) -> AsyncIterator[Run]:
         """Every run, page after page (see Client.list_runs): `async for run in client.list_runs()`."""
-        request = run_service_pb2.ListRunsRequest(
-            page_size=page_size, status=run_status_value(status), workflow=workflow or "", query=query
-        )
-        seen: set[str] = set()
+        token, seen = "", set()
         while True:
-            response = await self._call(self._runs.ListRuns, request, self.retry)
-            for run in response.runs:
-                yield Run.from_proto(run)
-            token = response.next_page_token
+            runs, token = await self.list_runs_page(status, workflow, page_size, query, token)
+            for run in runs:
+                yield run
             if not token or token in seen:
                 return
             seen.add(token)
-            request.page_token = token
+
+    async def list_runs_page(
+        self,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        page_size: int = 100,
+        query: str = "",
+        page_token: str = "",
+    ) -> tuple[list[Run], str]:
+        """One page of runs and the next page's token (see Client.list_runs_page)."""
+        request = list_runs_request(status, workflow, page_size, query, page_token)
+        response = await self._call(self._runs.ListRuns, request, self.retry)
+        return [Run.from_proto(run) for run in response.runs], response.next_page_token
 
     async def watch(
         self, run_id: str, after_sequence: int = 0, timeout: float | None = None

@@ -21,8 +21,8 @@ from runs_client.models import (
     StartRun,
     StepExplanation,
     Workflow,
+    list_runs_request,
     rebuild_request,
-    run_status_value,
     start_spec,
     workflow_spec,
 )
@@ -54,20 +54,30 @@ class Client:
         tls_key: str | os.PathLike[str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         retry: Retry | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
+        """`channel`: an open channel to call through instead of one the client opens (the key and TLS are
+        then the channel's own, and close() leaves it open)."""
         self.connection = Connection.resolve(addr, key, tls_ca, tls_cert, tls_key)
         self.addr = self.connection.addr
         self.timeout = timeout
         self.retry = retry or Retry()
-        self._channel = open_channel(
+        self._owns_channel = channel is None
+        self._channel = channel or open_channel(
             self.connection.addr, self.connection.tls, self.connection.key, options=CHANNEL_OPTIONS
         )
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._workflows = workflow_service_pb2_grpc.WorkflowServiceStub(self._channel)
 
+    @property
+    def channel(self) -> grpc.Channel:
+        """The client's gRPC channel (with its key and TLS), for the services the client does not wrap."""
+        return self._channel
+
     def close(self) -> None:
-        """Close the channel (calls in flight are cancelled)."""
-        self._channel.close()
+        """Close the channel (calls in flight are cancelled), unless it was given to the client."""
+        if self._owns_channel:
+            self._channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -119,7 +129,7 @@ class Client:
     def get_run(self, run_id: str) -> Run:
         """The run with its steps and attempts."""
         response = self._call(self._runs.GetRun, run_service_pb2.GetRunRequest(run_id=run_id), self.retry)
-        return Run.from_proto(response.run, response.steps, response.attempts)
+        return Run.from_proto(response.run, response.steps, response.attempts, tool_calls=response.tool_calls)
 
     def cancel(self, run_id: str, reason: str = "") -> Run:
         """Cancel a queued run, or ask a running one to stop (it ends CANCELED soon; `wait` for it).
@@ -138,19 +148,26 @@ class Client:
     ) -> Iterator[Run]:
         """Every run (newest first), only those in `status` / of `workflow` when given; pages are
         fetched as the iterator is consumed."""
-        request = run_service_pb2.ListRunsRequest(
-            page_size=page_size, status=run_status_value(status), workflow=workflow or "", query=query
-        )
-        seen: set[str] = set()
+        token, seen = "", set()
         while True:
-            response = self._call(self._runs.ListRuns, request, self.retry)
-            for run in response.runs:
-                yield Run.from_proto(run)
-            token = response.next_page_token
+            runs, token = self.list_runs_page(status, workflow, page_size, query, token)
+            yield from runs
             if not token or token in seen:
                 return
             seen.add(token)
-            request.page_token = token
+
+    def list_runs_page(
+        self,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        page_size: int = 100,
+        query: str = "",
+        page_token: str = "",
+    ) -> tuple[list[Run], str]:
+        """One page of runs (page_size 0: the server's default) and the next page's token ('' after the last)."""
+        request = list_runs_request(status, workflow, page_size, query, page_token)
+        response = self._call(self._runs.ListRuns, request, self.retry)
+        return [Run.from_proto(run) for run in response.runs], response.next_page_token
 
     def watch(self, run_id: str, after_sequence: int = 0, timeout: float | None = None) -> EventStream:
         """The run's events after `after_sequence`, until its terminal event (an iterator of Event).

@@ -157,6 +157,8 @@ def field_violations_of(error: BaseException) -> list[tuple[str, str]]:
             status.ParseFromString(value)
         except DecodeError:
             continue
+        if status.code != status_code_of(error).value[0] or status.message != _details_of(error):
+            continue  # details that disagree with the call's own status are not the call's (as grpc_status says)
         for detail in status.details:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()

@@ -126,6 +126,16 @@ def run_status_value(status: RunStatus | str | None) -> run_pb2.RunStatus.ValueT
         ) from None
 
 
+def list_runs_request(
+    status: RunStatus | str | None, workflow: str | None, page_size: int, query: str, page_token: str
+) -> run_service_pb2.ListRunsRequest:
+    """A ListRunsRequest of plain arguments (status by name, see run_status_value)."""
+    return run_service_pb2.ListRunsRequest(
+        page_size=page_size, status=run_status_value(status), workflow=workflow or "", query=query,
+        page_token=page_token,
+    )
+
+
 # --- results -----------------------------------------------------------------------------------
 
 
@@ -183,6 +193,7 @@ class Attempt:
     error: str
     claimed_at: datetime | None
     ended_at: datetime | None
+    proto: run_service_pb2.Attempt = field(default_factory=run_service_pb2.Attempt, repr=False, compare=False)
 
     @classmethod
     def from_proto(cls, attempt: run_service_pb2.Attempt) -> Attempt:
@@ -194,12 +205,49 @@ class Attempt:
             error=attempt.error,
             claimed_at=timestamp(attempt, "claimed_at"),
             ended_at=timestamp(attempt, "ended_at"),
+            proto=attempt,
+        )
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a tool by a step's try."""
+
+    tool_call_id: str
+    step_key: str
+    tool: str
+    status: str  # INVOKED, SUCCEEDED or FAILED
+    step_attempt: int  # the step's try (1, 2, ...)
+    attempt: int  # the run's attempt
+    input: dict[str, Any]
+    output: dict[str, Any]
+    error: str
+    invoked_at: datetime | None
+    finished_at: datetime | None
+    proto: run_pb2.ToolCall = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, call: run_pb2.ToolCall) -> ToolCall:
+        """The ToolCall of a runs.v1.ToolCall."""
+        return cls(
+            tool_call_id=call.tool_call_id,
+            step_key=call.step_key,
+            tool=call.tool,
+            status=_enum_name(run_pb2.ToolCallStatus, call.status, "TOOL_CALL_STATUS_"),
+            step_attempt=call.step_attempt,
+            attempt=call.attempt,
+            input=struct_to_dict(call, "input"),
+            output=struct_to_dict(call, "output"),
+            error=call.error,
+            invoked_at=timestamp(call, "invoked_at"),
+            finished_at=timestamp(call, "finished_at"),
+            proto=call,
         )
 
 
 @dataclass(frozen=True)
 class Run:
-    """A run. `steps` and `attempts` are filled by `get_run` (and `wait`); empty elsewhere."""
+    """A run. `steps`, `tool_calls` and `attempts` are filled by `get_run` (and `wait`); empty elsewhere."""
 
     run_id: str
     status: RunStatus
@@ -227,6 +275,7 @@ class Run:
     next_attempt_at: datetime | None
     steps: tuple[Step, ...] = ()
     attempts: tuple[Attempt, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
     # True when StartRun found an earlier run with the same idempotency key.
     deduplicated: bool = False
     proto: run_pb2.Run = field(default_factory=run_pb2.Run, repr=False, compare=False)
@@ -250,6 +299,7 @@ class Run:
         steps: Sequence[run_pb2.Step] = (),
         attempts: Sequence[run_service_pb2.Attempt] = (),
         deduplicated: bool = False,
+        tool_calls: Sequence[run_pb2.ToolCall] = (),
     ) -> Run:
         """The Run of a runs.v1.Run (with the steps and attempts GetRun returns)."""
         return cls(
@@ -279,6 +329,7 @@ class Run:
             next_attempt_at=timestamp(run, "next_attempt_at"),
             steps=tuple(Step.from_proto(s) for s in steps),
             attempts=tuple(Attempt.from_proto(a) for a in attempts),
+            tool_calls=tuple(ToolCall.from_proto(c) for c in tool_calls),
             deduplicated=deduplicated,
             proto=run,
         )

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -22,7 +22,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+import runs_client.client
 from features.harness import Api, Worker
+from runs_client import Client
+from runs_client.models import workflow_spec
 from services.cli import __main__ as cli
 from services.cli import cache as cache_cli
 from services.cli import common, keys, rebuild
@@ -218,17 +221,24 @@ def test_bad_values_are_usage_errors(capsys: pytest.CaptureFixture[str], argv: l
     usage_error(capsys, *argv)
 
 
+def listed(*argv: str) -> run_service_pb2.ListRunsRequest:
+    """The ListRunsRequest `runs list ARGV` sends."""
+    stub = FakeStub(pages={"": run_service_pb2.ListRunsResponse(), "tok": run_service_pb2.ListRunsResponse()})
+    assert run_cli(stub, "list", *argv) == 0
+    request: run_service_pb2.ListRunsRequest = stub.calls[0][1]
+    return request
+
+
 def test_list_request_maps_status_and_filters() -> None:
-    args = parse("list", "--status", "FAILED", "--workflow", "runtime.tool", "--page-size", "7")
-    request = cli.list_request(args, "tok")
+    request = listed("--status", "FAILED", "--workflow", "runtime.tool", "--page-size", "7", "--page-token", "tok")
     assert request.status == run_pb2.RUN_STATUS_FAILED
     assert (request.workflow, request.page_size, request.page_token) == ("runtime.tool", 7, "tok")
-    assert cli.list_request(parse("list"), "").status == run_pb2.RUN_STATUS_UNSPECIFIED
+    assert listed().status == run_pb2.RUN_STATUS_UNSPECIFIED
 
 
 @pytest.mark.parametrize("status", cli.STATUS_CHOICES)
 def test_every_status_choice_is_a_run_status(status: str) -> None:
-    assert cli.list_request(parse("list", "--status", status), "").status != run_pb2.RUN_STATUS_UNSPECIFIED
+    assert listed("--status", status).status != run_pb2.RUN_STATUS_UNSPECIFIED
 
 
 def test_watch_and_cancel_arguments() -> None:
@@ -523,7 +533,8 @@ class FakeStub:
 
     def WatchRun(self, request: Any, timeout: float | None = None) -> Any:
         self._record("WatchRun", request, timeout)
-        stream = FakeStream(self.events, self.watch_error)
+        events = [e for e in self.events if e.event.sequence > request.after_sequence]
+        stream = FakeStream(events, self.watch_error)
         self.streams.append(stream)
         return stream
 
@@ -531,8 +542,26 @@ class FakeStub:
         return [name for name, _, _ in self.calls]
 
 
+class StubChannel:
+    """A channel whose calls go to a fake stub's methods of the same name (for runs_client.Client(channel=...))."""
+
+    def __init__(self, fake: Any) -> None:
+        self.fake = fake
+
+    def unary_unary(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        name = path.rsplit("/", 1)[-1]
+        return lambda request, timeout=None, **kw: getattr(self.fake, name)(request, timeout=timeout)
+
+    unary_stream = unary_unary
+
+
+def api_of(stub: Any) -> common.Api:
+    return common.Api(Client("h:1", key="", channel=cast(grpc.Channel, StubChannel(stub)),
+                             timeout=cli.UNARY_DEADLINE_SECONDS, retry=common.CLI_RETRY))
+
+
 def run_cli(stub: Any, *argv: str) -> int:
-    return cli.dispatch(stub, parse(*argv))
+    return cli.dispatch(api_of(stub), parse(*argv))
 
 
 def test_start_without_wait_prints_the_run_at_once(capsys: pytest.CaptureFixture[str]) -> None:
@@ -560,7 +589,7 @@ def test_start_wait_succeeded_exits_0_and_prints_the_final_run(capsys: pytest.Ca
     stub = FakeStub(final=make_run(status=run_pb2.RUN_STATUS_SUCCEEDED))
     assert run_cli(stub, "start", "--wait", "--json") == 0
     assert stub.names() == ["StartRun", "WatchRun", "GetRun"]
-    assert stub.calls[1][2] == cli.DEFAULT_WAIT_TIMEOUT_SECONDS
+    assert stub.calls[1][2] == pytest.approx(cli.DEFAULT_WAIT_TIMEOUT_SECONDS, abs=1)
     assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"
 
 
@@ -570,7 +599,7 @@ def test_start_wait_failed_or_canceled_exits_1_and_still_prints(
 ) -> None:
     stub = FakeStub(final=make_run(status=status), events=[event(1, "run.queued"), event(2, "run.failed")])
     assert run_cli(stub, "start", "--wait", "--timeout", "7") == 1
-    assert stub.calls[1][2] == 7
+    assert stub.calls[1][2] == pytest.approx(7, abs=1)
     assert cli.run_status_name(status) in capsys.readouterr().out
 
 
@@ -592,7 +621,7 @@ def test_start_wait_timeout_exits_5_after_printing_the_run(capsys: pytest.Captur
     assert run_cli(stub, "start", "--wait", "--timeout", "1") == 5
     captured = capsys.readouterr()
     assert "RUNNING" in captured.out
-    assert captured.err.startswith("error: DEADLINE_EXCEEDED: run 01RUN did not end within 1s")
+    assert "\nerror: DEADLINE_EXCEEDED: run 01RUN did not end within 1s" in captured.err
 
 
 def test_start_deduplicated_notes_it_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
@@ -681,6 +710,8 @@ def test_watch_error_mid_stream_maps_its_code(capsys: pytest.CaptureFixture[str]
     )
     assert run_cli(stub, "watch", "01RUN") == 5
     assert "shutting down" in capsys.readouterr().err
+    # the watch resumed after its last event, until the client's retries were spent
+    assert [request.after_sequence for _, request, _ in stub.calls] == [0, 1, 1]
 
 
 def test_cancel_sends_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
@@ -775,7 +806,7 @@ class FakeChannel:
 
     opened: list[tuple[str, ClientTls | None, str | None]] = []
 
-    def __init__(self, addr: str, tls: ClientTls | None = None, api_key: str | None = None) -> None:
+    def __init__(self, addr: str, tls: ClientTls | None = None, api_key: str | None = None, options: Any = ()) -> None:
         FakeChannel.opened.append((addr, tls, api_key))
 
     def __enter__(self) -> FakeChannel:
@@ -784,18 +815,21 @@ class FakeChannel:
     def __exit__(self, *exc: object) -> None:
         return None
 
+    def close(self) -> None:
+        return None
+
     def unary_unary(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     unary_stream = unary_unary
 
 
-def test_main_opens_the_channel_with_tls_and_the_key_and_picks_the_stub(
+def test_main_opens_the_clients_channel_with_tls_and_the_key(
     monkeypatch: pytest.MonkeyPatch, pem_files: dict[str, str]
 ) -> None:
-    stubs: list[tuple[str, Any]] = []
-    monkeypatch.setattr(cli, "open_channel", FakeChannel)
-    monkeypatch.setattr(cli, "dispatch", lambda stub, args: stubs.append((args.command, stub)) or 0)
+    apis: list[tuple[str, common.Api]] = []
+    monkeypatch.setattr(runs_client.client, "open_channel", FakeChannel)
+    monkeypatch.setattr(cli, "dispatch", lambda api, args: apis.append((args.command, api)) or 0)
     monkeypatch.setattr(FakeChannel, "opened", [])
     monkeypatch.setenv("RUNS_API_KEY", "env-key")
     monkeypatch.setenv("RUN_API_ADDR", "h:1")
@@ -805,8 +839,9 @@ def test_main_opens_the_channel_with_tls_and_the_key_and_picks_the_stub(
         ("h:1", ClientTls(ca=pem_files["ca"]), "env-key"),
         ("h:1", ClientTls(cert=pem_files["cert"], key=pem_files["key"]), "env-key"),
     ]
-    assert type(stubs[0][1]).__name__ == "RunServiceStub"
-    assert type(stubs[1][1]).__name__ == "KeyServiceStub"
+    (_, api), _ = apis
+    assert api.client.retry == common.CLI_RETRY and api.client.timeout == cli.UNARY_DEADLINE_SECONDS
+    assert type(api.keys).__name__ == "KeyServiceStub" and type(api.ops).__name__ == "OpsServiceStub"
 
 
 def test_main_reports_a_tls_file_it_cannot_read(
@@ -815,7 +850,7 @@ def test_main_reports_a_tls_file_it_cannot_read(
     def unreadable(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied", pem_files["ca"])
 
-    monkeypatch.setattr(cli, "open_channel", unreadable)
+    monkeypatch.setattr(runs_client.client, "open_channel", unreadable)
     assert cli.main(["--tls-ca", pem_files["ca"], "get", "X"]) == 2
     assert capsys.readouterr().err.startswith("error: cannot read a TLS file: [Errno 13] Permission denied")
 
@@ -1376,7 +1411,7 @@ def test_a_long_run_output_is_cut_in_text_but_whole_in_json() -> None:
     run = make_run()
     run.output.update({"s": {"stdout": "x" * 5000}})
     text = cli.format_run(run)
-    assert "(5019 characters; all of it with --json)" in text and "x" * 5000 not in text
+    assert "(5019 characters; all of it with --output or --json)" in text and "x" * 5000 not in text
     assert cli.get_json(run_service_pb2.GetRunResponse(run=run))["run"]["output"]["s"]["stdout"] == "x" * 5000
 
 
@@ -1399,7 +1434,7 @@ CAMPAIGN = Path(__file__).resolve().parent.parent / "workflows" / "campaign.buil
 
 
 def make_workflow(version: int = 1, **extra: Any) -> workflow_service_pb2.Workflow:
-    spec = workflows_cli.load_spec_file(str(CAMPAIGN))
+    spec = workflow_spec(workflows_cli.load_spec_file(str(CAMPAIGN)))
     return workflow_service_pb2.Workflow(
         name="campaign.build", version=version, spec_hash="ab" * 32, spec=spec, created_at=ts("2025-01-31T12:00:00"),
         **extra,
@@ -1731,28 +1766,6 @@ def test_artifact_to_a_place_it_cannot_write(capsys: pytest.CaptureFixture[str],
     assert [p.name for p in tmp_path.iterdir()] == ["adir"] and list((tmp_path / "adir").iterdir()) == []
 
 
-def test_main_picks_the_workflow_stub_for_registry_commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    stubs: list[tuple[str, str]] = []
-
-    def dispatch(stub: Any, args: argparse.Namespace) -> int:
-        stubs.append((args.command, type(stub).__name__))
-        return 0
-
-    monkeypatch.setattr(cli, "open_channel", FakeChannel)
-    monkeypatch.setattr(cli, "dispatch", dispatch)
-    for argv in (["workflows"], ["workflow", "w"], ["register", "f"], ["steps", "R"], ["artifacts", "R"],
-                 ["artifact", "R", "S", "N", "-o", "f"]):
-        assert cli.main(argv) == 0
-    assert stubs == [
-        ("workflows", "WorkflowServiceStub"),
-        ("workflow", "WorkflowServiceStub"),
-        ("register", "WorkflowServiceStub"),
-        ("steps", "RunServiceStub"),
-        ("artifacts", "RunServiceStub"),
-        ("artifact", "RunServiceStub"),
-    ]
-
-
 # --- issue 8: rebuild, explain, cache (fake stubs) ------------------------------------------------
 
 
@@ -1799,13 +1812,14 @@ class CacheStub(FakeStub):
 
 
 def test_rebuild_arguments_map_to_the_request() -> None:
-    args = parse("rebuild", "01BASE", "--change", "copy_update", "--input-patch", '{"audience": "x", "color": null}',
-                 "--steps", "copy, images", "--dry-run")
-    request = rebuild.rebuild_request(args)
+    stub = CacheStub()
+    assert run_cli(stub, "rebuild", "01BASE", "--change", "copy_update", "--input-patch",
+                   '{"audience": "x", "color": null}', "--steps", "copy, images", "--dry-run") == 0
+    assert run_cli(stub, "rebuild", "01BASE", "--steps", "bundle") == 0
+    (_, request, _), (_, bare, _) = stub.calls
     assert (request.base_run_id, request.change_request_type, list(request.steps), request.dry_run) == (
         "01BASE", "copy_update", ["copy", "images"], True)
     assert json_format.MessageToDict(request.input_patch) == {"audience": "x", "color": None}
-    bare = rebuild.rebuild_request(parse("rebuild", "01BASE", "--steps", "bundle"))
     assert bare.change_request_type == "" and not bare.HasField("input_patch") and not bare.dry_run
 
 
@@ -1852,7 +1866,7 @@ def test_rebuild_wait_follows_the_new_run_like_start_wait(capsys: pytest.Capture
     stub = CacheStub(final=make_run(run_id="01NEW", trigger="rebuild", base_run_id="01BASE",
                                     change_request="copy_update"))
     assert run_cli(stub, "rebuild", "01BASE", "--change", "copy_update", "--wait", "--timeout", "7") == 0
-    assert stub.names() == ["RebuildRun", "WatchRun", "GetRun"] and stub.calls[1][2] == 7
+    assert stub.names() == ["RebuildRun", "WatchRun", "GetRun"] and stub.calls[1][2] == pytest.approx(7, abs=1)
     run_part = capsys.readouterr().out.split("\n\n")[1]
     fields = {line.split()[0]: line.split(None, 1)[1] for line in run_part.splitlines()}
     assert (fields["status"], fields["trigger"], fields["change_request"]) == (
@@ -1980,16 +1994,6 @@ def test_steps_table_says_what_the_cache_did() -> None:
     assert [r["CACHE"] for r in rows] == ["hit (cold) from 01OLD", "reused from 01BASE", "miss (artifact_missing)", "-"]
 
 
-def test_main_picks_the_run_stub_for_rebuild_explain_and_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    stubs: list[str] = []
-    monkeypatch.setattr(cli, "open_channel", FakeChannel)
-    monkeypatch.setattr(cli, "dispatch", lambda stub, args: stubs.append(type(stub).__name__) or 0)
-    for argv in (["rebuild", "R", "--change", "c"], ["explain", "R"], ["cache", "ls"],
-                 ["cache", "rm", "--workflow", "w"]):
-        assert cli.main(argv) == 0
-    assert stubs == ["RunServiceStub"] * 4
-
-
 # --- issue 7: against a real API ---------------------------------------------------------------
 
 
@@ -2014,7 +2018,7 @@ def live_api(
 @contextlib.contextmanager
 def live_worker(api: Api, request: pytest.FixtureRequest) -> Iterator[None]:
     """A worker with the stock tools while the body runs; its log is printed after the test's own output."""
-    worker = Worker(api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,sleep,fail,shell")
+    worker = Worker(api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,echo,sleep,fail,shell")
     worker.start()
     try:
         yield
@@ -2387,7 +2391,10 @@ def test_live_canceled_tool_call_shows_canceled(
             return any(c["status"] == "INVOKED" for c in doc["tool_calls"])
 
         wait_until(invoked, 30, "the sleep tool call to be invoked")
-        assert runs(capsys, live_api, "cancel", run_id)[0] == 0
+        code, out, err = runs(capsys, live_api, "cancel", run_id)
+        # `cancel` waits for the running run to stop and prints it as it ended
+        assert code == 0 and "waiting up to 10s" in err
+        assert out.split("\n")[1].split() == ["status", "CANCELED"]
 
         def ended() -> dict[str, Any] | None:
             doc: dict[str, Any] = json.loads(runs(capsys, live_api, "get", run_id, "--json")[1])
@@ -2399,3 +2406,30 @@ def test_live_canceled_tool_call_shows_canceled(
     assert isinstance(doc["run"]["last_sequence"], int)
     code, out, _ = runs(capsys, live_api, "get", run_id)
     assert code == 0 and "FAILED" not in out.split("tool calls:\n")[1].split("\n\n")[0]
+
+
+def test_live_start_wait_shows_progress_and_the_whole_output_and_cancel_no_wait(
+    live_api: Api, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    long_text = "y" * 3000  # past the 2,000 characters `get` shows of an output without --output
+    with live_worker(live_api, request):
+        code, out, err = runs(capsys, live_api, "start", "--tool", "echo", "--args", json.dumps({"text": long_text}),
+                              "--wait")
+        assert code == 0, err
+        progress = [line.split("s  ", 1)[1] for line in err.splitlines() if "s  " in line]
+        assert progress[0].startswith("attempt 1 claimed by worker ")
+        assert progress[1:] == ["step runtime started", "step runtime succeeded", "run completed"]
+        assert "status            SUCCEEDED" in out or "SUCCEEDED" in out.split("\n")[1]
+        assert long_text in out  # the output in full
+        run_id = out.split("\n")[0].split()[1]
+        cut = "characters; all of it with --output or --json)"
+        assert cut in runs(capsys, live_api, "get", run_id)[1]  # the output line is cut (the input line is not)
+        full = runs(capsys, live_api, "get", run_id, "--output")[1]
+        assert cut not in full and f'runtime: {{"text":"{long_text}"}}' in full  # the step's output in full
+        code, out, err = runs(capsys, live_api, "start", "--tool", "sleep", "--args", '{"seconds": 30}', "--wait",
+                              "--quiet", "--timeout", "0.5")
+        assert code == 5 and err.startswith("error: DEADLINE_EXCEEDED")  # --quiet: no progress lines
+        run_id = out.split("\n")[0].split()[1]
+        code, out, err = runs(capsys, live_api, "cancel", run_id, "--no-wait")
+        assert code == 0 and err == ""
+        assert out.split("\n")[1].split()[1] in ("RUNNING", "CANCELED")

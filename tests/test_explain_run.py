@@ -26,8 +26,8 @@ import pytest
 import sqlalchemy
 
 from features.harness import ROOT, Api, Client, Worker, base_env, create_key, host_key, wait_until
+from runs_client.errors import field_violations_of as field_violations
 from services.cli import __main__ as cli_main
-from services.cli.common import field_violations
 from services.run_api.store import queries as Q
 from shared.gen.runs.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from features.harness import Api, Client, Worker, wait_until
-from services.cli.common import field_violations
+from runs_client.errors import field_violations_of as field_violations
 from services.run_worker.tools import STOCK, ToolContext, ToolError
 from shared.tool_args import STOCK_TOOL_ARGS, Arg, ArgError, Kind, ToolArgs
 from shared.workflows import WorkflowInputError, check_tool_args

@@ -66,7 +66,9 @@ from importlib import metadata
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
+from runs_client import Run, RunsError, RunTimeout
 from services.cli import cache, keys, rebuild, stats, steps, workflows
 from services.cli.common import (
     EXIT_CODES,
@@ -75,11 +77,13 @@ from services.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     UNARY_DEADLINE_SECONDS,
+    Api,
     CliError,
     cell,
     client_tls,
     collect_pages,
     compact_struct,
+    connect,
     connection_problem,
     describe_rpc_error,
     dumps,
@@ -99,13 +103,13 @@ from services.cli.common import (
 )
 from services.cli.runs import (
     DEFAULT_WAIT_TIMEOUT_SECONDS,
+    MAX_OUTPUT_SHOWN,
     format_run,
     print_run,
     run_status_name,
     wait_exit_code,
     wait_for_run,
 )
-from shared.channels import channel as open_channel
 from shared.gen.runs.v1 import (
     key_service_pb2_grpc,
     ops_service_pb2_grpc,
@@ -116,6 +120,7 @@ from shared.gen.runs.v1 import (
 )
 
 TOOL_WORKFLOW = "runtime.tool"
+CANCEL_WAIT_SECONDS = 10.0  # how long `cancel` waits for a running run to stop
 STATUS_CHOICES = ("queued", "running", "succeeded", "failed", "canceled")
 
 
@@ -226,9 +231,17 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
         metavar="SECONDS",
         help=f"with --wait: give up after this many seconds [{DEFAULT_WAIT_TIMEOUT_SECONDS:g}]",
     )
+    start.add_argument(
+        "--quiet", action="store_true", help="with --wait: no progress lines on stderr (steps and attempts)"
+    )
 
     get = add("get", "Show a run with its steps (in the DAG's order), tool calls and attempts.")
     get.add_argument("run_id", metavar="ID")
+    get.add_argument(
+        "--output", action="store_true",
+        help=f"print the run's and each step's output in full (else the run's is cut after {MAX_OUTPUT_SHOWN} "
+        "characters and a step's after a table cell)",
+    )
 
     lst = add("list", "List runs, newest first.")
     lst.add_argument("--status", type=str.lower, choices=STATUS_CHOICES, default=None, help="only runs in this status")
@@ -256,6 +269,13 @@ def _build_parsers(env: dict[str, str] | None) -> tuple[argparse.ArgumentParser,
     cancel = add("cancel", "Cancel a queued run, or ask a running one to stop.")
     cancel.add_argument("run_id", metavar="ID")
     cancel.add_argument("--reason", default="", metavar="TEXT", help="why (recorded in the run's log)")
+    cancel.add_argument(
+        "--no-wait", action="store_true", help="return at once, without waiting for a running run to stop"
+    )
+    cancel.add_argument(
+        "--timeout", type=positive_float, default=CANCEL_WAIT_SECONDS, metavar="SECONDS",
+        help=f"wait at most this long for a running run to stop [{CANCEL_WAIT_SECONDS:g}]",
+    )
 
     steps.add_parsers(add)
     rebuild.add_parsers(add)
@@ -301,6 +321,8 @@ def start_usage_problem(args: argparse.Namespace) -> str | None:
         return "--workflow-version needs --workflow NAME"
     if args.timeout is not None and not args.wait:
         return "--timeout applies only with --wait"
+    if args.quiet and not args.wait:
+        return "--quiet applies only with --wait"
     if args.count > 1 and (args.wait or args.idempotency_key):
         return "--count cannot be combined with --wait or --idempotency-key"
     if args.count > 1000:
@@ -373,11 +395,17 @@ def tool_call_status(call: run_pb2.ToolCall, run: run_pb2.Run) -> str:
     return shown_status(name, run_status_name(run.status), call.attempt in (0, run.attempt))
 
 
-def format_get(response: run_service_pb2.GetRunResponse) -> str:
-    """A GetRunResponse: the run, then tables of its steps, tool calls and attempts."""
-    parts = [format_run(response.run)]
+def format_get(response: run_service_pb2.GetRunResponse, full_output: bool = False) -> str:
+    """A GetRunResponse: the run, then tables of its steps, tool calls and attempts; with `full_output`
+    the run's output uncut and each step's output after the steps table."""
+    parts = [format_run(response.run, full_output)]
     if response.steps:
         parts.append("steps:\n" + steps.format_steps_table(shown_steps(response), datetime.now(UTC)))
+        if full_output:
+            parts.append("step outputs:\n" + "\n".join(
+                f"{s.step_key}: {compact_struct(s, 'output')}" for s in steps.dag_order(response.steps)
+                if s.HasField("output")
+            ))
     else:
         parts.append("steps: none")
     if response.tool_calls:
@@ -465,85 +493,107 @@ def format_event(event: run_pb2.RunEvent) -> str:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_start(stub: Any, args: argparse.Namespace) -> int:
-    """`runs start`: queue a run; with --wait, watch it to its end and print the final run (--count: many)."""
+def start_options(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None, dict[str, Any]]:
+    """The workflow, input and options of Client.start_run for parsed `start` arguments (--tool/--args map to
+    runtime.tool)."""
+    request = start_request(args)
+    options = {
+        "idempotency_key": request.idempotency_key, "max_attempts": request.max_attempts,
+        "project_id": request.project_id, "workspace_id": request.workspace_id,
+        "workflow_version": request.workflow_version,
+    }
+    run_input = json_format.MessageToDict(request.input) if request.HasField("input") else None
+    return request.workflow, run_input, {k: v for k, v in options.items() if v}
+
+
+def cmd_start(api: Api, args: argparse.Namespace) -> int:
+    """`runs start`: queue a run; with --wait, follow it to its end (progress on stderr) and print the final
+    run with its output in full (--count: many)."""
+    workflow, run_input, options = start_options(args)
     if args.count > 1:
-        batch = run_service_pb2.StartRunsRequest(requests=[start_request(args)] * args.count)
-        started = stub.StartRuns(batch, timeout=UNARY_DEADLINE_SECONDS)
+        started = api.client.start_runs([{"workflow": workflow, "input": run_input, **options}] * args.count)
         if args.json:
-            out(dumps({"run_ids": [r.run.run_id for r in started.responses]}))
+            out(dumps({"run_ids": [r.run_id for r in started]}))
         else:
-            for r in started.responses:
-                out(r.run.run_id)
+            for r in started:
+                out(r.run_id)
         return EXIT_OK
-    response = stub.StartRun(start_request(args), timeout=UNARY_DEADLINE_SECONDS)
-    run = response.run
-    if response.deduplicated:
+    created = api.client.start_run(workflow, run_input, **options)
+    run = created.proto
+    if created.deduplicated:
         err(f"note: idempotency key {args.idempotency_key!r} matched existing run {run.run_id}")
     if not args.wait:
         print_run(run, args.json)
         return EXIT_OK
-    final = wait_for_run(stub, run, args)
-    print_run(final, args.json)
+    final = wait_for_run(api, run, args, progress=not args.quiet)
+    print_run(final, args.json, full_output=True)
     return wait_exit_code(final)
 
 
-def cmd_get(stub: Any, args: argparse.Namespace) -> int:
-    """`runs get ID`: the run with its steps, tool calls and attempts."""
-    response = stub.GetRun(run_service_pb2.GetRunRequest(run_id=args.run_id), timeout=UNARY_DEADLINE_SECONDS)
-    out(dumps(get_json(response)) if args.json else format_get(response))
+def get_response(run: Run) -> run_service_pb2.GetRunResponse:
+    """The GetRunResponse a client Run (read by get_run) came from."""
+    return run_service_pb2.GetRunResponse(
+        run=run.proto,
+        steps=[s.proto for s in run.steps],
+        tool_calls=[c.proto for c in run.tool_calls],
+        attempts=[a.proto for a in run.attempts],
+    )
+
+
+def cmd_get(api: Api, args: argparse.Namespace) -> int:
+    """`runs get ID`: the run with its steps, tool calls and attempts (--output: outputs in full)."""
+    response = get_response(api.client.get_run(args.run_id))
+    out(dumps(get_json(response)) if args.json else format_get(response, full_output=args.output))
     return EXIT_OK
 
 
-def list_request(args: argparse.Namespace, page_token: str) -> run_service_pb2.ListRunsRequest:
-    """The ListRunsRequest for parsed `list` arguments and a page token."""
-    request = run_service_pb2.ListRunsRequest(page_size=args.page_size, page_token=page_token, workflow=args.workflow)
-    if args.status:
-        request.status = run_pb2.RunStatus.Value("RUN_STATUS_" + args.status.upper())
-    return request
-
-
-def cmd_list(stub: Any, args: argparse.Namespace) -> int:
+def cmd_list(api: Api, args: argparse.Namespace) -> int:
     """`runs list`: one page of runs, or every page with --all."""
 
     def fetch(token: str) -> tuple[Sequence[run_pb2.Run], str]:
-        response = stub.ListRuns(list_request(args, token), timeout=UNARY_DEADLINE_SECONDS)
-        return response.runs, response.next_page_token
+        runs, next_token = api.client.list_runs_page(
+            args.status, args.workflow, args.page_size, page_token=token
+        )
+        return [r.proto for r in runs], next_token
 
     runs, token = collect_pages(fetch, args.page_token, args.all)
     print_page(args, list_json(runs, token), format_runs_table(runs), "runs list")
     return EXIT_OK
 
 
-def cmd_watch(stub: Any, args: argparse.Namespace) -> int:
-    """`runs watch ID`: print each event as it arrives until the stream ends."""
-    stream = stub.WatchRun(
-        run_service_pb2.WatchRunRequest(run_id=args.run_id, after_sequence=args.after_sequence), timeout=None
-    )
+def cmd_watch(api: Api, args: argparse.Namespace) -> int:
+    """`runs watch ID`: print each event as it arrives until the run ends (resuming after a disconnect)."""
+    stream = api.client.watch(args.run_id, args.after_sequence)
     try:
         header = not args.json
-        for item in stream:
+        for event in stream:
             if header:
                 out(EVENT_HEADER)
                 header = False
-            out(dumps(to_dict(item.event), compact=True) if args.json else format_event(item.event))
+            out(dumps(to_dict(event.proto), compact=True) if args.json else format_event(event.proto))
     finally:
-        cancel = getattr(stream, "cancel", None)
-        if callable(cancel):
-            cancel()
+        stream.close()
     return EXIT_OK
 
 
-def cmd_cancel(stub: Any, args: argparse.Namespace) -> int:
-    """`runs cancel ID`: cancel the run and print it."""
-    response = stub.CancelRun(
-        run_service_pb2.CancelRunRequest(run_id=args.run_id, reason=args.reason), timeout=UNARY_DEADLINE_SECONDS
-    )
-    print_run(response.run, args.json)
+
+def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
+    """`runs cancel ID`: cancel the run; a running one is followed until it has stopped (at most --timeout
+    seconds; --no-wait: at once) and printed as it ended."""
+    run = api.client.cancel(args.run_id, args.reason).proto
+    if run_status_name(run.status) == "RUNNING" and not args.no_wait:
+        err(f"run {run.run_id} is running: asked its worker to stop; waiting up to {args.timeout:g}s ...")
+        try:
+            run = api.client.wait(run.run_id, timeout=args.timeout).proto
+        except RunTimeout:
+            err(f"run {run.run_id} has not stopped within {args.timeout:g}s; it ends CANCELED when its "
+                f"worker stops it or its lease expires (follow it with: runs watch {run.run_id})")
+            run = api.client.get_run(run.run_id).proto
+    print_run(run, args.json)
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Api, argparse.Namespace], int]] = {
     "start": cmd_start,
     "get": cmd_get,
     "list": cmd_list,
@@ -557,23 +607,16 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "keys": keys.cmd_keys,
 }
 
-# The stub each command calls; the others call RunService.
-STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
-    "keys": key_service_pb2_grpc.KeyServiceStub,
-    **{name: ops_service_pb2_grpc.OpsServiceStub for name in stats.COMMANDS},
-    **{name: workflow_service_pb2_grpc.WorkflowServiceStub for name in workflows.COMMANDS},
-}
 
-
-def dispatch(stub: Any, args: argparse.Namespace) -> int:
-    """Run the parsed command against `stub`, turning expected failures into messages and exit codes."""
+def dispatch(api: Api, args: argparse.Namespace) -> int:
+    """Run the parsed command, turning expected failures into messages and exit codes (each printed once)."""
     try:
-        return COMMANDS[args.command](stub, args)
+        return COMMANDS[args.command](api, args)
     except CliError as error:
         for line in error.lines:
             err(line)
         return error.exit_code
-    except grpc.RpcError as error:
+    except (grpc.RpcError, RunsError) as error:
         lines, code = describe_rpc_error(
             error, args.addr, UNARY_DEADLINE_SECONDS, has_key=bool(args.api_key), tls=client_tls(args)
         )
@@ -610,13 +653,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return _exit_status(exc.code)
     try:
-        channel = open_channel(args.addr, client_tls(args), args.api_key)
+        client = connect(args)
     except OSError as error:  # a TLS file that went away or became unreadable since parsing
         err(f"error: cannot read a TLS file: {error}")
         return EXIT_USAGE
     try:
-        with channel:
-            return dispatch(STUBS.get(args.command, run_service_pb2_grpc.RunServiceStub)(channel), args)
+        with client:
+            return dispatch(Api(client), args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

@@ -13,6 +13,7 @@ from typing import Any
 from services.cli.common import (
     EXIT_OK,
     UNARY_DEADLINE_SECONDS,
+    Api,
     cell,
     collect_pages,
     dumps,
@@ -71,14 +72,14 @@ def format_entries(entries: Sequence[run_pb2.CacheEntry]) -> str:
     )
 
 
-def cmd_ls(stub: Any, args: argparse.Namespace) -> int:
+def cmd_ls(api: Api, args: argparse.Namespace) -> int:
     """`runs cache ls`: one page of entries, or every page with --all."""
 
     def fetch(token: str) -> tuple[Sequence[run_pb2.CacheEntry], str]:
         request = run_service_pb2.ListCacheEntriesRequest(
             workflow=args.workflow, step_key=args.step, page_size=args.page_size, page_token=token
         )
-        response = stub.ListCacheEntries(request, timeout=UNARY_DEADLINE_SECONDS)
+        response = api.runs.ListCacheEntries(request, timeout=UNARY_DEADLINE_SECONDS)
         return response.entries, response.next_page_token
 
     entries, token = collect_pages(fetch, args.page_token, args.all)
@@ -87,10 +88,10 @@ def cmd_ls(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_rm(stub: Any, args: argparse.Namespace) -> int:
+def cmd_rm(api: Api, args: argparse.Namespace) -> int:
     """`runs cache rm --workflow W [--step S] [--key K]`: remove entries and say how many went."""
     request = run_service_pb2.InvalidateCacheRequest(workflow=args.workflow, step_key=args.step, cache_key=args.key)
-    removed = stub.InvalidateCache(request, timeout=UNARY_DEADLINE_SECONDS).removed
+    removed = api.runs.InvalidateCache(request, timeout=UNARY_DEADLINE_SECONDS).removed
     if args.json:
         out(dumps({"removed": removed}))
     else:
@@ -98,9 +99,9 @@ def cmd_rm(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {"ls": cmd_ls, "rm": cmd_rm}
+COMMANDS: dict[str, Callable[[Api, argparse.Namespace], int]] = {"ls": cmd_ls, "rm": cmd_rm}
 
 
-def cmd_cache(stub: Any, args: argparse.Namespace) -> int:
-    """`runs cache COMMAND` on a RunService stub."""
-    return COMMANDS[args.cache_command](stub, args)
+def cmd_cache(api: Api, args: argparse.Namespace) -> int:
+    """`runs cache COMMAND` on a RunService api.runs."""
+    return COMMANDS[args.cache_command](api, args)

@@ -17,10 +17,16 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from runs_client import Client, Retry
+from runs_client.errors import RunsError, field_violations_of, status_code_of
 from runs_client.models import plain_numbers  # one copy: the CLI prints numbers as the client returns them
+from shared.gen.runs.v1 import (
+    key_service_pb2_grpc,
+    ops_service_pb2_grpc,
+    run_service_pb2_grpc,
+    workflow_service_pb2_grpc,
+)
 from shared.settings import ClientTls
 
 T = TypeVar("T")
@@ -197,6 +203,32 @@ def connection_problem(args: argparse.Namespace) -> str | None:
 def client_tls(args: argparse.Namespace) -> ClientTls:
     """The TLS settings the flags describe (TLS is off when none is given)."""
     return ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+
+
+class Api:
+    """What a command calls: the Python client (runs_client.Client) for what it wraps, and stubs on the
+    client's channel for the services it does not (keys, ops, the step cache, artifacts, steps)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        channel = client.channel
+        self.runs = run_service_pb2_grpc.RunServiceStub(channel)
+        self.workflows = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
+        self.ops = ops_service_pb2_grpc.OpsServiceStub(channel)
+        self.keys = key_service_pb2_grpc.KeyServiceStub(channel)
+
+
+# Retries on UNAVAILABLE of the client's idempotent calls: a few quick ones, so that `runs get` with the API
+# down answers within a second instead of after the library's default eight.
+CLI_RETRY = Retry(attempts=3, backoff_seconds=0.1, backoff_max_seconds=0.5)
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """The client the global flags describe (OSError when a TLS file cannot be read)."""
+    return Client(
+        args.addr, key=args.api_key or "", tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        timeout=UNARY_DEADLINE_SECONDS, retry=CLI_RETRY,
+    )
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -381,30 +413,16 @@ def collect_pages(fetch: Callable[[str], tuple[Sequence[T], str]], token: str, e
 # --- errors ------------------------------------------------------------------------------------
 
 
-def call_status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    """The status code and details of a failed call."""
-    code_of: Callable[[], Any] | None = getattr(error, "code", None)
-    details_of: Callable[[], Any] | None = getattr(error, "details", None)
-    code = code_of() if callable(code_of) else None
+def failure_of(error: BaseException) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    """The status code, details and field violations of a failed call: a grpc.RpcError, or the client's
+    RunsError (read from the call it came from when there is one)."""
+    cause = error.__cause__ if isinstance(error, RunsError) else None
+    if isinstance(error, RunsError) and not isinstance(cause, grpc.RpcError):
+        return error.status_code or grpc.StatusCode.UNKNOWN, error.message, list(error.field_violations)
+    call = cause if isinstance(cause, grpc.RpcError) else error
+    details_of: Callable[[], Any] | None = getattr(call, "details", None)
     details = details_of() if callable(details_of) else None
-    return (code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN), str(details or "")
-
-
-def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
-    """(field, description) of the google.rpc.BadRequest details the status carries, if any."""
-    try:
-        status = rpc_status.from_call(cast(grpc.Call, error))
-    except (ValueError, AttributeError, TypeError):
-        return []
-    if status is None:
-        return []
-    found: list[tuple[str, str]] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            found.extend((v.field, v.description) for v in bad.field_violations)
-    return found
+    return status_code_of(call), str(details or ""), field_violations_of(call)
 
 
 def _connection_hint(details: str, tls: ClientTls | None) -> str | None:
@@ -428,18 +446,18 @@ def _connection_hint(details: str, tls: ClientTls | None) -> str | None:
 
 
 def describe_rpc_error(
-    error: grpc.RpcError,
+    error: BaseException,
     addr: str,
     deadline: float | None = None,
     *,
     has_key: bool = False,
     tls: ClientTls | None = None,
 ) -> tuple[list[str], int]:
-    """The stderr lines and exit code for a failed call to the API at `addr`.
+    """The stderr lines and exit code for a failed call to the API at `addr` (a grpc.RpcError or RunsError).
 
     `has_key` (an API key was sent) and `tls` (how the client connected) only sharpen the hints.
     """
-    code, details = call_status(error)
+    code, details, violations = failure_of(error)
     hints: list[str] = []
     if code is grpc.StatusCode.UNAVAILABLE:
         message = f"the Run API at {addr} is unavailable" + (f": {details}" if details else "")
@@ -465,7 +483,7 @@ def describe_rpc_error(
     else:
         message = details or "(no details)"
     lines = [f"error: {code.name}: {message}"]
-    lines.extend(f"  {field}: {description}" for field, description in field_violations(error))
+    lines.extend(f"  {field}: {description}" for field, description in violations)
     lines.extend(hints)
     return lines, exit_code_for(code)
 

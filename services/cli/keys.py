@@ -13,6 +13,7 @@ from typing import Any
 from services.cli.common import (
     EXIT_OK,
     UNARY_DEADLINE_SECONDS,
+    Api,
     cell,
     collect_pages,
     dumps,
@@ -171,19 +172,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def cmd_create(stub: Any, args: argparse.Namespace) -> int:
+def cmd_create(api: Api, args: argparse.Namespace) -> int:
     """`runs keys create`: create a key; print it with its secret, and a note that it is shown once."""
-    response = stub.CreateKey(create_request(args), timeout=UNARY_DEADLINE_SECONDS)
+    response = api.keys.CreateKey(create_request(args), timeout=UNARY_DEADLINE_SECONDS)
     out(dumps(created_json(response)) if args.json else format_created(response, _now()))
     err(SECRET_NOTE)
     return EXIT_OK
 
 
-def cmd_list(stub: Any, args: argparse.Namespace) -> int:
+def cmd_list(api: Api, args: argparse.Namespace) -> int:
     """`runs keys list`: one page of keys, or every page with --all."""
 
     def fetch(token: str) -> tuple[Sequence[key_service_pb2.ApiKey], str]:
-        response = stub.ListKeys(list_request(args, token), timeout=UNARY_DEADLINE_SECONDS)
+        response = api.keys.ListKeys(list_request(args, token), timeout=UNARY_DEADLINE_SECONDS)
         return response.keys, response.next_page_token
 
     keys, token = collect_pages(fetch, args.page_token, args.all)
@@ -191,21 +192,21 @@ def cmd_list(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_revoke(stub: Any, args: argparse.Namespace) -> int:
+def cmd_revoke(api: Api, args: argparse.Namespace) -> int:
     """`runs keys revoke KEY_ID`: revoke the key and print it."""
-    response = stub.RevokeKey(key_service_pb2.RevokeKeyRequest(key_id=args.key_id), timeout=UNARY_DEADLINE_SECONDS)
+    response = api.keys.RevokeKey(key_service_pb2.RevokeKeyRequest(key_id=args.key_id), timeout=UNARY_DEADLINE_SECONDS)
     out(dumps(to_dict(response.key)) if args.json else format_key(response.key, _now()))
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Api, argparse.Namespace], int]] = {
     "create": cmd_create,
     "list": cmd_list,
     "revoke": cmd_revoke,
 }
 
 
-def cmd_keys(stub: Any, args: argparse.Namespace) -> int:
-    """`runs keys COMMAND` on a KeyService stub."""
-    return COMMANDS[args.keys_command](stub, args)
+def cmd_keys(api: Api, args: argparse.Namespace) -> int:
+    """`runs keys COMMAND` on a KeyService api.keys."""
+    return COMMANDS[args.keys_command](api, args)
 

@@ -20,9 +20,10 @@ from typing import Any
 
 import grpc
 
+from runs_client import RunsError
 from services.cli.common import (
     EXIT_OK,
-    UNARY_DEADLINE_SECONDS,
+    Api,
     cell,
     dumps,
     err,
@@ -91,16 +92,6 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     if args.timeout is not None and not args.wait:
         return "--timeout applies only with --wait"
     return None
-
-
-def rebuild_request(args: argparse.Namespace) -> run_service_pb2.RebuildRunRequest:
-    """The RebuildRunRequest for parsed `rebuild` arguments."""
-    request = run_service_pb2.RebuildRunRequest(
-        base_run_id=args.run_id, change_request_type=args.change, steps=args.steps or [], dry_run=args.dry_run
-    )
-    if args.input_patch is not None:
-        request.input_patch.update(args.input_patch)
-    return request
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -201,12 +192,14 @@ def format_explanations(steps: Sequence[run_service_pb2.StepExplanation]) -> str
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_rebuild(stub: Any, args: argparse.Namespace) -> int:
+def cmd_rebuild(api: Api, args: argparse.Namespace) -> int:
     """`runs rebuild RUN`: print the plan and the new run (with --wait: the run as it ended)."""
-    response = stub.RebuildRun(rebuild_request(args), timeout=UNARY_DEADLINE_SECONDS)
+    response = api.client.rebuild(
+        args.run_id, args.change or None, args.steps or (), args.input_patch, args.dry_run
+    ).proto
     run = response.run if response.HasField("run") else None
     if run is not None and args.wait:
-        run = wait_for_run(stub, run, args)
+        run = wait_for_run(api, run, args)
     if args.json:
         out(dumps({"plan": [to_dict(p) for p in response.plan], "run": to_dict(run) if run is not None else None}))
     else:
@@ -214,25 +207,23 @@ def cmd_rebuild(stub: Any, args: argparse.Namespace) -> int:
         if run is None:
             out("\ndry run: nothing was created")
         elif args.wait:
-            out("\n" + format_run(run))
+            out("\n" + format_run(run, full_output=True))
         else:
             out(f"\nrun {run.run_id} {run_status_name(run.status)} (follow it with: runs watch {run.run_id})")
     return wait_exit_code(run) if run is not None and args.wait else EXIT_OK
 
 
-def cmd_explain(stub: Any, args: argparse.Namespace) -> int:
+def cmd_explain(api: Api, args: argparse.Namespace) -> int:
     """`runs explain RUN [STEP]`: why the run is where it is (without STEP), then why each step (or STEP) ran."""
     run = None
     if not args.step_key:
         try:
-            run = stub.ExplainRun(run_service_pb2.ExplainRunRequest(run_id=args.run_id),
-                                  timeout=UNARY_DEADLINE_SECONDS)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+            run = api.client.explain_run(args.run_id).proto
+        except RunsError as error:
+            if error.status_code is not grpc.StatusCode.UNIMPLEMENTED:
                 raise
             err("this API does not explain runs (no ExplainRun: an older server); the steps only")
-    request = run_service_pb2.ExplainStepRequest(run_id=args.run_id, step_key=args.step_key)
-    steps = stub.ExplainStep(request, timeout=UNARY_DEADLINE_SECONDS).steps
+    steps = [s.proto for s in api.client.explain(args.run_id, args.step_key)]
     if args.json:
         document: dict[str, Any] = {"run": to_dict(run)} if run is not None else {}
         out(dumps({**document, "steps": [to_dict(s) for s in steps]}))
@@ -243,7 +234,7 @@ def cmd_explain(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Api, argparse.Namespace], int]] = {
     "rebuild": cmd_rebuild,
     "explain": cmd_explain,
 }

@@ -4,18 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any
+import time
 
 import grpc
 
+from runs_client import Event, RunsError
+from runs_client.models import TERMINAL_EVENT_TYPES
 from services.cli.common import (
     EXIT_OK,
     EXIT_RUN_FAILED,
     EXIT_UNAVAILABLE,
-    UNARY_DEADLINE_SECONDS,
+    Api,
     CliError,
-    call_status,
     compact_struct,
     dumps,
     enum_name,
@@ -25,10 +25,9 @@ from services.cli.common import (
     out,
     to_dict,
 )
-from shared.gen.runs.v1 import run_pb2, run_service_pb2
+from shared.gen.runs.v1 import run_pb2
 
 DEFAULT_WAIT_TIMEOUT_SECONDS = 300.0
-TERMINAL_EVENT_TYPES = frozenset({"run.completed", "run.failed", "run.canceled"})
 
 
 def run_status_name(value: int) -> str:
@@ -36,8 +35,8 @@ def run_status_name(value: int) -> str:
     return enum_name(run_pb2.RunStatus, value, "RUN_STATUS_")
 
 
-def format_run(run: run_pb2.Run) -> str:
-    """A run as aligned key/value lines."""
+def format_run(run: run_pb2.Run, full_output: bool = False) -> str:
+    """A run as aligned key/value lines (the output cut after MAX_OUTPUT_SHOWN characters unless `full_output`)."""
     pairs = [
         ("run_id", run.run_id),
         ("status", run_status_name(run.status)),
@@ -84,7 +83,8 @@ def format_run(run: run_pb2.Run) -> str:
         pairs.append(("steps_summary", format_steps_summary(run.steps_summary)))
     pairs.append(("input", compact_struct(run, "input")))
     if run.HasField("output"):
-        pairs.append(("output", shown_output(compact_struct(run, "output"))))
+        output = compact_struct(run, "output")
+        pairs.append(("output", output if full_output else shown_output(output)))
     pairs.append(("last_sequence", str(run.last_sequence)))
     return format_fields(pairs)
 
@@ -96,7 +96,7 @@ def shown_output(text: str) -> str:
     """A run's output for reading: cut after MAX_OUTPUT_SHOWN characters, saying where the rest is."""
     if len(text) <= MAX_OUTPUT_SHOWN:
         return text
-    return text[:MAX_OUTPUT_SHOWN] + f"... ({len(text)} characters; all of it with --json)"
+    return text[:MAX_OUTPUT_SHOWN] + f"... ({len(text)} characters; all of it with --output or --json)"
 
 
 def format_steps_summary(summary: run_pb2.StepsSummary) -> str:
@@ -114,31 +114,48 @@ def format_steps_summary(summary: run_pb2.StepsSummary) -> str:
     return total + (": " + ", ".join(parts) if parts else "")
 
 
-def print_run(run: run_pb2.Run, as_json: bool) -> None:
-    """Print a run as JSON or as aligned lines."""
-    out(dumps(to_dict(run)) if as_json else format_run(run))
+def print_run(run: run_pb2.Run, as_json: bool, full_output: bool = False) -> None:
+    """Print a run as JSON or as aligned lines (see format_run)."""
+    out(dumps(to_dict(run)) if as_json else format_run(run, full_output))
 
 
-def print_current(stub: Any, run_id: str, as_json: bool) -> None:
+def print_current(api: Api, run_id: str, as_json: bool) -> None:
     """Best effort: print the run as it is now (after a --wait timeout)."""
     try:
-        current = stub.GetRun(run_service_pb2.GetRunRequest(run_id=run_id), timeout=UNARY_DEADLINE_SECONDS).run
-    except grpc.RpcError:
+        current = api.client.get_run(run_id).proto
+    except RunsError:
         return
     print_run(current, as_json)
 
 
-def wait_for_end(stub: Any, run_id: str, timeout: float) -> None:
-    """Follow WatchRun until the run's terminal event (or the stream ends), within `timeout` seconds."""
-    stream = stub.WatchRun(run_service_pb2.WatchRunRequest(run_id=run_id), timeout=timeout)
-    try:
-        for item in stream:
-            if item.event.type in TERMINAL_EVENT_TYPES:
-                return
-    finally:
-        cancel = getattr(stream, "cancel", None)
-        if callable(cancel):
-            cancel()
+def progress_line(event: Event) -> str | None:
+    """What `--wait` tells about an event on stderr (None for the ones it leaves out: tool calls, creation)."""
+    payload, kind = event.payload, event.type.split(".", 1)[-1]
+    if event.type.startswith("step.") and event.type != "step.created":
+        line = f"step {payload.get('step_key', '?')} {kind}"
+        detail = payload.get("error") or payload.get("reason") or ""
+        if isinstance(detail, dict):
+            detail = detail.get("message") or detail.get("code") or ""
+        return line + (f": {detail}" if detail and kind != "succeeded" else "")
+    if event.type == "run.claimed":
+        return f"attempt {event.attempt} claimed by worker {event.worker_id or '?'}"
+    if event.type == "run.requeued":
+        return f"attempt {event.attempt} ended ({payload.get('reason', 'requeued')}); the run is queued again"
+    if event.type == "run.cancel_requested":
+        return "cancel requested"
+    if event.type in TERMINAL_EVENT_TYPES:
+        return f"run {kind}"
+    return None
+
+
+def follow(api: Api, run: run_pb2.Run, timeout: float, progress: bool) -> None:
+    """Follow the run's events (resuming after disconnects) until it ends, within `timeout` seconds; with
+    `progress`, a line on stderr per step and attempt change, with the seconds since the start."""
+    started = time.monotonic()
+    for event in api.client.watch(run.run_id, run.last_sequence, timeout=timeout):
+        line = progress_line(event) if progress else None
+        if line:
+            err(f"{time.monotonic() - started:7.1f}s  {line}")
 
 
 def wait_exit_code(run: run_pb2.Run) -> int:
@@ -151,22 +168,21 @@ def wait_exit_code(run: run_pb2.Run) -> int:
     return EXIT_RUN_FAILED
 
 
-def wait_for_run(stub: Any, run: run_pb2.Run, args: argparse.Namespace) -> run_pb2.Run:
+def wait_for_run(api: Api, run: run_pb2.Run, args: argparse.Namespace, progress: bool = True) -> run_pb2.Run:
     """Follow `run` until it ends (within --timeout) and return it as it ended.
 
     When the time runs out first, the run is printed as it is and CliError exits 5.
     """
     timeout = args.timeout or DEFAULT_WAIT_TIMEOUT_SECONDS
     if run_status_name(run.status) not in ("SUCCEEDED", "FAILED", "CANCELED"):
-        if sys.stderr.isatty():
+        if progress:
             err(f"run {run.run_id} {run_status_name(run.status).lower()}; waiting up to {timeout:g}s ...")
         try:
-            wait_for_end(stub, run.run_id, timeout)
-        except grpc.RpcError as error:
-            code, _ = call_status(error)
-            if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+            follow(api, run, timeout, progress)
+        except RunsError as error:
+            if error.status_code is not grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
-            print_current(stub, run.run_id, args.json)
+            print_current(api, run.run_id, args.json)
             raise CliError(
                 [
                     f"error: DEADLINE_EXCEEDED: run {run.run_id} did not end within {timeout:g}s "
@@ -174,7 +190,4 @@ def wait_for_run(stub: Any, run: run_pb2.Run, args: argparse.Namespace) -> run_p
                 ],
                 EXIT_UNAVAILABLE,
             ) from None
-    final: run_pb2.Run = stub.GetRun(
-        run_service_pb2.GetRunRequest(run_id=run.run_id), timeout=UNARY_DEADLINE_SECONDS
-    ).run
-    return final
+    return api.client.get_run(run.run_id).proto

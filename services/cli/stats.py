@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from services.cli.common import EXIT_OK, UNARY_DEADLINE_SECONDS, dumps, format_table, out, to_dict
+from services.cli.common import EXIT_OK, UNARY_DEADLINE_SECONDS, Api, dumps, format_table, out, to_dict
 from shared.gen.runs.v1 import ops_service_pb2, run_pb2
 
 EVENT_COUNTERS = ("claimed", "completed", "failed", "canceled", "requeued", "lease_expired", "readopted")
@@ -53,9 +53,9 @@ def stats_json(stats: ops_service_pb2.GetStatsResponse) -> dict[str, Any]:
     return document
 
 
-def cmd_stats(stub: Any, args: argparse.Namespace) -> int:
+def cmd_stats(api: Api, args: argparse.Namespace) -> int:
     """`runs stats`: GetStats, as a table or with --json as JSON."""
-    stats = stub.GetStats(ops_service_pb2.GetStatsRequest(), timeout=UNARY_DEADLINE_SECONDS)
+    stats = api.ops.GetStats(ops_service_pb2.GetStatsRequest(), timeout=UNARY_DEADLINE_SECONDS)
     out(dumps(stats_json(stats)) if args.json else format_stats(stats))
     return EXIT_OK
 

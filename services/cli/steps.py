@@ -21,6 +21,7 @@ from services.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
     UNARY_DEADLINE_SECONDS,
+    Api,
     CliError,
     cell,
     dumps,
@@ -254,12 +255,12 @@ def _umask() -> int:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_steps(stub: Any, args: argparse.Namespace) -> int:
+def cmd_steps(api: Api, args: argparse.Namespace) -> int:
     """`runs steps RUN`: the run's steps (only those in --status S)."""
     request = run_service_pb2.ListRunStepsRequest(run_id=args.run_id)
     if args.status:
         request.status = run_pb2.StepStatus.Value("STEP_STATUS_" + args.status.upper())
-    steps = stub.ListRunSteps(request, timeout=UNARY_DEADLINE_SECONDS).steps
+    steps = api.runs.ListRunSteps(request, timeout=UNARY_DEADLINE_SECONDS).steps
     if args.json:
         out(dumps({"steps": [to_dict(s) for s in steps]}))
     else:
@@ -267,10 +268,10 @@ def cmd_steps(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_artifacts(stub: Any, args: argparse.Namespace) -> int:
+def cmd_artifacts(api: Api, args: argparse.Namespace) -> int:
     """`runs artifacts RUN`: every artifact of the run."""
     request = run_service_pb2.ListRunArtifactsRequest(run_id=args.run_id)
-    artifacts = stub.ListRunArtifacts(request, timeout=UNARY_DEADLINE_SECONDS).artifacts
+    artifacts = api.runs.ListRunArtifacts(request, timeout=UNARY_DEADLINE_SECONDS).artifacts
     if args.json:
         out(dumps({"artifacts": [to_dict(a) for a in artifacts]}))
     else:
@@ -278,10 +279,10 @@ def cmd_artifacts(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_artifact(stub: Any, args: argparse.Namespace) -> int:
+def cmd_artifact(api: Api, args: argparse.Namespace) -> int:
     """`runs artifact RUN STEP NAME -o FILE`: download one artifact, verified."""
     request = run_service_pb2.DownloadArtifactRequest(run_id=args.run_id, step_key=args.step_key, name=args.name)
-    artifact = download(stub.DownloadArtifact(request, timeout=DOWNLOAD_DEADLINE_SECONDS), args.output)
+    artifact = download(api.runs.DownloadArtifact(request, timeout=DOWNLOAD_DEADLINE_SECONDS), args.output)
     if args.json:
         out(dumps({"artifact": to_dict(artifact), "path": args.output}))
     else:
@@ -289,7 +290,7 @@ def cmd_artifact(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Api, argparse.Namespace], int]] = {
     "steps": cmd_steps,
     "artifacts": cmd_artifacts,
     "artifact": cmd_artifact,

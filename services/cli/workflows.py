@@ -22,6 +22,7 @@ from services.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     UNARY_DEADLINE_SECONDS,
+    Api,
     CliError,
     cell,
     collect_pages,
@@ -176,8 +177,8 @@ def _unwrap_workflow_document(text: str) -> str:
     return text
 
 
-def load_spec_file(path: str) -> workflow_service_pb2.WorkflowSpec:
-    """The file's spec, validated locally, as the proto message; CliError listing every violation."""
+def load_spec_file(path: str) -> dict[str, Any]:
+    """The file's spec, validated locally, in the file form; CliError listing every violation."""
     text = _read_text(path)
     fmt = spec_format(path, text)
     if fmt == "json":
@@ -190,18 +191,18 @@ def load_spec_file(path: str) -> workflow_service_pb2.WorkflowSpec:
             lines[0] = f"error: {path} is not a valid workflow spec:"
         lines += [f"  {violation}" for violation in error.violations]
         raise CliError(lines, EXIT_USAGE) from None
-    return json_format.ParseDict(to_proto_dict(spec_to_dict(spec)), workflow_service_pb2.WorkflowSpec())
+    return spec_to_dict(spec)
 
 
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_list(stub: Any, args: argparse.Namespace) -> int:
+def cmd_list(api: Api, args: argparse.Namespace) -> int:
     """`runs workflows`: one page of workflows, or every page with --all."""
 
     def fetch(token: str) -> tuple[Sequence[workflow_service_pb2.Workflow], str]:
         request = workflow_service_pb2.ListWorkflowsRequest(page_size=args.page_size, page_token=token)
-        response = stub.ListWorkflows(request, timeout=UNARY_DEADLINE_SECONDS)
+        response = api.workflows.ListWorkflows(request, timeout=UNARY_DEADLINE_SECONDS)
         return response.workflows, response.next_page_token
 
     found, token = collect_pages(fetch, args.page_token, args.all)
@@ -210,30 +211,26 @@ def cmd_list(stub: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_get(stub: Any, args: argparse.Namespace) -> int:
+def cmd_get(api: Api, args: argparse.Namespace) -> int:
     """`runs workflow NAME`: the spec of the latest (or --version N) version."""
     request = workflow_service_pb2.GetWorkflowRequest(name=args.name, version=args.version)
-    workflow = stub.GetWorkflow(request, timeout=UNARY_DEADLINE_SECONDS).workflow
+    workflow = api.workflows.GetWorkflow(request, timeout=UNARY_DEADLINE_SECONDS).workflow
     out(dumps(to_dict(workflow)) if args.json else format_workflow(workflow))
     return EXIT_OK
 
 
-def cmd_register(stub: Any, args: argparse.Namespace) -> int:
+def cmd_register(api: Api, args: argparse.Namespace) -> int:
     """`runs register FILE`: validate locally, register, print the name and version and whether it is new."""
-    spec = load_spec_file(args.file)
-    response = stub.RegisterWorkflow(
-        workflow_service_pb2.RegisterWorkflowRequest(spec=spec), timeout=UNARY_DEADLINE_SECONDS
-    )
-    workflow = response.workflow
+    workflow = api.client.register_workflow(load_spec_file(args.file))
     if args.json:
-        out(dumps({"workflow": to_dict(workflow), "created": response.created}))
+        out(dumps({"workflow": to_dict(workflow.proto), "created": workflow.created}))
     else:
-        state = "created" if response.created else "unchanged (this spec was registered before)"
+        state = "created" if workflow.created else "unchanged (this spec was registered before)"
         out(f"{workflow.name} version {workflow.version}: {state}")
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Api, argparse.Namespace], int]] = {
     "workflows": cmd_list,
     "workflow": cmd_get,
     "register": cmd_register,
