@@ -41,22 +41,11 @@ pytestmark = pytest.mark.timeout(90)
 
 WORKER_ENV = dict(RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,echo,sleep,fail")
 
-# The README's example (docs: /tmp/notes/G_readme.md holds the same text); run as it is below.
-README_EXAMPLE = """\
-from runs_client import Client, InvalidArgument
+def readme_example() -> str:
+    """The first ```python block of the README's "## Python client" section."""
+    text = (Path(ROOT) / "README.md").read_text().split("\n## Python client\n", 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
 
-with Client() as client:  # RUN_API_ADDR (default 127.0.0.1:50051), RUNS_API_KEY, RUNS_TLS_CA
-    run = client.start_run("runtime.tool", {"tool": "echo", "args": {"greeting": "hello"}})
-    print(run.run_id, run.status)                    # 01J... QUEUED
-    for event in client.watch(run.run_id):           # resumes by itself if the API restarts
-        print(event.sequence, event.type)            # 1 run.queued ... run.completed
-    run = client.wait(run.run_id, timeout=60)        # the final run, with its steps
-    print(run.status, run.output)                    # SUCCEEDED {'runtime': {'greeting': 'hello'}}
-    try:
-        client.start_run("no.such.workflow")
-    except InvalidArgument as error:
-        print(error.field_violations)                # [('workflow', '...')]
-"""
 
 PIPELINE = {
     "name": "client.pipeline",
@@ -220,16 +209,16 @@ def test_register_rebuild_and_explain(client: Client, tmp_path: Path) -> None:
 
 
 def test_the_readme_example_runs(stack: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The example is the README's own text (README_EXAMPLE must stay a copy of its block).
-    assert f"```python\n{README_EXAMPLE}```" in (Path(ROOT) / "README.md").read_text()
+    example = readme_example()
+    assert len(example.strip().splitlines()) <= 10  # the issue asks for a ten-line example
     monkeypatch.setenv("RUN_API_ADDR", stack.addr)
     monkeypatch.delenv("RUNS_API_KEY", raising=False)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(README_EXAMPLE, "README example", "exec"), {})
+        exec(compile(example, "README example", "exec"), {})
     text = printed.getvalue()
     assert "QUEUED" in text and "run.completed" in text and "SUCCEEDED {'runtime': {'greeting': 'hello'}}" in text
-    assert "[('workflow'," in text
+    assert text.splitlines()[-1].startswith("succeeded at ")  # explain_run's one-line summary of the ending
 
 
 async def test_async_client_basic_flow(stack: Api) -> None:
