@@ -258,7 +258,9 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until `stop` is set, reconnecting with backoff; then drain."""
         self._start_side_tasks()
-        delay, failure = 0.1, ""  # failure: the last one logged; the same one again is not logged again
+        # failure: the status code last logged; until the stream opens again, that code is not logged again
+        # (its details vary from try to try: refused, reset, closed).
+        delay, failure = 0.1, ""
         with log_context(worker_id=self.settings.worker_id):
             log.info("worker started; claiming from %s; tools: %s", self.settings.api_addr,
                      ", ".join(sorted(self.tools)))
@@ -283,10 +285,10 @@ class Worker:
                     # a live session under our id ends when its lease lapses.)
                     if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
                         raise err
-                    if f"{err.code().name}: {err.details()}" != failure:
-                        failure = f"{err.code().name}: {err.details()}"
-                        log.warning("claim stream to %s ended (%s); reconnecting with backoff (up to %gs)",
-                                    self.settings.api_addr, failure, MAX_RECONNECT_SECONDS)
+                    if err.code().name != failure:
+                        failure = err.code().name
+                        log.warning("claim stream to %s failed (%s: %s); reconnecting with backoff (up to %gs)",
+                                    self.settings.api_addr, failure, err.details(), MAX_RECONNECT_SECONDS)
                 elif err is not None:
                     raise err
                 else:
