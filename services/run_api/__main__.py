@@ -28,7 +28,6 @@ from shared.telemetry import configure_tracing
 log = logging.getLogger("services.run_api")
 
 
-
 def parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Namespace:
     """Flags override the environment."""
     p = argparse.ArgumentParser(
@@ -117,9 +116,11 @@ class LocalWorker:
         os.close(self.ready)
         self.ready = -1
         if not connected:
-            self.proc.wait()
-            log.error("the worker exited with %s before it connected; the API serves without it",
-                      _exit_code(self.proc.returncode))
+            try:
+                how = f"exited with {_exit_code(self.proc.wait(5))}"
+            except subprocess.TimeoutExpired:  # it closed the pipe yet runs: it will say what went wrong
+                how = "gave up on telling the API it connected"
+            log.error("the worker %s before it connected; the API serves without it", how)
         return connected
 
     def banner(self, http_url: str | None, auth_required: bool) -> str:
