@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import nats
@@ -181,7 +182,8 @@ def test_every_event_of_500_runs_arrives_in_order_across_api_and_nats_restarts(m
             server.start()
 
             # 3. Every event in the database arrives, exactly once, in each run's order.
-            want = {(r[0], r[1]): r[2] for r in conn.execute("SELECT run_id, event_id, sequence FROM run_events")}
+            want = {(r[0], r[1]): (r[2], r[3]) for r in conn.execute(
+                "SELECT run_id, event_id, sequence, recorded_at FROM run_events")}
             assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 500 and len(want) >= 500 * 8
             wait_until(lambda: stream_count(server.url) >= len(want), 60, f"{len(want)} events in the stream")
             got = read_stream(server.url, stream_count(server.url))
@@ -210,7 +212,7 @@ def test_every_event_of_500_runs_arrives_in_order_across_api_and_nats_restarts(m
     seen = set()
     for m, body in zip(got, bodies, strict=True):
         key = (body["run_id"], body["event_id"])
-        assert body["sequence"] == want[key]
+        assert (body["sequence"], datetime.fromisoformat(body["recorded_at"])) == want[key]
         assert m.subject == subject("runtime.noop", body["type"]) == f"runs.events.runtime.noop.{body['type']}"
         assert m.headers["Nats-Msg-Id"] == f"{body['run_id']}:{body['event_id']}"
         if key not in seen:

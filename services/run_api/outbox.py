@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import os
 import re
@@ -61,8 +61,17 @@ STANDBY_SECONDS = 2.0  # how often a standby API process tries to become the pub
 
 Key = tuple[int, str, int]  # (tx_id, run_id, sequence): the tail's order
 
-_COLUMNS = """e.tx_id::text AS tx, e.run_id, e.sequence, e.type, e.attempt, e.worker_id, e.event_id, e.occurred_at,
-    e.recorded_at, e.payload, r.workflow, r.workflow_version, r.tenant_id, r.workspace_id"""
+# Each event's message body is built by PostgreSQL (json keeps the keys in this order): the publisher
+# only passes it on. Times in UTC, RFC 3339 with microseconds; the payload without the keys the API keeps
+# for itself.
+_COLUMNS = """e.tx_id::text AS tx, e.run_id, e.sequence, e.type, e.event_id, r.workflow, json_build_object(
+    'event_id', e.event_id, 'run_id', e.run_id, 'sequence', e.sequence, 'type', e.type, 'attempt', e.attempt,
+    'worker_id', e.worker_id,
+    'occurred_at', to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    'recorded_at', to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    'workflow', r.workflow, 'workflow_version', r.workflow_version, 'tenant_id', r.tenant_id,
+    'workspace_id', r.workspace_id, 'payload', e.payload - CAST(%(internal)s AS text[]))::text AS body"""
+INTERNAL = sorted(_INTERNAL_PAYLOAD_KEYS)
 # The final rows after the checkpoint, in commit order, each with whether its run's previous event was
 # written by a later transaction.
 TAIL = f"""
@@ -105,35 +114,10 @@ def subject_tokens(name: str) -> str:
     return ".".join(_UNSAFE.sub("_", part) or "_" for part in name.split("."))
 
 
+@functools.lru_cache(maxsize=4096)
 def subject(workflow: str | None, event_type: str) -> str:
     """runs.events.<workflow>.<type>, e.g. runs.events.campaign.build.step.succeeded."""
     return f"{SUBJECT_PREFIX}.{subject_tokens(workflow or '_')}.{subject_tokens(event_type)}"
-
-
-def rfc3339(value: datetime) -> str:
-    """A timestamp in UTC, RFC 3339 with microseconds and Z."""
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def message(row: dict[str, Any]) -> bytes:
-    """The JSON body of one event (the README documents these fields)."""
-    payload = {k: v for k, v in (row["payload"] or {}).items() if k not in _INTERNAL_PAYLOAD_KEYS}
-    body = {
-        "event_id": row["event_id"],
-        "run_id": row["run_id"],
-        "sequence": row["sequence"],
-        "type": row["type"],
-        "attempt": row["attempt"],
-        "worker_id": row["worker_id"],
-        "occurred_at": rfc3339(row["occurred_at"]),
-        "recorded_at": rfc3339(row["recorded_at"]),
-        "workflow": row["workflow"],
-        "workflow_version": row["workflow_version"],
-        "tenant_id": row["tenant_id"],
-        "workspace_id": row["workspace_id"],
-        "payload": payload,
-    }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def msg_id(row: dict[str, Any]) -> str:
@@ -282,7 +266,7 @@ class OutboxPublisher:
                 continue
             rows = await (await conn.execute(TAIL, {
                 "tx": str(checkpoint[0]), "run_id": checkpoint[1], "sequence": checkpoint[2],
-                "limit": self.config.batch,
+                "limit": self.config.batch, "internal": INTERNAL,
             })).fetchall()
             if not rows:
                 await sleep_or_stop(stop, self.config.poll_seconds)
@@ -319,7 +303,7 @@ class OutboxPublisher:
                 continue  # published before its place in the tail, to keep its run's order
             if row["behind"]:
                 earlier = await (await conn.execute(EARLIER, {
-                    "run_id": row["run_id"], "sequence": row["sequence"], "tx": row["tx"],
+                    "run_id": row["run_id"], "sequence": row["sequence"], "tx": row["tx"], "internal": INTERNAL,
                 })).fetchall()
                 for early in earlier:
                     if key_of(early) not in ahead:
@@ -338,7 +322,7 @@ class OutboxPublisher:
             async with gate:
                 for event in events:
                     ack = await js.publish(
-                        subject(event["workflow"], event["type"]), message(event),
+                        subject(event["workflow"], event["type"]), event["body"].encode(),
                         timeout=self.config.publish_timeout_seconds, headers={"Nats-Msg-Id": msg_id(event)},
                     )
                     self.counters["published"] += 1
@@ -393,6 +377,7 @@ class OutboxPublisher:
         if connecting.done():
             connecting.result()
             return nc
+        self._closing = True  # stopping: the aborted client's callbacks are not an outage
         connecting.cancel()
         with contextlib.suppress(BaseException):
             await connecting
