@@ -257,6 +257,7 @@ class Run:
     output: dict[str, Any]
     attempt: int
     max_attempts: int
+    released_attempts: int  # attempts a stopping worker gave back: not counted against max_attempts
     error: str
     stop_reason: str
     idempotency_key: str
@@ -311,6 +312,7 @@ class Run:
             output=struct_to_dict(run, "output"),
             attempt=run.attempt,
             max_attempts=run.max_attempts,
+            released_attempts=run.released_attempts,
             error=run.error,
             stop_reason=run.stop_reason,
             idempotency_key=run.idempotency_key,

@@ -105,3 +105,13 @@ class StepErrorCode(StrEnum):
     SELECTOR_FAILED = "selector_failed"
     ARTIFACT_FAILED = "artifact_failed"
     INTERRUPTED = "interrupted"
+
+
+def attempt_text(attempt: int, max_attempts: int, released: int = 0) -> str:
+    """A run's attempt for people: '2/3'; with attempts a stopping worker released, which do not count
+    against max_attempts, '4 (3/3 counted, 1 released)' rather than '4/3'; without a maximum, '2'."""
+    if not max_attempts:
+        return str(attempt)
+    if not released:
+        return f"{attempt}/{max_attempts}"
+    return f"{attempt} ({attempt - released}/{max_attempts} counted, {released} released)"

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from features.harness import ROOT, Api, Worker
+from features.harness import ROOT, Api, Worker, wait_until
 from runs_client import (
     AlreadyExists,
     AsyncClient,
@@ -340,7 +340,9 @@ def test_explain_run_says_why_a_run_waits_and_how_it_ended(client: Client) -> No
     assert (why.state, why.run.run_id) == ("queued", waiting.run_id)
     assert why.queue is not None and why.holder is None and why.ending is None
     assert (why.queue.workspace_id, why.queue.live_workers) == ("nobody-serves-this", 0)
-    assert why.queue.live_workers_elsewhere >= 1  # the module's worker serves "default"
+    # the module's worker serves "default" (once its claim stream has opened)
+    why = wait_until(lambda: (w := client.explain_run(waiting.run_id)).queue.live_workers_elsewhere >= 1 and w,
+                     30, "the module's worker to be live")
     assert why.summary
     client.cancel(waiting.run_id)
 

@@ -30,6 +30,7 @@ from runs_client.errors import field_violations_of as field_violations
 from services.cli import __main__ as cli_main
 from services.run_api.store import queries as Q
 from shared.gen.runs.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+from tests.test_cli import api_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -181,7 +182,7 @@ def test_backing_off_after_a_failed_attempt(stack: Stack) -> None:
     assert [(a.attempt, a.outcome) for a in answer.attempts] == [(1, "retried")]
     assert "flaky printer" in answer.attempts[0].error
     assert answer.summary.startswith("backing off until ")
-    assert "after attempt 1 of 3 failed: " in answer.summary and "flaky printer" in answer.summary
+    assert "after attempt 1/3 failed: " in answer.summary and "flaky printer" in answer.summary
     assert "; then " in answer.summary and " ahead in workspace default; 1 live worker serves it; " in answer.summary
 
 
@@ -335,7 +336,7 @@ class _OlderApi:
 
 
 def test_cli_explain_against_an_api_without_explain_run(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main.dispatch(_OlderApi(), cli_main.parse_args(["explain", "01RUN"], env={})) == 0
+    assert cli_main.dispatch(api_of(_OlderApi()), cli_main.parse_args(["explain", "01RUN"], env={})) == 0
     printed = capsys.readouterr()
     assert printed.out == "no steps\n"
     assert "does not explain runs" in printed.err

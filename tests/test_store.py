@@ -18,6 +18,7 @@ from services.run_api.reaper import Reaper, ReaperConfig
 from services.run_api.store.events import Outcome
 from services.run_api.store.uow import UnitOfWork
 from shared.backoff import backoff_seconds
+from shared.events import attempt_text
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,6 +122,30 @@ async def test_a_failed_attempt_with_attempts_left_is_requeued(engine: AsyncEngi
     async with UnitOfWork(engine) as uow:
         row, _, _ = await handlers.get_run(uow, run_id, ANON)
     assert (row.status, row.attempt, row.error, row.stop_reason) == ("FAILED", 2, "again", "failed")
+
+
+async def test_a_released_attempt_does_not_count_and_a_new_attempt_clears_the_error(engine: AsyncEngine) -> None:
+    """max_attempts 2 (start()): attempt 1 is released by a stopping worker, so attempt 2's failure is retried
+    (1 of 2 counted) and attempt 3's ends the run; the claim of a new attempt clears the error of the one before."""
+    (run_id,) = await start(engine)
+    await claim(engine, "w1")
+    assert await report(engine, "w1", ev(run_id, 1, "run.failed", "r1", error="bye", released=True)) == [
+        Outcome.RECORDED]
+    assert await claim(engine, "w2") == [run_id]
+    assert await report(engine, "w2", ev(run_id, 2, "run.failed", "f2", error="boom")) == [Outcome.RECORDED]
+    async with UnitOfWork(engine) as uow:
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
+    assert (row.status, row.attempt, row.released_attempts, row.error) == ("QUEUED", 2, 1, "boom")
+    assert await claim(engine, "w3") == [run_id]
+    async with UnitOfWork(engine) as uow:
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
+    assert (row.status, row.attempt, row.error) == ("RUNNING", 3, None)  # no stale error while running
+    assert await report(engine, "w3", ev(run_id, 3, "run.failed", "f3", error="boom again")) == [Outcome.RECORDED]
+    async with UnitOfWork(engine) as uow:
+        row, _, _ = await handlers.get_run(uow, run_id, ANON)
+    assert (row.status, row.attempt, row.released_attempts, row.error) == ("FAILED", 3, 1, "boom again")
+    assert attempt_text(row.attempt, row.max_attempts, row.released_attempts) == "3 (2/2 counted, 1 released)"
+    assert attempt_text(2, 3) == "2/3" and attempt_text(1, 0) == "1"
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

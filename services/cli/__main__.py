@@ -110,6 +110,7 @@ from services.cli.runs import (
     wait_exit_code,
     wait_for_run,
 )
+from shared.events import attempt_text
 from shared.gen.runs.v1 import (
     key_service_pb2_grpc,
     ops_service_pb2_grpc,
@@ -363,7 +364,7 @@ def format_runs_table(runs: Sequence[run_pb2.Run]) -> str:
                 r.run_id,
                 run_status_name(r.status),
                 cell(r.workflow),
-                f"{r.attempt}/{r.max_attempts}",
+                attempt_text(r.attempt, r.max_attempts, r.released_attempts),
                 iso_time(r, "created_at"),
                 iso_time(r, "finished_at"),
                 cell(r.stop_reason),

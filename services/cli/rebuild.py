@@ -37,6 +37,7 @@ from services.cli.common import (
     to_dict,
 )
 from services.cli.runs import DEFAULT_WAIT_TIMEOUT_SECONDS, format_run, run_status_name, wait_exit_code, wait_for_run
+from shared.events import attempt_text
 from shared.gen.runs.v1 import run_service_pb2
 
 MAX_VALUE_SHOWN = 80  # characters of a differing value in `explain`
@@ -164,7 +165,7 @@ def format_run_explanation(response: run_service_pb2.ExplainRunResponse) -> str:
             ("heartbeat", iso_time(h, "last_heartbeat_at")),
             ("lease_until", iso_time(h, "lease_expires_at")),
             ("steps", ", ".join(h.running_steps) or "none running"),
-            ("attempt", f"{h.attempt}/{h.max_attempts}"),
+            ("attempt", attempt_text(h.attempt, h.max_attempts, response.run.released_attempts)),
             ("cancel", (f"requested: {h.cancel_reason}" if h.cancel_reason else "requested")
              if h.cancel_requested else "not requested"),
         ]

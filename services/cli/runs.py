@@ -25,6 +25,7 @@ from services.cli.common import (
     out,
     to_dict,
 )
+from shared.events import attempt_text
 from shared.gen.runs.v1 import run_pb2
 
 DEFAULT_WAIT_TIMEOUT_SECONDS = 300.0
@@ -48,7 +49,7 @@ def format_run(run: run_pb2.Run, full_output: bool = False) -> str:
         pairs.append(("trigger", f"rebuild of run {run.base_run_id}"))
         pairs.append(("change_request", run.change_request or "(explicit steps)"))
     pairs += [
-        ("attempt", f"{run.attempt}/{run.max_attempts}"),
+        ("attempt", attempt_text(run.attempt, run.max_attempts, run.released_attempts)),
         ("created_at", iso_time(run, "created_at")),
     ]
     if run.created_by:

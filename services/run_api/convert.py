@@ -83,6 +83,7 @@ def run(row: Any) -> run_pb2.Run:
         input=struct(row.input),
         attempt=row.attempt,
         max_attempts=row.max_attempts,
+        released_attempts=row.released_attempts or 0,
         idempotency_key=row.idempotency_key or "",
         workspace_id=row.workspace_id,
         created_at=ts(row.created_at),

@@ -22,7 +22,7 @@ from services.run_api import convert, handlers
 from services.run_api.auth import Caller
 from services.run_api.store import queries as Q
 from services.run_api.store.uow import UnitOfWork
-from shared.events import RunStatus
+from shared.events import RunStatus, attempt_text
 from shared.gen.runs.v1 import run_service_pb2
 
 MAX_WORKER_IDS = 20
@@ -143,7 +143,8 @@ def queue_summary(queue: Queue, row: Any, tries: list[handlers.AttemptRecord]) -
     parts = []
     if not queue.due:
         last = tries[-1].error if tries else ""
-        after = f" after attempt {row.attempt} of {row.max_attempts} failed" if row.attempt else ""
+        after = (f" after attempt {attempt_text(row.attempt, row.max_attempts, row.released_attempts)} failed"
+                 if row.attempt else "")
         parts.append(f"backing off until {_when(queue.next_attempt_at)} ({queue.backoff_seconds:.0f}s){after}"
                      + (f": {last}" if last else ""))
         parts.append(f"then {_plural(queue.runs_ahead, 'run')} ahead in workspace {queue.workspace_id}")
@@ -185,7 +186,7 @@ async def _running(uow: UnitOfWork, row: Any, tries: list[handlers.AttemptRecord
         cancel_reason=row.cancel_reason or "", attempt=row.attempt, max_attempts=row.max_attempts,
     )
     parts = [f"running on worker {holder.worker_id or '-'} since {_when(holder.claimed_at)} "
-             f"(attempt {holder.attempt} of {holder.max_attempts})"]
+             f"(attempt {attempt_text(holder.attempt, holder.max_attempts, row.released_attempts)})"]
     if holder.running_steps:
         parts.append(f"on step {', '.join(holder.running_steps)}")
     parts.append(f"last heartbeat {_when(holder.last_heartbeat_at)}, lease until {_when(holder.lease_expires_at)}")

@@ -641,6 +641,12 @@ _STOP_REASON: dict[str, str] = {
 }
 
 
+def counted_attempts(run: Any) -> int:
+    """The attempts of a runs row that count against its max_attempts: those a worker released while
+    shutting down (given back, not failed) do not."""
+    return int(run.attempt) - int(run.released_attempts or 0)
+
+
 async def report_events(
     uow: UnitOfWork, worker_id: str, session_token: str, reported: list[ReportedEvent], now: datetime | None = None
 ) -> list[store.AppendResult]:
@@ -680,9 +686,9 @@ async def report_events(
             and run is not None
             and payload.get("retryable", True) is not False
             and run.attempt == e.attempt
-            and e.attempt < run.max_attempts
+            and counted_attempts(run) < run.max_attempts
         ):
-            delay = backoff_seconds(e.attempt, run.retry_backoff_seconds, run.retry_backoff_max_seconds)
+            delay = backoff_seconds(counted_attempts(run), run.retry_backoff_seconds, run.retry_backoff_max_seconds)
             event_type = EventType.RUN_REQUEUED
             payload.update(
                 {"reason": "retry", "next_attempt_at": (now + timedelta(seconds=delay)).isoformat()}

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api.errors import StoreUnavailable
-from services.run_api.handlers import utcnow
+from services.run_api.handlers import counted_attempts, utcnow
 from services.run_api.interceptors import translate
 from services.run_api.store import events as store
 from services.run_api.store import queries as Q
@@ -174,13 +174,13 @@ class Reaper:
                                        {"reason": "cancel requested; the worker was gone"}))
                 done["canceled"] += 1
                 ended.append((row.workflow, "CANCELED", row.started_at, now))
-            elif self.config.policy == "fail" or row.attempt >= row.max_attempts:
+            elif self.config.policy == "fail" or counted_attempts(row) >= row.max_attempts:
                 new.append(self._event(row.run_id, EventType.RUN_FAILED, row.attempt, now,
                                        {"error": error, "stop_reason": str(StopReason.LEASE_EXPIRED)}))
                 done["failed"] += 1
                 ended.append((row.workflow, "FAILED", row.started_at, now))
             else:
-                delay = backoff_seconds(row.attempt, row.retry_backoff_seconds, row.retry_backoff_max_seconds)
+                delay = backoff_seconds(counted_attempts(row), row.retry_backoff_seconds, row.retry_backoff_max_seconds)
                 new.append(self._event(row.run_id, EventType.RUN_REQUEUED, row.attempt, now, {
                     "reason": "lease_expired",
                     "error": error,

@@ -42,7 +42,7 @@ from services.run_api.http import dag
 from services.run_api.http.gateway import KEY_COOKIE, Gateway, http_status, same_origin
 from services.run_api.http.routes import from_query
 from services.run_api.interceptors import translate
-from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, EventType, RunStatus
+from shared.events import TERMINAL_EVENTS, TERMINAL_STATUSES, EventType, RunStatus, attempt_text
 from shared.gen.runs.v1 import ops_service_pb2, run_pb2, run_service_pb2, workflow_service_pb2
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,8 @@ class Pages:
             rows.append({
                 "id": run.run_id, "status": status, "workflow": run.workflow, "version": run.workflow_version,
                 "created": created.isoformat() if created else "", "age": ago(created, now),
-                "duration": span(started, finished, now), "tries": run.attempt, "max_tries": run.max_attempts,
+                "duration": span(started, finished, now),
+                "tries": attempt_text(run.attempt, run.max_attempts, run.released_attempts),
                 "trigger": run.trigger, "key": run.idempotency_key,
             })
         counts = None
@@ -403,6 +404,7 @@ class Pages:
         terminal = run_status in TERMINAL_STATUSES
         return {
             "run": run, "status": run_status, "terminal": terminal,
+            "attempt": attempt_text(run.attempt, run.max_attempts, run.released_attempts),
             "age": ago(created, now), "created": created.isoformat() if created else "",
             "duration": span(started, finished, now),
             "input": pretty(run.input), "output": pretty(run.output),

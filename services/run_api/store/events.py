@@ -667,7 +667,7 @@ async def apply_many(conn: AsyncConnection, events: Sequence[StoredEvent]) -> No
             elif t == EventType.RUN_REQUEUED:
                 kinds.setdefault("requeued", []).append({
                     **seq, "next_attempt_at": _ts(p.get("next_attempt_at")) or event.recorded_at,
-                    "error": p.get("error")})
+                    "error": p.get("error"), "released": p.get("reason") == "released"})
             elif t == EventType.RUN_CANCEL_REQUESTED:
                 kinds.setdefault("cancel_requested", []).append(
                     {**seq, "reason": p.get("reason"), "requested_by": p.get("requested_by")})

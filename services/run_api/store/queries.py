@@ -19,7 +19,7 @@ RUN_COLUMNS = """
     started_at, finished_at, cancel_requested_at, cancel_reason, next_attempt_at, worker_id,
     lease_expires_at, stop_reason, error, last_sequence, tenant_id, project_id, created_by,
     cancel_requested_by, workflow_version, spec_hash, output, trigger, base_run_id, change_request,
-    rebuild_rerun, required_tools
+    rebuild_rerun, required_tools, released_attempts
 """
 
 # --- runs: reads -------------------------------------------------------------------------------
@@ -226,7 +226,8 @@ runs_claim = q(
         RETURNING run_id, sequence, recorded_at, event_id
     ), u AS (
         UPDATE runs SET status = 'RUNNING', attempt = runs.attempt + 1, worker_id = :worker_id,
-            lease_expires_at = :lease_expires_at, updated_at = e.recorded_at, last_sequence = e.sequence
+            lease_expires_at = :lease_expires_at, updated_at = e.recorded_at, last_sequence = e.sequence,
+            error = NULL
         FROM e WHERE runs.run_id = e.run_id AND runs.status = 'QUEUED'
         RETURNING {_RUNS_RETURNING}
     )
@@ -377,11 +378,12 @@ run_artifacts_project = q(
 # tool call row, so each statement below touches distinct rows and the rounds keep every row's
 # events in log order. :rows is a JSON array of objects, one per event (one parameter, encoded once).
 
-# run.claimed for many runs.
+# run.claimed for many runs (a new attempt: the error of the one before is cleared; a queued run keeps it).
 runs_project_claimed_many = q(
     """
     UPDATE runs SET status = 'RUNNING', attempt = v.attempt, worker_id = v.worker_id,
-        lease_expires_at = v.lease_expires_at, updated_at = v.recorded_at, last_sequence = v.sequence
+        lease_expires_at = v.lease_expires_at, updated_at = v.recorded_at, last_sequence = v.sequence,
+        error = NULL
     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
         AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz, worker_id text,
              lease_expires_at timestamptz)
@@ -417,10 +419,11 @@ runs_project_finished_many = q(
 runs_project_requeued_many = q(
     """
     UPDATE runs SET status = 'QUEUED', next_attempt_at = v.next_attempt_at, worker_id = NULL,
-        lease_expires_at = NULL, error = v.error, updated_at = v.recorded_at, last_sequence = v.sequence
+        lease_expires_at = NULL, error = v.error, updated_at = v.recorded_at, last_sequence = v.sequence,
+        released_attempts = runs.released_attempts + CASE WHEN v.released THEN 1 ELSE 0 END
     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
         AS v(run_id text, attempt integer, sequence bigint, recorded_at timestamptz,
-             next_attempt_at timestamptz, error text)
+             next_attempt_at timestamptz, error text, released boolean)
     WHERE runs.run_id = v.run_id AND runs.status = 'RUNNING' AND runs.attempt = v.attempt
     """
 )
