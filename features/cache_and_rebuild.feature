@@ -6,6 +6,7 @@ Feature: Step cache and partial rebuilds
   Background:
     Given a running API with the step cache and a worker running every tool
 
+  @one_auth_pass
   Scenario: The campaign run twice with the same input executes no tool the second time
     When I run the campaign with {"product": "Acme Rockets", "audience": "coyotes"}
     And I run the campaign with {"product": "Acme Rockets", "audience": "coyotes"}
@@ -13,6 +14,7 @@ Feature: Step cache and partial rebuilds
     And every step of the second run is SKIPPED with reason cache_hit from the first run
     And the second run's artifacts have the first run's sha256
 
+  @one_auth_pass
   Scenario: Only the steps whose resolved input changed execute
     Given the workflow "split" is registered: a echoes input.x, b echoes input.y, c echoes a's output, all cached
     When I start a run of "split" with {"x": 1, "y": 1} and it succeeds
@@ -26,6 +28,7 @@ Feature: Step cache and partial rebuilds
     And I start a run of "private" with {"x": 1} and it succeeds
     Then in the last run only step only executed, with cache miss reason scope_run_only
 
+  @one_auth_pass
   Scenario: An artifact deleted from the store turns a hit into a miss
     When I run the campaign with {"product": "Gone", "audience": "testers"}
     And the artifact brief.txt of that run is deleted from the artifact store
@@ -33,6 +36,7 @@ Feature: Step cache and partial rebuilds
     Then step brief of the last run executed with cache miss reason artifact_missing naming brief.txt
     And steps copy and images of the last run are cache hits
 
+  @one_auth_pass
   Scenario: With Redis stopped, runs still succeed from the PostgreSQL layer
     When I run the campaign with {"product": "Sturdy", "audience": "operators"}
     And the test's Redis server is stopped
@@ -40,6 +44,7 @@ Feature: Step cache and partial rebuilds
     Then every step of the last run is a cache hit from the cold layer
     And the API logged one warning about Redis being unavailable
 
+  @one_auth_pass
   Scenario: A cold hit is promoted and the next one is hot
     When I run the campaign with {"product": "Warm", "audience": "caches"}
     And the test's Redis server is flushed
@@ -49,6 +54,7 @@ Feature: Step cache and partial rebuilds
     And every step of the last run is a cache hit from the hot layer
     And GetStats counts hits by layer and misses by reason
 
+  @one_auth_pass
   Scenario: Invalidation removes entries from both layers
     When I run the campaign with {"product": "Fresh", "audience": "editors"}
     And I invalidate the cache of workflow campaign.build
@@ -77,6 +83,7 @@ Feature: Step cache and partial rebuilds
     And I rebuild that run with change request nope_update
     Then the rebuild is refused with INVALID_ARGUMENT listing brief_update, copy_update, image_update
 
+  @one_auth_pass
   Scenario: Explain says why a step ran and what changed since the nearest entry
     When I run the campaign with {"product": "One", "audience": "readers"}
     And I run the campaign with {"product": "Two", "audience": "readers"}

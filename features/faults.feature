@@ -13,6 +13,7 @@ Feature: Nothing lost, nothing run twice
     And the run has exactly one successful attempt, after a lease_expired attempt
     And the stats count at least 1 lease_expired and 1 requeued
 
+  @one_auth_pass
   Scenario: A paused worker resumed after its run was re-claimed records nothing
     Given a worker process holding a run of tool "sleep" with args {"seconds": 3}
     When that worker is paused with SIGSTOP until the run is claimed by another worker
@@ -21,6 +22,7 @@ Feature: Nothing lost, nothing run twice
     And the resumed worker recorded nothing for the run after its lease expired
     And the resumed worker says it stopped working on the run
 
+  @one_auth_pass
   Scenario: A paused worker whose run was not claimed again re-adopts it
     Given a worker process holding a run of tool "sleep" with args {"seconds": 6}
     When that worker is paused with SIGSTOP until its lease has expired
@@ -81,6 +83,7 @@ Feature: Nothing lost, nothing run twice
     Then every run ends SUCCEEDED
     And every run has exactly one successful attempt
 
+  @one_auth_pass
   Scenario: Killing workers repeatedly during 300 mixed runs loses nothing
     Given 300 runs of mixed tools
     When 3 workers run them while one is SIGKILLed and replaced every 1.5 seconds, 5 times

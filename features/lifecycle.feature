@@ -28,6 +28,7 @@ Feature: Run lifecycle
     And the run's error is "boom"
     And the run's events end with: tool.failed, step.failed, run.failed
 
+  @one_auth_pass
   Scenario: Four concurrent workers execute 500 queued runs exactly once
     Given 500 queued runs
     When 4 worker processes run until every run has ended
@@ -47,6 +48,7 @@ Feature: Run lifecycle
     Then I get 3 pages with 7 distinct runs, newest first
     And listing with status SUCCEEDED returns no runs
 
+  @one_auth_pass
   Scenario: Many concurrent watchers all receive the whole chain
     Given I started a run of "runtime.noop"
     When 40 clients watch the run while a worker executes it

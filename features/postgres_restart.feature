@@ -2,6 +2,7 @@ Feature: PostgreSQL restarts
   While the database is down the API says NOT_SERVING and refuses calls with UNAVAILABLE; it
   recovers by itself, and every run in flight still ends.
 
+  @one_auth_pass
   Scenario: Restarting PostgreSQL while runs are in flight loses nothing
     Given an API and 2 workers on a PostgreSQL server the test controls
     And 8 runs of tool "sleep" with args {"seconds": 1} are in flight

@@ -50,6 +50,7 @@ Feature: Workflows as DAGs
     And the run stopped with reason step_failed and an error naming step b
     And step a SUCCEEDED with its output kept, b FAILED after 2 tries, c CANCELED
 
+  @one_auth_pass
   Scenario: A worker killed during step 2 of 3: another finishes and step 1 ran exactly once
     Given the workflow "chain" is registered: s1 echoes, s2 sleeps 3 seconds, s3 echoes
     And a worker process "first" is running
@@ -61,6 +62,7 @@ Feature: Workflows as DAGs
     And step s1's tool was invoked exactly once over the whole run
     And step s2's tool was invoked twice, once per attempt
 
+  @one_auth_pass
   Scenario: Cancel in the middle of a DAG
     Given the workflow "long" is registered: a echoes, then b and c sleep 60 seconds, then d
     And a worker process is running
@@ -70,6 +72,7 @@ Feature: Workflows as DAGs
     Then the run ends CANCELED within 5 seconds
     And steps b, c and d are CANCELED and d never started
 
+  @one_auth_pass
   Scenario: The campaign sample builds its five files
     Given a worker process is running
     When I start a run of workflow "campaign.build" with input {"product": "Acme Rockets", "audience": "coyotes"}
