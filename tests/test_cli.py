@@ -439,6 +439,12 @@ def test_invalid_argument_lists_each_field_violation() -> None:
     ]
 
 
+def test_a_single_violation_that_is_the_whole_message_is_printed_once() -> None:
+    detail = "input.args.secnds: unknown argument 'secnds' of tool sleep; known: seconds"
+    err = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, detail, [("input.args.secnds", detail.split(": ", 1)[1])])
+    assert cli.describe_rpc_error(err, "h:1") == ([f"error: INVALID_ARGUMENT: {detail}"], 2)
+
+
 def test_a_status_without_details_prints_one_line() -> None:
     lines, code = cli.describe_rpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "run 'X' not found"), "h:1")
     assert (lines, code) == (["error: NOT_FOUND: run 'X' not found"], 3)

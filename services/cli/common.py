@@ -483,7 +483,9 @@ def describe_rpc_error(
     else:
         message = details or "(no details)"
     lines = [f"error: {code.name}: {message}"]
-    lines.extend(f"  {field}: {description}" for field, description in violations)
+    listed = [f"{field}: {description}" for field, description in violations]
+    if listed != [message]:  # one violation is often the whole message already: print it once
+        lines.extend(f"  {line}" for line in listed)
     lines.extend(hints)
     return lines, exit_code_for(code)
 
