@@ -130,6 +130,21 @@ def test_a_worker_reconnects_and_on_ctrl_c_twice_gives_its_run_to_another_worker
         stopped(first, second, api)
 
 
+def test_the_embedded_worker_drains_on_ctrl_c_and_releases_on_the_second(database_url: str) -> None:
+    """RUN_WORKER_EMBEDDED: the worker inside the API says the same, and the API passes the second Ctrl-C on."""
+    api = Api(database_url, RUN_WORKER_EMBEDDED="true")
+    api.start()
+    client = Client(api.addr)
+    try:
+        run_id = client.start_tool("sleep", {"seconds": 60}).run_id
+        wait_until(lambda: client.status(run_id) == "RUNNING", 30, "the embedded worker to run it")
+        ctrl_c_twice(api)
+        assert re.search(rf"run run\.requeued .*run_id={run_id} .*status=QUEUED", api.output()), api.output()
+    finally:
+        client.close()
+        stopped(api)
+
+
 def test_worker_once_with_the_api_down_says_what_the_cli_says() -> None:
     addr = f"127.0.0.1:{free_port()}"  # nobody listens there
     env = base_env()
