@@ -106,14 +106,24 @@ def test_start_run_refuses_an_unknown_argument_of_a_stock_tool_with_a_field_viol
     assert client.wait_status(run.run_id, {"SUCCEEDED", "FAILED"}, 30) == "SUCCEEDED"
 
 
-def test_a_workflow_step_with_an_unknown_argument_fails_at_the_worker_without_retrying(client: Client) -> None:
-    client.register({
-        "name": "typo.sleep",
-        "steps": [{"key": "nap", "tool": "sleep", "args": {"secnds": 0},
-                   "retry": {"max_attempts": 3, "backoff_seconds": 0}}],
-    })
-    run = client.start("typo.sleep").run
-    assert client.wait_status(run.run_id, {"SUCCEEDED", "FAILED"}, 30) == "FAILED"
-    step: Any = wait_until(lambda: client.steps(run.run_id, "FAILED").get("nap"), 10, "step nap FAILED")
-    error = step.step_error
-    assert (error.message, error.retryable, error.attempt, error.tool) == (SLEEP_TYPO, False, 1, "sleep")
+def test_register_workflow_refuses_a_stock_tool_step_with_an_unknown_argument(client: Client) -> None:
+    """Refused when the spec is registered (INVALID_ARGUMENT naming the argument), not when a run reaches the step."""
+    with pytest.raises(grpc.RpcError) as info:
+        client.register({"name": "typo.sleep", "steps": [{"key": "nap", "tool": "sleep", "args": {"secnds": 0}}]})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(info.value) == [("spec.steps[0].args.secnds", SLEEP_TYPO)]
+
+
+def test_a_workflow_step_of_a_stock_tool_with_an_unknown_argument_is_refused_at_registration() -> None:
+    """A spec's constant args and input selectors become the tool's arguments: a closed stock schema names the
+    unknown ones when the spec is parsed (RegisterWorkflow answers INVALID_ARGUMENT with them)."""
+    from shared.workflow import SpecError, parse_spec
+
+    step = {"key": "nap", "tool": "sleep", "args": {"secnds": 1}, "input": {"seconds": "input.s", "zz": "input.z"}}
+    with pytest.raises(SpecError) as info:
+        parse_spec({"name": "t.nap", "steps": [step]})
+    assert [(v.field, v.description) for v in info.value.violations] == [
+        ("steps[0].args.secnds", "unknown argument 'secnds' of tool sleep; known: seconds"),
+        ("steps[0].input.zz", "unknown argument 'zz' of tool sleep; known: seconds"),
+    ]
+    assert parse_spec({"name": "t.nap", "steps": [{"key": "nap", "tool": "sleep", "args": {"seconds": 1}}]})

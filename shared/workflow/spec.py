@@ -27,6 +27,7 @@ from jmespath.parser import Parser
 
 from shared.limits import MAX_JSON_DEPTH
 from shared.text import shorten
+from shared.tool_args import STOCK_TOOL_ARGS
 
 CacheScope = Literal["none", "global", "run_only"]
 CACHE_SCOPES: tuple[str, ...] = ("none", "global", "run_only")
@@ -597,11 +598,25 @@ class _Validator:
                 self.add(where, f"argument names {_text_problem(arg)}")
             else:
                 self.json_value(where, value)
+        self.stock_tool_args(path, tool, args or {}, selectors)
         self.retry(f"{path}.retry", data.get("retry"))
         if data.get("timeout_seconds") is not None:
             self.number(f"{path}.timeout_seconds", data["timeout_seconds"], 0.0, MAX_SECONDS, low_exclusive=True)
         self.cache(f"{path}.cache", data.get("cache"))
         return _Step(index=i, key=valid_key, depends_on=depends_on, selectors=selectors, selector_text=texts)
+
+    def stock_tool_args(self, path: str, tool: Any, args: Mapping[Any, Any], selectors: Mapping[str, Any]) -> None:
+        """A stock tool with a closed argument schema (sleep, fail, ...) refuses the names it does not declare,
+        among the step's constant `args` and its `input` selectors (both become its arguments), at
+        registration rather than when the step runs."""
+        schema = STOCK_TOOL_ARGS.get(tool) if isinstance(tool, str) else None
+        if schema is None or not schema.closed:
+            return
+        for where, names in (("args", args), ("input", selectors)):
+            for name in names:
+                if isinstance(name, str) and name and name not in schema.args:
+                    self.add(_join(f"{path}.{where}", name), f"unknown argument {shorten(name)!r} of tool {tool}; "
+                             f"known: {', '.join(schema.args) or 'none'}")
 
     def retry(self, path: str, value: Any) -> None:
         retry = self.mapping(path, value)
