@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import zipfile
 from collections.abc import Iterator
 from concurrent import futures
@@ -2439,3 +2440,41 @@ def test_live_start_wait_shows_progress_and_the_whole_output_and_cancel_no_wait(
         code, out, err = runs(capsys, live_api, "cancel", run_id, "--no-wait")
         assert code == 0 and err == ""
         assert out.split("\n")[1].split()[1] in ("RUNNING", "CANCELED")
+
+
+def readme_first_screen() -> list[list[str]]:
+    """The commands of the README's first screen after `make up` (the block that follows its banner)."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("From there to a finished campaign run", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_live_readme_first_screen_reaches_a_finished_campaign_run_and_its_artifacts(
+    live_api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`make up` and the four commands the README's first screen gives after it, run as written (the run id
+    put in for <RUN_ID>, this test's API for the addresses): five commands to a finished campaign run, its
+    artifacts listed and downloaded, and its page."""
+    import httpx
+
+    commands = readme_first_screen()
+    assert [c[0] for c in commands] == [".venv/bin/runs"] * 3 + ["xdg-open"]
+    monkeypatch.chdir(tmp_path)
+    run_id = ""
+    with live_worker(live_api, request):
+        for argv in commands[:3]:
+            argv = [a.replace("<RUN_ID>", run_id) for a in argv[1:]]
+            code, out, err = runs(capsys, live_api, *argv)
+            assert code == 0, err
+            if not run_id:
+                run_id = out.split("\n")[0].split()[1]
+                assert out.split("\n")[1].split() == ["status", "SUCCEEDED"]
+                assert "step bundle succeeded" in err  # the progress lines
+            elif argv[0] == "artifacts":
+                assert len(table_rows(out)) == 5
+    with zipfile.ZipFile(tmp_path / "campaign.zip") as bundle:
+        assert "index.html" in bundle.namelist()
+    url = commands[3][1].replace("<RUN_ID>", run_id).replace("http://127.0.0.1:8080", live_api.http_url)
+    page = httpx.get(url, timeout=10)
+    assert page.status_code == 200 and run_id in page.text
