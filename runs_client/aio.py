@@ -49,11 +49,13 @@ class AsyncClient:
         tls_key: str | os.PathLike[str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         retry: Retry | None = None,
+        watch_retry: Retry | None = None,
     ) -> None:
         self.connection = Connection.resolve(addr, key, tls_ca, tls_cert, tls_key)
         self.addr = self.connection.addr
         self.timeout = timeout
         self.retry = retry or Retry()
+        self.watch_retry = watch_retry or self.retry
         self._channel = aio_channel(
             self.connection.addr, self.connection.tls, self.connection.key, options=CHANNEL_OPTIONS
         )
@@ -156,11 +158,11 @@ class AsyncClient:
                 return
             except grpc.RpcError as error:
                 failures += 1
-                if status_code_of(error) not in RETRYABLE or failures >= self.retry.attempts:
+                if status_code_of(error) not in RETRYABLE or failures >= self.watch_retry.attempts:
                     raise from_rpc_error(error) from error
             finally:
                 call.cancel()
-            delay = self.retry.delay(failures)
+            delay = self.watch_retry.delay(failures)
             if deadline is not None and time.monotonic() + delay >= deadline:
                 raise RunTimeout(f"watching run {run_id}: no answer within the timeout", run_id)
             await asyncio.sleep(delay)

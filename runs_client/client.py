@@ -55,13 +55,17 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         retry: Retry | None = None,
         channel: grpc.Channel | None = None,
+        watch_retry: Retry | None = None,
     ) -> None:
         """`channel`: an open channel to call through instead of one the client opens (the key and TLS are
-        then the channel's own, and close() leaves it open)."""
+        then the channel's own, and close() leaves it open). `watch_retry`: how a watch (and `wait`) resumes
+        after UNAVAILABLE, e.g. for as long as an API restart takes while unary calls give up sooner
+        [`retry`]."""
         self.connection = Connection.resolve(addr, key, tls_ca, tls_cert, tls_key)
         self.addr = self.connection.addr
         self.timeout = timeout
         self.retry = retry or Retry()
+        self.watch_retry = watch_retry or self.retry
         self._owns_channel = channel is None
         self._channel = channel or open_channel(
             self.connection.addr, self.connection.tls, self.connection.key, options=CHANNEL_OPTIONS
@@ -173,7 +177,7 @@ class Client:
         """The run's events after `after_sequence`, until its terminal event (an iterator of Event).
 
         It reconnects by itself after UNAVAILABLE (a restarted API, a dropped connection), from the
-        last sequence seen, with backoff: `retry.attempts` failures in a row end it with Unavailable.
+        last sequence seen, with backoff: `watch_retry.attempts` failures in a row end it with Unavailable.
         `timeout` bounds the whole watch (DeadlineExceeded).
         """
         return EventStream(self, run_id, after_sequence, timeout)
@@ -265,7 +269,7 @@ class EventStream:
         return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.001)
 
     def _stream(self) -> Generator[Event, None, None]:
-        retry = self.client.retry
+        retry = self.client.watch_retry
         failures = 0
         while True:
             request = run_service_pb2.WatchRunRequest(run_id=self.run_id, after_sequence=self.last_sequence)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import re
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ class Stack:
     client_key: str
     other_key: str  # a client key of tenant "other" (which has no worker)
     worker_key_id: str
+    default_worker: Worker  # serves workspace "default" with every tool of TOOLS
 
     @contextlib.contextmanager
     def client(self, key: str | None = None) -> Iterator[Client]:
@@ -75,7 +77,7 @@ def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -
                 worker.start()
             _, other_admin = host_key(url, "admin", "other")
             _, other_key = create_key(api.addr, other_admin, "client")
-            stack = Stack(api, url, client_key, other_key, worker_key_id)
+            stack = Stack(api, url, client_key, other_key, worker_key_id, workers[0])
             with stack.client() as client:  # both workers are live before any test asks who serves what
                 for workspace in ("default", "busy"):
                     client.wait_status(client.start("", workspace_id=workspace).run.run_id, {"SUCCEEDED"}, 30)
@@ -195,7 +197,13 @@ def test_running_names_its_holder_heartbeat_and_step(stack: Stack) -> None:
         client.wait_status(run_id, {"RUNNING"}, 30)
         wait_until(lambda: client.step_status(run_id, "runtime") == "RUNNING", 30, "the step to run")
         answer = explain(client, run_id)
-        client.cancel(run_id, "enough")
+        # The holder paused (SIGSTOP) cannot stop the run yet: the cancel is requested and says so.
+        stack.default_worker.signal(signal.SIGSTOP)
+        try:
+            client.cancel(run_id, "enough")
+            asked = explain(client, run_id)
+        finally:
+            stack.default_worker.signal(signal.SIGCONT)
         client.wait_status(run_id, {"CANCELED"}, 30)
         after = explain(client, run_id)
     assert answer.state == "running"
@@ -209,6 +217,8 @@ def test_running_names_its_holder_heartbeat_and_step(stack: Stack) -> None:
     assert "on step runtime" in answer.summary
     assert not answer.HasField("queue") and not answer.HasField("ending")
     assert [a.outcome for a in answer.attempts] == ["running"]
+    assert asked.state == "running" and (asked.holder.cancel_requested, asked.holder.cancel_reason) == (True, "enough")
+    assert asked.summary.endswith("cancel requested: enough")
     assert after.state == "finished" and after.ending.HasField("finished_at")
     assert after.summary.startswith("canceled at ")
     assert [a.outcome for a in after.attempts] == ["canceled"]

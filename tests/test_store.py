@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.run_api import db, handlers
@@ -146,6 +148,30 @@ async def test_a_released_attempt_does_not_count_and_a_new_attempt_clears_the_er
     assert (row.status, row.attempt, row.released_attempts, row.error) == ("FAILED", 3, 1, "boom again")
     assert attempt_text(row.attempt, row.max_attempts, row.released_attempts) == "3 (2/2 counted, 1 released)"
     assert attempt_text(2, 3) == "2/3" and attempt_text(1, 0) == "1"
+
+
+async def test_migration_0009_counts_the_releases_recorded_before_it(engine: AsyncEngine, database_url: str) -> None:
+    """Projections equal a replay after the upgrade too: a run released before migration 0009 (made here, then
+    the schema taken back to 0008) gets released_attempts from its log, and a running run loses its stale error."""
+    (released, running) = await start(engine, 2)
+    await claim(engine, "w1", batch=1)
+    assert await report(engine, "w1", ev(released, 1, "run.failed", "r1", released=True)) == [Outcome.RECORDED]
+    assert set(await claim(engine, "w2", batch=2)) == {released, running}
+    await engine.dispose()
+
+    def downgrade_then_upgrade() -> None:
+        config = Config(str(db.ALEMBIC_INI))
+        config.set_main_option("sqlalchemy.url", db.sqlalchemy_url(database_url).replace("%", "%%"))
+        command.downgrade(config, "0008")
+        with psycopg.connect(db.libpq_url(database_url), autocommit=True) as conn:
+            conn.execute("UPDATE runs SET error = 'from the attempt before' WHERE run_id = %s", (running,))
+        db.migrate(database_url)
+
+    await asyncio.to_thread(downgrade_then_upgrade)
+    async with UnitOfWork(engine) as uow:
+        rows = {r: (await handlers.get_run(uow, r, ANON))[0] for r in (released, running)}
+    assert (rows[released].released_attempts, rows[released].attempt) == (1, 2)
+    assert (rows[running].released_attempts, rows[running].error) == (0, None)
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

@@ -156,7 +156,7 @@ def test_the_tools_flag_overrides_the_environment(monkeypatch: pytest.MonkeyPatc
                                                   ) -> None:
     seen: list[tuple[WorkerSettings, list[str]]] = []
 
-    async def fake_main(settings: WorkerSettings, once: bool, tools: dict[str, Tool]) -> int:
+    async def fake_main(settings: WorkerSettings, once: bool, tools: dict[str, Tool], ready_fd: int | None) -> int:
         seen.append((settings, list(tools)))
         return 0
 

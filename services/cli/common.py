@@ -219,15 +219,17 @@ class Api:
 
 
 # Retries on UNAVAILABLE of the client's idempotent calls: a few quick ones, so that `runs get` with the API
-# down answers within a second instead of after the library's default eight.
+# down answers within a second instead of after the library's default eight. A watch (`watch`, `--wait`,
+# `cancel`) resumes for 20 to 40 s instead: long enough for an API restart.
 CLI_RETRY = Retry(attempts=3, backoff_seconds=0.1, backoff_max_seconds=0.5)
+CLI_WATCH_RETRY = Retry(attempts=45, backoff_seconds=0.1, backoff_max_seconds=1.0)
 
 
 def connect(args: argparse.Namespace) -> Client:
     """The client the global flags describe (OSError when a TLS file cannot be read)."""
     return Client(
         args.addr, key=args.api_key or "", tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        timeout=UNARY_DEADLINE_SECONDS, retry=CLI_RETRY,
+        timeout=UNARY_DEADLINE_SECONDS, retry=CLI_RETRY, watch_retry=CLI_WATCH_RETRY,
     )
 
 

@@ -71,6 +71,8 @@ def add_parsers(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
                          help="watch the new run until it ends, then print it; exit 1 if it did not succeed")
     rebuild.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                          help=f"with --wait: give up after this many seconds [{DEFAULT_WAIT_TIMEOUT_SECONDS:g}]")
+    rebuild.add_argument("--quiet", action="store_true",
+                         help="with --wait: no progress lines on stderr (steps and attempts)")
 
     explain = add(
         "explain",
@@ -92,6 +94,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "--wait does not apply to --dry-run (nothing is created)"
     if args.timeout is not None and not args.wait:
         return "--timeout applies only with --wait"
+    if args.quiet and not args.wait:
+        return "--quiet applies only with --wait"
     return None
 
 
@@ -200,7 +204,7 @@ def cmd_rebuild(api: Api, args: argparse.Namespace) -> int:
     ).proto
     run = response.run if response.HasField("run") else None
     if run is not None and args.wait:
-        run = wait_for_run(api, run, args)
+        run = wait_for_run(api, run, args, progress=not args.quiet)
     if args.json:
         out(dumps({"plan": [to_dict(p) for p in response.plan], "run": to_dict(run) if run is not None else None}))
     else:

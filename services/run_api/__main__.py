@@ -22,7 +22,7 @@ from services.run_api import auth, db
 from services.run_api.server import ApiServer, ListenError
 from services.run_api.store import events
 from shared.logs import configure_logging
-from shared.settings import STOCK_TOOLS, ApiSettings, SettingsError, WorkerSettings, parse_tools
+from shared.settings import STOCK_TOOLS, ApiSettings, SettingsError, WorkerSettings
 from shared.telemetry import configure_tracing
 
 log = logging.getLogger("services.run_api")
@@ -103,9 +103,9 @@ class LocalWorker:
         finally:
             os.close(ready_w)
         self.signals = 0
-        try:
-            self.tools = parse_tools(env.get("RUN_WORKER_TOOLS", ""))
-            self.drain_seconds = WorkerSettings.from_env(env).drain_seconds
+        try:  # what the worker will run, with its defaults (RUN_WORKER_TOOLS unset: the stock default)
+            worker_settings = WorkerSettings.from_env(env)
+            self.tools, self.drain_seconds = tuple(worker_settings.tools), worker_settings.drain_seconds
         except (ValueError, SettingsError):  # the worker says what is wrong and exits
             self.tools, self.drain_seconds = (), 0.0
         log.info("started worker process pid %d", self.proc.pid)
@@ -302,6 +302,7 @@ class ApiProcesses:
     def __init__(self, settings: ApiSettings, url: str, with_worker: bool) -> None:
         self.settings, self.url, self.with_worker = settings, url, with_worker
         self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.signals = 0  # SIGTERM/SIGINT received: the second is passed on to the processes (release now)
         self.worker: LocalWorker | None = None
 
     def _command(self, index: int, ready_fd: int) -> list[str]:
@@ -363,8 +364,13 @@ class ApiProcesses:
         return code
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals += 1
         if self.worker is not None:
             self.worker.on_signal()
+        if self.signals >= 2:  # the processes' embedded workers (RUN_WORKER_EMBEDDED) release their runs now
+            for child in self.children.values():
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
 
     def _supervise(self, addr: str, http_env: dict[str, str], port: int, wake_r: int) -> int:
         ready_r, ready_w = os.pipe()
@@ -420,6 +426,9 @@ class ApiProcesses:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         deadline = self.settings.shutdown_grace_seconds * 2 + 30
+        if self.settings.embedded_worker:  # each process's embedded worker drains first
+            with contextlib.suppress(ValueError, SettingsError):
+                deadline += WorkerSettings.from_env().drain_seconds
         for pid, child in self.children.items():
             try:
                 child.wait(deadline)

@@ -118,8 +118,9 @@ async def _queued(uow: UnitOfWork, row: Any, tries: list[handlers.AttemptRecord]
         "next_attempt_at": row.next_attempt_at, "now": now, "tools": needed or [],
     })).one()
     due = row.next_attempt_at <= now
-    if needed is None:
-        available = "unknown"
+    if needed is None or row.required_tools is None:
+        # unknown, or queued before tools were recorded: claims route it to any worker, whatever its tools
+        available = "unknown" if needed is None or not facts.live_workers else "yes"
     elif facts.live_workers_with_tools:
         available = "yes"
     elif facts.live_workers_tools_unknown:

@@ -63,6 +63,9 @@ from shared.settings import PROJECT_WORKFLOWS_DIR, ApiSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# How long the embedded worker may take to give back its runs after its drain, before it is cut off.
+EMBEDDED_RELEASE_SECONDS = 15.0
+
 SERVICE_NAMES = (
     run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
@@ -220,6 +223,7 @@ class ApiServer:
         self._stopped = False
         self._embedded_stop = asyncio.Event()
         self._embedded_task: asyncio.Task[None] | None = None
+        self._embedded_drain_seconds = 0.0
         self._http_tasks: list[asyncio.Task[None]] = []
 
     def _http_server(self, reuse_port: bool) -> HttpServer | None:
@@ -334,6 +338,7 @@ class ApiServer:
                 ),
                 self.hub,
             )
+            self._embedded_drain_seconds = worker_settings.drain_seconds
             self._embedded_task = asyncio.create_task(embedded.run(self._embedded_stop), name="embedded-worker")
             self._embedded_task.add_done_callback(self._embedded_done)
         log.info("run API listening on %s", f"{self.settings.addr.rsplit(':', 1)[0]}:{self.port}")
@@ -387,7 +392,9 @@ class ApiServer:
             # The embedded worker finishes its cycle while the server and the pool still serve it.
             self._embedded_stop.set()
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._embedded_task, self.settings.shutdown_grace_seconds + 30)
+                # its drain (RUN_WORKER_DRAIN_SECONDS), then releasing what is left, then the grace period
+                limit = self._embedded_drain_seconds + EMBEDDED_RELEASE_SECONDS + self.settings.shutdown_grace_seconds
+                await asyncio.wait_for(self._embedded_task, limit)
         self.stopping.set()
         self.hub.wake_all()  # open streams notice `stopping` and end with UNAVAILABLE
         for http, _ in self.http_servers.values():

@@ -315,8 +315,10 @@ class Worker:
                 if left <= 0:
                     break
                 await asyncio.wait([*pending, asked], timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                pending = {task for task in pending if not task.done()}
+                # runs a claim still in flight handed over after the stop are drained (and released) too
+                pending = {task for task in self.tasks if not task.done()}
             asked.cancel()
+        pending = {task for task in self.tasks if not task.done()}
         if pending:
             why = "as asked" if self.release_now.is_set() else f"after {self.settings.drain_seconds:g}s"
             log.warning("releasing %d unfinished run(s) back to the queue %s", len(pending), why)
