@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import httpx
 import nats
 import psycopg
 import pytest
@@ -140,6 +141,12 @@ def unfinished(conn: psycopg.Connection[Any]) -> int:
         "SELECT count(*) FROM runs WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELED')").fetchone()[0])
 
 
+def scrape(api: Api, name: str) -> float:
+    """One unlabelled sample of the API's /metrics."""
+    text = httpx.get(f"{api.http_url}/metrics", timeout=10).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"{name} ")))
+
+
 def test_every_event_of_500_runs_arrives_in_order_across_api_and_nats_restarts(make_database: Any) -> None:
     t0 = time.monotonic()
     server = NatsServer()
@@ -190,6 +197,9 @@ def test_every_event_of_500_runs_arrives_in_order_across_api_and_nats_restarts(m
             first.wait_health("SERVING", 30)
             wait_until(lambda: standby(conn, first), 20, "the restarted API standing by")
             assert holder(conn) == pid(other)
+            # /metrics: the publishing process says so and counts what it published; the other stands by
+            assert (scrape(other, "runs_outbox_active"), scrape(first, "runs_outbox_active")) == (1, 0)
+            assert scrape(other, "runs_outbox_published_total") > 0
         finally:
             for p in (*workers, *apis):
                 p.signal(signal.SIGTERM)

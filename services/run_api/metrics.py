@@ -134,11 +134,11 @@ class _DatabaseGauges(Collector):
         return self._families(_Snapshot({}, 0, 0.0), {})
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        return self._families(self.metrics.snapshot, self.metrics.reaper_counters())
+        return self._families(self.metrics.snapshot, self.metrics.reaper_counters(), self.metrics.outbox_counters())
 
     @staticmethod
     def _families(
-        snap: _Snapshot, reaper: dict[str, int]
+        snap: _Snapshot, reaper: dict[str, int], outbox: dict[str, int] | None = None
     ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         queued = GaugeMetricFamily("runs_queued", "Runs waiting in the queue (status QUEUED), by workflow.",
                                    labels=["workflow"])
@@ -165,6 +165,14 @@ class _DatabaseGauges(Collector):
         cycles.add_metric(["ok"], reaper.get("cycles_ok", 0))
         cycles.add_metric(["failed"], reaper.get("cycles_failed", 0))
         yield cycles
+        outbox = outbox or {}
+        yield GaugeMetricFamily("runs_outbox_active", "1 while this process is the one publishing run events to NATS "
+                                "(RUNS_NATS_URL; one in the cluster), else 0.", value=outbox.get("active", 0))
+        yield CounterMetricFamily("runs_outbox_published", "Run events this process published to NATS JetStream "
+                                  "(acknowledged).", value=outbox.get("published", 0))
+        yield CounterMetricFamily("runs_outbox_duplicates", "Published run events JetStream acknowledged as "
+                                  "duplicates (sent again after a failure, within its duplicate window).",
+                                  value=outbox.get("duplicates", 0))
 
 
 @dataclass(frozen=True)
@@ -180,10 +188,11 @@ class ApiMetrics:
     def __init__(
         self, engine: AsyncEngine, lease_seconds: float, config: MetricsConfig | None = None,
         reaper_counters: Callable[[], dict[str, int]] = dict, clock: Callable[[], datetime] | None = None,
+        outbox_counters: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.engine, self.lease_seconds = engine, lease_seconds
         self.config = config or MetricsConfig()
-        self.reaper_counters = reaper_counters
+        self.reaper_counters, self.outbox_counters = reaper_counters, outbox_counters
         self.clock = clock or (lambda: datetime.now(UTC))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

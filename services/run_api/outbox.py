@@ -201,6 +201,10 @@ class OutboxPublisher:
         self._bug = Trouble("publishing")
         self._closing = False
 
+    def metrics(self) -> dict[str, int]:
+        """What /metrics shows of the publisher (runs_outbox_*)."""
+        return {**self.counters, "active": int(self.active)}
+
     async def run(self, stop: asyncio.Event) -> None:
         """Hold a database session, take the lock when it is free, publish; reconnect after failures."""
         delay = self.config.retry_min_seconds

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,6 +60,9 @@ from shared.gen.runs.v1 import (
     workflow_service_pb2_grpc,
 )
 from shared.settings import PROJECT_WORKFLOWS_DIR, ApiSettings, WorkerSettings
+
+if TYPE_CHECKING:
+    from services.run_api.outbox import OutboxPublisher  # nats-py is imported only when publishing
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,8 @@ class ApiServer:
         # Prometheus metrics of this process, in a registry of its own (GET /metrics on the HTTP side; with
         # no HTTP side nothing is observed, so nothing waits for the database facts nobody can scrape).
         self.metrics = ApiMetrics(
-            self.engine, settings.lease_seconds, reaper_counters=lambda: dict(self.reaper.counters)
+            self.engine, settings.lease_seconds, reaper_counters=lambda: dict(self.reaper.counters),
+            outbox_counters=lambda: self.outbox.metrics() if self.outbox is not None else {},
         )
         observed = self.metrics if settings.http_addr or settings.metrics_addr else None
         self.reaper = Reaper(
@@ -224,6 +228,7 @@ class ApiServer:
         self._embedded_stop = asyncio.Event()
         self._embedded_task: asyncio.Task[None] | None = None
         self._embedded_drain_seconds = 0.0
+        self.outbox: OutboxPublisher | None = None  # with RUNS_NATS_URL, from start()
         self._http_tasks: list[asyncio.Task[None]] = []
 
     def _http_server(self, reuse_port: bool) -> HttpServer | None:
@@ -315,6 +320,7 @@ class ApiServer:
 
             outbox = OutboxPublisher(OutboxConfig(self.settings.nats_url, self.settings.nats_stream),
                                      db.libpq_url(self.database_url))
+            self.outbox = outbox
             self._supervise("outbox", lambda: outbox.run(self._loops_stop))  # one active across processes
         if self.settings.embedded_worker:
             from services.run_worker.embedded import EmbeddedWorker
