@@ -130,9 +130,11 @@ def test_a_worker_reconnects_and_on_ctrl_c_twice_gives_its_run_to_another_worker
         stopped(first, second, api)
 
 
-def test_the_embedded_worker_drains_on_ctrl_c_and_releases_on_the_second(database_url: str) -> None:
-    """RUN_WORKER_EMBEDDED: the worker inside the API says the same, and the API passes the second Ctrl-C on."""
-    api = Api(database_url, RUN_WORKER_EMBEDDED="true")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_embedded_worker_drains_on_ctrl_c_and_releases_on_the_second(database_url: str, processes: int) -> None:
+    """RUN_WORKER_EMBEDDED: the worker inside the API says the same, and the API passes the second Ctrl-C on;
+    with RUN_API_PROCESSES=2 the parent passes it on to its processes, each with its embedded worker."""
+    api = Api(database_url, processes=processes, RUN_WORKER_EMBEDDED="true")
     api.start()
     client = Client(api.addr)
     try:
