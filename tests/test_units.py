@@ -117,3 +117,26 @@ def test_struct_to_dict_refuses_what_message_to_dict_refuses(bad: float) -> None
         json_format.MessageToDict(message)
     with pytest.raises(ValueError):
         convert.to_dict(message)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list | tuple):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+    max_leaves=20,
+)
+
+
+@given(_JSON)
+@settings(max_examples=200, deadline=None)
+def test_json_depth_is_the_nesting_depth(value: object) -> None:
+    from shared.limits import json_depth
+
+    assert json_depth(value, limit=100) == _depth(value)
