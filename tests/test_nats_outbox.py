@@ -186,6 +186,7 @@ def test_every_event_of_500_runs_arrives_in_order_across_api_and_nats_restarts(m
             server.stop(10)
             start_runs(client, 100)
             wait_until(lambda: unfinished(conn) == 0, 60, "every run finished while NATS is down")
+            assert scrape(other, "runs_outbox_lag_seconds") > 0  # their events wait for NATS
             server.start()
 
             # 3. Every event in the database arrives, exactly once, in each run's order.
@@ -200,6 +201,9 @@ def test_every_event_of_500_runs_arrives_in_order_across_api_and_nats_restarts(m
             # /metrics: the publishing process says so and counts what it published; the other stands by
             assert (scrape(other, "runs_outbox_active"), scrape(first, "runs_outbox_active")) == (1, 0)
             assert scrape(other, "runs_outbox_published_total") > 0
+            # caught up: nothing waits (read from the database, so both processes say the same)
+            lags = ("runs_outbox_lag_seconds",) * 2
+            wait_until(lambda: scrape(other, lags[0]) == scrape(first, lags[1]) == 0, 10, "the lag gauges at 0")
         finally:
             for p in (*workers, *apis):
                 p.signal(signal.SIGTERM)

@@ -170,6 +170,11 @@ class _DatabaseGauges(Collector):
                                 "(RUNS_NATS_URL; one in the cluster), else 0.", value=outbox.get("active", 0))
         yield CounterMetricFamily("runs_outbox_published", "Run events this process published to NATS JetStream "
                                   "(acknowledged).", value=outbox.get("published", 0))
+        if snap.outbox_lag is not None:
+            yield GaugeMetricFamily(
+                "runs_outbox_lag_seconds", "How long the oldest run event the NATS publisher has not published yet "
+                "has waited (0 when it is caught up), read from the database: the same in every process.",
+                value=snap.outbox_lag)
         yield CounterMetricFamily("runs_outbox_duplicates", "Published run events JetStream acknowledged as "
                                   "duplicates (sent again after a failure, within its duplicate window).",
                                   value=outbox.get("duplicates", 0))
@@ -180,6 +185,7 @@ class _Snapshot:
     queued: dict[str, tuple[int, float]]
     workers: int
     at: float  # time.monotonic() of the read
+    outbox_lag: float | None = None  # seconds the NATS publisher is behind (None: not publishing)
 
 
 class ApiMetrics:
@@ -188,11 +194,12 @@ class ApiMetrics:
     def __init__(
         self, engine: AsyncEngine, lease_seconds: float, config: MetricsConfig | None = None,
         reaper_counters: Callable[[], dict[str, int]] = dict, clock: Callable[[], datetime] | None = None,
-        outbox_counters: Callable[[], dict[str, int]] = dict,
+        outbox_counters: Callable[[], dict[str, int]] = dict, outbox_checkpoint: str | None = None,
     ) -> None:
         self.engine, self.lease_seconds = engine, lease_seconds
         self.config = config or MetricsConfig()
         self.reaper_counters, self.outbox_counters = reaper_counters, outbox_counters
+        self.outbox_checkpoint = outbox_checkpoint  # with RUNS_NATS_URL: the publisher's, for its lag
         self.clock = clock or (lambda: datetime.now(UTC))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -371,6 +378,10 @@ class ApiMetrics:
                 async with self.engine.connect() as conn:
                     rows = (await conn.execute(Q.runs_queue_by_workflow, {"now": now})).all()
                     workers = int((await conn.execute(Q.workers_connected_all, {"now": now})).scalar_one())
+                    lag = None
+                    if self.outbox_checkpoint is not None:
+                        found = (await conn.execute(Q.outbox_lag, {"name": self.outbox_checkpoint})).scalar()
+                        lag = max(float(found), 0.0) if found is not None else 0.0
             except Exception as err:
                 self._failed("queue gauges", err)
                 return  # the last snapshot stays (the scrape still answers)
@@ -385,7 +396,7 @@ class ApiMetrics:
                 self._workflows.update(queued)
             for workflow in self._workflows - queued.keys():
                 queued[workflow] = (0, 0.0)
-            self.snapshot = _Snapshot(queued, workers, time.monotonic())
+            self.snapshot = _Snapshot(queued, workers, time.monotonic(), lag)
 
     def _failed(self, what: str, err: BaseException) -> None:
         if what not in self._failing:

@@ -321,6 +321,7 @@ class ApiServer:
             outbox = OutboxPublisher(OutboxConfig(self.settings.nats_url, self.settings.nats_stream),
                                      db.libpq_url(self.database_url))
             self.outbox = outbox
+            self.metrics.outbox_checkpoint = outbox.config.name  # its lag, read at scrape time
             self._supervise("outbox", lambda: outbox.run(self._loops_stop))  # one active across processes
         if self.settings.embedded_worker:
             from services.run_worker.embedded import EmbeddedWorker

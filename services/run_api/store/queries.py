@@ -1100,6 +1100,22 @@ runs_queue_by_workflow = q(
 )
 # Workers of every tenant whose heartbeat lease is live at :now.
 workers_connected_all = q("SELECT count(*) FROM workers WHERE lease_expires_at >= :now")
+# How far the NATS publisher is behind: the age of the first event after its checkpoint in its tail order
+# (run_events_outbox_idx, one row), or nothing when it is caught up.
+outbox_lag = q(
+    """
+    SELECT EXTRACT(EPOCH FROM clock_timestamp() - e.recorded_at)::float AS lag
+    FROM outbox_checkpoints c
+    CROSS JOIN LATERAL (
+        SELECT recorded_at FROM run_events e
+        WHERE e.tx_id IS NOT NULL
+          AND (e.tx_id, e.run_id COLLATE "C", e.sequence) > (c.tx_id, c.run_id COLLATE "C", c.sequence)
+        ORDER BY e.tx_id, e.run_id COLLATE "C", e.sequence
+        LIMIT 1
+    ) AS e
+    WHERE c.name = :name
+    """
+)
 # What the metrics need of some runs (by primary key): workflow, state and times.
 runs_metrics_facts = q(
     """
