@@ -143,19 +143,19 @@ def test_args_must_be_a_json_object(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--args" in usage_error(capsys, "start", "--tool", "sleep", "--args", "[]")
 
 
+def sent(*argv: str) -> run_service_pb2.StartRunRequest:
+    """The StartRunRequest `runs ARGV` sends (through the client, to a fake RunService)."""
+    stub = FakeStub()
+    assert run_cli(stub, *argv) == 0
+    (name, request, _), = stub.calls
+    assert name == "StartRun"
+    return cast(run_service_pb2.StartRunRequest, request)
+
+
 def test_start_request_from_plain_flags() -> None:
-    request = cli.start_request(
-        parse(
-            "start",
-            "--workflow",
-            "runtime.noop",
-            "--input",
-            '{"a": 1, "b": {"c": [true]}}',
-            "--idempotency-key",
-            "k",
-            "--max-attempts",
-            "4",
-        )
+    request = sent(
+        "start", "--workflow", "runtime.noop", "--input", '{"a": 1, "b": {"c": [true]}}', "--idempotency-key", "k",
+        "--max-attempts", "4",
     )
     assert request.workflow == "runtime.noop"
     assert json_format.MessageToDict(request.input) == {"a": 1.0, "b": {"c": [True]}}
@@ -163,19 +163,19 @@ def test_start_request_from_plain_flags() -> None:
 
 
 def test_start_request_defaults_leave_everything_to_the_server() -> None:
-    request = cli.start_request(parse("start"))
+    request = sent("start")
     assert request == run_service_pb2.StartRunRequest()
     assert not request.HasField("input")
 
 
 def test_tool_and_args_map_to_runtime_tool() -> None:
-    request = cli.start_request(parse("start", "--tool", "sleep", "--args", '{"seconds": 1}'))
+    request = sent("start", "--tool", "sleep", "--args", '{"seconds": 1}')
     assert request.workflow == "runtime.tool"
     assert json_format.MessageToDict(request.input) == {"tool": "sleep", "args": {"seconds": 1.0}}
 
 
 def test_tool_args_default_to_an_empty_object() -> None:
-    request = cli.start_request(parse("start", "--tool", "noop"))
+    request = sent("start", "--tool", "noop")
     assert request.workflow == "runtime.tool"
     assert json_format.MessageToDict(request.input) == {"tool": "noop", "args": {}}
 
@@ -867,8 +867,8 @@ def test_main_reports_a_tls_file_it_cannot_read(
 
 
 def test_start_sends_the_project() -> None:
-    assert cli.start_request(parse("start", "--project", "billing")).project_id == "billing"
-    assert cli.start_request(parse("start")).project_id == ""
+    assert sent("start", "--project", "billing").project_id == "billing"
+    assert sent("start").project_id == ""
 
 
 # --- denied and refused calls ------------------------------------------------------------------
@@ -1265,9 +1265,9 @@ def test_main_sends_the_key_from_runs_api_key_and_maps_refusals(
 
 
 def test_start_pins_a_workflow_version() -> None:
-    request = cli.start_request(parse("start", "--workflow", "campaign.build", "--workflow-version", "3"))
+    request = sent("start", "--workflow", "campaign.build", "--workflow-version", "3")
     assert (request.workflow, request.workflow_version) == ("campaign.build", 3)
-    assert cli.start_request(parse("start", "--workflow", "w")).workflow_version == 0
+    assert sent("start", "--workflow", "w").workflow_version == 0
 
 
 @pytest.mark.parametrize(
@@ -2238,9 +2238,9 @@ def test_version_prints_the_installed_package_version(capsys: pytest.CaptureFixt
 
 
 def test_start_workspace_sets_the_requests_workspace_id() -> None:
-    assert cli.start_request(parse("start", "--workspace", "gpu")).workspace_id == "gpu"
-    assert cli.start_request(parse("start", "--tool", "noop", "--workspace", "w2")).workspace_id == "w2"
-    assert cli.start_request(parse("start")).workspace_id == ""
+    assert sent("start", "--workspace", "gpu").workspace_id == "gpu"
+    assert sent("start", "--tool", "noop", "--workspace", "w2").workspace_id == "w2"
+    assert sent("start").workspace_id == ""
     batch_stub = FakeStub()
     assert run_cli(batch_stub, "start", "--count", "2", "--workspace", "gpu") == 0
     assert [r.workspace_id for r in batch_stub.calls[0][1].requests] == ["gpu", "gpu"]

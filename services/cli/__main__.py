@@ -66,7 +66,6 @@ from importlib import metadata
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from runs_client import Run, RunsError, RunTimeout
 from services.cli import cache, keys, rebuild, stats, steps, workflows
@@ -331,25 +330,6 @@ def start_usage_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def start_request(args: argparse.Namespace) -> run_service_pb2.StartRunRequest:
-    """The StartRunRequest for parsed `start` arguments (--tool/--args map to runtime.tool)."""
-    request = run_service_pb2.StartRunRequest(
-        workflow=args.workflow,
-        idempotency_key=args.idempotency_key,
-        max_attempts=args.max_attempts,
-        project_id=args.project,
-        workspace_id=args.workspace,
-        workflow_version=args.workflow_version,
-    )
-    run_input: dict[str, Any] | None = args.input
-    if args.tool is not None:
-        request.workflow = TOOL_WORKFLOW
-        run_input = {"tool": args.tool, "args": args.tool_args if args.tool_args is not None else {}}
-    if run_input is not None:
-        request.input.update(run_input)
-    return request
-
-
 # --- formatting --------------------------------------------------------------------------------
 
 
@@ -496,15 +476,16 @@ def format_event(event: run_pb2.RunEvent) -> str:
 
 def start_options(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None, dict[str, Any]]:
     """The workflow, input and options of Client.start_run for parsed `start` arguments (--tool/--args map to
-    runtime.tool)."""
-    request = start_request(args)
+    runtime.tool; unset options are left to the server)."""
+    workflow, run_input = args.workflow, args.input
+    if args.tool is not None:
+        workflow = TOOL_WORKFLOW
+        run_input = {"tool": args.tool, "args": args.tool_args if args.tool_args is not None else {}}
     options = {
-        "idempotency_key": request.idempotency_key, "max_attempts": request.max_attempts,
-        "project_id": request.project_id, "workspace_id": request.workspace_id,
-        "workflow_version": request.workflow_version,
+        "idempotency_key": args.idempotency_key, "max_attempts": args.max_attempts, "project_id": args.project,
+        "workspace_id": args.workspace, "workflow_version": args.workflow_version,
     }
-    run_input = json_format.MessageToDict(request.input) if request.HasField("input") else None
-    return request.workflow, run_input, {k: v for k, v in options.items() if v}
+    return workflow, run_input, {k: v for k, v in options.items() if v}
 
 
 def cmd_start(api: Api, args: argparse.Namespace) -> int:
