@@ -5,6 +5,7 @@ Nothing here sleeps to wait: every wait is a condition polled against a deadline
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -128,6 +129,20 @@ class Process:
     def output(self) -> str:
         """What it printed so far."""
         return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running(*processes: Process) -> Iterator[None]:
+    """Start the processes in order (an API before its workers); stop them in reverse order afterwards."""
+    started: list[Process] = []
+    try:
+        for process in processes:
+            process.start()
+            started.append(process)
+        yield
+    finally:
+        for process in reversed(started):
+            process.stop()
 
 
 def base_env(**extra: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from features.harness import ROOT, Api, Worker, wait_until
+from features.harness import ROOT, Api, Worker, running, wait_until
 from runs_client import (
     AlreadyExists,
     AsyncClient,
@@ -78,14 +78,8 @@ def stack(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -
     """One API and one worker for the module's read-mostly tests."""
     with make_database() as url:
         api = Api(url, **own_ports())
-        api.start()
-        worker = Worker(api.addr, **WORKER_ENV)
-        worker.start()
-        try:
+        with running(api, Worker(api.addr, **WORKER_ENV)):
             yield api
-        finally:
-            worker.stop()
-            api.stop()
 
 
 @pytest.fixture

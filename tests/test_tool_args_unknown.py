@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from features.harness import Api, Client, Worker, wait_until
+from features.harness import Api, Client, Worker, running, wait_until
 from runs_client.errors import field_violations_of as field_violations
 from services.run_worker.tools import STOCK, ToolContext, ToolError
 from shared.tool_args import STOCK_TOOL_ARGS, Arg, ArgError, Kind, ToolArgs
@@ -78,14 +78,8 @@ def test_a_schema_is_open_unless_it_says_closed() -> None:
 def api(make_database: Callable[[], contextlib.AbstractContextManager[str]]) -> Iterator[Api]:
     with make_database() as url:
         api = Api(url)
-        api.start()
-        worker = Worker(api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,echo,sleep,fail")
-        worker.start()
-        try:
+        with running(api, Worker(api.addr, RUN_WORKER_POLL_MS="100", RUN_WORKER_TOOLS="noop,echo,sleep,fail")):
             yield api
-        finally:
-            worker.stop()
-            api.stop()
 
 
 @pytest.fixture
